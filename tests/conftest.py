@@ -65,6 +65,10 @@ class Database:
         finally:
             conn.close()
 
+    def execute(self, sql: str, params=None) -> None:
+        """Run statements in autocommit (several may be given, separated by semicolons)."""
+        self.query(sql, params)
+
 
     def psql_file(self, path: Path) -> subprocess.CompletedProcess:
         """Apply a file the way the contract promises it works by hand: psql -v ON_ERROR_STOP=1 -f."""

@@ -1,0 +1,193 @@
+"""The apply engine, against a real server: history, checksums, locks, atomicity, CONCURRENTLY."""
+
+import threading
+import time
+import textwrap
+
+import psycopg2
+import pytest
+
+from runbooks import engine
+from runbooks.engine import ApplyEngine
+
+
+def write(tmp_path, name, sql):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(sql).lstrip())
+    return path
+
+
+@pytest.fixture
+def phase(tmp_path):
+    return write(tmp_path, "100_demo.sql", """
+        -- 100_demo.sql: a demo phase
+        create table if not exists demo (id int primary key, note text);
+        insert into demo values (1, 'one') on conflict do nothing;
+        do $$ begin raise notice 'demo has % rows', (select count(*) from demo); end $$;
+    """)
+
+
+def make_engine(db, **kwargs):
+    defaults = dict(run_id="test-run", operator="alice", lock_timeout="200ms", lock_retries=2,
+                    retry_backoff=0.05, lock_wait=1)
+    return ApplyEngine(db.target, **{**defaults, **kwargs})
+
+
+def history(db):
+    conn = db.connect()
+    try:
+        return engine.read_history(conn)
+    finally:
+        conn.close()
+
+
+def test_applying_a_phase_writes_a_history_row_with_checksum_operator_and_run(empty_db, phase):
+    result = make_engine(empty_db).apply("100", phase)
+    assert result.status == "applied"
+    [row] = history(empty_db)
+    assert (row["version"], row["file_name"], row["action"], row["applied_by"], row["run_id"]) == (
+        "100", "100_demo.sql", "apply", "alice", "test-run")
+    assert row["sha256"] == engine.sha256_file(phase)
+    assert row["duration_ms"] >= 0 and row["statements"] == 3
+    assert empty_db.query("select note from demo") == [("one",)]
+
+
+def test_per_statement_timings_and_notices_are_returned(empty_db, phase):
+    seen = []
+    result = make_engine(empty_db, progress=seen.append).apply("100", phase)
+    assert [t.index for t in result.timings] == [1, 2, 3]
+    assert [t.line for t in result.timings] == [2, 3, 4]
+    assert result.timings[1].rowcount == 1
+    assert result.timings[2].notices == ["NOTICE:  demo has 1 rows"]
+    assert seen == result.timings
+
+
+def test_an_unchanged_phase_is_skipped_unless_reapplied(empty_db, phase):
+    make_engine(empty_db).apply("100", phase)
+    assert make_engine(empty_db).apply("100", phase).status == "skipped"
+    assert make_engine(empty_db).apply("100", phase, reapply=True).status == "reapplied"
+    assert [r["action"] for r in history(empty_db)] == ["apply", "reapply"]
+
+
+def test_a_phase_whose_file_changed_since_it_was_applied_is_refused_unless_forced(empty_db, phase):
+    make_engine(empty_db).apply("100", phase)
+    phase.write_text(phase.read_text() + "insert into demo values (2, 'two') on conflict do nothing;\n")
+    with pytest.raises(engine.ChecksumMismatch, match=r"changed since it was applied.*alice.*test-run"):
+        make_engine(empty_db).apply("100", phase)
+    assert empty_db.query("select count(*) from demo") == [(1,)]
+    assert make_engine(empty_db).apply("100", phase, force=True).status == "forced"
+    assert [r["action"] for r in history(empty_db)] == ["apply", "forced"]
+
+
+def test_a_failure_in_the_middle_of_a_file_leaves_no_partial_change(empty_db, tmp_path):
+    broken = write(tmp_path, "101_broken.sql", """
+        create table half (id int);
+        insert into half values (1);
+        select 1 / 0;
+        create table never (id int);
+    """)
+    with pytest.raises(engine.StatementFailed, match=r"statement 3 at line 3 failed: \[22012\] division by zero"):
+        make_engine(empty_db).apply("101", broken)
+    assert empty_db.query("select to_regclass('half'), to_regclass('never')") == [(None, None)]
+    assert history(empty_db) == []
+
+
+def test_a_second_runner_is_kept_out_by_the_advisory_lock_and_told_who_holds_it(empty_db, phase):
+    holder = empty_db.connect(application_name="runbook run other-run", autocommit=True)
+    engine.acquire_advisory_lock(holder, engine.APPLY_LOCK, 1, "test")
+    try:
+        started = time.monotonic()
+        with pytest.raises(engine.LockBusy, match=r"runbook run other-run.*waited 0.5s"):
+            make_engine(empty_db, lock_wait=0.5).apply("100", phase)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.close()
+    assert history(empty_db) == []
+
+
+def test_the_second_runner_waits_and_proceeds_when_the_first_finishes(empty_db, phase):
+    holder = empty_db.connect(autocommit=True)
+    engine.acquire_advisory_lock(holder, engine.APPLY_LOCK, 1, "test")
+    threading.Timer(0.5, holder.close).start()
+    assert make_engine(empty_db, lock_wait=10).apply("100", phase).status == "applied"
+
+
+def test_a_table_lock_held_elsewhere_makes_the_engine_retry_then_fail_naming_the_blocker(empty_db, phase):
+    empty_db.execute("create table demo (id int primary key, note text)")
+    blocker = empty_db.connect(application_name="long report")
+    with blocker.cursor() as cur:
+        cur.execute("lock table demo in access exclusive mode")
+    try:
+        with pytest.raises(engine.LockRetriesExhausted,
+                           match=r"lock timeout.*after 3 attempts.*long report.*Nothing was changed"):
+            make_engine(empty_db).apply("100", phase)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert empty_db.query("select count(*) from demo") == [(0,)]
+
+
+def test_a_lock_released_during_the_retries_lets_the_phase_through(empty_db, phase):
+    empty_db.execute("create table demo (id int primary key, note text)")
+    blocker = empty_db.connect()
+    with blocker.cursor() as cur:
+        cur.execute("lock table demo in access exclusive mode")
+    threading.Timer(0.4, blocker.rollback).start()
+    try:
+        result = make_engine(empty_db, lock_retries=6, retry_backoff=0.1).apply("100", phase)
+    finally:
+        blocker.close()
+    assert result.status == "applied" and result.attempts > 1
+
+
+def test_a_concurrently_statement_runs_after_the_transaction_and_the_file_still_works_in_psql(empty_db, tmp_path):
+    path = write(tmp_path, "102_index.sql", """
+        create table if not exists big (id int primary key, owner int);
+        -- runbook: no-transaction
+        create index concurrently if not exists big_owner_idx on public.big (owner);
+    """)
+    result = make_engine(empty_db).apply("102", path)
+    assert [t.transactional for t in result.timings] == [True, False]
+    assert empty_db.query("select indisvalid from pg_index where indexrelid = 'big_owner_idx'::regclass") == [(True,)]
+    assert [r["statements"] for r in history(empty_db)] == [2]
+    empty_db.psql_file(path)  # plain psql ignores the marker and autocommits each statement
+
+
+def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(empty_db, tmp_path):
+    empty_db.execute("create table dup (id int, v int); insert into dup values (1, 1), (2, 1)")
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        empty_db.execute("create unique index concurrently dup_v_key on dup (v)")
+    assert empty_db.query("select indisvalid from pg_index where indexrelid = 'dup_v_key'::regclass") == [(False,)]
+    empty_db.execute("update dup set v = 2 where id = 2")
+    path = write(tmp_path, "103_unique.sql", """
+        select 1;
+        -- runbook: no-transaction
+        create unique index concurrently if not exists dup_v_key on public.dup (v);
+    """)
+    make_engine(empty_db).apply("103", path)
+    assert empty_db.query("select indisvalid from pg_index where indexrelid = 'dup_v_key'::regclass") == [(True,)]
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("begin;\ncreate table t (id int);\ncommit;\n", r"1: transaction control \(begin\) does not belong"),
+    ("-- runbook: no-transaction\ncreate index concurrently i on t (x);\ncreate table u (id int);\n",
+     r"3: a transactional statement follows"),
+    ("create table t (id int);\ncreate tabel u (id int);\n", r"does not parse near line 2"),
+    ("-- nothing here\n", r"no SQL statements"),
+])
+def test_an_unusable_file_is_refused_before_anything_runs(tmp_path, sql, message):
+    path = write(tmp_path, "104_bad.sql", sql)
+    with pytest.raises(engine.FileError, match=message):
+        engine.parse_file(path)
+
+
+def test_a_rollback_in_history_undoes_what_was_applied_after_its_backup():
+    from datetime import datetime, timedelta, timezone
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    row = lambda version, minutes, action="apply", restored_to=None: {  # noqa: E731
+        "version": version, "applied_at": t0 + timedelta(minutes=minutes), "action": action,
+        "restored_to": restored_to}
+    rows = [row("000", 0), row("001", 10), row("002", 20),
+            row("rollback", 30, "rollback", restored_to=t0 + timedelta(minutes=5)), row("001", 40)]
+    assert sorted(engine.latest_applied(rows)) == ["000", "001"]
+    assert engine.latest_applied(rows)["001"]["applied_at"] == t0 + timedelta(minutes=40)
