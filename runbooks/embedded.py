@@ -30,7 +30,6 @@ from pathlib import Path
 
 BIN_ENV = "RUNBOOKS_PG_BIN"
 USER_ENV = "RUNBOOKS_PG_USER"
-SERVICE_NAME = "rehearsal"
 SUPERUSER = "postgres"
 REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres", "pg_dump", "pg_restore", "psql")
 
@@ -277,10 +276,7 @@ class EmbeddedPostgres:
 
     def _write_client_files(self) -> None:
         assert self.client is not None
-        self.client.service_file.write_text(
-            f"[{SERVICE_NAME}]\nhost={self.host}\nport={self.port}\nuser={SUPERUSER}\n"
-            "dbname=postgres\nsslmode=disable\n"
-        )
+        self.client.service_file.write_text("# services of a throwaway server (runbooks.embedded)\n")
         self.client.pgpass_file.write_text(f"{self.host}:{self.port}:*:{SUPERUSER}:{self._password}\n")
         self.client.pgpass_file.chmod(0o600)
 

@@ -1,0 +1,94 @@
+"""Checks: a named question about the database, the SQL that asks it, and the answer.
+
+A check function takes a connection and returns a ``Check``; ``@sql_check(SQL)`` gives it a
+``.sql`` (so a notebook can show the SQL before running it) and a ``.title``. Status is
+``ok``, ``info``, ``warning`` or ``error``; an ``error`` stops a runbook.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+from dataclasses import dataclass, field
+
+STATUSES = ("ok", "info", "warning", "error")
+_BADGE = {"ok": "✅ ok", "info": "ℹ️ info", "warning": "⚠️ warning", "error": "❌ error"}
+
+
+class CheckFailed(AssertionError):
+    """A check, verification or criterion failed: the run stops here (exit 1)."""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    summary: str
+    title: str = ""
+    rows: list[dict] = field(default_factory=list)
+    columns: list[str] | None = None
+    sql: str | None = None
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"check {self.name}: unknown status {self.status!r}")
+        self.title = self.title or self.name.replace("_", " ")
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "error"
+
+    def _columns(self) -> list[str]:
+        if self.columns:
+            return self.columns
+        return list(self.rows[0].keys()) if self.rows else []
+
+    def __repr__(self) -> str:
+        lines = [f"[{self.status}] {self.title}: {self.summary}"]
+        columns = self._columns()
+        if self.rows:
+            widths = {c: max(len(c), *(len(_text(r.get(c))) for r in self.rows)) for c in columns}
+            lines.append("  " + "  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+            for row in self.rows:
+                lines.append("  " + "  ".join(_text(row.get(c)).ljust(widths[c]) for c in columns).rstrip())
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<p><b>{html.escape(_BADGE[self.status])}</b> — <b>{html.escape(self.title)}</b>: "
+                 f"{html.escape(self.summary)}</p>"]
+        columns = self._columns()
+        if self.rows:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(r.get(c)))}</td>" for c in columns) + "</tr>"
+                           for r in self.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        return "\n".join(parts)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def sql_check(sql: str, title: str | None = None):
+    """Decorate a check function with the SQL it runs and a title, for notebooks to show."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            check = function(*args, **kwargs)
+            check.sql = check.sql or sql
+            return check
+        wrapper.sql = sql
+        wrapper.title = title or function.__name__.replace("_", " ")
+        return wrapper
+    return decorate
+
+
+def fetch(conn, sql: str, params=None) -> list[dict]:
+    """Rows as dicts (the connection is left as it was found: autocommit or rolled back)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        names = [d[0] for d in cur.description] if cur.description else []
+        rows = [dict(zip(names, row)) for row in cur.fetchall()] if names else []
+    if not conn.autocommit:
+        conn.rollback()
+    return rows

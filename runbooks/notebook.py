@@ -1,0 +1,166 @@
+"""What a runbook notebook calls: one ``setup`` cell, then checks and steps that display
+themselves (what runs, the SQL, the result) and stop the run loudly on anything unexpected.
+
+``setup`` also makes ipython-sql safe for runbooks:
+- ``%sql`` gets a connection made here, read-only (``default_transaction_read_only``): cells
+  inspect, only the package's transactional code changes anything;
+- every SQL error raises (ipython-sql's default prints it and lets papermill carry on);
+- a failing connection raises too (ipython-sql prints that and returns None);
+- results are pandas DataFrames, and prettytable >= 3.12 no longer breaks the display.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import connection, records
+from .checks import Check, CheckFailed
+from .paths import PROJECT_ROOT
+
+VERDICT_MIME = "application/vnd.truthsource.verdict+json"
+
+
+def _display(obj=None, **kwargs):
+    from IPython.display import display
+
+    display(obj, **kwargs)
+
+
+def _markdown(text: str) -> None:
+    from IPython.display import Markdown
+
+    _display(Markdown(text))
+
+
+def sql_block(sql: str, title: str | None = None) -> None:
+    """Show SQL as a highlighted block (plain text in consoles and diffs)."""
+    body = sql.strip("\n")
+    heading = f"**{title}**\n\n" if title else ""
+    _display({"text/markdown": f"{heading}```sql\n{body}\n```", "text/plain": (title + "\n" if title else "") + body},
+             raw=True)
+
+
+def table(rows: list[dict], columns: list[str] | None = None):
+    """A DataFrame for display (deterministic text form for nbval)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame
+
+
+def configure_ipython_sql(conn_factory) -> None:
+    """Load %sql with a read-only connection that raises on every error."""
+    import prettytable
+    from IPython import get_ipython
+    from sql.connection import Connection
+
+    # ipython-sql 0.5 looks styles up in prettytable's module dict, which 3.12 emptied.
+    for style in prettytable.TableStyle:
+        prettytable.__dict__.setdefault(style.name, style)
+    shell = get_ipython()
+    if shell is None:
+        return  # plain Python (tests of the package): nothing to configure
+    shell.run_line_magic("load_ext", "sql")
+    for setting in ("SqlMagic.short_errors = False", "SqlMagic.autopandas = True",
+                    "SqlMagic.displaycon = False", "SqlMagic.feedback = False",
+                    "SqlMagic.style = 'DEFAULT'"):
+        shell.run_line_magic("config", setting)
+    # Made here, so a connection failure raises instead of being printed and ignored.
+    Connection("postgresql+psycopg2://", creator=conn_factory)
+
+
+@dataclass
+class Run:
+    """One notebook's run: target, run id, operator, record folder and the checks so far."""
+
+    notebook: str
+    target: connection.Target
+    run_id: str
+    operator: str
+    record_dir: Path
+    conn: object = None               # read-only psycopg2 connection for checks
+    facts: dict = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    # -- display -------------------------------------------------------------------------
+    def header(self) -> None:
+        rows = [("notebook", self.notebook), ("run id", self.run_id), ("operator", self.operator),
+                ("target", f"{self.target.kind} {self.target.name}"
+                 + (" (PRODUCTION)" if self.target.production else "")),
+                ("database", f"{self.facts['database']} on {self.facts['server_address']}:{self.facts['server_port']}"),
+                ("connected as", self.facts["current_user"] + (" (superuser)" if self.facts["superuser"] else "")),
+                ("server", self.facts["server_version"]),
+                ("record", str(self.record_dir))]
+        _display(table([{"fact": k, "value": v} for k, v in rows]))
+
+    def show_sql(self, source, title: str | None = None) -> None:
+        """Show the SQL a step will run, before it runs (a string, or a check with .sql)."""
+        sql = getattr(source, "sql", source)
+        sql_block(sql, title or getattr(source, "title", None))
+
+    # -- checks --------------------------------------------------------------------------
+    def check(self, check_or_function, *args, **kwargs) -> Check:
+        """Run (or take) a check, display it, and stop the run if it failed."""
+        check = check_or_function
+        if callable(check_or_function) and not isinstance(check_or_function, Check):
+            check = check_or_function(self.conn, *args, **kwargs)
+        self.checks.append(check)
+        _display(check)
+        if check.status == "error":
+            raise CheckFailed(f"{check.title}: {check.summary}")
+        return check
+
+    def verdict(self) -> dict:
+        """The notebook's verdict: a table of its checks; raises if any failed."""
+        failed = [c for c in self.checks if c.status == "error"]
+        verdict = {"notebook": self.notebook, "run_id": self.run_id,
+                   "status": "failed" if failed else "passed",
+                   "checks": [{"name": c.name, "status": c.status, "summary": c.summary} for c in self.checks]}
+        _display(table(verdict["checks"], columns=["name", "status", "summary"]))
+        _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True)
+        if failed:
+            raise CheckFailed(f"{len(failed)} check(s) failed: " + ", ".join(c.name for c in failed))
+        return verdict
+
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+
+
+def setup(*, notebook: str, target_kind: str | None = None, target_name: str | None = None,
+          targets_file: str | None = None, run_id: str | None = None, record_dir: str | None = None,
+          operator: str | None = None, show_header: bool = True) -> Run:
+    """Resolve the target, connect read-only, make %sql safe, and show who/what/where."""
+    target = connection.resolve(target_kind, target_name, targets_file)
+    run_id = run_id or records.new_run_id()
+    folder = Path(record_dir) if record_dir else PROJECT_ROOT / "records" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    app = f"runbook {notebook} {run_id}"
+
+    def factory():
+        return connection.connect(target, application_name=app, readonly=True)
+
+    conn = factory()
+    conn.autocommit = True
+    run = Run(notebook=notebook, target=target, run_id=run_id,
+              operator=operator or records.operator_facts()["operator"], record_dir=folder, conn=conn,
+              facts=connection.server_facts(conn))
+    configure_ipython_sql(factory)
+    if show_header:
+        run.header()
+    return run
+
+
+def details(summary: str, text: str) -> None:
+    """A collapsed block in HTML (full text in plain-text form)."""
+    _display({"text/html": f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>",
+              "text/plain": f"{summary}\n{text}"}, raw=True)
+
+
+def json_block(data: dict) -> None:
+    _display({"application/json": data, "text/plain": json.dumps(data, indent=2, default=str)}, raw=True)

@@ -1,0 +1,101 @@
+"""A phase notebook's steps: the file, its checksum and lint, its statements, the apply,
+and what changed in the catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import engine, lint, snapshot
+from .checks import Check
+from .notebook import Run, details, table
+from .paths import PHASES
+
+
+@dataclass
+class Phase:
+    run: Run
+    version: str
+    before: dict | None = None
+    after: dict | None = None
+    result: engine.ApplyResult | None = None
+    statements: list = field(default_factory=list)
+
+    def __post_init__(self):
+        paths = dict(PHASES)
+        if self.version not in paths:
+            raise ValueError(f"unknown phase {self.version!r} (known: {', '.join(paths)})")
+        self.path = paths[self.version]
+        self.sha256 = engine.sha256_file(self.path)
+        self.statements = engine.parse_file(self.path)
+
+    def file_check(self) -> Check:
+        """The file, its sha256, and what the history says about this phase."""
+        history = engine.read_history(self.run.conn)
+        previous = engine.latest_applied(history).get(self.version)
+        rows = [{"file": f"sql/{self.path.name}", "sha256": self.sha256, "statements": len(self.statements),
+                 "outside the transaction": sum(not s.transactional for s in self.statements)}]
+        if previous is None:
+            return Check("phase_file", "ok", "not applied yet: it will be applied", title=f"phase {self.version} file",
+                         rows=rows)
+        when = f"{previous['applied_at']:%Y-%m-%d %H:%M %Z} by {previous['applied_by']} (run {previous['run_id']})"
+        if previous["sha256"] == self.sha256:
+            return Check("phase_file", "info", f"already applied {when}, same sha256: skipped unless reapply=True",
+                         title=f"phase {self.version} file", rows=rows)
+        return Check("phase_file", "warning",
+                     f"applied {when} with sha256 {previous['sha256'][:12]}…, the file changed since: refused unless force=True",
+                     title=f"phase {self.version} file", rows=rows)
+
+    def lint_check(self) -> Check:
+        return lint.lint_check(self.path, self.run.facts.get("server_version_num", 0) // 10000 or None)
+
+    def show_statements(self) -> None:
+        rows = [{"#": s.index, "line": s.line, "in transaction": "yes" if s.transactional else "no (after commit)",
+                 "statement": s.summary} for s in self.statements]
+        from IPython.display import display
+
+        display(table(rows))
+        details(f"Full text of sql/{self.path.name} (sha256 {self.sha256})", self.path.read_text())
+
+    def apply(self, *, force: bool = False, reapply: bool = False, lock_timeout: str = "2s",
+              statement_timeout: str = "15min", lock_retries: int = 5, lock_wait: float = 60) -> engine.ApplyResult:
+        """Apply through the engine; raises (stopping the notebook) on any failure."""
+        def progress(t: engine.Timing) -> None:
+            print(f"  [{t.index:>3}/{len(self.statements)}] line {t.line:>4}  {t.seconds:8.3f}s  {t.summary}",
+                  flush=True)
+
+        self.before = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
+        apply_engine = engine.ApplyEngine(self.run.target, run_id=self.run.run_id, operator=self.run.operator,
+                                          lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+                                          lock_retries=lock_retries, lock_wait=lock_wait, progress=progress)
+        self.result = apply_engine.apply(self.version, self.path, force=force, reapply=reapply)
+        self.after = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
+        r = self.result
+        print(f"phase {self.version}: {r.status}"
+              + (f" in {r.seconds:.2f}s, {len(r.timings)} statements, {r.attempts} attempt(s)" if r.status != "skipped" else
+                 " (already applied with the same sha256)"))
+        return r
+
+    def timings(self):
+        """Per-statement timings, slowest first, with what the statements reported."""
+        rows = [{"#": t.index, "line": t.line, "seconds": round(t.seconds, 3), "rows": t.rowcount,
+                 "statement": t.summary, "notices": " | ".join(n.removeprefix("NOTICE:").strip() for n in t.notices)}
+                for t in sorted(self.result.timings, key=lambda t: -t.seconds)] if self.result else []
+        return table(rows, columns=["#", "line", "seconds", "rows", "statement", "notices"])
+
+    def changes(self) -> Check:
+        """What the phase changed, read back from the catalog (objects added and removed)."""
+        comparison = snapshot.compare_snapshots(self.before, self.after)
+        rows = [{"kind": kind, "change": change, "object": line}
+                for kind, diff in sorted(comparison.object_changes.items())
+                for change, lines in (("added", diff["added"]), ("removed", diff["removed"]))
+                for line in lines]
+        counts = {}
+        for row in rows:
+            counts[(row["kind"], row["change"])] = counts.get((row["kind"], row["change"]), 0) + 1
+        summary = ", ".join(f"{n} {kind} {change}" for (kind, change), n in sorted(counts.items())) or "no change"
+        lost = [r for r in comparison.row_counts if r["status"] == "FEWER"]
+        status = "error" if lost else "ok"
+        if lost:
+            summary += "; ROWS LOST in " + ", ".join(r["table"] for r in lost)
+        return Check("phase_changes", status, summary, title=f"phase {self.version}: catalog changes", rows=rows,
+                     columns=["kind", "change", "object"])

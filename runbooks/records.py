@@ -1,0 +1,259 @@
+"""Deployment records: one folder per run, a manifest an auditor can check, no secret inside.
+
+``records/<run id>/`` holds the executed notebooks and their HTML, the backup and snapshot a
+preflight took, and ``manifest.json``: who, when, which target (without secrets), which
+project version and commit, the sha256 of every SQL file, of the backup and of every file in
+the folder, each notebook's status and duration, and the verdict. ``verify`` re-hashes every
+file against the manifest, so any later change to the folder is detected.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import re
+import secrets as _secrets
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .paths import PROJECT_ROOT, SQL_DIR
+
+MANIFEST = "manifest.json"
+FORMAT = "truthsource-record/1"
+RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+DEFAULT_RECORDS_DIR = Path("records")
+
+
+class RecordError(Exception):
+    """A record is missing, malformed, or does not match its manifest."""
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable and unique: 20261124T150102Z-3f9a1c."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{_secrets.token_hex(3)}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id or ""):
+        raise RecordError(f"{run_id!r} is not a run id (like 20261124T150102Z-3f9a1c)")
+    return run_id
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sql_checksums() -> dict[str, str]:
+    """sha256 of every SQL file the project ships, by path relative to the project."""
+    return {str(p.relative_to(PROJECT_ROOT)): sha256_of(p) for p in sorted(SQL_DIR.rglob("*.sql"))}
+
+
+def project_facts() -> dict:
+    """Project version and the git commit the run used (dirty when files differ from it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        project_version = version("truthsource-runbooks")
+    except PackageNotFoundError:
+        project_version = "unknown"
+    facts = {"version": project_version, "git_commit": None, "git_dirty": None}
+    try:
+        git = ["git", "-C", str(PROJECT_ROOT)]
+        facts["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                             check=True).stdout.strip()
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+        facts["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a clone: the version alone identifies the code
+    return facts
+
+
+def operator_facts(operator: str | None = None) -> dict:
+    os_user = getpass.getuser()
+    return {"operator": operator or os_user, "os_user": os_user, "host": socket.gethostname()}
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+def known_secrets() -> list[str]:
+    """Passwords this process could hand to libpq: PGPASSWORD and every .pgpass entry."""
+    found = []
+    if os.environ.get("PGPASSWORD"):
+        found.append(os.environ["PGPASSWORD"])
+    passfile = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
+    try:
+        lines = passfile.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            fields = re.split(r"(?<!\\):", line, maxsplit=4)
+            if len(fields) == 5 and fields[4]:
+                found.append(fields[4].replace("\\:", ":").replace("\\\\", "\\"))
+    # Very short strings would match everywhere; libpq passwords that short are not secrets anyway.
+    return sorted({s for s in found if len(s) >= 6})
+
+
+def find_secrets(folder: Path, secrets: list[str]) -> list[str]:
+    """Files under `folder` that contain any of `secrets` (names only, never the secret)."""
+    hits = []
+    needles = [s.encode() for s in secrets]
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if any(n in data for n in needles):
+                hits.append(str(path.relative_to(folder)))
+    return hits
+
+
+# -- one record ------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    root: Path       # the records directory
+    run_id: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.run_id
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @classmethod
+    def create(cls, root: Path, run_id: str) -> "Record":
+        record = cls(Path(root), check_run_id(run_id))
+        (record.path / "notebooks").mkdir(parents=True, exist_ok=False)
+        return record
+
+    @classmethod
+    def open(cls, root: Path, run_id: str) -> "Record":
+        record = cls(Path(root), check_run_id(run_id))
+        if not record.manifest_path.is_file():
+            raise RecordError(f"no record {run_id} in {Path(root).resolve()} (no {MANIFEST})")
+        return record
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{self.manifest_path}: not valid JSON ({exc})") from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Seal the record: hash every file in the folder into the manifest."""
+        manifest = dict(manifest, format=FORMAT, files=self.file_hashes())
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.replace(self.manifest_path)
+
+    def file_hashes(self) -> dict[str, str]:
+        return {str(p.relative_to(self.path)): sha256_of(p)
+                for p in sorted(self.path.rglob("*"))
+                if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+
+    def verify(self) -> list[str]:
+        """Problems found re-hashing the folder against the manifest ([] when intact)."""
+        manifest = self.manifest()
+        if manifest.get("format") != FORMAT:
+            return [f"{MANIFEST}: unknown format {manifest.get('format')!r}"]
+        recorded = manifest.get("files", {})
+        actual = self.file_hashes()
+        problems = []
+        for name, digest in sorted(recorded.items()):
+            if name not in actual:
+                problems.append(f"missing: {name}")
+            elif actual[name] != digest:
+                problems.append(f"altered: {name} (sha256 {actual[name][:12]}…, manifest says {digest[:12]}…)")
+        problems += [f"not in manifest: {name}" for name in sorted(set(actual) - set(recorded))]
+        # The manifest's own statements about files must agree with its file list.
+        for entry in manifest.get("notebooks", []):
+            for key, digest_key in (("file", "sha256"), ("html", "html_sha256")):
+                name, digest = entry.get(key), entry.get(digest_key)
+                if name and digest and recorded.get(name) != digest:
+                    problems.append(f"manifest disagrees with itself about {name}")
+        backup = manifest.get("backup") or {}
+        if backup.get("file") and recorded.get(backup["file"]) != backup.get("sha256"):
+            problems.append(f"manifest disagrees with itself about {backup['file']}")
+        return problems
+
+
+def list_records(root: Path) -> list[dict]:
+    """Every record under `root`, oldest first, with its headline facts."""
+    rows = []
+    root = Path(root)
+    if not root.is_dir():
+        return rows
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and RUN_ID_PATTERN.match(folder.name) and (folder / MANIFEST).is_file():
+            try:
+                m = json.loads((folder / MANIFEST).read_text())
+            except json.JSONDecodeError:
+                m = {"verdict": "unreadable manifest"}
+            rows.append({"run_id": folder.name, "command": m.get("command"),
+                         "target": (m.get("target") or {}).get("name"),
+                         "started_at": m.get("started_at"), "verdict": m.get("verdict")})
+    return rows
+
+
+def latest_with_snapshot(root: Path, target: dict) -> Path | None:
+    """The newest record of a run against `target` whose preflight left a snapshot."""
+    for row in reversed(list_records(root)):
+        folder = Path(root) / row["run_id"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        same = {k: manifest.get("target", {}).get(k) for k in ("kind", "name")} == {k: target.get(k) for k in ("kind", "name")}
+        if same and (folder / "snapshot.json").is_file():
+            return folder
+    return None
+
+
+def describe(record: Record) -> str:
+    """A record's manifest, readably (what `runbook records show` prints)."""
+    m = record.manifest()
+    target = m.get("target") or {}
+    server = m.get("server") or {}
+    who = m.get("operator") or {}
+    project = m.get("project") or {}
+    lines = [
+        f"run {m.get('run_id')}: {m.get('command')} — verdict {str(m.get('verdict')).upper()}",
+        f"  who:     {who.get('operator')} (os user {who.get('os_user')} on {who.get('host')})",
+        f"  when:    {m.get('started_at')} → {m.get('finished_at')}",
+        f"  target:  {target.get('kind')} {target.get('name')}"
+        + (" (production)" if target.get("production") else "")
+        + (f", database {server.get('database')} on {server.get('server_address')}:{server.get('server_port')}"
+           f" as {server.get('current_user')}, PostgreSQL {server.get('server_version')}" if server else ""),
+        f"  project: {project.get('version')} at {project.get('git_commit') or 'no git commit'}"
+        + (" (with uncommitted changes)" if project.get("git_dirty") else ""),
+    ]
+    if m.get("rolls_back"):
+        lines.append(f"  rolls back: run {m['rolls_back']}")
+    if m.get("error"):
+        lines.append(f"  error:   {m['error']}")
+    lines.append("  sql files:")
+    lines += [f"    {name}  sha256 {digest}" for name, digest in (m.get("sql_files") or {}).items()]
+    backup = m.get("backup")
+    if backup:
+        lines.append(f"  backup:  {backup.get('file')} ({backup.get('bytes')} bytes) sha256 {backup.get('sha256')}")
+    if m.get("parameters"):
+        lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
+    lines.append("  notebooks:")
+    for nb in m.get("notebooks", []):
+        extra = f"  cell {nb.get('failed_cell')}: {nb.get('error')}" if nb.get("status") == "failed" else ""
+        seconds = f"{nb['seconds']:.1f}s" if nb.get("seconds") is not None else ""
+        lines.append(f"    {nb.get('name'):<16} {nb.get('status'):<8} {seconds:>7}  {nb.get('file') or ''}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Plans: run runbook notebooks with papermill, in this process, and keep the record.
+
+Every notebook of a plan runs with the same run id, target and record folder; a failing cell
+stops the plan. Each executed notebook is kept with its HTML and the run's facts in its
+metadata (as papermill keeps its own), and the record is sealed with a manifest. A whole plan
+holds the database's run lock, so two runs against one database never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import papermill
+
+from . import connection, engine, records
+from .notebook import VERDICT_MIME
+from .paths import NOTEBOOK_DIR, PROJECT_ROOT
+
+# The runbook notebooks, in the order a deployment runs them.
+NOTEBOOKS = {
+    "preflight": "00_preflight.ipynb",
+    "phase1": "01_phase1_core_functions.ipynb",
+    "phase2": "02_phase2_core_schema.ipynb",
+    "phase3": "03_phase3_production_enhancements.ipynb",
+    "verification": "04_verification.ipynb",
+    "rollback": "05_rollback.ipynb",
+    "maintenance": "06_maintenance.ipynb",
+    "troubleshooting": "07_troubleshooting.ipynb",
+}
+DEPLOY_PLAN = ("preflight", "phase1", "phase2", "phase3", "verification")
+RUN_LOCK_WAIT = float(os.environ.get("RUNBOOK_LOCK_WAIT", "30"))
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    record: records.Record
+    verdict: str                       # passed | failed
+    notebooks: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "passed" else 1
+
+
+def notebook_path(step: str) -> Path:
+    """A runbook by its step name, or any notebook by path (tests run fixture notebooks)."""
+    return NOTEBOOK_DIR / NOTEBOOKS[step] if step in NOTEBOOKS else Path(step)
+
+
+def notebook_parameters(step: str) -> dict:
+    """The parameters a notebook declares (name -> default as written)."""
+    return {name: spec["default"] for name, spec in papermill.inspect_notebook(str(notebook_path(step))).items()}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for this process and the kernels it starts, then restore."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _verdict_of(nb) -> dict | None:
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if VERDICT_MIME in data:
+                return data[VERDICT_MIME]
+    return None
+
+
+def _export_html(nb_path: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(nb_path))
+    html_path = nb_path.with_suffix(".html")
+    html_path.write_text(body)
+    return html_path
+
+
+def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connection.Target, *,
+             records_root: Path, parameters: dict | None = None, operator: str | None = None,
+             progress=print, run_id: str | None = None, manifest_extra: dict | None = None) -> Outcome:
+    """Run the notebooks of a plan against a target and seal the record; never raises for a
+    failed notebook (the outcome says so), only for refusals made before anything ran."""
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    run_id = run_id or records.new_run_id()
+    record = records.Record.create(Path(records_root), run_id)
+    who = records.operator_facts(operator)
+    manifest = {
+        "run_id": run_id, "command": command, "plan": list(steps), **(manifest_extra or {}),
+        "operator": who, "started_at": records.utc_now(), "finished_at": None,
+        "target": target.describe(), "server": None, "project": records.project_facts(),
+        "sql_files": records.sql_checksums(), "parameters": dict(parameters or {}),
+        "backup": None, "notebooks": [], "verdict": "failed", "error": None,
+    }
+    progress(f"runbook {command}: run {run_id} on {target.kind} {target.name!r}; record {record.path}")
+    common = {"run_id": run_id, "record_dir": str(record.path.resolve()), "operator": who["operator"],
+              **target.as_parameters(),
+              "targets_file": str(connection.targets_file_path()) if target.kind == "target" else None}
+    outcome = Outcome(run_id=run_id, record=record, verdict="failed")
+    try:
+        with engine.run_lock(target, run_id, RUN_LOCK_WAIT) as lock_conn:
+            manifest["server"] = connection.server_facts(lock_conn)
+            failed = False
+            for number, step in enumerate(steps, start=1):
+                entry = {"name": notebook_path(step).stem if step not in NOTEBOOKS else step,
+                         "source": _relative(notebook_path(step)), "status": "not run"}
+                manifest["notebooks"].append(entry)
+                if failed:
+                    continue
+                failed = not _run_notebook(step, number, len(steps), record, common, parameters or {},
+                                           manifest, entry, progress)
+            outcome.verdict = "failed" if failed else "passed"
+    except Exception as exc:  # connection refused, run lock busy: nothing of the plan ran
+        outcome.error = manifest["error"] = f"{type(exc).__name__}: {exc}"
+        progress(f"  refused: {manifest['error']}")
+    _seal(record, manifest, outcome)
+    progress(f"record: {record.path}\nverdict: {outcome.verdict.upper()}")
+    return outcome
+
+
+def _run_notebook(step, number, total, record, common, parameters, manifest, entry, progress) -> bool:
+    source = notebook_path(step)
+    declared = notebook_parameters(step)
+    values = {k: v for k, v in {**common, **parameters}.items() if k in declared}
+    output = record.path / "notebooks" / f"{number:02d}-{source.stem}.ipynb"
+    entry.update(file=str(output.relative_to(record.path)), parameters=sorted(values))
+    started = time.monotonic()
+    progress(f"[{number}/{total}] {source.stem} ...")
+    try:
+        papermill.execute_notebook(str(source), str(output), parameters=values, kernel_name="python3",
+                                   progress_bar=False, log_output=False, cwd=str(NOTEBOOK_DIR))
+        entry["status"] = "passed"
+    except papermill.PapermillExecutionError as exc:
+        entry.update(status="failed", failed_cell=exc.exec_count, error=f"{exc.ename}: {exc.evalue}".strip())
+    except Exception as exc:  # the kernel died, the notebook could not be read...
+        entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    entry["seconds"] = round(time.monotonic() - started, 2)
+    if output.exists():
+        nb = nbformat.read(output, as_version=4)
+        verdict = _verdict_of(nb)
+        if verdict is not None:
+            entry["checks"] = verdict.get("checks", [])
+            if verdict.get("status") == "failed":
+                entry["status"] = "failed"
+        nb.metadata["truthsource"] = {
+            "run_id": manifest["run_id"], "command": manifest["command"], "step": step,
+            "operator": manifest["operator"], "target": manifest["target"],
+            "status": entry["status"], "seconds": entry["seconds"], "sql_files": manifest["sql_files"],
+            "project": manifest["project"],
+        }
+        nbformat.write(nb, output)
+        entry["html"] = str(_export_html(output).relative_to(record.path))
+    status = entry["status"]
+    progress(f"[{number}/{total}] {source.stem}: {status} ({entry['seconds']:.1f}s)"
+             + (f"\n      cell {entry.get('failed_cell')}: {entry.get('error')}" if status == "failed" else ""))
+    return status == "passed"
+
+
+def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
+    # A secret that reached any file is redacted and fails the run: a record never keeps one.
+    secrets = records.known_secrets()
+    leaked = records.find_secrets(record.path, secrets)
+    for name in leaked:
+        path = record.path / name
+        data = path.read_bytes()
+        for secret in secrets:
+            data = data.replace(secret.encode(), b"[REDACTED]")
+        path.write_bytes(data)
+    if leaked:
+        outcome.verdict = "failed"
+        manifest["error"] = f"a secret appeared in {', '.join(leaked)}; redacted there"
+    backup_json = record.path / "backup" / "backup.json"
+    if backup_json.is_file():
+        manifest["backup"] = json.loads(backup_json.read_text())
+    for entry in manifest["notebooks"]:
+        for key, digest in (("file", "sha256"), ("html", "html_sha256")):
+            if entry.get(key):
+                entry[digest] = records.sha256_of(record.path / entry[key])
+    manifest["finished_at"] = records.utc_now()
+    manifest["verdict"] = outcome.verdict
+    outcome.notebooks = manifest["notebooks"]
+    record.write_manifest(manifest)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
