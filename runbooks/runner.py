@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
+from jupyter_client.manager import AsyncKernelManager
 
 from . import connection, engine, records
 from .notebook import VERDICT_MIME
@@ -36,6 +37,14 @@ NOTEBOOKS = {
 }
 DEPLOY_PLAN = ("preflight", "phase1", "phase2", "phase3", "verification")
 RUN_LOCK_WAIT = float(os.environ.get("RUNBOOK_LOCK_WAIT", "30"))
+
+
+class IPCKernelManager(AsyncKernelManager):
+    """Kernels talk over Unix sockets in the runtime directory, not unencrypted TCP ports."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.transport = "ipc"
 
 
 @dataclass
@@ -146,7 +155,8 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     progress(f"[{number}/{total}] {source.stem} ...")
     try:
         papermill.execute_notebook(str(source), str(output), parameters=values, kernel_name="python3",
-                                   progress_bar=False, log_output=False, cwd=str(NOTEBOOK_DIR))
+                                   progress_bar=False, log_output=False, cwd=str(NOTEBOOK_DIR),
+                                   kernel_manager_class=IPCKernelManager)
         entry["status"] = "passed"
     except papermill.PapermillExecutionError as exc:
         entry.update(status="failed", failed_cell=exc.exec_count, error=f"{exc.ename}: {exc.evalue}".strip())
