@@ -86,16 +86,15 @@ class Phase:
         """What the phase changed, read back from the catalog (objects added and removed)."""
         comparison = snapshot.compare_snapshots(self.before, self.after)
         rows = [{"kind": kind, "change": change, "object": line}
-                for kind, diff in sorted(comparison.object_changes.items())
+                for kind, diff in sorted(comparison.differences.items())
                 for change, lines in (("added", diff["added"]), ("removed", diff["removed"]))
                 for line in lines]
         counts = {}
         for row in rows:
             counts[(row["kind"], row["change"])] = counts.get((row["kind"], row["change"]), 0) + 1
         summary = ", ".join(f"{n} {kind} {change}" for (kind, change), n in sorted(counts.items())) or "no change"
-        lost = [r for r in comparison.row_counts if r["status"] == "FEWER"]
-        status = "error" if lost else "ok"
-        if lost:
-            summary += "; ROWS LOST in " + ", ".join(r["table"] for r in lost)
+        status = "ok" if comparison.ok_for_deploy else "error"
+        if not comparison.ok_for_deploy:
+            summary += "; " + "; ".join(p for p in comparison.problems() if "LOST" in p or "gone" in p)
         return Check("phase_changes", status, summary, title=f"phase {self.version}: catalog changes", rows=rows,
                      columns=["kind", "change", "object"])

@@ -1,0 +1,295 @@
+"""The preflight backup: ``pg_dump -Fc`` of the target, verified before anyone relies on it.
+
+- The server's own pg_dump (see `pgtools`), reached with the target's libpq connection string:
+  no password ever passes through here; libpq reads ``.pgpass``/``PGPASSFILE``/service files.
+- Written to ``<dbname>-<run_id>.dump.partial`` and renamed only when pg_dump succeeded, so a
+  file with the final name is always a complete dump. An existing backup is never overwritten.
+- Verified: ``pg_restore --list`` must read the archive's table of contents (entries counted
+  and summarised by type), and by default a full read (``pg_restore -f /dev/null``)
+  decompresses every data block; sha256 and size are recorded, and ``verify_backup`` checks
+  them again before a rollback uses the file.
+- ``taken_at`` is the *server's* clock just before pg_dump starts: it is compared with
+  ``applied_at`` in the deployment history, which the server stamps too.
+- ``backup.json`` beside the dump keeps all of it for the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psycopg2
+
+from . import connection, pgtools
+
+INFO_FILE = "backup.json"
+_PASSWORD = re.compile(r"(password\s*=\s*).*", re.IGNORECASE)
+_SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# `pg_restore --list` entry types, longest first so 'TABLE DATA' wins over 'TABLE'.
+TOC_TYPES = sorted("""
+ACCESS METHOD|ACL|AGGREGATE|BLOB|BLOB METADATA|BLOBS|CAST|CHECK CONSTRAINT|COLLATION|COMMENT|
+CONSTRAINT|CONVERSION|DATABASE|DATABASE PROPERTIES|DEFAULT|DEFAULT ACL|DOMAIN|ENCODING|
+EVENT TRIGGER|EXTENSION|FK CONSTRAINT|FOREIGN DATA WRAPPER|FOREIGN SERVER|FOREIGN TABLE|
+FUNCTION|INDEX|INDEX ATTACH|LANGUAGE|LARGE OBJECT|LARGE OBJECT METADATA|LARGE OBJECTS|
+MATERIALIZED VIEW|MATERIALIZED VIEW DATA|OPERATOR|OPERATOR CLASS|OPERATOR FAMILY|POLICY|
+PROCEDURAL LANGUAGE|PROCEDURE|PUBLICATION|PUBLICATION TABLE|PUBLICATION TABLES IN SCHEMA|
+ROW SECURITY|RULE|SCHEMA|SEARCH_PATH|SECURITY LABEL|SEQUENCE|SEQUENCE OWNED BY|SEQUENCE SET|
+SERVER|SHELL TYPE|STATISTICS|STATISTICS DATA|STDSTRINGS|SUBSCRIPTION|SUBSCRIPTION TABLE|TABLE|
+TABLE ATTACH|TABLE DATA|TEXT SEARCH CONFIGURATION|TEXT SEARCH DICTIONARY|TEXT SEARCH PARSER|
+TEXT SEARCH TEMPLATE|TRANSFORM|TRIGGER|TYPE|USER MAPPING|VIEW""".replace("\n", "").split("|"),
+                   key=len, reverse=True)
+_TOC_LINE = re.compile(r"^(\d+); (\d+) (\d+) (.*)$")
+
+
+class BackupError(RuntimeError):
+    """The backup could not be taken or does not verify; the message names the problem."""
+
+
+def redact(text: str) -> str:
+    """Tool output is safe to show, but never let anything after 'password=' through."""
+    return _PASSWORD.sub(r"\1[redacted]", text or "")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One line of `pg_restore --list`: ``215; 1259 16390 TABLE public orgs postgres``."""
+
+    dump_id: int
+    catalog_oid: int
+    object_oid: int
+    type: str
+    namespace: str | None     # None for '-' (schemas, extensions, database-level objects)
+    tag: str
+    owner: str
+    line: str
+    known: bool = True        # False: a type TOC_TYPES does not list; namespace and tag are guesses
+
+    @classmethod
+    def parse(cls, line: str) -> "TocEntry | None":
+        match = _TOC_LINE.match(line)
+        if not match:
+            return None
+        rest = match.group(4)
+        # a type this list does not know yet (a newer pg_dump): its first word stands for it
+        known = next((t for t in TOC_TYPES if rest == t or rest.startswith(t + " ")), None)
+        kind = known or rest.split(" ")[0]
+        rest = rest[len(kind) + 1:]
+        namespace, _, rest = rest.partition(" ")
+        # the owner is the last word (empty for extensions and some comments: the line ends in ' ')
+        tag, _, owner = rest.rpartition(" ")
+        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), kind,
+                   None if namespace == "-" else namespace, tag, owner, line, known is not None)
+
+
+@dataclass
+class ArchiveListing:
+    header: dict
+    entries: list[TocEntry]
+
+    @property
+    def summary(self) -> dict[str, int]:
+        return dict(sorted(Counter(e.type for e in self.entries).items()))
+
+
+def read_listing(pg_restore: pgtools.Tool, path: Path) -> ArchiveListing:
+    """`pg_restore --list`, parsed; BackupError when the archive's TOC cannot be read."""
+    proc = subprocess.run([str(pg_restore.path), "--list", str(path)], capture_output=True,
+                          text=True, env=pgtools.tool_env())
+    if proc.returncode != 0:
+        raise BackupError(f"pg_restore --list cannot read {path.name} (exit {describe_exit(proc.returncode)}): "
+                          f"{redact(proc.stderr.strip()) or 'no message'}")
+    header: dict = {}
+    entries: list[TocEntry] = []
+    for line in proc.stdout.splitlines():
+        if line.startswith(";"):
+            text = line[1:].strip()
+            if text.startswith("Archive created at "):
+                header["Archive created at"] = text[len("Archive created at "):]
+                continue
+            key, sep, value = text.partition(":")
+            if sep and value.strip():
+                header[key.strip()] = value.strip()
+            continue
+        if line.strip():
+            entry = TocEntry.parse(line)
+            if entry is not None:
+                entries.append(entry)
+    if not entries:
+        raise BackupError(f"{path.name}: the archive lists no entries")
+    return ArchiveListing(header, entries)
+
+
+def describe_exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else str(code)
+
+
+def full_read(pg_restore: pgtools.Tool, path: Path) -> None:
+    """Read and decompress every data block (the TOC alone says nothing of the data)."""
+    proc = subprocess.run([str(pg_restore.path), "--file", os.devnull, str(path)],
+                          capture_output=True, text=True, env=pgtools.tool_env())
+    if proc.returncode != 0:
+        raise BackupError(f"{path.name} is damaged: pg_restore could not read it through "
+                          f"(exit {describe_exit(proc.returncode)}): {redact(proc.stderr.strip()) or 'no message'}")
+
+
+@dataclass
+class BackupVerification:
+    path: str
+    sha256: str
+    size_bytes: int
+    toc_entries: int
+    toc_summary: dict
+    full_read: bool
+    pg_restore: dict
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify_backup(path: str | os.PathLike, expected_sha256: str | None, *, full: bool = True,
+                  server_major: int | None = None) -> BackupVerification:
+    """Check a backup before relying on it: sha256 (when given), TOC, and optionally a full read."""
+    path = Path(path)
+    started = time.perf_counter()
+    if not path.is_file():
+        raise BackupError(f"backup {path} does not exist")
+    size = path.stat().st_size
+    actual = sha256_of(path)
+    if expected_sha256 is not None and actual != expected_sha256.lower():
+        raise BackupError(f"backup {path.name} does not match its recorded sha256: expected "
+                          f"{expected_sha256}, the file is {actual} ({size} bytes). It was altered, "
+                          "truncated or replaced; do not restore it.")
+    pg_restore = pgtools.find_tool("pg_restore", server_major)
+    listing = read_listing(pg_restore, path)
+    if full:
+        full_read(pg_restore, path)
+    return BackupVerification(str(path), actual, size, len(listing.entries), listing.summary, full,
+                              pg_restore.as_dict(), round(time.perf_counter() - started, 3))
+
+
+@dataclass
+class BackupInfo:
+    """What the record says about a backup (all JSON-serialisable)."""
+
+    path: str
+    file_name: str
+    run_id: str
+    database: str
+    target: dict
+    server_version: str
+    server_version_num: int
+    taken_at: str                 # server clock, ISO 8601, just before pg_dump started
+    finished_at: str
+    size_bytes: int
+    sha256: str
+    format: str
+    toc_entries: int
+    toc_summary: dict
+    archive_header: dict
+    full_read: bool
+    pg_dump: dict
+    pg_restore: dict
+    dump_seconds: float
+    verify_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BackupInfo":
+        """From a backup.json (or the directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / INFO_FILE
+        return cls(**json.loads(path.read_text()))
+
+
+def _server_clock(target: connection.Target, run_id: str, with_facts: bool = False) -> tuple[dict | None, str]:
+    """(server facts, the server's clock in UTC ISO 8601): history rows are stamped by it too."""
+    try:
+        conn = connection.connect(target, application_name=f"runbook backup {run_id}", readonly=True)
+    except psycopg2.Error as exc:
+        raise BackupError(f"cannot connect to {target.name!r} to back it up: {redact(str(exc).strip())}") from None
+    try:
+        facts = connection.server_facts(conn) if with_facts else None
+        with conn.cursor() as cur:
+            cur.execute("""select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""")
+            now = cur.fetchone()[0]
+        conn.rollback()
+        return facts, now
+    finally:
+        conn.close()
+
+
+def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: str, *,
+                lock_wait_timeout: str = "60s", full: bool = True) -> BackupInfo:
+    """pg_dump -Fc the target into dest_dir/<dbname>-<run_id>.dump, verify it, write backup.json."""
+    if not _SAFE_RUN_ID.match(run_id):
+        raise BackupError(f"run id {run_id!r} cannot name a file (letters, digits, '.', '_', '-')")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    facts, taken_at = _server_clock(target, run_id, with_facts=True)
+    major = facts["server_version_num"] // 10000
+    pg_dump = pgtools.find_tool("pg_dump", major)
+    pg_restore = pgtools.find_companion(pg_dump, "pg_restore", major)
+    warnings = [w for w in (pg_dump.warning,) if w]
+
+    final = dest / f"{facts['database']}-{run_id}.dump"
+    if final.exists():
+        raise BackupError(f"{final} already exists: a backup is never overwritten (new run id?)")
+    partial = final.with_name(final.name + ".partial")
+    partial.unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(pg_dump.path), "--format=custom", "--no-password", f"--lock-wait-timeout={lock_wait_timeout}",
+         "--file", str(partial), "--dbname", target.conninfo(application_name=f"runbook backup {run_id}")],
+        capture_output=True, text=True, env=pgtools.tool_env())
+    dump_seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BackupError(f"pg_dump {pg_dump.version} of database {facts['database']!r} failed (exit "
+                          f"{describe_exit(proc.returncode)}): {redact(proc.stderr.strip()) or 'no message'}")
+    if proc.stderr.strip():
+        warnings.append("pg_dump: " + redact(proc.stderr.strip()))
+    partial.rename(final)
+
+    _, finished_at = _server_clock(target, run_id)
+
+    started = time.perf_counter()
+    try:
+        listing = read_listing(pg_restore, final)
+        if full:
+            full_read(pg_restore, final)
+    except BackupError as exc:
+        raise BackupError(f"the backup just taken does not verify: {exc}") from None
+    digest = sha256_of(final)
+    info = BackupInfo(
+        path=str(final.resolve()), file_name=final.name, run_id=run_id, database=facts["database"],
+        target=target.describe(), server_version=facts["server_version"],
+        server_version_num=facts["server_version_num"], taken_at=taken_at, finished_at=finished_at,
+        size_bytes=final.stat().st_size, sha256=digest, format=listing.header.get("Format", "CUSTOM"),
+        toc_entries=len(listing.entries), toc_summary=listing.summary, archive_header=listing.header,
+        full_read=full, pg_dump=pg_dump.as_dict(), pg_restore=pg_restore.as_dict(),
+        dump_seconds=round(dump_seconds, 3), verify_seconds=round(time.perf_counter() - started, 3),
+        warnings=warnings)
+    (dest / INFO_FILE).write_text(json.dumps(info.as_dict(), indent=2, sort_keys=True) + "\n")
+    return info

@@ -1,0 +1,206 @@
+"""Snapshots: row counts, an OID-free schema fingerprint, content checksums, and what differs."""
+
+import json
+
+import psycopg2
+import pytest
+
+from runbooks import engine
+from runbooks.snapshot import (SnapshotError, compare_snapshots, load_snapshot, save_snapshot,
+                               take_snapshot)
+
+APP = """
+create table public.organizations (id int primary key, name text not null, updated_at timestamptz default now());
+create table public.members (org_id int references public.organizations(id), user_name text, role text
+                             check (role in ('owner', 'admin', 'member', 'viewer')));
+insert into public.organizations (id, name) select i, 'org ' || i from generate_series(1, 30) i;
+insert into public.members select i % 30 + 1, 'user ' || i, 'member' from generate_series(1, 100) i;
+create function public.is_admin(u text) returns boolean language sql stable security definer set search_path = ''
+  as $$ select exists (select 1 from public.members where user_name = u and role in ('owner', 'admin')) $$;
+create function public.touch() returns trigger language plpgsql as $$ begin new.updated_at = now(); return new; end $$;
+create trigger organizations_touch before update on public.organizations for each row execute function public.touch();
+alter table public.organizations enable row level security;
+create policy members_read on public.organizations for select to authenticated using (public.is_admin(current_user));
+create index members_org_idx on public.members (org_id);
+"""
+
+
+@pytest.fixture
+def db(empty_db):
+    empty_db.execute(APP)
+    return empty_db
+
+
+def snap(db, **kwargs):
+    conn = db.connect()
+    try:
+        return take_snapshot(conn, **kwargs)
+    finally:
+        conn.close()
+
+
+def test_the_same_database_snapshotted_twice_is_identical(db):
+    first, second = snap(db), snap(db)
+    comparison = compare_snapshots(first, second)
+    assert comparison.identical and comparison.ok_for_deploy and comparison.problems() == []
+    assert first["fingerprint"] == second["fingerprint"] and first["content"] == second["content"]
+    assert first["row_counts"]["public.organizations"] == 30 and first["row_counts"]["public.members"] == 100
+
+
+def test_a_snapshot_is_json_and_survives_save_and_load(db, tmp_path):
+    first = snap(db)
+    path = save_snapshot(first, tmp_path / "snapshot.json")
+    assert load_snapshot(path) == json.loads(json.dumps(first))
+    assert compare_snapshots(load_snapshot(path), snap(db)).identical
+
+
+def test_a_file_that_is_not_a_snapshot_is_refused(tmp_path):
+    (tmp_path / "x.json").write_text('{"hello": 1}')
+    with pytest.raises(SnapshotError, match="not a snapshot"):
+        load_snapshot(tmp_path / "x.json")
+
+
+def test_the_fingerprint_covers_every_kind_and_holds_no_oid(db):
+    first = snap(db)
+    assert set(first["fingerprint_parts"]) == set(first["objects"]) >= {
+        "schemas", "tables", "columns", "constraints", "indexes", "functions", "triggers", "policies",
+        "rls", "grants", "sequences", "views", "default_privileges"}
+    oids = [r[0] for r in db.query("select oid::text from pg_class where relname in ('organizations', 'members')")]
+    text = json.dumps(first["objects"])
+    assert not any(oid in text for oid in oids)
+    assert any("organizations_touch" in line for line in first["objects"]["triggers"])
+
+
+def test_lost_rows_are_FEWER_and_fail_the_deploy_check(db):
+    before = snap(db)
+    db.execute("delete from public.members where user_name = 'user 7'")
+    comparison = compare_snapshots(before, snap(db))
+    [lost] = comparison.lost_rows
+    assert (lost.table, lost.before, lost.after, lost.status) == ("public.members", 100, 99, "FEWER")
+    assert not comparison.ok_for_deploy and not comparison.identical
+    assert "ROWS LOST" in comparison.problems()[0]
+
+
+def test_a_table_that_is_gone_is_MISSING_and_fails_the_deploy_check(db):
+    before = snap(db)
+    db.execute("drop table public.members")
+    comparison = compare_snapshots(before, snap(db))
+    assert [r.table for r in comparison.missing_tables] == ["public.members"]
+    assert not comparison.ok_for_deploy
+
+
+def test_new_rows_and_new_objects_pass_the_deploy_check_but_are_not_identical(db):
+    before = snap(db)
+    db.execute("""insert into public.organizations (id, name) values (31, 'new');
+                  create schema extra; create table extra.log (id int);
+                  create function public.validate_sku(sku text) returns boolean language sql as $$ select sku ~ '^[A-Z0-9]' $$""")
+    comparison = compare_snapshots(before, snap(db))
+    assert comparison.ok_for_deploy and not comparison.identical
+    statuses = {r.table: r.status for r in comparison.counts}
+    assert statuses["public.organizations"] == "more" and statuses["extra.log"] == "new"
+    assert statuses["public.members"] == "same"
+    assert {"schemas", "tables", "functions"} <= set(comparison.differing_kinds)
+    assert any("validate_sku" in line for line in comparison.differences["functions"]["added"])
+
+
+def test_a_changed_function_body_is_named(db):
+    before = snap(db)
+    db.execute("""create or replace function public.touch() returns trigger language plpgsql
+                  as $$ begin new.updated_at = clock_timestamp(); return new; end $$""")
+    comparison = compare_snapshots(before, snap(db))
+    assert comparison.differing_kinds == ["functions"]
+    [removed], [added] = comparison.differences["functions"]["removed"], comparison.differences["functions"]["added"]
+    assert removed.startswith("public.touch()") and added.startswith("public.touch()")
+
+
+def test_a_changed_policy_is_named(db):
+    before = snap(db)
+    db.execute("""drop policy members_read on public.organizations;
+                  create policy members_read on public.organizations for select to authenticated, anon using (true)""")
+    comparison = compare_snapshots(before, snap(db))
+    assert comparison.differing_kinds == ["policies"]
+    assert "anon,authenticated using (true)" in comparison.differences["policies"]["added"][0]
+
+
+def test_changed_grants_and_rls_flags_are_named(db):
+    before = snap(db)
+    db.execute("revoke select on public.members from anon; alter table public.organizations force row level security")
+    comparison = compare_snapshots(before, snap(db))
+    assert set(comparison.differing_kinds) == {"grants", "rls"}
+    assert comparison.differences["grants"]["removed"] == [
+        "TABLE public.members: anon SELECT (granted by postgres)"]
+
+
+def test_changed_rows_with_the_same_count_are_found_by_the_content_checksum(db):
+    before = snap(db)
+    db.execute("update public.members set role = 'admin' where user_name = 'user 3'")
+    comparison = compare_snapshots(before, snap(db))
+    assert comparison.counts_equal and comparison.fingerprint_equal
+    assert list(comparison.content_differences) == ["public.members"] and not comparison.identical
+
+
+def test_the_content_checksum_does_not_depend_on_physical_row_order(db):
+    before = snap(db)
+    db.execute("""create temp table saved as select * from public.members;
+                  delete from public.members;
+                  insert into public.members select * from saved order by user_name desc""")
+    assert compare_snapshots(before, snap(db)).identical
+
+
+def test_tables_above_the_row_limit_are_counted_but_not_checksummed(db):
+    limited = snap(db, checksum_row_limit=50)
+    assert limited["content"]["public.members"] == "skipped: 100 rows"
+    assert len(limited["content"]["public.organizations"]) == 32
+    comparison = compare_snapshots(limited, snap(db, checksum_row_limit=50))
+    assert comparison.identical and comparison.content_unverified == ["public.members"]
+
+
+def test_the_history_schema_is_left_out_and_platform_schemas_are_counted_but_not_fingerprinted(db):
+    conn = db.connect()
+    engine.ensure_history(conn)
+    conn.commit()
+    conn.close()
+    before = snap(db)
+    assert not any(t.startswith("truthsource.") for t in before["row_counts"])
+    assert before["row_counts"]["auth.users"] == 0 and "auth.users" not in before["content"]
+    assert "auth" not in before["app_schemas"] and "truthsource" not in before["app_schemas"]
+    db.execute("""insert into auth.users (id) values (gen_random_uuid());
+                  create function auth.extra() returns int language sql as 'select 1';
+                  insert into truthsource.deployment_history (version, file_name, sha256, action, applied_by,
+                    duration_ms, statements, run_id) values ('x', 'x.sql', repeat('a', 64), 'apply', 't', 1, 1, 'r')""")
+    comparison = compare_snapshots(before, snap(db))
+    assert comparison.fingerprint_equal
+    assert {r.table: r.status for r in comparison.counts}["auth.users"] == "more"
+
+
+def test_a_role_that_cannot_see_every_row_fails_loudly_instead_of_counting_fewer(db):
+    conn = db.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("set role authenticated")
+        with pytest.raises(psycopg2.Error):
+            take_snapshot(conn)
+    finally:
+        conn.close()
+
+
+def test_a_connection_inside_a_transaction_is_refused(db):
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+        with pytest.raises(SnapshotError, match="not inside a transaction"):
+            take_snapshot(conn)
+    finally:
+        conn.close()
+
+
+def test_an_autocommit_connection_is_left_outside_any_transaction_with_its_settings(db):
+    conn = db.connect(autocommit=True)
+    try:
+        take_snapshot(conn)
+        with conn.cursor() as cur:
+            cur.execute("select now() = statement_timestamp(), current_setting('search_path')")
+            assert cur.fetchone() == (True, '"$user", public')
+    finally:
+        conn.close()
