@@ -199,7 +199,12 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
         manifest["error"] = f"a secret appeared in {', '.join(leaked)}; redacted there"
     backup_json = record.path / "backup" / "backup.json"
     if backup_json.is_file():
-        manifest["backup"] = json.loads(backup_json.read_text())
+        info = json.loads(backup_json.read_text())
+        manifest["backup"] = {"file": f"backup/{info['file_name']}", "sha256": info["sha256"],
+                              "bytes": info["size_bytes"], "taken_at": info["taken_at"],
+                              "format": info["format"], "toc_entries": info["toc_entries"],
+                              "pg_dump": (info.get("pg_dump") or {}).get("version"),
+                              "server_version": info["server_version"]}
     for entry in manifest["notebooks"]:
         for key, digest in (("file", "sha256"), ("html", "html_sha256")):
             if entry.get(key):
