@@ -35,6 +35,7 @@ class Target:
     kind: str
     params: dict = field(default_factory=dict)
     production: bool = False
+    targets_file: str | None = None   # for kind "target": the file it came from
 
     def conninfo(self, **extra: str) -> str:
         """A libpq connection string; libpq adds the password from its own sources."""
@@ -49,7 +50,7 @@ class Target:
 
     def as_parameters(self) -> dict:
         """The notebook parameters that name this target (what papermill writes down)."""
-        return {"target_kind": self.kind, "target_name": self.name}
+        return {"target_kind": self.kind, "target_name": self.name, "targets_file": self.targets_file}
 
 
 def _quote(value: str) -> str:
@@ -121,7 +122,8 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
     for required in ("host", "dbname", "user"):
         if required not in entry:
             raise TargetError(f"target {name!r} in {file}: {required} is required")
-    return Target(name=name, kind="target", params=entry, production=production)
+    return Target(name=name, kind="target", params=entry, production=production,
+                  targets_file=str(file.resolve()))
 
 
 def from_environment() -> Target:

@@ -140,7 +140,7 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
     run_id = run_id or records.new_run_id()
     folder = Path(record_dir) if record_dir else PROJECT_ROOT / "records" / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    app = f"runbook {notebook} {run_id}"
+    app = f"runbook {run_id} {notebook}"[:63]  # PostgreSQL keeps 63 bytes of application_name
 
     def factory():
         return connection.connect(target, application_name=app, readonly=True)

@@ -36,15 +36,24 @@ NOTEBOOKS = {
     "troubleshooting": "07_troubleshooting.ipynb",
 }
 DEPLOY_PLAN = ("preflight", "phase1", "phase2", "phase3", "verification")
-RUN_LOCK_WAIT = float(os.environ.get("RUNBOOK_LOCK_WAIT", "30"))
+LOCK_WAIT_ENV = "RUNBOOK_LOCK_WAIT"  # seconds a run waits for another run on the same database
 
 
 class IPCKernelManager(AsyncKernelManager):
     """Kernels talk over Unix sockets in the runtime directory, not unencrypted TCP ports."""
 
+    kernel_log: Path | None = None   # where the kernel's own stdout/stderr go (set per run)
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.transport = "ipc"
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        if self.kernel_log is None:
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+        # The kernel's chatter (shutdown noise, warnings) belongs in the record, not on the terminal.
+        with open(self.kernel_log, "ab") as log:
+            return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
 
 
 @dataclass
@@ -121,21 +130,18 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
     }
     progress(f"runbook {command}: run {run_id} on {target.kind} {target.name!r}; record {record.path}")
     common = {"run_id": run_id, "record_dir": str(record.path.resolve()), "operator": who["operator"],
-              **target.as_parameters(),
-              "targets_file": str(connection.targets_file_path()) if target.kind == "target" else None}
+              **target.as_parameters()}
     outcome = Outcome(run_id=run_id, record=record, verdict="failed")
+    manifest["notebooks"] = [{"name": step if step in NOTEBOOKS else notebook_path(step).stem,
+                              "source": _relative(notebook_path(step)), "status": "not run"} for step in steps]
     try:
-        with engine.run_lock(target, run_id, RUN_LOCK_WAIT) as lock_conn:
+        with engine.run_lock(target, run_id, float(os.environ.get(LOCK_WAIT_ENV, "30"))) as lock_conn:
             manifest["server"] = connection.server_facts(lock_conn)
             failed = False
-            for number, step in enumerate(steps, start=1):
-                entry = {"name": notebook_path(step).stem if step not in NOTEBOOKS else step,
-                         "source": _relative(notebook_path(step)), "status": "not run"}
-                manifest["notebooks"].append(entry)
-                if failed:
-                    continue
-                failed = not _run_notebook(step, number, len(steps), record, common, parameters or {},
-                                           manifest, entry, progress)
+            for number, (step, entry) in enumerate(zip(steps, manifest["notebooks"]), start=1):
+                if not failed:
+                    failed = not _run_notebook(step, number, len(steps), record, common, parameters or {},
+                                               manifest, entry, progress)
             outcome.verdict = "failed" if failed else "passed"
     except Exception as exc:  # connection refused, run lock busy: nothing of the plan ran
         outcome.error = manifest["error"] = f"{type(exc).__name__}: {exc}"
@@ -156,7 +162,7 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     try:
         papermill.execute_notebook(str(source), str(output), parameters=values, kernel_name="python3",
                                    progress_bar=False, log_output=False, cwd=str(NOTEBOOK_DIR),
-                                   kernel_manager_class=IPCKernelManager)
+                                   kernel_manager_class=_kernel_manager_for(record))
         entry["status"] = "passed"
     except papermill.PapermillExecutionError as exc:
         entry.update(status="failed", failed_cell=exc.exec_count, error=f"{exc.ename}: {exc.evalue}".strip())
@@ -182,6 +188,10 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     progress(f"[{number}/{total}] {source.stem}: {status} ({entry['seconds']:.1f}s)"
              + (f"\n      cell {entry.get('failed_cell')}: {entry.get('error')}" if status == "failed" else ""))
     return status == "passed"
+
+
+def _kernel_manager_for(record: records.Record) -> type:
+    return type("RecordKernelManager", (IPCKernelManager,), {"kernel_log": record.path / "kernels.log"})
 
 
 def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
