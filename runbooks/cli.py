@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("maintain", help="the guide's daily, weekly or monthly maintenance tasks")
     p.add_argument("cadence", choices=("daily", "weekly", "monthly"))
     _add_target(p)
+    p.add_argument("--yes", action="store_true", help="confirm deleting data (-p apply_retention true) on production")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     _add_records(p)
 
@@ -147,8 +148,9 @@ def cmd_rollback(args) -> int:
     target = resolve_target(args)
     source = records.Record.open(args.records, args.run)
     manifest = source.manifest()
-    if not manifest.get("backup"):
-        raise UsageError(f"run {args.run} has no backup in its record (its preflight did not finish one)")
+    if not manifest.get("backup") or not (source.path / "snapshot.json").is_file():
+        raise UsageError(f"run {args.run} ({manifest.get('command')}) has no preflight backup and snapshot in its "
+                         "record: only a deployment's preflight can be rolled back to")
     if not args.yes:
         raise UsageError(f"rollback replaces the contents of {target.name!r} with the backup of run {args.run}: "
                          "pass --yes to confirm")
@@ -160,6 +162,8 @@ def cmd_rollback(args) -> int:
 def cmd_maintain(args) -> int:
     target = resolve_target(args)
     params = parse_parameters(args.parameter, ("maintenance",))
+    if params.get("apply_retention") and target.production and not args.yes:
+        raise UsageError("apply_retention deletes data on a production target: pass --yes to confirm")
     params["cadence"] = args.cadence
     return runner.run_plan(f"maintain {args.cadence}", ("maintenance",), target, records_root=args.records,
                            parameters=params).exit_code

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 import papermill
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 from . import connection, engine, records
 from .notebook import VERDICT_MIME
@@ -47,6 +49,11 @@ class IPCKernelManager(AsyncKernelManager):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.transport = "ipc"
+        # Sockets in the private runtime directory, one name per kernel: the default is a path
+        # relative to the working directory, where concurrent runs' kernels would collide.
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(parents=True, exist_ok=True)
+        self.ip = str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
         if self.kernel_log is None:
