@@ -28,6 +28,7 @@ class Check:
     rows: list[dict] = field(default_factory=list)
     columns: list[str] | None = None
     sql: str | None = None
+    displayed: bool = field(default=False, repr=False, compare=False)  # Run.check showed it already
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -52,6 +53,14 @@ class Check:
             for row in self.rows:
                 lines.append("  " + "  ".join(_text(row.get(c)).ljust(widths[c]) for c in columns).rstrip())
         return "\n".join(lines)
+
+    def _ipython_display_(self) -> None:
+        # `run.check(...)` as a cell's last line shows the check, then returns it: show it once
+        if self.displayed:
+            return
+        from IPython.display import display
+
+        display({"text/html": self._repr_html_(), "text/plain": repr(self)}, raw=True)
 
     def _repr_html_(self) -> str:
         parts = [f"<p><b>{html.escape(_BADGE[self.status])}</b> — <b>{html.escape(self.title)}</b>: "

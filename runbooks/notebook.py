@@ -73,6 +73,13 @@ def configure_ipython_sql(conn_factory) -> None:
     Connection("postgresql+psycopg2://", creator=conn_factory)
 
 
+class Verdict(dict):
+    """Run.verdict()'s result: a dict that a notebook does not display a second time."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 @dataclass
 class Run:
     """One notebook's run: target, run id, operator, record folder and the checks so far."""
@@ -86,6 +93,9 @@ class Run:
     facts: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # False: a failed check is shown and counted, and the notebook carries on to its verdict, which
+    # then fails (verification: nothing it does stays, so the whole picture is worth more than a stop).
+    stop_on_error: bool = True
 
     # -- display -------------------------------------------------------------------------
     def header(self) -> None:
@@ -100,8 +110,10 @@ class Run:
 
     def show_sql(self, source, title: str | None = None) -> None:
         """Show the SQL a step will run, before it runs (a string, or a check with .sql)."""
-        sql = getattr(source, "sql", source)
-        sql_block(sql, title or getattr(source, "title", None))
+        if isinstance(source, str):   # a plain string: str.title is a method, not a title
+            sql_block(source, title)
+            return
+        sql_block(source.sql, title or getattr(source, "title", None))
 
     # -- checks --------------------------------------------------------------------------
     def check(self, check_or_function, *args, **kwargs) -> Check:
@@ -111,7 +123,8 @@ class Run:
             check = check_or_function(self.conn, *args, **kwargs)
         self.checks.append(check)
         _display(check)
-        if check.status == "error":
+        check.displayed = True
+        if check.status == "error" and self.stop_on_error:
             raise CheckFailed(f"{check.title}: {check.summary}")
         return check
 
@@ -125,7 +138,7 @@ class Run:
         _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True)
         if failed:
             raise CheckFailed(f"{len(failed)} check(s) failed: " + ", ".join(c.name for c in failed))
-        return verdict
+        return Verdict(verdict)
 
     def close(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -134,7 +147,7 @@ class Run:
 
 def setup(*, notebook: str, target_kind: str | None = None, target_name: str | None = None,
           targets_file: str | None = None, run_id: str | None = None, record_dir: str | None = None,
-          operator: str | None = None, show_header: bool = True) -> Run:
+          operator: str | None = None, show_header: bool = True, stop_on_error: bool = True) -> Run:
     """Resolve the target, connect read-only, make %sql safe, and show who/what/where."""
     target = connection.resolve(target_kind, target_name, targets_file)
     run_id = run_id or records.new_run_id()
@@ -149,7 +162,7 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
     conn.autocommit = True
     run = Run(notebook=notebook, target=target, run_id=run_id,
               operator=operator or records.operator_facts()["operator"], record_dir=folder, conn=conn,
-              facts=connection.server_facts(conn))
+              facts=connection.server_facts(conn), stop_on_error=stop_on_error)
     configure_ipython_sql(factory)
     if show_header:
         run.header()

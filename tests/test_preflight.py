@@ -1,0 +1,288 @@
+"""Preflight: busy databases, missing sign-off and weak roles are refused; legacy rows are reported;
+the backup and snapshot a rollback relies on are taken, verified and kept."""
+
+import dataclasses
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import nbformat
+import pytest
+
+from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
+from runbooks import preflight, records, runner
+from runbooks.backup import sha256_of
+
+PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
+                  "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
+HEIDI = "0b000000-0000-4000-8000-000000000008"
+
+
+def window(start_hours: float, end_hours: float) -> str:
+    now = datetime.now(timezone.utc)
+    return f"{now + timedelta(hours=start_hours):%Y-%m-%dT%H:%MZ}/{now + timedelta(hours=end_hours):%Y-%m-%dT%H:%MZ}"
+
+
+@pytest.fixture
+def conn(empty_db):
+    c = readonly(empty_db)
+    yield c
+    c.close()
+
+
+# -- activity thresholds -------------------------------------------------------------------------
+
+def test_a_transaction_held_open_by_another_connection_beyond_the_limit_is_refused(empty_db, conn):
+    holder = empty_db.connect(application_name="a forgotten psql session")
+    with holder.cursor() as cur:
+        cur.execute("select 1")            # psycopg2 opened a transaction; it stays open
+    time.sleep(1.2)
+    try:
+        refused = preflight.long_transactions(conn, max_transaction_seconds=1)
+        allowed = preflight.long_transactions(conn, max_transaction_seconds=300)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert refused.status == "error" and "longer than 1s" in refused.summary
+    assert [r["application"] for r in refused.rows] == ["a forgotten psql session"]
+    assert refused.rows[0]["open_seconds"] >= 1
+    assert allowed.status == "ok"
+
+
+def test_a_session_blocked_by_another_is_refused_and_the_blocker_is_named(empty_db, conn):
+    empty_db.execute("create table public.busy (id int)")
+    holder = empty_db.connect(application_name="the lock holder")
+    waiter = empty_db.connect(application_name="the waiting report")
+    with holder.cursor() as cur:
+        cur.execute("lock table public.busy in access exclusive mode")
+
+    def wait_for_the_lock():
+        with waiter.cursor() as cur:
+            cur.execute("select count(*) from public.busy")
+
+    thread = threading.Thread(target=wait_for_the_lock)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not empty_db.query("select 1 from pg_stat_activity where application_name = 'the waiting report' "
+                                 "and wait_event_type = 'Lock'"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        refused = preflight.blocking_locks(conn, max_blocked_sessions=0)
+        tolerated = preflight.blocking_locks(conn, max_blocked_sessions=1)
+    finally:
+        holder.rollback()
+        thread.join(timeout=10)
+        waiter.rollback()
+        holder.close()
+        waiter.close()
+    assert refused.status == "error" and "1 session(s) waiting on locks" in refused.summary
+    [row] = refused.rows
+    assert row["blocked_application"] == "the waiting report" and row["blocking_application"] == "the lock holder"
+    assert tolerated.status == "warning"
+    assert preflight.blocking_locks(conn).status == "ok"
+
+
+def test_connections_above_the_allowed_share_of_max_connections_are_refused(conn):
+    refused = preflight.connections(conn, max_connection_share=0.0)
+    assert refused.status == "error" and "max_connection_share" in refused.summary
+    assert preflight.connections(conn, max_connection_share=0.8).status == "ok"
+    assert {"database", "role", "application", "state", "connections"} <= set(refused.rows[0])
+
+
+# -- sign-off ----------------------------------------------------------------------------------
+
+def test_production_without_the_sign_off_is_refused_naming_every_missing_item():
+    check = preflight.signoff_check(production=True, approver="Dana DBA")
+    assert check.status == "error" and check.summary.startswith("production deployment refused")
+    for name in ("change_ticket", "maintenance_window", "stakeholders_notified", "rollback_plan_confirmed"):
+        assert name in check.summary
+    statuses = {r["parameter"]: r["status"] for r in check.rows if r["parameter"]}
+    assert statuses["approver"] == "signed off" and statuses["change_ticket"].startswith("MISSING")
+
+
+def test_production_outside_its_maintenance_window_is_refused():
+    check = preflight.signoff_check(production=True, approver="Dana", change_ticket="CHG-1",
+                                    maintenance_window=window(-5, -1), stakeholders_notified=True,
+                                    rollback_plan_confirmed=True)
+    assert check.status == "error" and "outside the maintenance window" in check.summary
+    assert {r["parameter"]: r["status"] for r in check.rows}["maintenance_window"] == "OUTSIDE the window now"
+
+
+def test_production_inside_its_window_with_every_item_signed_off_passes():
+    check = preflight.signoff_check(production=True, approver="Dana", change_ticket="CHG-1",
+                                    maintenance_window=window(-1, 2), stakeholders_notified=True,
+                                    rollback_plan_confirmed=True)
+    assert check.status == "ok" and "signed off by Dana (CHG-1)" in check.summary
+
+
+def test_a_malformed_maintenance_window_is_refused_on_any_target():
+    check = preflight.signoff_check(production=False, maintenance_window="tonight")
+    assert check.status == "error" and "ISO 8601" in check.summary
+
+
+def test_sign_off_is_optional_elsewhere_and_shown_as_the_guides_checklist():
+    check = preflight.signoff_check(production=False, approver="Dana")
+    assert check.status == "info" and "optional" in check.summary
+    items = [r["checklist item"] for r in check.rows]
+    assert {"Backup current database", "Schedule maintenance window", "Notify stakeholders",
+            "Prepare rollback plan", "Set up monitoring", "Test RLS policies"} <= set(items)
+
+
+def test_skipping_the_backup_is_refused_for_production_and_only_warned_elsewhere(empty_db, conn, tmp_path):
+    production = dataclasses.replace(empty_db.target, production=True)
+    refused = preflight.backup(conn, production, tmp_path, records.new_run_id(), take=False)
+    assert refused.status == "error" and "refused for a production target" in refused.summary
+    warned = preflight.backup(conn, empty_db.target, tmp_path, records.new_run_id(), take=False)
+    assert warned.status == "warning" and "cannot be rolled back" in warned.summary
+    assert not (tmp_path / "backup").exists()
+
+
+# -- privileges and extensions -------------------------------------------------------------------
+
+def test_a_role_that_owns_nothing_is_refused_with_each_missing_privilege_named(server, legacy_db):
+    password = "Limited-Pa55word-xyz"
+    legacy_db.execute(f"create role limited_deployer login password '{password}'")
+    server.pg.add_pgpass("limited_deployer", password)
+    service = f"{legacy_db.name}_limited"
+    server.pg.add_service(service, legacy_db.name, user="limited_deployer")
+    from runbooks import connection
+    conn = connection.connect(connection.from_service(service), readonly=True, autocommit=True)
+    try:
+        check = preflight.privileges(conn)
+    finally:
+        conn.close()
+        server.admin_execute("drop role limited_deployer")
+    assert check.status == "error" and check.summary.startswith("role limited_deployer lacks")
+    missing = {r["requirement"] for r in check.rows if r["ok"] == "NO"}
+    assert any("CREATE on the database" in m for m in missing)
+    assert any("owner of every object" in m for m in missing)
+    assert any("SET ROLE" in m for m in missing)
+    owners = next(r for r in check.rows if "owner of every object" in r["requirement"])
+    assert "postgres" in owners["detail"]
+
+
+def test_the_deploying_superuser_may_deploy_roll_back_and_verify(conn):
+    check = preflight.privileges(conn)
+    assert check.status == "ok" and "superuser" in check.summary
+    assert {r["needed for"] for r in check.rows} >= {"deploy", "deploy + rollback", "verification"}
+
+
+def test_an_extension_in_an_app_schema_is_pointed_out_as_re_created_by_a_rollback(empty_db, conn):
+    empty_db.execute("create extension if not exists citext with schema public")
+    check = preflight.extensions(conn)
+    assert check.status == "ok" and "citext" in check.summary
+    assert "rollback" in next(r for r in check.rows if r["extension"] == "citext")["note"]
+
+
+# -- legacy rows ----------------------------------------------------------------------------------
+
+def test_legacy_rows_that_break_the_new_rules_are_reported_and_no_key_is_ever_shown(legacy_db):
+    conn = readonly(legacy_db)
+    try:
+        check = preflight.legacy_rule_breakers(conn)
+    finally:
+        conn.close()
+    assert check.status == "warning" and "kept and reported" in check.summary
+    found = {r["rule"]: r for r in check.rows}
+    assert found["SKU not valid per validate_sku (lowercase, too short, bad characters)"]["sample"] == "wid-001"
+    assert found["SKU repeated within an organization, ignoring case"]["rows"] == 2
+    assert found["negative stock (quantity < 0)"]["rows"] == 1
+    assert found["reserved quantity not between 0 and the quantity"]["rows"] == 2
+    assert found["member whose auth user is gone"]["sample"] == HEIDI
+    assert found["organization slug not valid per validate_org_slug"]["sample"] == "Initech_Legacy"
+    assert found["member role other than owner, admin, member, viewer"]["sample"] == "editor"
+    assert found["plaintext api keys stored"]["rows"] == 3
+    shown = repr(check) + check._repr_html_()
+    assert not any(key in shown for key in PLAINTEXT_KEYS)
+
+
+def test_on_an_empty_database_the_rules_do_not_apply_and_nothing_is_reported(conn):
+    check = preflight.legacy_rule_breakers(conn)
+    assert check.status == "ok"
+    assert all(r["rows"] in (None, 0) for r in check.rows)
+
+
+def test_once_phase_3_is_applied_the_report_comes_from_verify_data_integrity(migrated_db):
+    conn = readonly(migrated_db)
+    try:
+        check = preflight.legacy_rule_breakers(conn)
+    finally:
+        conn.close()
+    assert check.status == "warning" and check.summary.startswith("verify_data_integrity()")
+    assert {"products_sku_format", "members_without_user", "organizations_slug_format"} <= {r["rule"] for r in check.rows}
+
+
+def test_the_history_tells_pending_phases_and_files_changed_since_they_were_applied(migrated_db):
+    conn = readonly(migrated_db)
+    try:
+        assert preflight.applied_phases(conn).summary == "0 phase(s) to apply: none"
+        migrated_db.execute("update truthsource.deployment_history set sha256 = repeat('0', 64) where version = '001'")
+        check = preflight.applied_phases(conn)
+    finally:
+        conn.close()
+    assert check.status == "warning" and "001" in check.summary
+    assert {r["phase"]: r["state"] for r in check.rows}["001"] == "applied, FILE CHANGED"
+
+
+# -- backup and snapshot ---------------------------------------------------------------------------
+
+def test_the_backup_is_taken_verified_and_recorded_beside_a_saved_snapshot(legacy_db, tmp_path):
+    conn = readonly(legacy_db)
+    run_id = records.new_run_id()
+    try:
+        snap = preflight.snapshot(conn, tmp_path)
+        check = preflight.backup(conn, legacy_db.target, tmp_path, run_id)
+        same = preflight.snapshot_still_matches(conn, tmp_path)
+        legacy_db.execute("insert into public.organizations (name, slug) values ('Late', 'late-writer')")
+        changed = preflight.snapshot_still_matches(conn, tmp_path)
+    finally:
+        conn.close()
+    assert snap.status == "ok" and (tmp_path / "snapshot.json").is_file()
+    saved = json.loads((tmp_path / "snapshot.json").read_text())
+    assert saved["row_counts"]["public.products"] == 7 and saved["fingerprint"]
+    assert check.status == "ok"
+    info = json.loads((tmp_path / "backup" / "backup.json").read_text())
+    dump = tmp_path / "backup" / info["file_name"]
+    assert dump.is_file() and info["sha256"] == sha256_of(dump) and info["size_bytes"] == dump.stat().st_size
+    assert info["toc_entries"] > 0 and info["full_read"] is True
+    facts = {r["fact"]: r["value"] for r in check.rows}
+    assert facts["sha256"] == info["sha256"] and facts["file"] == f"backup/{info['file_name']}"
+    assert same.status == "ok"
+    assert changed.status == "warning" and [r["table"] for r in changed.rows] == ["public.organizations"]
+
+
+def test_the_backup_command_shown_holds_no_password(empty_db, tmp_path):
+    text = preflight.backup_command(empty_db.target, tmp_path, "20260101T000000Z-abcdef", 18)
+    assert "--format=custom" in text and f"service={empty_db.name}" in text and "password=" not in text.lower()
+
+
+# -- the notebook ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_preflight_notebook_refuses_production_without_sign_off_before_any_backup(server, empty_db, tmp_path,
+                                                                                        monkeypatch):
+    targets = tmp_path / "targets.toml"
+    targets.write_text(f"""
+[targets.prod]
+host = "127.0.0.1"
+port = {server.pg.port}
+dbname = "{empty_db.name}"
+user = "postgres"
+sslmode = "disable"
+production = true
+""")
+    monkeypatch.setenv("RUNBOOK_TARGETS", str(targets))
+    from runbooks import connection
+    outcome = runner.run_plan("deploy", ("preflight",), connection.from_targets_file("prod", targets),
+                              records_root=tmp_path / "records", progress=lambda *_: None,
+                              parameters={"approver": "Dana DBA"})
+    assert outcome.verdict == "failed"
+    [entry] = outcome.notebooks
+    assert "production deployment refused" in entry["error"] and "change_ticket" in entry["error"]
+    record = outcome.record.path
+    assert not (record / "backup").exists() and not (record / "snapshot.json").exists()
+    nb = nbformat.read(record / entry["file"], as_version=4)
+    failing = next(c for c in nb.cells if c.get("execution_count") == entry["failed_cell"])
+    assert "signoff_check" in failing.source

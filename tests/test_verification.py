@@ -1,0 +1,221 @@
+"""Verification: every check passes on a fully migrated database, leaves nothing behind, and fails
+when something is broken on purpose (a policy dropped, a second updated-at function, rows deleted)."""
+
+import pytest
+
+from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
+from runbooks import preflight, snapshot, verification
+from runbooks.checks import Check
+
+ALL_CHECKS = (verification.phases_applied, verification.updated_at_trigger, verification.helper_functions,
+              verification.data_integrity, verification.database_stats, verification.query_latency,
+              verification.performance_lints, verification.suspicious_activity, verification.rls_spot_checks,
+              verification.security_lints, verification.compliance, verification.duplicate_functions,
+              verification.duplicate_tables)
+
+
+@pytest.fixture
+def conn(migrated_db):
+    c = readonly(migrated_db)
+    yield c
+    c.close()
+
+
+def by_case(check: Check, key: str) -> dict:
+    return {row[key]: row for row in check.rows}
+
+
+def test_every_check_and_every_success_criterion_passes_on_a_fully_migrated_database(migrated_db, conn, tmp_path):
+    preflight.snapshot(conn, tmp_path)
+    checks = [check(conn) for check in ALL_CHECKS] + [verification.row_counts(conn, tmp_path)]
+    failed = {c.name: c.summary for c in checks if c.status == "error"}
+    assert failed == {}
+    # legacy rows that break a rule are reported, not hidden
+    assert next(c for c in checks if c.name == "data_integrity").status == "warning"
+    criteria = verification.success_criteria(checks)
+    assert criteria.status == "ok" and [r["result"] for r in criteria.rows] == ["pass"] * 10
+    assert {r["criteria"] for r in criteria.rows} == {"technical", "business"}
+
+
+def test_nothing_the_verification_does_stays_behind_but_sequence_positions(migrated_db, conn):
+    before = snapshot.take_snapshot(conn)
+    for check in ALL_CHECKS:
+        check(conn)
+    after = snapshot.take_snapshot(conn)
+    comparison = snapshot.compare_snapshots(before, after)
+    assert comparison.fingerprint_equal and comparison.counts_equal
+    assert all("sequence" in str(b) for b, _ in comparison.content_differences.values())
+
+
+def test_the_updated_at_trigger_is_exercised_by_an_update_and_the_guides_call_fails_as_it_must(conn):
+    check = verification.updated_at_trigger(conn)
+    assert check.status == "ok"
+    rows = by_case(check, "table")
+    assert rows["public.products"]["moved"] == "yes" and rows["public.products"]["row"] == "synthetic"
+    assert "trigger functions can only be called as triggers" in rows["(the guide's test)"]["read back"]
+
+
+def test_a_table_whose_updated_at_trigger_is_gone_fails_the_updated_at_test(migrated_db, conn):
+    migrated_db.execute("drop trigger update_products_updated_at on public.products")
+    check = verification.updated_at_trigger(conn)
+    assert check.status == "error" and "public.products" in check.summary
+    assert by_case(check, "table")["public.products"]["trigger"].startswith("NONE")
+
+
+def test_a_dropped_policy_fails_the_rls_spot_checks_and_the_rls_criterion(migrated_db, conn):
+    migrated_db.execute("drop policy products_select_members on public.products")
+    check = verification.rls_spot_checks(conn)
+    assert check.status == "error"
+    wrong = [f"{r['as']} {r['does']}" for r in check.rows if r["ok"] == "NO"]
+    assert "authenticated (member) reads products of A" in wrong
+    criteria = by_case(verification.success_criteria([check]), "criterion")
+    assert criteria["All RLS policies working"]["result"] == "FAIL"
+
+
+def test_an_open_policy_fails_the_rls_spot_checks_and_the_security_lints(migrated_db, conn):
+    migrated_db.execute("create policy everyone_reads on public.api_keys for select to authenticated using (true)")
+    rls = verification.rls_spot_checks(conn)
+    assert "authenticated (member) reads api_keys of A (admins only)" in rls.summary
+    lints = verification.security_lints(conn)
+    assert lints.status == "error" and "policy_always_true: everyone_reads on api_keys" in lints.summary
+
+
+def test_rls_switched_off_and_a_truncate_grant_fail_the_security_lints(migrated_db, conn):
+    migrated_db.execute("alter table public.rate_limits disable row level security; "
+                        "grant truncate on public.products to authenticated")
+    check = verification.security_lints(conn)
+    assert check.status == "error"
+    assert "rls_disabled_in_public: rate_limits" in check.summary
+    assert "api_role_may_truncate: products" in check.summary
+
+
+def test_a_second_updated_at_function_and_an_overload_fail_the_duplicate_check(migrated_db, conn):
+    migrated_db.execute("""
+        create function public.touch_updated_at() returns trigger language plpgsql set search_path = ''
+          as $$ begin new.updated_at := now(); return new; end $$;
+        create function public.is_org_admin(user_uuid text, org_uuid text) returns boolean language sql
+          set search_path = '' as $$ select false $$;""")
+    check = verification.duplicate_functions(conn)
+    assert check.status == "error"
+    assert "touch_updated_at(): another updated-at function" in check.summary
+    assert "is_org_admin: 1 overload(s) beside the contract's" in check.summary
+
+
+def test_a_table_defined_twice_fails_the_duplicate_check(migrated_db, conn):
+    migrated_db.execute("create table private.audit_logs (id bigint); create table public.products_old (id int)")
+    check = verification.duplicate_tables(conn)
+    assert check.status == "error" and "audit_logs: defined more than once" in check.summary
+    assert by_case(check, "table")["products_old"]["status"] == "warning"
+
+
+def test_an_unindexed_foreign_key_fails_the_performance_lints(migrated_db, conn):
+    migrated_db.execute("drop index public.profiles_organization_id_idx")
+    check = verification.performance_lints(conn)
+    assert check.status == "error" and "unindexed_foreign_key: profiles_organization_id_fkey on profiles" in check.summary
+
+
+def test_the_helper_functions_answer_for_synthetic_users_and_a_wrong_answer_fails(migrated_db, conn):
+    check = verification.helper_functions(conn)
+    assert check.status == "ok"
+    rows = by_case(check, "call")
+    assert rows["get_user_organization_id(drifter)"]["actual"] == "org B"       # the earliest membership
+    assert rows["get_user_organization_id(outsider)"]["actual"] == "NULL"
+    migrated_db.execute("""create or replace function public.is_org_admin(user_uuid uuid, org_uuid uuid)
+        returns boolean language sql stable security definer set search_path = '' as $$ select true $$""")
+    broken = verification.helper_functions(conn)
+    assert broken.status == "error" and "is_org_admin(member, org A)" in broken.summary
+
+
+def test_detect_suspicious_activity_flags_a_listed_address_and_a_blind_one_fails(migrated_db, conn):
+    check = verification.suspicious_activity(conn)
+    assert check.status == "ok"
+    assert [r["ok"] for r in check.rows] == ["yes"] * 3
+    migrated_db.execute("""create or replace function public.detect_suspicious_activity(p_org_id uuid, p_ip_address inet,
+        p_user_id uuid) returns table (is_suspicious boolean, risk_score integer, reasons text[])
+        language sql security definer set search_path = '' as $$ select false, 0, '{}'::text[] $$""")
+    assert verification.suspicious_activity(conn).status == "error"
+
+
+def test_integrity_errors_fail_and_legacy_warnings_are_shown(migrated_db, conn):
+    check = verification.data_integrity(conn)
+    assert check.status == "warning" and "products_sku_format" in check.summary
+    migrated_db.execute("alter table public.inventory disable row level security")
+    broken = verification.data_integrity(conn)
+    assert broken.status == "error" and "rls_disabled" in broken.summary
+
+
+def test_rows_deleted_since_the_preflight_snapshot_fail_the_no_data_loss_check(migrated_db, conn, tmp_path):
+    preflight.snapshot(conn, tmp_path)
+    migrated_db.execute("delete from public.inventory where quantity < 0")
+    check = verification.row_counts(conn, tmp_path)
+    assert check.status == "error" and "ROWS LOST" in check.summary and "public.inventory" in check.summary
+    criteria = by_case(verification.success_criteria([check]), "criterion")
+    assert criteria["No data loss"]["result"] == "FAIL"
+
+
+def test_without_any_snapshot_no_data_loss_cannot_be_proven_and_says_so(conn, tmp_path):
+    check = verification.row_counts(conn, tmp_path / "nothing-here")
+    assert check.status == "warning" and "cannot be proven" in check.summary
+
+
+def test_a_baseline_record_is_used_when_this_run_has_no_snapshot(conn, tmp_path):
+    baseline = tmp_path / "earlier-run"
+    preflight.snapshot(conn, baseline)
+    check = verification.row_counts(conn, tmp_path / "this-run", baseline)
+    assert check.status == "ok" and "earlier-run/snapshot.json" in check.summary
+
+
+def test_phases_that_are_not_applied_from_the_files_on_disk_fail(migrated_db, conn):
+    assert verification.phases_applied(conn).status == "ok"
+    migrated_db.execute("update truthsource.deployment_history set sha256 = repeat('0', 64) where version = '002'")
+    check = verification.phases_applied(conn)
+    assert check.status == "error" and "002 applied, FILE CHANGED" in check.summary
+
+
+def test_on_a_database_the_phases_never_reached_every_check_fails_without_raising(legacy_db):
+    conn = readonly(legacy_db)
+    try:
+        checks = [check(conn) for check in ALL_CHECKS]
+    finally:
+        conn.close()
+    assert {c.name for c in checks if c.status == "error"} >= {
+        "phases_applied", "helper_functions", "data_integrity", "database_stats", "suspicious_activity",
+        "compliance", "duplicate_functions", "duplicate_tables", "security_lints"}
+    assert "could not run" in next(c for c in checks if c.name == "data_integrity").summary
+
+
+def test_a_criterion_whose_checks_did_not_run_fails():
+    check = verification.success_criteria([Check("phases_applied", "ok", "fine")])
+    rows = by_case(check, "criterion")
+    assert check.status == "error"
+    assert rows["All migrations apply successfully"]["result"] == "pass"
+    assert rows["No data loss"]["result"] == "FAIL" and rows["No data loss"]["notes"] == "not run: row_counts"
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_every_check_after_a_failure_and_the_criteria_fail_the_run(migrated_db, tmp_path):
+    from runbooks import runner
+
+    migrated_db.execute("drop policy products_select_members on public.products")
+    outcome = runner.run_plan("verify", ("verification",), migrated_db.target, records_root=tmp_path,
+                              progress=lambda *_: None)
+    assert outcome.verdict == "failed"
+    [entry] = outcome.notebooks
+    statuses = {c["name"]: c["status"] for c in entry["checks"]}
+    assert statuses["rls_spot_checks"] == "error" and statuses["success_criteria"] == "error"
+    assert statuses["duplicate_tables"] == "ok" and statuses["row_counts"] == "warning"   # ran after the failure
+    assert "rls_spot_checks" in entry["error"] and "success_criteria" in entry["error"]
+
+
+@pytest.mark.parametrize("start", ["empty", "variant"])
+def test_the_checks_work_on_any_database_the_phases_converged_not_only_the_fixture(server, start):
+    from deployhelpers import clone, migrated_template
+
+    db = clone(server, migrated_template(server, start))
+    conn = readonly(db)
+    try:
+        checks = [check(conn) for check in ALL_CHECKS]
+    finally:
+        conn.close()
+        server.drop_database(db)
+    assert {c.name: c.summary for c in checks if c.status == "error"} == {}
