@@ -22,6 +22,7 @@ import re
 import subprocess
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,6 +210,10 @@ class BackupInfo:
     dump_seconds: float
     verify_seconds: float
     warnings: list[str] = field(default_factory=list)
+    # public's initial privileges when the dump was taken: pg_dump writes public's ACL relative
+    # to them, so a restore must start from the same ones (None: not recorded, or no public)
+    public_init_privs: list[str] | None = None
+    snapshot_id: str | None = None   # the exported snapshot pg_dump ran on, if any
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -239,15 +244,70 @@ def _server_clock(target: connection.Target, run_id: str, with_facts: bool = Fal
         conn.close()
 
 
+PUBLIC_INIT_PRIVS_SQL = """
+select n.nspname is not null,
+       (select initprivs::text[] from pg_init_privs
+        where classoid = 'pg_namespace'::regclass and objoid = n.oid)
+from (select 1) one left join pg_namespace n on n.nspname = 'public'
+"""
+
+
+@dataclass(frozen=True)
+class ExportedSnapshot:
+    """A moment of the database that a snapshot and a pg_dump can both be taken at."""
+
+    snapshot_id: str
+    taken_at: str                        # the server's clock when the snapshot was exported
+    public_init_privs: list[str] | None
+
+
+@contextmanager
+def exported_snapshot(target: connection.Target, run_id: str):
+    """Hold a repeatable-read transaction open and export its snapshot (pg_export_snapshot):
+    everything that imports it sees the database exactly as of this moment."""
+    try:
+        conn = connection.connect(target, application_name=f"runbook snapshot {run_id}", readonly=True)
+    except psycopg2.Error as exc:
+        raise BackupError(f"cannot connect to {target.name!r}: {redact(str(exc).strip())}") from None
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            cur.execute("""select pg_export_snapshot(),
+                                  to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""")
+            snapshot_id, taken_at = cur.fetchone()
+            cur.execute(PUBLIC_INIT_PRIVS_SQL)
+            exists, init_privs = cur.fetchone()
+        yield ExportedSnapshot(snapshot_id, taken_at, (init_privs or []) if exists else None)
+    finally:
+        conn.close()
+
+
+def _public_init_privs(target: connection.Target, run_id: str) -> list[str] | None:
+    conn = connection.connect(target, application_name=f"runbook backup {run_id}", readonly=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(PUBLIC_INIT_PRIVS_SQL)
+            exists, init_privs = cur.fetchone()
+        return (init_privs or []) if exists else None
+    finally:
+        conn.close()
+
+
 def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: str, *,
-                lock_wait_timeout: str = "60s", full: bool = True) -> BackupInfo:
-    """pg_dump -Fc the target into dest_dir/<dbname>-<run_id>.dump, verify it, write backup.json."""
+                lock_wait_timeout: str = "60s", full: bool = True,
+                snapshot: ExportedSnapshot | None = None) -> BackupInfo:
+    """pg_dump -Fc the target into dest_dir/<dbname>-<run_id>.dump, verify it, write backup.json.
+
+    With `snapshot` (see `exported_snapshot`) pg_dump runs on that exported snapshot, so the
+    backup shows the database at exactly the moment a snapshot.json taken on it shows."""
     if not _SAFE_RUN_ID.match(run_id):
         raise BackupError(f"run id {run_id!r} cannot name a file (letters, digits, '.', '_', '-')")
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
 
     facts, taken_at = _server_clock(target, run_id, with_facts=True)
+    public_init_privs = snapshot.public_init_privs if snapshot else _public_init_privs(target, run_id)
+    taken_at = snapshot.taken_at if snapshot else taken_at
     major = facts["server_version_num"] // 10000
     pg_dump = pgtools.find_tool("pg_dump", major)
     pg_restore = pgtools.find_companion(pg_dump, "pg_restore", major)
@@ -261,6 +321,7 @@ def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: 
     started = time.perf_counter()
     proc = subprocess.run(
         [str(pg_dump.path), "--format=custom", "--no-password", f"--lock-wait-timeout={lock_wait_timeout}",
+         *([f"--snapshot={snapshot.snapshot_id}"] if snapshot else []),
          "--file", str(partial), "--dbname", target.conninfo(application_name=f"runbook backup {run_id}")],
         capture_output=True, text=True, env=pgtools.tool_env())
     dump_seconds = time.perf_counter() - started
@@ -290,6 +351,7 @@ def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: 
         toc_entries=len(listing.entries), toc_summary=listing.summary, archive_header=listing.header,
         full_read=full, pg_dump=pg_dump.as_dict(), pg_restore=pg_restore.as_dict(),
         dump_seconds=round(dump_seconds, 3), verify_seconds=round(time.perf_counter() - started, 3),
-        warnings=warnings)
+        warnings=warnings, public_init_privs=public_init_privs,
+        snapshot_id=snapshot.snapshot_id if snapshot else None)
     (dest / INFO_FILE).write_text(json.dumps(info.as_dict(), indent=2, sort_keys=True) + "\n")
     return info

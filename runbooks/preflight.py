@@ -529,6 +529,7 @@ def backup_command(target, record_dir, run_id: str, server_major: int | None = N
         tool = f"pg_dump  # {exc}"
     dest = Path(record_dir) / BACKUP_DIR / f"<database>-{run_id}.dump"
     return (f"{tool} --format=custom --no-password --lock-wait-timeout=60s \\\n"
+            f"    --snapshot=<the exported snapshot that snapshot.json was taken on> \\\n"
             f"    --file {shlex.quote(str(dest))} \\\n    --dbname {shlex.quote(target.conninfo())}\n"
             f"pg_restore --list {shlex.quote(str(dest))}     # the archive's table of contents must read\n"
             f"pg_restore --file /dev/null {shlex.quote(str(dest))}   # and every data block decompress\n"
@@ -548,9 +549,16 @@ def show_backup_command(run) -> None:
                  "what the backup step runs")
 
 
-def backup(conn, target, record_dir, run_id: str, *, take: bool = True) -> Check:
+def one_moment(run):
+    """A moment of the database that the snapshot and the backup both describe exactly
+    (`pg_export_snapshot()`, held open until both are taken): ``with preflight.one_moment(run) as m:``."""
+    return backup_module.exported_snapshot(run.target, run.run_id)
+
+
+def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
+           snapshot: "backup_module.ExportedSnapshot | None" = None) -> Check:
     """pg_dump -Fc with the server's own pg_dump into record_dir/backup, verified; refused to skip on
-    production."""
+    production. With `snapshot`, pg_dump runs on that exported snapshot."""
     if not take:
         if target.production:
             return Check("backup", "error", "take_backup=False is refused for a production target: without a backup "
@@ -558,7 +566,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True) -> Check
         return Check("backup", "warning", "no backup taken (take_backup=False): this run cannot be rolled back")
     dest = Path(record_dir) / BACKUP_DIR
     try:
-        info = backup_module.take_backup(target, dest, run_id)
+        info = backup_module.take_backup(target, dest, run_id, snapshot=snapshot)
     except (backup_module.BackupError, pgtools.ToolError) as exc:
         return Check("backup", "error", f"no usable backup: {exc}")
     relative = Path(info.path).relative_to(Path(record_dir).resolve()) if Path(info.path).is_relative_to(
@@ -573,7 +581,8 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True) -> Check
         {"fact": "pg_restore --list", "value": f"{info.toc_entries} entries: "
                                                + ", ".join(f"{n} {t}" for t, n in info.toc_summary.items())},
         {"fact": "full read (every data block)", "value": "ok" if info.full_read else "skipped"},
-        {"fact": "taken at (server clock)", "value": info.taken_at},
+        {"fact": "taken at (server clock)", "value": info.taken_at
+         + (" — the same moment as snapshot.json (exported snapshot)" if info.snapshot_id else "")},
         {"fact": "record", "value": f"{BACKUP_DIR}/{backup_module.INFO_FILE}"},
     ]
     rows += [{"fact": "warning", "value": w} for w in info.warnings]
@@ -596,9 +605,11 @@ from <schema>.<table> as snapshot_row;
 rollback;"""
 
 
-def snapshot(conn, record_dir, *, checksum_row_limit: int = 1_000_000) -> Check:
-    """Row counts, schema fingerprint and per-table content checksums, kept as record_dir/snapshot.json."""
-    snap = snapshot_module.take_snapshot(conn, checksum_row_limit=checksum_row_limit)
+def snapshot(conn, record_dir, *, checksum_row_limit: int = 1_000_000, moment=None) -> Check:
+    """Row counts, schema fingerprint and per-table content checksums, kept as record_dir/snapshot.json
+    (as of `moment`, an exported snapshot, when given)."""
+    snap = snapshot_module.take_snapshot(conn, checksum_row_limit=checksum_row_limit,
+                                         snapshot_id=moment.snapshot_id if moment else None)
     path = snapshot_module.save_snapshot(snap, Path(record_dir) / SNAPSHOT_FILE)
     rows = [{"table": table, "rows": count, "content sha": (snap["content"].get(table) or "")[:12]
              if not str(snap["content"].get(table, "")).startswith("skipped") else snap["content"][table],
@@ -616,23 +627,3 @@ def snapshot(conn, record_dir, *, checksum_row_limit: int = 1_000_000) -> Check:
 
 snapshot.sql = SNAPSHOT_SQL
 snapshot.title = "snapshot: row counts, schema fingerprint, content checksums"
-
-
-def snapshot_still_matches(conn, record_dir) -> Check:
-    """After the backup: did the database change while it was taken? (counts and catalog, cheaply)."""
-    path = Path(record_dir) / SNAPSHOT_FILE
-    if not path.is_file():
-        return Check("snapshot_consistency", "error", f"no {SNAPSHOT_FILE} in the record")
-    before = snapshot_module.load_snapshot(path)
-    after = snapshot_module.take_snapshot(conn, checksum_row_limit=0)
-    changed = [r for r in snapshot_module.compare_snapshots(before, after).counts if r.status != "same"]
-    rows = [{"table": r.table, "snapshot": r.before, "now": r.after, "status": r.status} for r in changed]
-    if after["fingerprint"] != before["fingerprint"]:
-        rows.append({"table": "(schema)", "snapshot": before["fingerprint"][:12], "now": after["fingerprint"][:12],
-                     "status": "fingerprint differs"})
-    if rows:
-        return Check("snapshot_consistency", "warning",
-                     "the database changed between the snapshot and the end of the backup: the backup is consistent in "
-                     "itself, but a rollback's proof against the snapshot may show these differences. Quiesce writes "
-                     "and re-run the preflight for an exact proof.", rows=rows)
-    return Check("snapshot_consistency", "ok", "no table's row count and no object changed while the backup was taken")

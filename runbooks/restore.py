@@ -395,15 +395,23 @@ $reset_default_privileges$;
 """
 
 
-def _restored_to_default(backup_path: Path, sha: str, listing: ArchiveListing) -> str:
+def _backup_info(backup_path: Path, sha: str) -> dict:
+    """The backup.json beside the dump, if it describes this very file."""
     info = backup_path.parent / INFO_FILE
     if info.is_file():
         try:
             data = json.loads(info.read_text())
-            if data.get("sha256") == sha and data.get("taken_at"):
-                return data["taken_at"]
         except ValueError:
-            pass
+            return {}
+        if data.get("sha256") == sha:
+            return data
+    return {}
+
+
+def _restored_to_default(backup_path: Path, sha: str, listing: ArchiveListing) -> str:
+    taken_at = _backup_info(backup_path, sha).get("taken_at")
+    if taken_at:
+        return taken_at
     created = listing.header.get("Archive created at")
     if created:
         return created
@@ -491,9 +499,15 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
                                    where classoid = 'pg_namespace'::regclass and objoid = n.oid)
                            from pg_namespace n where nspname = 'public'""")
             row = cur.fetchone()
-            # no public now: assume initdb's; public without initial privileges (re-created once
-            # before): pg_dump compared its ACL with the plain default, so start from that
-            public_init = None if row is None else (row[0] or [])
+            # pg_dump wrote public's ACL relative to public's initial privileges at dump time:
+            # start from those when the backup recorded them. Otherwise from today's: no public
+            # now, assume initdb's; public without initial privileges (re-created by an earlier
+            # restore), pg_dump compared its ACL with the plain default, so start from that.
+            recorded = _backup_info(backup_path, sha)
+            if recorded.get("public_init_privs") is not None:
+                public_init = recorded["public_init_privs"]
+            else:
+                public_init = None if row is None else (row[0] or [])
             outside = _outside_objects(cur, dropped)
 
         # which archive entries: the managed schemas', their schema-level entries, their extensions

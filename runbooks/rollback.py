@@ -138,11 +138,13 @@ class Rollback:
         if not take:
             return Check("safety_backup", "warning", "skipped (safety_backup=False): what the rollback replaces is "
                          "not kept anywhere", title="a backup of the current state")
-        check = preflight.backup(self.run.conn, self.run.target, self.run.record_dir, self.run.run_id)
-        check.name, check.title = "safety_backup", "a backup of the current state, before it is replaced"
-        if check.status == "error":
-            return check
-        snap = preflight.snapshot(self.run.conn, self.run.record_dir)
+        with preflight.one_moment(self.run) as moment:
+            check = preflight.backup(self.run.conn, self.run.target, self.run.record_dir, self.run.run_id,
+                                     snapshot=moment)
+            check.name, check.title = "safety_backup", "a backup of the current state, before it is replaced"
+            if check.status == "error":
+                return check
+            snap = preflight.snapshot(self.run.conn, self.run.record_dir, moment=moment)
         check.summary += (f"; snapshot kept ({snap.summary.split(';')[0]}). To undo this rollback: runbook rollback "
                           f"--run {self.run.run_id}")
         return check

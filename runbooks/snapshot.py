@@ -75,8 +75,9 @@ def is_app_schema(name: str) -> bool:
 
 
 @contextmanager
-def _consistent_read(conn, lock_timeout: str):
-    """One repeatable-read, read-only transaction with deterministic output settings."""
+def _consistent_read(conn, lock_timeout: str, snapshot_id: str | None = None):
+    """One repeatable-read, read-only transaction with deterministic output settings (on an
+    exported snapshot when given: then it sees exactly what a pg_dump on that snapshot sees)."""
     if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
         raise SnapshotError("take_snapshot needs a connection that is not inside a transaction "
                             "(commit or roll back first)")
@@ -86,6 +87,8 @@ def _consistent_read(conn, lock_timeout: str):
             cur.execute("begin isolation level repeatable read, read only")
         else:
             cur.execute("set transaction isolation level repeatable read, read only")
+        if snapshot_id:
+            cur.execute("set transaction snapshot %s", (snapshot_id,))
         # JIT off: the catalog queries look expensive to the planner, and compiling them costs
         # more than running them
         cur.execute("""select set_config('search_path', '', true), set_config('DateStyle', 'ISO, YMD', true),
@@ -291,9 +294,11 @@ def fingerprint_of(objects: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
 
 # -- taking one ------------------------------------------------------------------------------
 
-def take_snapshot(conn, *, checksum_row_limit: int = 1_000_000, lock_timeout: str = "30s") -> dict:
-    """Row counts, schema fingerprint and content checksums of the database `conn` is on."""
-    with _consistent_read(conn, lock_timeout) as cur:
+def take_snapshot(conn, *, checksum_row_limit: int = 1_000_000, lock_timeout: str = "30s",
+                  snapshot_id: str | None = None) -> dict:
+    """Row counts, schema fingerprint and content checksums of the database `conn` is on
+    (as of an exported snapshot, `pg_export_snapshot()`, when one is given)."""
+    with _consistent_read(conn, lock_timeout, snapshot_id) as cur:
         database, server_version, taken_at = _all(cur, """
             select current_database(), current_setting('server_version'),
                    to_char(clock_timestamp(), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""")[0]

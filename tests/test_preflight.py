@@ -3,15 +3,17 @@ the backup and snapshot a rollback relies on are taken, verified and kept."""
 
 import dataclasses
 import json
+import subprocess
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import nbformat
 import pytest
 
 from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
-from runbooks import preflight, records, runner
+from runbooks import pgtools, preflight, records, runner
 from runbooks.backup import sha256_of
 
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
@@ -228,29 +230,32 @@ def test_the_history_tells_pending_phases_and_files_changed_since_they_were_appl
 
 # -- backup and snapshot ---------------------------------------------------------------------------
 
-def test_the_backup_is_taken_verified_and_recorded_beside_a_saved_snapshot(legacy_db, tmp_path):
+def test_the_snapshot_and_the_backup_describe_one_moment_even_while_someone_writes(legacy_db, tmp_path):
     conn = readonly(legacy_db)
-    run_id = records.new_run_id()
+    run = SimpleNamespace(target=legacy_db.target, run_id=records.new_run_id())
+    organizations = legacy_db.query("select count(*) from public.organizations")[0][0]
     try:
-        snap = preflight.snapshot(conn, tmp_path)
-        check = preflight.backup(conn, legacy_db.target, tmp_path, run_id)
-        same = preflight.snapshot_still_matches(conn, tmp_path)
-        legacy_db.execute("insert into public.organizations (name, slug) values ('Late', 'late-writer')")
-        changed = preflight.snapshot_still_matches(conn, tmp_path)
+        with preflight.one_moment(run) as moment:
+            legacy_db.execute("insert into public.organizations (name, slug) values ('Late', 'late-writer')")
+            snap = preflight.snapshot(conn, tmp_path, moment=moment)
+            check = preflight.backup(conn, legacy_db.target, tmp_path, run.run_id, snapshot=moment)
     finally:
         conn.close()
     assert snap.status == "ok" and (tmp_path / "snapshot.json").is_file()
     saved = json.loads((tmp_path / "snapshot.json").read_text())
     assert saved["row_counts"]["public.products"] == 7 and saved["fingerprint"]
+    assert saved["row_counts"]["public.organizations"] == organizations  # the late write is not in it
     assert check.status == "ok"
     info = json.loads((tmp_path / "backup" / "backup.json").read_text())
     dump = tmp_path / "backup" / info["file_name"]
     assert dump.is_file() and info["sha256"] == sha256_of(dump) and info["size_bytes"] == dump.stat().st_size
-    assert info["toc_entries"] > 0 and info["full_read"] is True
+    assert info["toc_entries"] > 0 and info["full_read"] is True and info["snapshot_id"]
     facts = {r["fact"]: r["value"] for r in check.rows}
     assert facts["sha256"] == info["sha256"] and facts["file"] == f"backup/{info['file_name']}"
-    assert same.status == "ok"
-    assert changed.status == "warning" and [r["table"] for r in changed.rows] == ["public.organizations"]
+    pg_restore = pgtools.find_tool("pg_restore", legacy_db.server.major).path
+    data = subprocess.run([str(pg_restore), "--data-only", "--table", "organizations", "-f", "-", str(dump)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "late-writer" not in data  # nor in the backup
 
 
 def test_the_backup_command_shown_holds_no_password(empty_db, tmp_path):

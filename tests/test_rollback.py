@@ -114,8 +114,6 @@ def test_the_proof_fails_when_the_restored_database_differs_from_the_snapshot(le
     assert next(c for c in checks if c.name == "safety_backup").status == "warning"
 
 
-@pytest.mark.xfail(strict=True, reason="restore.py re-creates public from the *current* pg_init_privs, which the first "
-                   "restore removed, so a second restore loses GRANT USAGE ON SCHEMA public TO PUBLIC (see the report)")
 def test_the_safety_backup_lets_a_rollback_itself_be_rolled_back(preflighted, tmp_path):
     db, folder, run_id = preflighted
     deployed = snap(db)
