@@ -1,0 +1,449 @@
+"""Shared helpers for the tests of the three phase files (not fixtures of the whole suite).
+
+Template databases are built once per server and cloned per test (or per module): a clone
+from a template takes milliseconds, applying the phases takes seconds. Recipes:
+
+    'empty' | 'legacy' | 'variant'    the Supabase shim alone / + legacy fixture / + variant fixture
+    '<base>@<n>'                      that base with phases 1..n applied by psql (-v ON_ERROR_STOP=1 -f)
+    'seeded'                          'empty@3' with SEED_SQL: two organizations, one user per role
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+import conftest  # tests/conftest.py: the Database class
+from runbooks import fixtures
+from runbooks.paths import PHASES, PROJECT_ROOT
+
+PHASE_FILES = [path for _, path in PHASES]
+VARIANT_FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "legacy_variant.sql"
+NO_TRANSACTION = "-- runbook: no-transaction"
+
+CORE_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory",
+               "audit_logs", "api_keys", "security_events")
+PHASE3_TABLES = ("rate_limits", "threat_intelligence", "data_retention_policies", "backup_verifications")
+CONTRACT_TABLES = CORE_TABLES + PHASE3_TABLES
+
+# the plaintext keys the fixtures hold (legacy_fixture.sql, legacy_variant.sql)
+LEGACY_PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
+                         "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
+VARIANT_PLAINTEXT_KEYS = ("uk_live_5f4e3d2c1b0a99887766554433221100", "hk_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d")
+PLAINTEXT_KEYS = {"legacy": LEGACY_PLAINTEXT_KEYS, "variant": VARIANT_PLAINTEXT_KEYS}
+
+_clone_counter = itertools.count()
+
+
+# -- applying files ---------------------------------------------------------------------------
+
+def split_file(path: Path) -> tuple[str, list[str]]:
+    """(body, tail): the transactional body, and the statements marked `-- runbook: no-transaction`.
+
+    Every marked statement comes after the body (tests/test_sql_phases.py checks the files
+    follow that convention); this is the split the apply engine makes.
+    """
+    import pglast
+
+    text = Path(path).read_text()
+    marker = re.search(rf"(?m)^{re.escape(NO_TRANSACTION)}$", text)
+    if marker is None:
+        return text, []
+    return text[:marker.start()], list(pglast.split(text[marker.start():], with_parser=True))
+
+
+def apply_psql(db, path: Path) -> subprocess.CompletedProcess:
+    """psql -X -q -v ON_ERROR_STOP=1 -f FILE; a failure shows psql's stderr."""
+    try:
+        return db.psql_file(path)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"psql -f {Path(path).name} failed on {db.name}:\n{exc.stderr[-4000:]}")
+
+
+def psql_error(db, path: Path) -> str:
+    """Apply a file that is expected to fail; return psql's stderr."""
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        db.psql_file(path)
+    return failed.value.stderr
+
+
+def apply_psycopg2(db, path: Path) -> list[str]:
+    """Plain psycopg2: the body in ONE transaction (cursor.execute of the text), then each marked
+    statement in autocommit. Returns the server's notices."""
+    body, tail = split_file(path)
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(body)
+        conn.commit()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for statement in tail:
+                cur.execute(statement)
+        return list(conn.notices)
+    except Exception:
+        if not conn.autocommit:
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+
+
+def apply_phases(db, count: int = 3, start: int = 1, how: str = "psql") -> None:
+    for path in PHASE_FILES[start - 1:count]:
+        (apply_psql if how == "psql" else apply_psycopg2)(db, path)
+
+
+# -- template databases -------------------------------------------------------------------------
+
+class Templates:
+    """Databases built once per server, to clone from."""
+
+    def __init__(self, server):
+        self.server = server
+        self._built: dict[str, str] = {}
+
+    def name(self, recipe: str) -> str:
+        if recipe not in self._built:
+            self._built[recipe] = self._build(recipe)
+        return self._built[recipe]
+
+    def _build(self, recipe: str) -> str:
+        if recipe == "seeded":
+            db = self._clone_of(self.name("empty@3"))
+            execute(db, SEED_SQL)
+            return db.name
+        base, _, phases = recipe.partition("@")
+        if phases:
+            count = int(phases)
+            db = self._clone_of(self.name(f"{base}@{count - 1}" if count > 1 else base))
+            apply_psql(db, PHASE_FILES[count - 1])
+            return db.name
+        if base == "empty":
+            return self.server.create_database("shim").name
+        if base == "legacy":
+            return self.server.create_database("legacy").name
+        if base == "variant":
+            db = self.server.create_database("shim")
+            conn = psycopg2.connect(db.dsn)
+            try:
+                fixtures.run_script(conn, VARIANT_FIXTURE)
+            finally:
+                conn.close()
+            return db.name
+        raise ValueError(f"unknown template recipe {recipe!r}")
+
+    def _clone_of(self, template: str):
+        return clone_database(self.server, template)
+
+    def clone(self, recipe: str):
+        return clone_database(self.server, self.name(recipe))
+
+    def database(self, recipe: str):
+        """The template itself, for read-only checks (close every connection: it is cloned from)."""
+        return conftest.Database(self.name(recipe), self.server.pg)
+
+
+def clone_database(server, template: str):
+    name = f"c{next(_clone_counter)}_{template}"[:63]
+    server.admin_execute(f"create database {name} template {template}")
+    server.pg.add_service(name, name)
+    return conftest.Database(name, server.pg)
+
+
+# -- queries -------------------------------------------------------------------------------------
+
+def execute(db, sql: str, params=None) -> None:
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def query(db, sql: str, params=None) -> list[tuple]:
+    return db.query(sql, params)
+
+
+def row_counts(db, schemas=("public", "auth")) -> dict[str, int]:
+    """Exact row count of every table in the given schemas."""
+    tables = db.query("""
+        select format('%%I.%%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = any(%s) and c.relkind in ('r', 'p') order by 1""", (list(schemas),))
+    if not tables:
+        return {}
+    union = " union all ".join(f"select '{t}', count(*) from {t}" for (t,) in tables)
+    return dict(db.query(union))
+
+
+SUMMARY_QUERIES = {
+    "functions": """
+        select n.nspname, p.proname, pg_get_function_arguments(p.oid), pg_get_function_result(p.oid),
+               p.prosecdef, coalesce(array_to_string(p.proconfig, ','), ''), p.provolatile, l.lanname, md5(p.prosrc),
+               has_function_privilege('anon', p.oid, 'execute'),
+               has_function_privilege('authenticated', p.oid, 'execute'),
+               has_function_privilege('service_role', p.oid, 'execute')
+          from pg_proc p join pg_namespace n on n.oid = p.pronamespace join pg_language l on l.oid = p.prolang
+         where n.nspname in ('public', 'private') order by 1, 2, 3""",
+    "policies": """
+        select tablename, policyname, permissive, roles::text, cmd, qual, with_check
+          from pg_policies where schemaname = 'public' and tablename = any(%(tables)s) order by 1, 2""",
+    "rls": """
+        select relname, relrowsecurity, relforcerowsecurity from pg_class
+         where relnamespace = 'public'::regnamespace and relname = any(%(tables)s) order by 1""",
+    "triggers": """
+        select tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled from pg_trigger
+         where not tgisinternal and tgrelid::regclass::text = any(%(tables)s) order by 1, 2""",
+    "constraints": """
+        select conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid, true) ~ '^CHECK|^FOREIGN|^UNIQUE|^PRIMARY'
+          from pg_constraint
+         where conrelid::regclass::text = any(%(tables)s) and contype in ('c', 'f', 'u', 'p')
+           and conname !~ '_not_null_check$' order by 1, 2""",
+    "indexes": """
+        select tablename, indexname from pg_indexes
+         where schemaname = 'public' and tablename = any(%(tables)s) order by 1, 2""",
+    "table_privileges": """
+        select c.relname, r.rolname,
+               array(select p from unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) as p
+                      where has_table_privilege(r.rolname, c.oid, p))
+          from pg_class c cross join (values ('anon'), ('authenticated'), ('service_role')) as r (rolname)
+         where c.relnamespace = 'public'::regnamespace and c.relname = any(%(tables)s) order by 1, 2""",
+}
+
+
+def catalog_summary(db, parts=tuple(SUMMARY_QUERIES), tables=CONTRACT_TABLES) -> dict[str, list[tuple]]:
+    """What the contract fixes, read from the catalog (restricted to the contract's tables)."""
+    return {part: db.query(SUMMARY_QUERIES[part], {"tables": list(tables)}) for part in parts}
+
+
+def contract_columns(db, tables=CONTRACT_TABLES) -> list[tuple]:
+    """(table, column, type, default) of the columns a fresh install has, as this database has them."""
+    return db.query("""
+        select c.relname, a.attname, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
+          from pg_class c join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+          left join pg_attrdef d on d.adrelid = c.oid and d.adnum = a.attnum
+         where c.relnamespace = 'public'::regnamespace and c.relname = any(%s) order by 1, 2""", (list(tables),))
+
+
+# -- acting as the API roles -----------------------------------------------------------------------
+
+@contextmanager
+def savepoint(cur, name: str = "sp"):
+    """Run a block inside a savepoint that is always rolled back."""
+    cur.execute(f"savepoint {name}")
+    try:
+        yield
+    finally:
+        cur.execute(f"rollback to savepoint {name}")
+
+
+def act_as(cur, who: str) -> None:
+    """Become an API role as PostgREST does: SET LOCAL ROLE plus request.jwt.claims."""
+    if who in ("anon", "service_role"):
+        role, claims = who, {"role": who}
+    else:
+        role, claims = "authenticated", {"sub": USERS[who], "role": "authenticated", "aud": "authenticated"}
+    cur.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+    cur.execute(f"set local role {role}")
+
+
+def error_of(cur, sql: str, params=None, who: str | None = None) -> psycopg2.Error | None:
+    """Run sql in a rolled-back savepoint (as `who` if given); the error it raised, or None."""
+    with savepoint(cur, "err"):
+        try:
+            if who:
+                act_as(cur, who)
+            cur.execute(sql, params)
+        except psycopg2.Error as exc:
+            return exc
+    return None
+
+
+def rule_of(exc: psycopg2.Error | None) -> str | None:
+    return None if exc is None else exc.diag.constraint_name
+
+
+# -- the seeded database (for RLS and function tests) ----------------------------------------------
+
+ORG_A = "2a000000-0000-4000-8000-00000000000a"
+ORG_B = "2a000000-0000-4000-8000-00000000000b"
+USERS = {
+    "owner": "2b000000-0000-4000-8000-000000000001",
+    "admin": "2b000000-0000-4000-8000-000000000002",
+    "member": "2b000000-0000-4000-8000-000000000003",
+    "viewer": "2b000000-0000-4000-8000-000000000004",
+    "other_admin": "2b000000-0000-4000-8000-000000000005",
+    "other_owner": "2b000000-0000-4000-8000-000000000006",
+    "spare": "2b000000-0000-4000-8000-000000000007",
+}
+PRODUCT_A1 = "2c000000-0000-4000-8000-0000000000a1"
+PRODUCT_A2 = "2c000000-0000-4000-8000-0000000000a2"
+PRODUCT_B1 = "2c000000-0000-4000-8000-0000000000b1"
+INVENTORY_A1 = "2d000000-0000-4000-8000-0000000000a1"
+INVENTORY_B1 = "2d000000-0000-4000-8000-0000000000b1"
+KEY_A = "2e000000-0000-4000-8000-0000000000a1"
+KEY_B = "2e000000-0000-4000-8000-0000000000b1"
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+
+SEED_SQL = f"""
+insert into auth.users (id, aud, role, email, raw_user_meta_data, created_at) values
+  ('{USERS['owner']}', 'authenticated', 'authenticated', 'olivia@a.test', '{{"full_name": "Olivia Owner"}}', '2024-01-01'),
+  ('{USERS['admin']}', 'authenticated', 'authenticated', 'adam@a.test', '{{"full_name": "Adam Admin"}}', '2024-01-02'),
+  ('{USERS['member']}', 'authenticated', 'authenticated', 'mia@a.test', '{{}}', '2024-01-03'),
+  ('{USERS['viewer']}', 'authenticated', 'authenticated', 'vic@a.test', '{{}}', '2024-01-04'),
+  ('{USERS['other_admin']}', 'authenticated', 'authenticated', 'bea@b.test', '{{}}', '2024-01-05'),
+  ('{USERS['other_owner']}', 'authenticated', 'authenticated', 'bo@b.test', '{{}}', '2024-01-06'),
+  ('{USERS['spare']}', 'authenticated', 'authenticated', 'sam@spare.test', '{{}}', '2024-01-07');
+insert into public.organizations (id, name, slug) values
+  ('{ORG_A}', 'Alpha Industries', 'alpha'), ('{ORG_B}', 'Beta Labs', 'beta');
+insert into public.organization_members (organization_id, user_id, role, created_at) values
+  ('{ORG_A}', '{USERS['owner']}', 'owner', '2024-01-01'), ('{ORG_A}', '{USERS['admin']}', 'admin', '2024-01-02'),
+  ('{ORG_A}', '{USERS['member']}', 'member', '2024-01-03'), ('{ORG_A}', '{USERS['viewer']}', 'viewer', '2024-01-04'),
+  ('{ORG_B}', '{USERS['other_admin']}', 'admin', '2024-01-05'), ('{ORG_B}', '{USERS['other_owner']}', 'owner', '2024-01-06'),
+  ('{ORG_B}', '{USERS['member']}', 'viewer', '2024-02-01');
+insert into public.profiles (id, email, full_name, organization_id) values
+  ('{USERS['owner']}', 'olivia@a.test', 'Olivia Owner', '{ORG_A}'), ('{USERS['admin']}', 'adam@a.test', 'Adam Admin', '{ORG_A}'),
+  ('{USERS['member']}', 'mia@a.test', 'Mia Member', null), ('{USERS['viewer']}', 'vic@a.test', 'Vic Viewer', '{ORG_A}'),
+  ('{USERS['other_admin']}', 'bea@b.test', 'Bea Admin', '{ORG_B}'), ('{USERS['other_owner']}', 'bo@b.test', 'Bo Owner', '{ORG_B}');
+insert into public.products (id, organization_id, sku, name, price) values
+  ('{PRODUCT_A1}', '{ORG_A}', 'ALPHA-001', 'Anvil', 99.50), ('{PRODUCT_A2}', '{ORG_A}', 'ALPHA-002', 'Axe', 45.00),
+  ('{PRODUCT_B1}', '{ORG_B}', 'BETA-001', 'Beaker', 12.00);
+insert into public.inventory (id, organization_id, product_id, location, quantity, reserved_quantity) values
+  ('{INVENTORY_A1}', '{ORG_A}', '{PRODUCT_A1}', 'main', 10, 2), ('{INVENTORY_B1}', '{ORG_B}', '{PRODUCT_B1}', 'main', 100, 0);
+insert into public.api_keys (id, organization_id, name, key_prefix, key_hash, scopes, created_by) values
+  ('{KEY_A}', '{ORG_A}', 'Alpha CI', 'ts_alpha_001', '{HASH_A}', '{{read,write}}', '{USERS['admin']}'),
+  ('{KEY_B}', '{ORG_B}', 'Beta CI', 'ts_beta_0001', '{HASH_B}', '{{read}}', '{USERS['other_admin']}');
+select public.log_security_event('login_failed', 'medium', '{ORG_A}', '{USERS['member']}', '198.51.100.10', '{{"attempt": 1}}');
+select public.log_security_event('login_failed', 'medium', '{ORG_B}', '{USERS['other_admin']}', '198.51.100.20', '{{}}');
+insert into public.rate_limits (key, window_start, window_length, max_requests, request_count)
+  values ('ip:198.51.100.10', '2024-01-01 00:00:00+00', '1 minute', 10, 3);
+insert into public.threat_intelligence (ip_address, threat_type, severity, source)
+  values ('203.0.113.0/24', 'botnet', 'high', 'test feed');
+insert into public.backup_verifications (backup_label, backup_sha256, backup_bytes, toc_entries, status)
+  values ('preflight-2024-01-01.dump', '{"c" * 64}', 123456, 321, 'passed');
+delete from public.data_retention_policies where table_name = 'backup_verifications';
+"""
+
+
+def data_fingerprint(db, schemas=("public", "auth")) -> dict[str, str]:
+    """md5 of every table's rows (sorted), to tell whether a run changed any data."""
+    tables = db.query("""
+        select format('%%I.%%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = any(%s) and c.relkind in ('r', 'p') order by 1""", (list(schemas),))
+    union = " union all ".join(f"select '{t}', md5(coalesce(string_agg(x::text, '|' order by x::text), '')) from {t} as x"
+                               for (t,) in tables)
+    return dict(db.query(union)) if tables else {}
+
+
+def find_text(db, needles, schemas=None) -> list[tuple[str, str, str]]:
+    """(table, column, needle) for every text-ish or json column, of every table outside PostgreSQL's
+    own schemas, whose value contains one of the needles."""
+    cols = db.query("""
+        select format('%I.%I', n.nspname, c.relname), a.attname
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+         where c.relkind in ('r', 'p') and n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
+         order by 1, 2""")
+    found = []
+    for table, column in cols:
+        for needle in needles:
+            hit = db.query(f'select count(*) from {table} where strpos("{column}"::text, %s) > 0', (needle,))[0][0]
+            if hit:
+                found.append((table, column, needle))
+    return found
+
+
+def physical_hits(db, tables, needles) -> list[tuple[str, str]]:
+    """(table, needle) where a needle's bytes are in the table's heap or TOAST files (dead row versions and
+    dropped columns included). Needs a superuser (pg_read_binary_file)."""
+    found = []
+    db.query("checkpoint")
+    for table in tables:
+        files = db.query("""
+            select pg_relation_filepath(c.oid) from pg_class c where c.oid = %s::regclass
+            union all
+            select pg_relation_filepath(c.reltoastrelid) from pg_class c where c.oid = %s::regclass and c.reltoastrelid <> 0""",
+                         (table, table))
+        for (path,) in files:
+            data = bytes(db.query("select pg_read_binary_file(%s)", (path,))[0][0])
+            for needle in needles:
+                if needle.encode() in data:
+                    found.append((table, needle))
+    return found
+
+
+def uppercase_words(text: str) -> list[str]:
+    """Keywords and unquoted identifiers written with capitals, in SQL and in the dollar-quoted bodies
+    (function and DO bodies are scanned as well; comments and string constants are not)."""
+    from pglast.parser import scan
+
+    found = []
+    for token in scan(text):
+        word = text[token.start:token.end + 1]
+        if token.name in ("SQL_COMMENT", "C_COMMENT") or word.startswith(("'", '"', "E'", "e'")):
+            continue
+        if token.name == "SCONST" and word.startswith("$"):
+            tag_end = word.index("$", 1) + 1
+            found += uppercase_words(word[tag_end:-tag_end])
+        elif token.name != "SCONST" and word != word.lower():
+            found.append(word)
+    return found
+
+
+def strip_sql_noise(text: str) -> str:
+    """SQL text without comments and string literals (for keyword-case checks)."""
+    text = re.sub(r"--[^\n]*", " ", text)
+    return re.sub(r"'(?:[^']|'')*'", "''", text)
+
+
+# -- fixtures the SQL test modules import ------------------------------------------------------------
+
+def templates_for(server) -> Templates:
+    """One Templates per server (kept on the server object: both flavours share this module)."""
+    if getattr(server, "_sql_templates", None) is None:
+        server._sql_templates = Templates(server)
+    return server._sql_templates
+
+
+@pytest.fixture
+def clone(server):
+    """Factory: clone('legacy@2') -> a fresh Database from that template, dropped after the test."""
+    made = []
+
+    def make(recipe: str):
+        db = templates_for(server).clone(recipe)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        server.drop_database(db)
+
+
+# Every template the SQL test modules clone. They are all built before a module opens its long
+# transaction: phase 2 ends by rewriting tables (CLUSTER) and waits for older writing transactions
+# anywhere in the cluster to end, so a template must never be built while one of ours is open.
+ALL_RECIPES = ("empty@3", "legacy@3", "variant@3", "seeded")
+
+
+@contextmanager
+def module_database(server, recipe: str):
+    """A clone for a whole module (tests roll their transactions back), dropped at the end."""
+    for each in ALL_RECIPES:
+        templates_for(server).name(each)
+    db = templates_for(server).clone(recipe)
+    try:
+        yield db
+    finally:
+        server.drop_database(db)
