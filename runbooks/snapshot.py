@@ -118,7 +118,8 @@ _ACL_LINES = """
                   case when a.grantee = 0 then 'PUBLIC' else pg_get_userbyid(a.grantee) end,
                   a.privilege_type, case when a.is_grantable then ' WITH GRANT OPTION' else '' end,
                   pg_get_userbyid(a.grantor))
-    from acls, aclexplode(acls.acl) a"""
+    from acls, aclexplode(acls.acl) a
+    where a.grantee <> a.grantor  -- an owner's own privileges are implicit (and MAINTAIN exists only from 17)"""
 
 CATALOG_QUERIES: dict[str, str] = {
     "schemas": """
@@ -155,7 +156,8 @@ CATALOG_QUERIES: dict[str, str] = {
                       case when co.conrelid <> 0 then co.conrelid::regclass::text else co.contypid::regtype::text end,
                       pg_get_constraintdef(co.oid, true))
         from pg_constraint co join pg_namespace n on n.oid = co.connamespace
-        where n.nspname = any(APP_SCHEMAS)""",
+        where n.nspname = any(APP_SCHEMAS)
+          and co.contype <> 'n'  -- NOT NULL: a column's nullability already says it (and 18 lists it here)""",
     "indexes": """
         select pg_get_indexdef(i.indexrelid) || case when i.indisvalid then '' else ' INVALID' end
                  || case when i.indisclustered then ' CLUSTERED' else '' end

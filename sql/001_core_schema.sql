@@ -1360,11 +1360,9 @@ drop policy if exists security_events_select_admins on public.security_events;
 create policy security_events_select_admins on public.security_events for select to authenticated
   using (organization_id in (select private.admin_org_ids((select auth.uid()))));
 
--- grants: anon nothing; authenticated what RLS then narrows (never TRUNCATE); the logs append-only
+-- grants: anon nothing; authenticated what RLS then narrows (never TRUNCATE, nor MAINTAIN on 17+); the logs append-only
 revoke all on table public.organizations, public.profiles, public.organization_members, public.products,
-  public.inventory, public.audit_logs, public.api_keys, public.security_events from anon;
-revoke truncate, references, trigger on table public.organizations, public.profiles, public.organization_members,
-  public.products, public.inventory, public.audit_logs, public.api_keys, public.security_events from authenticated, service_role;
+  public.inventory, public.audit_logs, public.api_keys, public.security_events from anon, authenticated, service_role;
 grant select, insert, update, delete on table public.organizations, public.profiles, public.organization_members,
   public.products, public.inventory, public.api_keys to authenticated;
 grant select, insert, update, delete on table public.organizations, public.profiles, public.organization_members,

@@ -251,9 +251,7 @@ begin
 end
 $$;
 revoke all on table public.rate_limits, public.threat_intelligence, public.data_retention_policies,
-  public.backup_verifications from anon, authenticated;
-revoke truncate, references, trigger on table public.rate_limits, public.threat_intelligence,
-  public.data_retention_policies, public.backup_verifications from service_role;
+  public.backup_verifications from anon, authenticated, service_role;
 grant select, insert, update, delete on table public.rate_limits, public.threat_intelligence,
   public.data_retention_policies, public.backup_verifications to service_role;
 

@@ -89,7 +89,10 @@ LINTS = {
            and has_table_privilege('anon', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')""",
     "api_role_may_truncate": """
         select c.relname || ' ' || r from pg_class c, unnest(array['authenticated', 'service_role']) as r
-         where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p') and has_table_privilege(r, c.oid, 'TRUNCATE')
+         where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
+           and (has_table_privilege(r, c.oid, 'TRUNCATE')
+                or case when current_setting('server_version_num')::int >= 170000  -- MAINTAIN: vacuum, cluster, lock
+                        then has_table_privilege(r, c.oid, 'MAINTAIN') else false end)
            and c.relname = any(%(tables)s)""",
     "rls_enabled_no_policy_but_granted": """
         select c.relname from pg_class c
