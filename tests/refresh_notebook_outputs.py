@@ -1,0 +1,76 @@
+"""Refresh the expected outputs that the nbval regression compares with.
+
+    .venv/bin/python tests/refresh_notebook_outputs.py
+
+Runs the runbooks in deployment order (tests/notebook_chain.py) on a fresh embedded server
+with the legacy fixture, then writes back into notebooks/: the outputs of the cells tagged
+`nbval-check-output`, and no output for any other cell (records keep executed notebooks; the
+committed ones stay clean). Review the diff before committing it: it is the regression's
+expectation.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import papermill
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from notebook_chain import CHAIN, CHECK_TAG, parameterized_copy  # noqa: E402
+from runbooks import rehearsal, runner  # noqa: E402
+from runbooks.embedded import EmbeddedPostgres  # noqa: E402
+from runbooks.paths import NOTEBOOK_DIR  # noqa: E402
+
+SERVICE = "t0_legacy"  # named like the test databases, which the sanitizer folds
+
+
+def execute_chain(work: Path) -> dict[str, nbformat.NotebookNode]:
+    executed = {}
+    with EmbeddedPostgres() as pg:
+        pg.add_service(SERVICE, SERVICE)
+        with runner.environment(pg.client_env()):
+            rehearsal.prepare_database(pg, SERVICE)
+            for name in CHAIN:
+                copy = parameterized_copy(name, SERVICE, work / "records", work / "copies")
+                out = work / "executed" / f"{name}.ipynb"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                print(f"running {name} ...", flush=True)
+                papermill.execute_notebook(str(copy), str(out), kernel_name="python3", progress_bar=False,
+                                           cwd=str(copy.parent), kernel_manager_class=runner.IPCKernelManager)
+                executed[name] = nbformat.read(out, as_version=4)
+    return executed
+
+
+def write_back(name: str, executed: nbformat.NotebookNode) -> int:
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    results = {c.get("id"): c for c in executed.cells if c.cell_type == "code"}
+    checked = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        cell.outputs = []
+        if CHECK_TAG in cell.metadata.get("tags", []):
+            source = results[cell.get("id")]
+            assert source.source == cell.source, f"{name}: cell {cell.get('id')} changed while running"
+            cell.outputs = source.outputs
+            cell.execution_count = source.execution_count  # nbval skips "unrun" cells that have outputs
+            checked += 1
+    nbformat.write(nb, path)
+    return checked
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="nbval-refresh-") as tmp:
+        executed = execute_chain(Path(tmp))
+        for name in CHAIN:
+            print(f"{name}: {write_back(name, executed[name])} checked cell(s) refreshed")
+
+
+if __name__ == "__main__":
+    main()
