@@ -120,9 +120,9 @@ class Server:
         self._templates.add(name)
         return name
 
-    def create_database(self, kind: str = "shim") -> Database:
+    def create_database(self, kind: str = "shim", name: str | None = None) -> Database:
         """kind: 'bare' (nothing), 'shim' (Supabase shim) or 'legacy' (shim + legacy fixture)."""
-        name = f"t{next(_counter)}_{kind}"
+        name = name or f"t{next(_counter)}_{kind}"
         template = "template0" if kind == "bare" else self._template(kind)
         self.admin_execute(f"create database {name} template {template}")
         self.pg.add_service(name, name)

@@ -20,22 +20,21 @@ import papermill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from notebook_chain import CHAIN, CHECK_TAG, parameterized_copy  # noqa: E402
+from notebook_chain import CHAIN, CHECK_TAG, DATABASE, parameterized_copy  # noqa: E402
 from runbooks import rehearsal, runner  # noqa: E402
 from runbooks.embedded import EmbeddedPostgres  # noqa: E402
 from runbooks.paths import NOTEBOOK_DIR  # noqa: E402
 
-SERVICE = "t0_legacy"  # named like the test databases, which the sanitizer folds
 
 
 def execute_chain(work: Path) -> dict[str, nbformat.NotebookNode]:
     executed = {}
     with EmbeddedPostgres() as pg:
-        pg.add_service(SERVICE, SERVICE)
+        pg.add_service(DATABASE, DATABASE)
         with runner.environment(pg.client_env()):
-            rehearsal.prepare_database(pg, SERVICE)
+            rehearsal.prepare_database(pg, DATABASE)
             for name in CHAIN:
-                copy = parameterized_copy(name, SERVICE, work / "records", work / "copies")
+                copy = parameterized_copy(name, DATABASE, work / "records", work / "copies")
                 out = work / "executed" / f"{name}.ipynb"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 print(f"running {name} ...", flush=True)

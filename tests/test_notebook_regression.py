@@ -16,7 +16,7 @@ import sys
 import nbformat
 import pytest
 
-from notebook_chain import CHAIN, CHECK_TAG, SANITIZE, parameterized_copy
+from notebook_chain import CHAIN, CHECK_TAG, DATABASE, SANITIZE, parameterized_copy
 from runbooks.paths import NOTEBOOK_DIR
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def nbval(notebook, cwd) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def chain(server, tmp_path_factory):
-    db = server.create_database("legacy")
+    db = server.create_database("legacy", name=DATABASE)
     root = tmp_path_factory.mktemp("nbval")
     yield {"service": db.name, "records": root / "records", "copies": root / "copies", "db": db}
     server.drop_database(db)
