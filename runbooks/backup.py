@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 import psycopg2
 
 from . import connection, pgtools
+from .records import sha256_of
 
 INFO_FILE = "backup.json"
 _PASSWORD = re.compile(r"(password\s*=\s*).*", re.IGNORECASE)
@@ -57,14 +57,6 @@ class BackupError(RuntimeError):
 def redact(text: str) -> str:
     """Tool output is safe to show, but never let anything after 'password=' through."""
     return _PASSWORD.sub(r"\1[redacted]", text or "")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

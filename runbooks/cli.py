@@ -10,7 +10,6 @@ import psycopg2
 
 from . import connection, engine, records, runner, signoff
 from .engine import EngineError
-from .paths import PHASES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -174,23 +173,23 @@ def cmd_status(args) -> int:
     conn = connection.connect(target, application_name="runbook status", readonly=True)
     try:
         history = engine.read_history(conn)
+        states = engine.phase_states(conn)
         facts = connection.server_facts(conn)
     finally:
         conn.close()
-    applied = engine.latest_applied(history)
     print(f"{target.kind} {target.name}: database {facts['database']} on {facts['server_address']}:"
           f"{facts['server_port']}, PostgreSQL {facts['server_version']}")
     drift = 0
     print(f"{'phase':<6} {'file':<36} {'state':<9} {'applied at':<25} {'by':<12} {'run':<24} files")
-    for version, path in PHASES:
-        row = applied.get(version)
-        on_disk = engine.sha256_file(path) if path.exists() else None
+    for phase in states:
+        row, on_disk = phase.applied, phase.on_disk
         if row is None:
-            print(f"{version:<6} {path.name:<36} {'pending':<9} {'-':<25} {'-':<12} {'-':<24} sha256 {(on_disk or 'missing')[:12]}")
+            print(f"{phase.version:<6} {phase.path.name:<36} {'pending':<9} {'-':<25} {'-':<12} {'-':<24} "
+                  f"sha256 {(on_disk or 'missing')[:12]}")
             continue
-        same = row["sha256"] == on_disk
+        same = phase.state == "applied, file matches"
         drift += not same
-        print(f"{version:<6} {row['file_name']:<36} {'applied':<9} {row['applied_at']:%Y-%m-%d %H:%M:%S %Z}  "
+        print(f"{phase.version:<6} {row['file_name']:<36} {'applied':<9} {row['applied_at']:%Y-%m-%d %H:%M:%S %Z}  "
               f"{row['applied_by']:<12} {row['run_id']:<24} sha256 {row['sha256'][:12]} "
               + ("matches" if same else f"CHANGED on disk ({(on_disk or 'missing')[:12]})"))
     rollbacks = [r for r in history if r["action"] == "rollback"]

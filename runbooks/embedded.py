@@ -24,7 +24,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

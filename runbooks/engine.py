@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import getpass
-import hashlib
 import re
 import time
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from pglast import ast
 from pglast.parser import ParseError
 
 from . import connection
+from .paths import PHASES
+from .records import sha256_of
 
 HISTORY_SCHEMA = "truthsource"
 HISTORY_TABLE = f"{HISTORY_SCHEMA}.deployment_history"
@@ -134,10 +135,6 @@ class ApplyResult:
                 "statements": len(self.timings)}
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def parse_file(path: Path) -> list[Statement]:
     """Split a phase file into statements with the real PostgreSQL parser.
 
@@ -225,6 +222,30 @@ def record_history(conn, *, version: str, file_name: str, sha256: str, action: s
                 values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
             (version, file_name, sha256, action, operator, int(seconds * 1000), statements, run_id,
              restored_to, note))
+
+
+@dataclass(frozen=True)
+class PhaseState:
+    """A phase file on disk against what the history says is applied."""
+
+    version: str
+    path: Path
+    on_disk: str | None     # sha256 of the file, None when it is missing
+    applied: dict | None    # the history row in effect, None when pending
+
+    @property
+    def state(self) -> str:
+        if self.applied is None:
+            return "pending" if self.on_disk else "pending, FILE MISSING"
+        if self.on_disk is None:
+            return "applied, FILE MISSING"
+        return "applied, file matches" if self.applied["sha256"] == self.on_disk else "applied, FILE CHANGED"
+
+
+def phase_states(conn) -> list[PhaseState]:
+    applied = latest_applied(read_history(conn))
+    return [PhaseState(version, path, sha256_of(path) if path.is_file() else None, applied.get(version))
+            for version, path in PHASES]
 
 
 # -- locks -----------------------------------------------------------------------------------
@@ -331,7 +352,7 @@ class ApplyEngine:
         path = Path(path)
         if not path.is_file():
             raise FileError(f"phase file {path} does not exist")
-        sha = sha256_file(path)
+        sha = sha256_of(path)
         statements = parse_file(path)
         result = ApplyResult(version=version, file_name=path.name, sha256=sha, status="applied")
         conn = self._connect()

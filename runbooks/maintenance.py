@@ -33,7 +33,6 @@ import psycopg2.extras
 
 from . import backup, connection, pgtools, troubleshooting
 from .checks import Check, fetch, sql_check
-from .paths import PHASES
 from .troubleshooting import APP_SCHEMAS_SQL
 
 CADENCES = ("daily", "weekly", "monthly")
@@ -142,15 +141,8 @@ from truthsource.deployment_history order by applied_at"""
 def migrated(conn) -> Check:
     from . import engine
 
-    applied = engine.latest_applied(engine.read_history(conn))
-    rows = []
-    for version, path in PHASES:
-        row = applied.get(version)
-        on_disk = engine.sha256_file(path) if path.exists() else None
-        state = ("pending" if row is None else "applied, file matches" if row["sha256"] == on_disk
-                 else "applied, FILE CHANGED since")
-        rows.append({"phase": version, "file": path.name, "state": state})
-    pending = [r["phase"] for r in rows if r["state"] == "pending"]
+    rows = [{"phase": p.version, "file": p.path.name, "state": p.state} for p in engine.phase_states(conn)]
+    pending = [r["phase"] for r in rows if r["state"].startswith("pending")]
     if pending:
         return Check("migrated", "error", f"phase(s) {', '.join(pending)} not applied: maintenance runs on a migrated "
                      "database (runbook deploy first)", rows=rows)
@@ -1079,7 +1071,7 @@ def backup_verification(conn, run, *, take: bool = True) -> Check:
                  "data block); recorded in backup_verifications", rows=rows)
 
 
-BACKUP_HISTORY_SQL = f"""
+BACKUP_HISTORY_SQL = """
 select to_char(verified_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI"Z"') as verified_at, run_id, backup_label,
        status, backup_bytes, toc_entries, verified_by
 from public.backup_verifications

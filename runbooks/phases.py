@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import engine, lint, snapshot
+from . import engine, lint, records, snapshot
 from .checks import Check
 from .notebook import Run, details, table
 from .paths import PHASES
@@ -25,7 +25,7 @@ class Phase:
         if self.version not in paths:
             raise ValueError(f"unknown phase {self.version!r} (known: {', '.join(paths)})")
         self.path = paths[self.version]
-        self.sha256 = engine.sha256_file(self.path)
+        self.sha256 = records.sha256_of(self.path)
         self.statements = engine.parse_file(self.path)
 
     def file_check(self) -> Check:

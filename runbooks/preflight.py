@@ -17,7 +17,6 @@ from . import backup as backup_module
 from . import engine, pgtools, signoff
 from . import snapshot as snapshot_module
 from .checks import Check, fetch, sql_check
-from .paths import PHASES
 
 MIN_SERVER_VERSION = 150000
 SNAPSHOT_FILE = "snapshot.json"
@@ -303,22 +302,10 @@ HISTORY_SQL = f"select version, file_name, sha256, action, applied_at, applied_b
 
 def phase_states(conn) -> list[dict]:
     """Per phase: the file on disk (sha256) against what the history says is applied."""
-    applied = engine.latest_applied(engine.read_history(conn))
-    rows = []
-    for version, path in PHASES:
-        on_disk = engine.sha256_file(path) if path.is_file() else None
-        row = applied.get(version)
-        if row is None:
-            state = "pending" if on_disk else "pending, FILE MISSING"
-        elif on_disk is None:
-            state = "applied, FILE MISSING"
-        else:
-            state = "applied, file matches" if row["sha256"] == on_disk else "applied, FILE CHANGED"
-        rows.append({"phase": version, "file": path.name, "state": state,
-                     "sha256 on disk": on_disk[:16] if on_disk else "",
-                     "applied sha256": row["sha256"][:16] if row else "",
-                     "applied by": row["applied_by"] if row else "", "run": row["run_id"] if row else ""})
-    return rows
+    return [{"phase": p.version, "file": p.path.name, "state": p.state,
+             "sha256 on disk": (p.on_disk or "")[:16], "applied sha256": p.applied["sha256"][:16] if p.applied else "",
+             "applied by": p.applied["applied_by"] if p.applied else "",
+             "run": p.applied["run_id"] if p.applied else ""} for p in engine.phase_states(conn)]
 
 
 @sql_check(HISTORY_SQL, "what is applied already, and do the files still match")

@@ -215,7 +215,7 @@ class RestoreResult:
 
 # -- reading the target ------------------------------------------------------------------------
 
-_OUTSIDE_SQL = f"""
+_OUTSIDE_SQL = """
 with recursive managed as (
   select oid from pg_namespace where nspname = any(%(schemas)s)
 ), closure(classid, objid, objsubid) as (

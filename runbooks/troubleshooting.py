@@ -525,7 +525,7 @@ where d.refclassid = 'pg_proc'::regclass and d.deptype = 'n' and {APP_SCHEMAS_SQ
     or con.oid is not null and has_table_privilege(role.oid, c.oid, 'insert, update'))
 order by 1, 2, 4
 """
-RLS_WITHOUT_POLICY_SQL = f"""
+RLS_WITHOUT_POLICY_SQL = """
 select format('%I.%I', n.nspname, c.relname) as table_name, r.rolname as role
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 join pg_roles r on r.rolname in ('anon', 'authenticated') and not r.rolbypassrls

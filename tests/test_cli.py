@@ -1,7 +1,5 @@
 """`runbook` from the outside: exit codes 0/1/2, refusals before anything changes."""
 
-import json
-import os
 from datetime import datetime, timedelta, timezone
 
 import pytest

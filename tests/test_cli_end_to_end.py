@@ -1,6 +1,5 @@
 """`runbook` end to end on real servers: rehearse, deploy, status, verify, records, concurrency."""
 
-import json
 import os
 import subprocess
 import sys
@@ -72,7 +71,7 @@ def test_the_history_records_each_phase_with_its_checksum_and_run(deployed):
     conn.close()
     assert [(r["version"], r["action"], r["run_id"]) for r in history] == [
         (version, "apply", deployed["run_id"]) for version, _ in PHASES]
-    assert [r["sha256"] for r in history] == [engine.sha256_file(path) for _, path in PHASES]
+    assert [r["sha256"] for r in history] == [records.sha256_of(path) for _, path in PHASES]
 
 
 def test_status_shows_every_phase_applied_and_the_files_matching(deployed, capsys):

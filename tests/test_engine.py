@@ -7,7 +7,7 @@ import textwrap
 import psycopg2
 import pytest
 
-from runbooks import engine
+from runbooks import engine, records
 from runbooks.engine import ApplyEngine
 
 
@@ -47,7 +47,7 @@ def test_applying_a_phase_writes_a_history_row_with_checksum_operator_and_run(em
     [row] = history(empty_db)
     assert (row["version"], row["file_name"], row["action"], row["applied_by"], row["run_id"]) == (
         "100", "100_demo.sql", "apply", "alice", "test-run")
-    assert row["sha256"] == engine.sha256_file(phase)
+    assert row["sha256"] == records.sha256_of(phase)
     assert row["duration_ms"] >= 0 and row["statements"] == 3
     assert empty_db.query("select note from demo") == [("one",)]
 

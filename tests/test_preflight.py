@@ -14,7 +14,7 @@ import pytest
 
 from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
 from runbooks import pgtools, preflight, records, runner
-from runbooks.backup import sha256_of
+from runbooks.records import sha256_of
 
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
                   "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")

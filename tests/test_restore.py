@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from runbooks import engine, paths
-from runbooks.backup import sha256_of, take_backup
+from runbooks.backup import take_backup
+from runbooks.records import sha256_of
 from runbooks.pgtools import find_tool
 from runbooks.restore import RestoreFailed, RestoreRefused, execute_plan, plan_restore, restore_backup
 from runbooks.snapshot import compare_snapshots, take_snapshot
