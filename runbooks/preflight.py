@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import backup as backup_module
-from . import engine, pgtools, signoff
+from . import engine, pgtools, restore, signoff
 from . import snapshot as snapshot_module
 from .checks import Check, fetch, sql_check
 
@@ -88,12 +88,6 @@ select current_user as role,
        (select coalesce(array_agg(distinct pg_get_userbyid(o.owner) order by pg_get_userbyid(o.owner)), '{{}}')
           from owners o where not pg_has_role(current_user, o.owner, 'MEMBER')) as foreign_owners,
        (select count(*) from owners o where not pg_has_role(current_user, o.owner, 'MEMBER')) as foreign_objects,
-       (select coalesce(array_agg(x.extname || ' (in ' || n.nspname || ')' order by x.extname), '{{}}')
-          from pg_extension x join pg_namespace n on n.oid = x.extnamespace where {APP_SCHEMA_FILTER}) as app_extensions,
-       (select coalesce(array_agg(distinct pg_get_userbyid(d.defaclrole)), '{{}}') from pg_default_acl d
-         where d.defaclnamespace = 0 and not pg_has_role(current_user, d.defaclrole, 'MEMBER')) as foreign_default_acl_roles,
-       (select has_table_privilege(c.oid, 'INSERT') from pg_class c join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = '{engine.HISTORY_SCHEMA}' and c.relname = 'deployment_history') as history_insert,
        (select coalesce(array_agg(x.rolname order by x.rolname), '{{}}')
           from unnest(array['anon', 'authenticated', 'service_role']) as x(rolname)
          where not exists (select 1 from pg_roles where rolname = x.rolname)) as missing_api_roles,
@@ -112,9 +106,20 @@ from pg_roles r where r.rolname = current_user
 """
 
 
-@sql_check(PRIVILEGES_SQL, "privileges of the connecting role")
+ROLLBACK_REQUIREMENT = "nothing makes a rollback impossible"
+ROLLBACK_BLOCKERS_SQL = ("""-- what would make a rollback impossible (runbooks.restore.rollback_blockers, the check the
+-- rollback's plan refuses with): objects outside the app schemas that emptying them would take along
+-- and the backup cannot put back (a pg_depend walk); and for a role that is not a superuser:
+-- extensions in the app schemas, objects in them owned by roles it cannot act for (below), app
+-- schemas it may not create objects in, the privileges that re-creating triggers, policies, indexes
+-- and foreign keys outside them needs, INSERT on the deployment history
+""" + restore.FOREIGN_OWNERS_SQL)
+
+
+@sql_check(PRIVILEGES_SQL + ";\n\n" + ROLLBACK_BLOCKERS_SQL, "privileges of the connecting role")
 def privileges(conn) -> Check:
-    """What deploy, rollback and verification need of the connecting role, each named."""
+    """What deploy, rollback and verification need of the connecting role, each named. A deployment
+    that could not be rolled back is refused here, before the backup and before any phase."""
     row = fetch(conn, PRIVILEGES_SQL)[0]
     su = row["superuser"]
     foreign = row["foreign_owners"]
@@ -134,22 +139,25 @@ def privileges(conn) -> Check:
     need("deploy + rollback", "member of the owner of every object in the app schemas (the phases alter them, "
          "a rollback re-creates them)", su or not foreign,
          "superuser" if su else (f"{row['foreign_objects']} object(s) owned by " + ", ".join(foreign)) if foreign else "")
-    if not su:
-        need("rollback", "no extensions in the app schemas (re-creating them needs a superuser)",
-             not row["app_extensions"], ", ".join(row["app_extensions"]))
-        need("rollback", "member of the roles whose global default privileges a restore resets",
-             not row["foreign_default_acl_roles"], ", ".join(row["foreign_default_acl_roles"]))
-        if row["history_insert"] is not None:
-            need("rollback", f"INSERT on {engine.HISTORY_TABLE} (the rollback records itself)", row["history_insert"])
+    # the rollback's own check: a deployment that could not be rolled back must not start
+    blockers = restore.rollback_blockers(conn)
+    for blocker in blockers:
+        need("rollback", ROLLBACK_REQUIREMENT, False, blocker)
+    if not su and not blockers:
+        need("rollback", ROLLBACK_REQUIREMENT, True, "checked: owners, extensions, schema privileges, objects "
+             "outside the app schemas, the history")
     need("verification", "may SET ROLE to anon, authenticated and service_role (RLS checked as the API roles)",
          su or not row["cannot_become"], ", ".join(row["cannot_become"]))
     need("verification", "INSERT on auth.users (synthetic users, in a transaction that is rolled back)",
          su or bool(row["auth_users_insert"]))
-    missing = [r for r in rows if r["ok"] == "NO"]
-    if missing:
-        return Check("privileges", "error", f"role {row['role']} lacks: "
-                     + "; ".join(f"{r['requirement']} ({r['needed for']})" for r in missing),
-                     rows=rows, columns=["needed for", "requirement", "ok", "detail"])
+    missing = [r for r in rows if r["ok"] == "NO" and r["requirement"] != ROLLBACK_REQUIREMENT]
+    if missing or blockers:
+        summary = (f"role {row['role']} lacks: " + "; ".join(f"{r['requirement']} ({r['needed for']})" for r in missing)
+                   if missing else f"role {row['role']}")
+        if blockers:
+            summary += ("; " if missing else ": ") + "a rollback would be impossible, so the deployment is refused " \
+                       "before it starts: " + "; ".join(blockers)
+        return Check("privileges", "error", summary, rows=rows, columns=["needed for", "requirement", "ok", "detail"])
     return Check("privileges", "ok", f"role {row['role']} can deploy, verify and roll back"
                  + (" (superuser)" if su else " (least privilege: no superuser needed)"),
                  rows=rows, columns=["needed for", "requirement", "ok", "detail"])

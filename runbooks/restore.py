@@ -5,66 +5,80 @@ table, function, policy, trigger or schema the deployment created stays behind, 
 that depend on them make the drops fail. A rollback must also leave the deployment history
 alone: it records the rollback itself.
 
-The strategy, in one transaction:
+The *managed schemas* are the app schemas (not system, not ``truthsource``, not a Supabase
+platform schema) that the backup has or that exist now (``public`` always counts as in the
+backup: initdb creates it, so pg_dump never does). One that exists now and is in the backup is
+**kept**: the schema stays -- owner, comment, privileges, other roles' default privileges in it
+-- and only what is in it goes and comes back. One that exists only now (the deployment's,
+e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
 
-1. Before anything changes (a refusal changes nothing): the backup's sha256 and its table of
-   contents (`backup.verify_backup`, with a full read); the target is PostgreSQL 15+, the
-   database the backup was taken of, and every role the backup names as an owner exists; the
-   connecting role may do it all (a superuser, or a member of the owner of every managed schema
-   and of every owner in the backup, with CREATE on the database; extensions need a superuser);
-   objects *outside* the managed schemas that dropping them would take along are either
-   restorable from the backup (triggers, policies, foreign keys, indexes -- e.g. a trigger on
-   ``auth.users`` calling a ``public`` function) or created after the backup (then they go,
-   like every other object of the deployment), and anything else (a column of a platform table
-   whose type lives in a managed schema, a view over an app table) is refused, named.
-2. The deployment history is read (`engine.read_history`); its schema ``truthsource`` is never
-   dropped or restored, so its rows survive; the script checks at the end that they are all
-   still there.
-3. One script, run by the target server's own ``psql -X -v ON_ERROR_STOP=1 --single-transaction
-   --no-password`` (a failure anywhere rolls back all of it; the database stays exactly as it
-   was):
+1. Before anything changes (a refusal changes nothing):
 
-   - global default privileges are reset to the built-in defaults, so restored objects get
-     exactly the grants the backup has (the backup's own default privileges come back at the
-     end of the archive);
-   - ``DROP SCHEMA ... CASCADE`` of the *managed schemas*: every app schema (non-system, not
-     ``truthsource``, not a Supabase platform schema) that the backup has objects in or that
-     exists now. Extensions living in them go too and are re-created from the backup;
-   - ``public`` is re-created as initdb leaves it (owner ``pg_database_owner``, the standard
-     comment, the initial privileges read from ``pg_init_privs`` before the drop), because
-     pg_dump never writes ``CREATE SCHEMA public``: on PostgreSQL 15 and 18 alike it writes
-     only what differs from that initial state -- an ``ALTER SCHEMA public OWNER`` when the
-     owner changed, a comment when it changed, and an ``ACL - SCHEMA public`` entry holding
-     GRANTs/REVOKEs relative to ``pg_init_privs`` -- and none of these are in the schema's
-     namespace, so ``pg_restore -n public`` would skip them all;
-   - the SQL of ``pg_restore -f - -L <list>``: the archive entries in the managed schemas
-     (definitions, data, sequence positions, constraints, indexes, triggers, RLS, policies,
-     comments, ACLs, default privileges), the schema-level entries of those schemas, their
-     extensions, the restorable outside dependents, and the global default privileges, in the
-     archive's own order. Owners and ACLs are kept (no ``--no-owner``): RLS (the table owner
-     bypasses it), SECURITY DEFINER functions and grants depend on them;
+   - the backup: sha256, table of contents and a full read (`backup.verify_backup`); the target
+     is PostgreSQL 15+, the backup's database, and has every role the backup names as an owner;
+   - `rollback_blockers`, the check the preflight also runs before a deployment starts: objects
+     outside the managed schemas that emptying them would take along and the backup cannot put
+     back (a view over an app table elsewhere; triggers, policies, foreign keys and indexes
+     outside are put back, or go if the deployment made them); and for a role that is not a
+     superuser: extensions in them (re-creating one needs a superuser), objects in them owned by
+     roles it cannot act for (member with inherited privileges, and SET from 16), kept schemas
+     it may not create in, what re-creating the outside objects needs, INSERT on the history;
+   - the *kept entries* -- each kept schema's own SCHEMA/owner, COMMENT, ACL, and the DEFAULT
+     ACL entries of roles other than the connecting one, global or in a kept schema -- are
+     compared with what a fresh ``pg_dump --schema-only`` of the kept schemas writes for them.
+     Unchanged, they are left alone. A kept schema whose own entries changed is dropped and
+     created from the backup instead, when the role may (act for its owner and every owner in
+     it, CREATE on the database); another role's changed default privileges are reset and
+     restored when the role can act for it. Otherwise the plan is refused, naming what changed
+     and who could put it back;
+   - the archive's routines outside the managed schemas that no longer exist and that the role
+     could have dropped (phase 1 drops duplicate updated-at functions wherever they live,
+     ``extensions`` included) are put back with the rest.
+
+2. The deployment history is read (`engine.read_history`); ``truthsource`` is never dropped or
+   restored, so its rows survive; the script checks at the end that they are all still there.
+
+3. One script, run by the server's own ``psql -X -v ON_ERROR_STOP=1 --single-transaction
+   --no-password`` (a failure anywhere rolls back all of it):
+
+   - the default privileges of the connecting role (global, and in the kept schemas; and of any
+     role reset above) go back to the built-in ones. An object gets the default privileges of
+     the role that creates it, and the connecting role creates every object here, so each one
+     starts with exactly the privileges pg_dump's GRANTs are relative to; the archive's DEFAULT
+     ACL entries of these roles come last and put theirs back. No other role's are touched;
+   - ``DROP SCHEMA ... CASCADE`` of the dropped schemas; the kept ones are emptied: their
+     extensions (``DROP EXTENSION ... CASCADE``), then every object in them that is not part of
+     another one or of an extension (relations first, then sequences, types and domains,
+     routines, operators, operator classes, statistics, collations, text search objects), each
+     ``DROP ... CASCADE``; what is left raises an error;
+   - a created ``public`` as initdb leaves it (owner ``pg_database_owner``, the standard comment,
+     the initial privileges from ``pg_init_privs``): pg_dump writes only how public differs from
+     that -- an ``ALTER SCHEMA public OWNER``, a comment, an ACL relative to ``pg_init_privs``;
+   - the SQL of ``pg_restore -f - -L <list>``, in the archive's order: everything in the managed
+     schemas (definitions, data, sequence positions, constraints, indexes, triggers, RLS,
+     policies, comments, ACLs), the created schemas' own entries, their extensions, the outside
+     objects put back, and the reset roles' DEFAULT ACL entries. Owners and ACLs are kept (no
+     ``--no-owner``): RLS, SECURITY DEFINER functions and grants depend on them;
    - the history check and a ``rollback`` history row (version ``rollback``, the backup's file
      name and sha256, ``restored_to`` = when the backup was taken), as `engine.record_history`
      writes it.
 
-   The script streams from pg_restore into psql (no copy of the data on disk). If pg_restore
-   fails halfway, psql is killed before its input ends, so the server aborts the transaction
-   instead of committing a partial script. A pg_restore newer than the server (an archive
-   from a newer pg_dump) writes ``SET transaction_timeout``, which servers before 17 do not
-   know: that header line is left out for them. ``lock_timeout`` bounds the wait for the
-   drops' locks: a busy table makes the rollback fail fast, changing nothing.
+   pg_restore streams into psql (no copy of the data on disk); if it fails halfway, psql is
+   killed before its input ends, so the server aborts the transaction. A pg_restore newer than
+   the server writes ``SET transaction_timeout``, which servers before 17 do not know: that line
+   is left out for them. ``lock_timeout`` bounds the wait for the drops' locks.
 
 Callers hold `engine.run_lock` for the database while this runs, and prove the result by
 comparing a snapshot with the preflight one (`snapshot.compare_snapshots(...).identical`).
 
-Limits: roles, database-level settings, event triggers, publications, casts and other
-database-wide objects are not part of the managed schemas and are left as they are; the
-platform schemas and ``truthsource`` are never touched except for restorable dependents. A
-re-created extension gets the server's default version. The re-created ``public`` has no
-``pg_init_privs`` row any more, so later dumps spell out its whole ACL (same privileges). A
-role that is not a superuser must be a member of every role the backup names as an owner,
-including the owners of default privileges (Supabase's ``postgres`` is not a member of
-``supabase_admin``: such backups need a superuser to restore).
+This is what lets a database owner that is not a superuser roll back (Supabase's ``postgres``:
+``public`` holds default privileges of ``supabase_admin``, a role it is not a member of):
+nothing of a role it cannot act for is dropped or re-created; that is compared instead.
+
+Limits: roles, database settings, event triggers, publications, casts and other database-wide
+objects are left as they are; so is whatever the deployment created or altered in the platform
+schemas or ``truthsource``. A re-created extension gets the server's default version. A created
+``public`` has no ``pg_init_privs`` row, so later dumps spell out its whole ACL (same privileges).
 """
 
 from __future__ import annotations
@@ -90,6 +104,15 @@ DEFAULT_PUBLIC_INIT_PRIVS = ["=U/pg_database_owner"]   # initdb's, besides the o
 RESTORABLE_OUTSIDE = {"trigger": "TRIGGER", "policy": "POLICY", "fk": "FK CONSTRAINT", "index": "INDEX"}
 _EXTENSION_SQL = re.compile(r'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")+"|\S+) WITH SCHEMA ("(?:[^"]|"")+"|\S+);',
                             re.MULTILINE)
+# Archive entries whose SQL pg_restore follows with ALTER ... OWNER TO their owner (and DEFAULT
+# ACL entries, which say FOR ROLE their owner): restoring one means acting for that owner.
+OWNED_ENTRY_TYPES = frozenset({
+    "AGGREGATE", "COLLATION", "CONVERSION", "DEFAULT ACL", "DOMAIN", "FOREIGN TABLE", "FUNCTION",
+    "MATERIALIZED VIEW", "OPERATOR", "OPERATOR CLASS", "OPERATOR FAMILY", "PROCEDURE", "SCHEMA", "SEQUENCE",
+    "STATISTICS", "TABLE", "TEXT SEARCH CONFIGURATION", "TEXT SEARCH DICTIONARY", "TYPE", "VIEW"})
+SCHEMA_LEVEL_TYPES = ("COMMENT", "ACL", "SECURITY LABEL")   # entries on a schema itself (tag 'SCHEMA name')
+# The line of pg_restore's script output that introduces an entry.
+_ENTRY_HEADER = re.compile(r"^-- (?:Data for )?Name: (.*); Type: (.*); Schema: (.*); Owner: (.*)$")
 
 
 class RestoreError(RuntimeError):
@@ -149,13 +172,18 @@ class RestorePlan:
     current_user: str
     superuser: bool
     managed_schemas: list[str]
-    dropped_schemas: list[str]        # managed schemas that exist now
+    dropped_schemas: list[str]        # DROP SCHEMA ... CASCADE: created by the deployment, or replaced
+    kept_schemas: list[str]           # here now and in the backup: emptied, the schema itself kept
+    replaced_schemas: list[str]       # kept schemas whose owner, comment or privileges changed: dropped, created again
     restored_schemas: list[str]       # managed schemas the backup has
+    default_privileges_reset: list[str]   # roles whose default privileges are reset and restored
+    kept_as_they_are: list[str]       # compared with the backup, unchanged, left alone
     entries: list[TocEntry]
     toc_summary: dict
     extensions: list[str]             # re-created from the backup
     outside_restored: list[OutsideObject]
     outside_dropped: list[OutsideObject]   # created after the backup: they go
+    outside_recreated: list[str]      # routines outside them that the deployment dropped: back from the archive
     history_rows: list[dict]
     history_exists: bool
     prelude_sql: str
@@ -173,11 +201,14 @@ class RestorePlan:
             "backup": str(self.backup_path), "sha256": self.backup_sha256, "database": self.database,
             "server_version": self.server_version, "connected_as": self.current_user,
             "superuser": self.superuser, "managed_schemas": self.managed_schemas,
-            "dropped_schemas": self.dropped_schemas, "restored_schemas": self.restored_schemas,
+            "dropped_schemas": self.dropped_schemas, "kept_schemas": self.kept_schemas,
+            "replaced_schemas": self.replaced_schemas, "restored_schemas": self.restored_schemas,
+            "default_privileges_reset": self.default_privileges_reset, "kept_as_they_are": self.kept_as_they_are,
             "archive_entries_restored": len(self.entries), "archive_entries_by_type": self.toc_summary,
             "extensions_recreated": self.extensions,
             "outside_objects_restored": [o.identity for o in self.outside_restored],
             "outside_objects_dropped": [o.identity for o in self.outside_dropped],
+            "outside_objects_recreated": self.outside_recreated,
             "history_rows_kept": len(self.history_rows), "restored_to": self.restored_to,
             "pg_restore": self.pg_restore.as_dict(), "psql": self.psql.as_dict(),
             "warnings": self.warnings, "prelude_sql": self.prelude_sql, "postlude_sql": self.postlude_sql,
@@ -194,11 +225,16 @@ class RestoreResult:
     restored_to: str
     managed_schemas: list[str]
     dropped_schemas: list[str]
+    kept_schemas: list[str]
+    replaced_schemas: list[str]
     restored_schemas: list[str]
+    default_privileges_reset: list[str]
+    kept_as_they_are: list[str]
     archive_entries_restored: int
     extensions_recreated: list[str]
     outside_objects_restored: list[str]
     outside_objects_dropped: list[str]
+    outside_objects_recreated: list[str]
     history_rows_kept: int
     rollback_row: dict
     seconds: float
@@ -269,7 +305,10 @@ select p.classid::regclass::text, i.type, i.identity, n.nspname,
                  and e.refclassid = 'pg_extension'::regclass and x.extnamespace in (select oid from managed)),
        t.tgisinternal, tr.relname, t.tgname, po.polname, pr.relname, co.contype, cr.relname, co.conname,
        ic.relname, (select ir.relname from pg_index ix join pg_class ir on ir.oid = ix.indrelid where ix.indexrelid = ic.oid),
-       p.objsubid
+       p.objsubid,
+       -- an internal part of another object (a view's rewrite rule, a multirange's cast) follows it
+       exists (select 1 from pg_depend d where d.classid = p.classid and d.objid = p.objid
+               and d.objsubid = p.objsubid and d.deptype = 'i')
 from placed p
 cross join lateral pg_identify_object(p.classid, p.objid, p.objsubid) i
 left join pg_namespace n on n.oid = p.home
@@ -290,9 +329,11 @@ def _outside_objects(cur, schemas: list[str]) -> list[OutsideObject]:
     cur.execute(_OUTSIDE_SQL, {"schemas": schemas})
     found: list[OutsideObject] = []
     for (classid, type_, identity, schema, ext_member, tg_internal, tg_rel, tg_name, pol_name, pol_rel,
-         contype, con_rel, con_name, idx_name, idx_rel, objsubid) in cur.fetchall():
+         contype, con_rel, con_name, idx_name, idx_rel, objsubid, internal_part) in cur.fetchall():
         if ext_member or schema in ("pg_toast",):
             continue  # goes and comes back with its extension / is storage of a managed table
+        if internal_part:
+            continue  # goes and comes back with the object it is part of (the walk finds that one too)
         if classid == "pg_trigger" and tg_internal:
             continue  # foreign-key triggers belong to their constraint
         if classid == "pg_type" and schema is not None:
@@ -365,35 +406,408 @@ def _public_baseline(init_privs: list[str] | None) -> list[str]:
     return sql
 
 
-RESET_GLOBAL_DEFAULT_PRIVILEGES = """
--- global default privileges back to the built-in ones while objects are re-created (the
--- archive's own ALTER DEFAULT PRIVILEGES entries come last and put the backup's back)
+def _acts_for(role: str) -> str:
+    """SQL: may the connecting role act for `role` (an SQL expression: name or oid)? It needs the
+    role's privileges (to drop what it owns) and, from PostgreSQL 16, SET ROLE to it (ALTER ...
+    OWNER TO and ALTER DEFAULT PRIVILEGES FOR ROLE ask for that; 15 asks for membership)."""
+    return (f"(case when pg_catalog.current_setting('server_version_num')::int >= 160000 "
+            f"then pg_catalog.pg_has_role(current_user, {role}, 'USAGE') "
+            f"and pg_catalog.pg_has_role(current_user, {role}, 'SET') "
+            f"else pg_catalog.pg_has_role(current_user, {role}, 'USAGE') end)")
+
+
+def _text_array(values) -> str:
+    return "ARRAY[" + ", ".join(_literal(v) for v in values) + "]::text[]"
+
+
+# Every object that lives in the schemas {namespaces} (an SQL oid[] expression) and is not part of
+# another object (array and row types, identity sequences, range constructors; a composite type is
+# its pg_type row, its pg_class row is part of it) or of an extension:
+# (classid, objid, owner, drop_order). Relations go first; what CASCADE takes along is gone by the
+# time its turn comes. Text search parsers and templates have no owner: a superuser's (10).
+_OBJECTS_IN_SCHEMAS = """
+select o.classid, o.objid, o.owner, o.drop_order from (
+  select 'pg_catalog.pg_class'::pg_catalog.regclass::oid as classid, c.oid as objid, c.relowner as owner,
+         case c.relkind when 'S' then 2 else 1 end as drop_order
+    from pg_catalog.pg_class c where c.relnamespace = any ({namespaces}) and c.relkind in ('r', 'p', 'v', 'm', 'f', 'S')
+  union all select 'pg_catalog.pg_type'::pg_catalog.regclass::oid, t.oid, t.typowner, 3
+    from pg_catalog.pg_type t where t.typnamespace = any ({namespaces})
+     and (t.typrelid = 0 or t.typtype = 'c' and (select r.relkind from pg_catalog.pg_class r where r.oid = t.typrelid) = 'c')
+  union all select 'pg_catalog.pg_proc'::pg_catalog.regclass::oid, p.oid, p.proowner, 4
+    from pg_catalog.pg_proc p where p.pronamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_operator'::pg_catalog.regclass::oid, o.oid, o.oprowner, 5
+    from pg_catalog.pg_operator o where o.oprnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_opfamily'::pg_catalog.regclass::oid, f.oid, f.opfowner, 6
+    from pg_catalog.pg_opfamily f where f.opfnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_opclass'::pg_catalog.regclass::oid, c.oid, c.opcowner, 6
+    from pg_catalog.pg_opclass c where c.opcnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass::oid, s.oid, s.stxowner, 7
+    from pg_catalog.pg_statistic_ext s where s.stxnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_collation'::pg_catalog.regclass::oid, c.oid, c.collowner, 7
+    from pg_catalog.pg_collation c where c.collnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_conversion'::pg_catalog.regclass::oid, c.oid, c.conowner, 7
+    from pg_catalog.pg_conversion c where c.connamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_ts_config'::pg_catalog.regclass::oid, c.oid, c.cfgowner, 7
+    from pg_catalog.pg_ts_config c where c.cfgnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_ts_dict'::pg_catalog.regclass::oid, d.oid, d.dictowner, 8
+    from pg_catalog.pg_ts_dict d where d.dictnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_ts_parser'::pg_catalog.regclass::oid, p.oid, 10::oid, 9
+    from pg_catalog.pg_ts_parser p where p.prsnamespace = any ({namespaces})
+  union all select 'pg_catalog.pg_ts_template'::pg_catalog.regclass::oid, t.oid, 10::oid, 9
+    from pg_catalog.pg_ts_template t where t.tmplnamespace = any ({namespaces})
+) o
+where not exists (select 1 from pg_catalog.pg_depend d
+                  where d.classid = o.classid and d.objid = o.objid and d.objsubid = 0 and d.deptype in ('e', 'i'))
+"""
+
+
+def _objects_in(namespaces: str) -> str:
+    return _OBJECTS_IN_SCHEMAS.replace("{namespaces}", namespaces)
+
+
+def _reset_default_privileges_sql(roles: list[str], kept: list[str]) -> str:
+    """The default privileges of `roles`, global and in the kept schemas, back to the built-in ones."""
+    return f"""-- objects get the default privileges of the role that creates them, and the connecting role
+-- creates every object here: reset its default privileges (global, and in the kept schemas) to the
+-- built-in ones, so each object starts with the privileges pg_dump's GRANTs are relative to; the
+-- archive's DEFAULT ACL entries of these roles come last and put theirs back
 DO $reset_default_privileges$
 DECLARE
   d record;
   grantee text;
   objects text;
+  scope text;
 BEGIN
-  FOR d IN SELECT defaclrole, defaclobjtype, defaclacl FROM pg_catalog.pg_default_acl WHERE defaclnamespace = 0 LOOP
+  FOR d IN SELECT a.defaclrole, a.defaclnamespace, a.defaclobjtype, a.defaclacl, n.nspname
+           FROM pg_catalog.pg_default_acl a LEFT JOIN pg_catalog.pg_namespace n ON n.oid = a.defaclnamespace
+           WHERE pg_catalog.pg_get_userbyid(a.defaclrole) = ANY ({_text_array(roles)})
+             AND (a.defaclnamespace = 0 OR n.nspname = ANY ({_text_array(kept)}))
+           ORDER BY 1, 2, 3 LOOP
     objects := CASE d.defaclobjtype WHEN 'r' THEN 'TABLES' WHEN 'S' THEN 'SEQUENCES' WHEN 'f' THEN 'FUNCTIONS'
                                     WHEN 'T' THEN 'TYPES' WHEN 'n' THEN 'SCHEMAS' WHEN 'L' THEN 'LARGE OBJECTS' END;
+    scope := CASE WHEN d.defaclnamespace = 0 THEN '' ELSE pg_catalog.format(' IN SCHEMA %I', d.nspname) END;
     FOR grantee IN SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END
                    FROM pg_catalog.aclexplode(d.defaclacl) a LOOP
-      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I REVOKE ALL ON %s FROM %s',
-                                pg_catalog.pg_get_userbyid(d.defaclrole), objects, grantee);
+      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I%s REVOKE ALL ON %s FROM %s',
+                                pg_catalog.pg_get_userbyid(d.defaclrole), scope, objects, grantee);
     END LOOP;
-    EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT ALL ON %s TO %I',
-                              pg_catalog.pg_get_userbyid(d.defaclrole), objects, pg_catalog.pg_get_userbyid(d.defaclrole));
-    IF objects = 'FUNCTIONS' THEN
-      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT EXECUTE ON FUNCTIONS TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
-    ELSIF objects = 'TYPES' THEN
-      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT USAGE ON TYPES TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
+    IF d.defaclnamespace = 0 THEN
+      -- a global entry replaces the built-in default: the owner's and PUBLIC's privileges come back
+      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT ALL ON %s TO %I',
+                                pg_catalog.pg_get_userbyid(d.defaclrole), objects, pg_catalog.pg_get_userbyid(d.defaclrole));
+      IF objects = 'FUNCTIONS' THEN
+        EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT EXECUTE ON FUNCTIONS TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
+      ELSIF objects = 'TYPES' THEN
+        EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT USAGE ON TYPES TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
+      END IF;
     END IF;
   END LOOP;
 END
-$reset_default_privileges$;
-"""
+$reset_default_privileges$;"""
 
+
+def _empty_schemas_sql(kept: list[str]) -> str:
+    """Drop everything in the kept schemas, keeping the schemas themselves."""
+    objects = _objects_in("kept")
+    return f"""-- the kept schemas stay (owner, comment, privileges, other roles' default privileges); what is in
+-- them goes, whoever created it: their extensions (members and all), then every other object
+DO $empty_kept_schemas$
+DECLARE
+  kept oid[] := ARRAY(SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY ({_text_array(kept)}));
+  extensions text[];
+  drops text[];
+  classes oid[];
+  objs oid[];
+  present boolean;
+  leftover text;
+BEGIN
+  extensions := ARRAY(SELECT x.extname FROM pg_catalog.pg_extension x WHERE x.extnamespace = ANY (kept) ORDER BY 1);
+  FOR k IN 1 .. coalesce(pg_catalog.array_length(extensions, 1), 0) LOOP
+    EXECUTE pg_catalog.format('DROP EXTENSION %I CASCADE', extensions[k]);
+  END LOOP;
+  SELECT pg_catalog.array_agg(pg_catalog.format('DROP %s %s CASCADE',
+                                                CASE ident.type WHEN 'statistics object' THEN 'STATISTICS'
+                                                                ELSE pg_catalog.upper(ident.type) END,
+                                                ident.identity) ORDER BY o.drop_order, ident.identity),
+         pg_catalog.array_agg(o.classid ORDER BY o.drop_order, ident.identity),
+         pg_catalog.array_agg(o.objid ORDER BY o.drop_order, ident.identity)
+    INTO drops, classes, objs
+    FROM ({objects}) o CROSS JOIN LATERAL pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident;
+  FOR k IN 1 .. coalesce(pg_catalog.array_length(drops, 1), 0) LOOP
+    -- gone already when CASCADE took it along with something dropped before
+    EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s WHERE oid = $1)', classes[k]::pg_catalog.regclass)
+      INTO present USING objs[k];
+    IF present THEN
+      EXECUTE drops[k];
+    END IF;
+  END LOOP;
+  SELECT pg_catalog.string_agg(ident.type || ' ' || ident.identity, ', ' ORDER BY ident.identity) INTO leftover
+    FROM ({objects}) o CROSS JOIN LATERAL pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident;
+  IF leftover IS NOT NULL THEN
+    RAISE EXCEPTION 'emptying the kept schemas left objects behind: %', leftover;
+  END IF;
+END
+$empty_kept_schemas$;"""
+
+
+# -- can this role roll the database back? -----------------------------------------------------
+
+# Objects in the schemas %(schemas)s owned by roles the connecting role cannot act for: (owner, how
+# many, three of them).
+FOREIGN_OWNERS_SQL = f"""with app as (
+  select ARRAY(select n.oid from pg_catalog.pg_namespace n where n.nspname = any (%(schemas)s::text[])) as oids
+)
+select pg_catalog.pg_get_userbyid(o.owner), pg_catalog.count(*),
+       (pg_catalog.array_agg(ident.type || ' ' || ident.identity order by ident.type, ident.identity))[1:3]
+from ({_objects_in("(select app.oids from app)::oid[]")}) o
+cross join lateral pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident
+where not {_acts_for('o.owner')}
+group by 1 order by 1"""
+
+
+class _Reading:
+    """Catalog reads in one read-only transaction (autocommit or not), the connection left as found."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        self.cur = self.conn.cursor()
+        if self.conn.autocommit:
+            self.cur.execute("begin read only")
+        return self.cur
+
+    def __exit__(self, *exc):
+        try:
+            if self.conn.autocommit:
+                self.cur.execute("rollback")
+            else:
+                self.conn.rollback()
+        finally:
+            self.cur.close()
+
+
+def rollback_blockers(conn) -> list[str]:
+    """Why the connecting role could not roll this database back to a backup taken now: one sentence
+    per blocker, naming the object and the role ([] when nothing blocks).
+
+    The preflight reports these before a deployment starts (a deployment that cannot be rolled back
+    is refused before it changes anything); `plan_restore` refuses with the same check, and with
+    what only the archive can tell. See the module docstring for what a rollback does."""
+    with _Reading(conn) as cur:
+        cur.execute("select current_user, (select rolsuper from pg_catalog.pg_roles where rolname = current_user)")
+        user, superuser = cur.fetchone()
+        cur.execute(f"select n.nspname from pg_catalog.pg_namespace n where {SYSTEM_SCHEMA_SQL} order by 1")
+        schemas = [r[0] for r in cur.fetchall() if is_app_schema(r[0])]
+        outside = _outside_objects(cur, schemas) if schemas else []
+        return _blockers(cur, user, bool(superuser), schemas, [], outside)
+
+
+def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas: list[str],
+              outside: list[OutsideObject], archive_extensions=()) -> list[str]:
+    """The live database's side of `rollback_blockers`: `schemas` are emptied and what is in them
+    re-created, `drop_schemas` dropped, the restorable ones of `outside` put back."""
+    blockers: list[str] = []
+    unrestorable = [o for o in outside if o.kind == "other"]
+    if unrestorable:
+        blockers.append(f"emptying or dropping the app schemas ({', '.join(sorted([*schemas, *drop_schemas]))}) would "
+                        "also drop objects outside them that the backup cannot put back: "
+                        + "; ".join(o.identity for o in unrestorable)
+                        + " (move or drop them first, or name the schemas to restore)")
+    if superuser:
+        return blockers
+    me = f"role {user}"
+    cur.execute("select x.extname, n.nspname from pg_catalog.pg_extension x join pg_catalog.pg_namespace n "
+                "on n.oid = x.extnamespace where n.nspname = any (%s::text[]) order by 1",
+                ([*schemas, *drop_schemas],))
+    names = sorted({f"{x} (in {s})" for x, s in cur.fetchall()} | set(archive_extensions))
+    if names:
+        blockers.append(f"extensions live in the managed schemas ({', '.join(names)}): dropping and re-creating "
+                        "them needs a superuser")
+    cur.execute(FOREIGN_OWNERS_SQL, {"schemas": schemas})
+    for owner, count, examples in cur.fetchall():
+        blockers.append(f"{count} object(s) in the app schemas are owned by {owner}, which {me} cannot act for ("
+                        + ", ".join(examples) + (", ..." if count > len(examples) else "")
+                        + "): a rollback could not re-create them with their owner")
+    cur.execute("""select n.nspname, pg_catalog.pg_get_userbyid(n.nspowner) from pg_catalog.pg_namespace n
+                   where n.nspname = any (%s::text[]) and not pg_catalog.has_schema_privilege(n.oid, 'CREATE')
+                   order by 1""", (schemas,))
+    blockers += [f"schema {s} is owned by {o} and {me} may not create objects in it (no CREATE privilege): a "
+                 "rollback re-creates what is in it" for s, o in cur.fetchall()]
+    cur.execute(f"""select n.nspname, pg_catalog.pg_get_userbyid(n.nspowner) from pg_catalog.pg_namespace n
+                    where n.nspname = any (%s::text[]) and not {_acts_for('n.nspowner')} order by 1""",
+                (list(drop_schemas),))
+    blockers += [f"schema {s} is owned by {o}, which {me} cannot act for: a rollback drops it"
+                 for s, o in cur.fetchall()]
+    for obj in outside:
+        if obj.kind not in RESTORABLE_OUTSIDE:
+            continue
+        cur.execute(f"""select pg_catalog.pg_get_userbyid(r.relowner), pg_catalog.has_table_privilege(r.oid, 'TRIGGER'),
+                               {_acts_for('r.relowner')}
+                        from pg_catalog.pg_class r join pg_catalog.pg_namespace n on n.oid = r.relnamespace
+                        where n.nspname = %s and r.relname = %s""", (obj.schema, obj.table))
+        row = cur.fetchone()
+        if row is None:
+            continue
+        owner, may_trigger, acts = row
+        table = f"{_quote_ident(obj.schema)}.{_quote_ident(obj.table)}"
+        if obj.kind == "trigger" and not may_trigger:
+            blockers.append(f"trigger {obj.identity}: a rollback drops and re-creates it, which needs the TRIGGER "
+                            f"privilege on {table} ({me} has none)")
+        elif obj.kind != "trigger" and not acts:
+            blockers.append(f"{obj.kind} {obj.identity}: a rollback drops and re-creates it, which needs acting for "
+                            f"{owner}, the owner of {table}")
+    cur.execute("""select pg_catalog.format('%%I on %%I.%%I', co.conname, cn.nspname, c.relname),
+                          pg_catalog.format('%%I.%%I', fn.nspname, f.relname)
+                   from pg_catalog.pg_constraint co
+                   join pg_catalog.pg_class c on c.oid = co.conrelid join pg_catalog.pg_namespace cn on cn.oid = c.relnamespace
+                   join pg_catalog.pg_class f on f.oid = co.confrelid join pg_catalog.pg_namespace fn on fn.oid = f.relnamespace
+                   where co.contype = 'f' and cn.nspname = any (%(schemas)s::text[])
+                     and not fn.nspname = any (%(schemas)s::text[])
+                     and not pg_catalog.has_table_privilege(f.oid, 'REFERENCES')
+                   order by 1""", {"schemas": schemas})
+    blockers += [f"foreign key {fk} references {table}: re-creating it needs the REFERENCES privilege on {table} "
+                 f"({me} has none)" for fk, table in cur.fetchall()]
+    cur.execute("""select pg_catalog.has_table_privilege(c.oid, 'INSERT') from pg_catalog.pg_class c
+                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                   where n.nspname = %s and c.relname = 'deployment_history'""", (engine.HISTORY_SCHEMA,))
+    row = cur.fetchone()
+    if row is not None and not row[0]:
+        blockers.append(f"no INSERT privilege on {engine.HISTORY_TABLE} (the rollback records itself)")
+    return blockers
+
+
+# -- what the archive keeps that the live database also has --------------------------------------
+
+def _entry_key(e: TocEntry) -> tuple:
+    return (e.type, e.namespace, e.tag, e.owner)
+
+
+def _entry_texts(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) -> dict[tuple, str]:
+    """{entry key: the SQL pg_restore writes for it (comments and psql meta-commands left out)}."""
+    if not entries:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".list") as listfile:
+        listfile.write("".join(e.line + "\n" for e in entries))
+        listfile.flush()
+        proc = subprocess.run([str(pg_restore.path), "-L", listfile.name, "-f", "-", str(path)],
+                              capture_output=True, text=True, env=pgtools.tool_env())
+    if proc.returncode != 0:
+        raise RestoreRefused(f"cannot read entries of {path.name}: {redact(proc.stderr.strip())}. Nothing was changed.")
+    texts: dict[tuple, list[str]] = {}
+    key = None
+    for line in proc.stdout.splitlines():
+        match = _ENTRY_HEADER.match(line)
+        if match:
+            name, type_, schema, owner = match.groups()
+            key = (type_, None if schema == "-" else schema, name, owner)
+            texts.setdefault(key, [])
+        elif key is not None and line.strip() and not line.startswith(("--", "\\")):
+            texts[key].append(line)
+    return {k: "\n".join(v) for k, v in texts.items()}
+
+
+def _schema_of(type_: str, namespace: str | None, tag: str) -> str | None:
+    """The schema that a schema's own entry (SCHEMA, or COMMENT, ACL, SECURITY LABEL on it) is about."""
+    if namespace is not None:
+        return None
+    if type_ == "SCHEMA":
+        return _unquote(tag)
+    if type_ in SCHEMA_LEVEL_TYPES and tag.startswith("SCHEMA "):
+        return _unquote(tag[len("SCHEMA "):])
+    return None
+
+
+def _schema_of_entry(e: TocEntry) -> str | None:
+    return _schema_of(e.type, e.namespace, e.tag)
+
+
+def _describe_kept_entry(e_key: tuple) -> str:
+    type_, namespace, tag, owner = e_key
+    if type_ == "DEFAULT ACL":
+        objects = tag.removeprefix("DEFAULT PRIVILEGES FOR ").lower()
+        where = f"in schema {namespace}" if namespace else "(global)"
+        return f"the default privileges of {owner} {where} for {objects}"
+    what = {"SCHEMA": "the owner of", "COMMENT": "the comment on", "ACL": "the privileges on",
+            "SECURITY LABEL": "the security label of"}[type_]
+    schema = tag if type_ == "SCHEMA" else tag[len("SCHEMA "):]
+    return f"{what} schema {_unquote(schema)}"
+
+
+def _live_schema_dump(pg_restore: pgtools.Tool, target: connection.Target, major: int, exclude: list[str],
+                      run_id: str, lock_timeout: str, directory: Path) -> tuple[Path, ArchiveListing]:
+    """``pg_dump --schema-only`` of the database as it is now, the schemas `exclude` left out."""
+    try:
+        pg_dump = pgtools.find_companion(pg_restore, "pg_dump", major)
+    except pgtools.ToolError as exc:
+        raise RestoreRefused(f"{exc} Nothing was changed.") from None
+    path = directory / "now.schema.dump"
+    patterns = ['--exclude-schema="' + s.replace('"', '""') + '"' for s in exclude]
+    proc = subprocess.run(
+        [str(pg_dump.path), "--schema-only", "--format=custom", "--no-password",
+         f"--lock-wait-timeout={lock_timeout}", *patterns, "--file", str(path),
+         "--dbname", target.conninfo(application_name=f"runbook rollback {run_id}")],
+        capture_output=True, text=True, env=pgtools.tool_env())
+    if proc.returncode != 0:
+        raise RestoreRefused(f"pg_dump --schema-only of the database as it is now (to compare what a rollback keeps "
+                             f"with the backup) failed (exit {describe_exit(proc.returncode)}): "
+                             f"{redact(proc.stderr.strip()) or 'no message'}. Nothing was changed.")
+    try:
+        return path, read_listing(pg_restore, path)
+    except BackupError as exc:
+        raise RestoreRefused(f"{exc}. Nothing was changed.") from None
+
+
+def _compare_kept_entries(pg_restore: pgtools.Tool, backup_path: Path, listing: ArchiveListing,
+                          target: connection.Target, major: int, existing: list[str], kept: list[str], user: str,
+                          run_id: str, lock_timeout: str) -> tuple[list[tuple], list[tuple]]:
+    """(unchanged, changed) keys of the kept entries -- the kept schemas' own entries and other roles'
+    default privileges (global and in the kept schemas) -- comparing the backup with a fresh
+    schema-only dump: what pg_dump writes for each, side by side."""
+    kept_set = set(kept)
+
+    def is_kept(e: TocEntry) -> bool:
+        if e.type == "DEFAULT ACL":
+            return (e.namespace is None or e.namespace in kept_set) and e.owner != user
+        return _schema_of_entry(e) in kept_set
+
+    with tempfile.TemporaryDirectory(prefix="truthsource-compare-") as tmp:
+        live_path, live = _live_schema_dump(pg_restore, target, major, [s for s in existing if s not in kept_set],
+                                            run_id, lock_timeout, Path(tmp))
+        then = {_entry_key(e): e for e in listing.entries if is_kept(e)}
+        now = {_entry_key(e): e for e in live.entries if is_kept(e)}
+        then_sql = _entry_texts(pg_restore, backup_path, list(then.values()))
+        now_sql = _entry_texts(pg_restore, live_path, list(now.values()))
+    unchanged, changed = [], []
+    for key in sorted(set(then) | set(now), key=lambda k: tuple(str(p) for p in k)):
+        same = key in then and key in now and then_sql.get(key, "") == now_sql.get(key, "")
+        (unchanged if same else changed).append(key)
+    return unchanged, changed
+
+
+def _dropped_outside_routines(conn, listing: ArchiveListing, managed: set[str], existing: list[str],
+                              superuser: bool) -> list[TocEntry]:
+    """The archive's functions, procedures and aggregates outside the managed schemas (and outside
+    the history schema) that no longer exist, in schemas that do, owned by roles the connecting role
+    acts for (so a deployment run by it could have dropped them)."""
+    candidates = [e for e in listing.entries if e.type in ("FUNCTION", "PROCEDURE", "AGGREGATE")
+                  and e.namespace and e.namespace not in managed and e.namespace != engine.HISTORY_SCHEMA
+                  and e.namespace in existing]
+    gone = []
+    for e in candidates:
+        with _Reading(conn) as cur:
+            try:
+                cur.execute(f"select pg_catalog.to_regprocedure(%(signature)s) is null, {_acts_for('%(owner)s::name')}",
+                            {"signature": f"{_quote_ident(e.namespace)}.{e.tag}", "owner": e.owner})
+            except psycopg2.Error:
+                continue          # a signature this cannot read back: leave it alone
+            missing, acts = cur.fetchone()
+        if missing and (superuser or acts):
+            gone.append(e)
+    return gone
+
+
+# -- the plan ------------------------------------------------------------------------------------
 
 def _backup_info(backup_path: Path, sha: str) -> dict:
     """The backup.json beside the dump, if it describes this very file."""
@@ -418,6 +832,13 @@ def _restored_to_default(backup_path: Path, sha: str, listing: ArchiveListing) -
     raise RestoreRefused(f"when was {backup_path.name} taken? give restored_to (no {INFO_FILE} beside it)")
 
 
+def _refusal(user: str, superuser: bool, blockers: list[str]) -> RestoreRefused:
+    if superuser:
+        return RestoreRefused("this restore cannot be done: " + "; ".join(blockers) + ". Nothing was changed.")
+    return RestoreRefused(f"role {user} is not a superuser and cannot do this restore: " + "; ".join(blockers)
+                          + ". Connect as the database owner or a superuser. Nothing was changed.")
+
+
 def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *, run_id: str, operator: str,
                  restored_to=None, managed_schemas: list[str] | None = None, lock_timeout: str = "30s",
                  allow_other_database: bool = False) -> RestorePlan:
@@ -430,6 +851,7 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
         raise RestoreRefused(f"cannot connect to {target.name!r}: {redact(str(exc).strip())}") from None
     try:
         facts = connection.server_facts(conn)
+        user, superuser = facts["current_user"], bool(facts["superuser"])
         major = facts["server_version_num"] // 10000
         if facts["server_version_num"] < 150000:
             raise RestoreRefused(f"the target runs PostgreSQL {facts['server_version']}; rollback needs 15 or later")
@@ -481,8 +903,11 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             managed = sorted(set(managed_schemas))
         if not managed:
             raise RestoreRefused("no app schema to restore: the backup has none and the database has none")
-        dropped = [s for s in managed if s in existing]
+        # initdb creates public, so pg_dump never writes it: it always counts as in the backup
         restored_schemas = sorted(s for s in managed if s in backup_app or s == "public")
+        here = [s for s in managed if s in existing]              # emptied or dropped
+        kept = [s for s in here if s in restored_schemas]         # unless their own entries changed
+        only_here = [s for s in here if s not in restored_schemas]
 
         # (b) the history: read now, kept by never touching its schema, checked at the end
         history_problem = None
@@ -508,46 +933,115 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
                 public_init = recorded["public_init_privs"]
             else:
                 public_init = None if row is None else (row[0] or [])
-            outside = _outside_objects(cur, dropped)
+            outside = _outside_objects(cur, here) if here else []
+        conn.rollback()
 
-        # which archive entries: the managed schemas', their schema-level entries, their extensions
-        managed_set = set(managed)
-        schema_tags = {s for s in managed} | {_quote_ident(s) for s in managed}
-        schema_level = {f"SCHEMA {s}" for s in schema_tags}
         ext_entries = [e for e in listing.entries if e.type == "EXTENSION"]
         ext_schemas = _extension_schemas(pg_restore, backup_path, ext_entries)
-        extensions = sorted(name for name, schema in ext_schemas.items() if schema in managed_set)
+        extensions = sorted(name for name, schema in ext_schemas.items() if schema in set(managed))
         ext_tags = {f"EXTENSION {name}" for name in extensions} | {f"EXTENSION {_quote_ident(n)}" for n in extensions}
-
         for obj in outside:
             obj.toc = _toc_for_outside(obj, listing)
-        unrestorable = [o for o in outside if o.kind == "other"]
-        if unrestorable:
-            raise RestoreRefused(
-                "dropping the managed schemas (" + ", ".join(dropped) + ") would also drop objects outside them "
-                "that the restore cannot put back: " + "; ".join(o.identity for o in unrestorable)
-                + ". Move or drop them first, or name the schemas to restore (managed_schemas). Nothing was changed.")
         outside_restored = [o for o in outside if o.in_backup]
-        outside_dropped = [o for o in outside if not o.in_backup]
-        outside_ids = {i for o in outside_restored for i in o.toc}
+        outside_dropped = [o for o in outside if not o.in_backup and o.kind != "other"]
+
+        # routines outside the managed schemas that the backup has, that are gone now and that this
+        # role could have dropped: the deployment dropped them (phase 1 drops duplicate updated-at
+        # functions wherever they live, e.g. in `extensions`); they come back from the archive
+        recreated = _dropped_outside_routines(conn, listing, set(managed), existing, superuser)
+        recreated_tags = {(e.namespace, f"{e.type} {e.tag}") for e in recreated}
+        recreated_ids = {e.dump_id for e in recreated} | {
+            e.dump_id for e in listing.entries
+            if e.type in SCHEMA_LEVEL_TYPES and (e.namespace, e.tag) in recreated_tags}
+        outside_recreated = [f"{e.type.lower()} {_quote_ident(e.namespace)}.{e.tag}" for e in recreated]
+
+        # (c) what the role may do, as the live database tells: the preflight's check
+        with _Reading(conn) as cur:
+            blockers = ([history_problem] if history_problem else []) + _blockers(
+                cur, user, superuser, kept, only_here, [o for o in outside if o.kind == "other" or o.in_backup],
+                [f"{e} (from the backup)" for e in extensions])
+        if blockers:
+            raise _refusal(user, superuser, blockers)
+
+        # (d) what the archive keeps and the database has too: compared, not restored
+        unchanged, changed = _compare_kept_entries(pg_restore, backup_path, listing, target, major, existing, kept,
+                                                   user, run_id, lock_timeout)
+        with _Reading(conn) as cur:
+            cur.execute("select has_database_privilege(current_database(), 'CREATE')")
+            create_in_database = superuser or cur.fetchone()[0]
+            roles = sorted({k[3] for k in changed if k[3]} | {e.owner for e in listing.entries if e.owner})
+            cur.execute(f"select r, {_acts_for('r::name')} from unnest(%s::text[]) r "
+                        "where exists (select 1 from pg_roles where rolname = r)", (roles,))
+            acts = {r: superuser or ok for r, ok in cur.fetchall()}
+            cur.execute(f"select n.nspname, pg_get_userbyid(n.nspowner), {_acts_for('n.nspowner')} "
+                        "from pg_namespace n where n.nspname = any (%s::text[])", (kept,))
+            schema_owner = {s: (o, superuser or ok) for s, o, ok in cur.fetchall()}
+
+        replaced: list[str] = []
+        for schema in kept:
+            what = [_describe_kept_entry(k) for k in changed if _schema_of(k[0], k[1], k[2]) == schema]
+            if not what:
+                continue
+            # put back by dropping the schema and creating it from the archive, if the role may
+            owner, may_drop = schema_owner[schema]
+            foreign = sorted({e.owner for e in listing.entries if e.owner and e.type in OWNED_ENTRY_TYPES
+                              and (e.namespace == schema or _schema_of_entry(e) == schema)
+                              and not acts.get(e.owner, False)})
+            reasons = ([f"cannot act for its owner {owner} to drop it"] if not may_drop else []) + \
+                      (["may not create schemas (no CREATE on the database)"] if not create_in_database else []) + \
+                      ([f"cannot act for {', '.join(foreign)}, whose objects or default privileges the backup has "
+                        "in it"] if foreign else [])
+            if reasons:
+                blockers.append(f"{' and '.join(what)} changed since the backup was taken; putting that back means "
+                                f"dropping schema {schema} and creating it from the backup, and role {user} "
+                                + "; ".join(reasons) + f" (only {owner} or a superuser could)")
+            else:
+                replaced.append(schema)
+        kept = [s for s in kept if s not in replaced]
+        dropped = sorted(only_here + replaced)
+        created = [s for s in restored_schemas if s not in kept]      # from the archive (incl. replaced)
+
+        reset_roles = {user}
+        for key in changed:
+            if key[0] != "DEFAULT ACL" or (key[1] is not None and key[1] not in kept):
+                continue
+            if acts.get(key[3], False):
+                reset_roles.add(key[3])
+            else:
+                blockers.append(f"{_describe_kept_entry(key)} changed since the backup was taken; only {key[3]} or "
+                                "a superuser can put them back")
+
+        def left_alone(key: tuple) -> bool:
+            type_, namespace, tag, owner = key
+            if type_ == "DEFAULT ACL":
+                return (namespace is None or namespace in kept) and owner not in reset_roles
+            return _schema_of(type_, namespace, tag) in kept
+        kept_as_they_are = [_describe_kept_entry(k) for k in unchanged if left_alone(k)]
+
+        # which archive entries: what is in the managed schemas, the created schemas' own entries,
+        # their extensions, the restorable outside dependents, the reset roles' default privileges
+        managed_set, kept_set, created_set = set(managed), set(kept), set(created)
+        outside_ids = {i for o in outside_restored for i in o.toc} | recreated_ids
 
         def wanted(e: TocEntry) -> bool:
             if e.type in ("ENCODING", "STDSTRINGS", "SEARCH_PATH"):
                 return False            # pg_restore writes these itself
+            if e.type == "DEFAULT ACL":
+                if e.namespace is None or e.namespace in kept_set:
+                    return e.owner in reset_roles
+                return e.namespace in managed_set
             if e.namespace is not None:
                 return e.namespace in managed_set or e.dump_id in outside_ids
-            if e.type == "SCHEMA":
-                return e.tag in schema_tags
-            if e.type in ("COMMENT", "ACL", "SECURITY LABEL"):
-                return e.tag in schema_level or e.tag in ext_tags
             if e.type == "EXTENSION":
                 return e.tag in extensions
-            return e.type == "DEFAULT ACL"   # global default privileges (reset in the prelude)
+            if e.type in SCHEMA_LEVEL_TYPES and e.tag in ext_tags:
+                return True
+            return _schema_of_entry(e) in created_set
         entries = [e for e in listing.entries if wanted(e)]
         summary = dict(sorted({t: sum(1 for e in entries if e.type == t) for t in {e.type for e in entries}}.items()))
 
-        # (c) what the role may do: refuse now rather than fail halfway
-        with conn.cursor() as cur:
+        # (e) what the role may do, as the archive tells: refuse now rather than fail halfway
+        with _Reading(conn) as cur:
             owners = sorted({e.owner for e in entries if e.owner})
             cur.execute("select r from unnest(%s::text[]) r where not exists (select 1 from pg_roles where rolname = r)",
                         (owners,))
@@ -561,69 +1055,62 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             if unavailable:
                 raise RestoreRefused(f"the backup has extensions this server cannot install: {', '.join(unavailable)}. "
                                      "Nothing was changed.")
-            cur.execute("select x.extname, n.nspname from pg_extension x join pg_namespace n on n.oid = x.extnamespace "
-                        "where n.nspname = any(%s) order by 1", (dropped,))
-            extensions_now = cur.fetchall()
-            if history_problem and facts["superuser"]:
-                raise RestoreRefused(f"{history_problem}. Nothing was changed.")
-            if not facts["superuser"]:
-                problems = [history_problem] if history_problem else []
-                if extensions or extensions_now:
-                    names = sorted({e for e in extensions} | {f"{n} (in {s})" for n, s in extensions_now})
-                    problems.append(f"extensions live in the managed schemas ({', '.join(names)}): dropping and "
-                                    "re-creating them needs a superuser")
-                cur.execute("""select n.nspname, pg_get_userbyid(n.nspowner) from pg_namespace n
-                               where n.nspname = any(%s) and not pg_has_role(current_user, n.nspowner, 'MEMBER')
-                               order by 1""", (dropped,))
-                problems += [f"schema {s} is owned by {o}" for s, o in cur.fetchall()]
-                cur.execute("select r from unnest(%s::text[]) r where not pg_has_role(current_user, r, 'MEMBER')",
-                            (owners,))
-                problems += [f"the backup has objects owned by {r[0]}" for r in cur.fetchall()]
-                cur.execute("select has_database_privilege(current_database(), 'CREATE')")
-                if not cur.fetchone()[0]:
-                    problems.append("no CREATE privilege on the database (schemas are re-created)")
-                cur.execute("""select distinct pg_get_userbyid(defaclrole) from pg_default_acl
-                               where defaclnamespace = 0 and not pg_has_role(current_user, defaclrole, 'MEMBER')""")
-                problems += [f"global default privileges of {r[0]} must be reset" for r in cur.fetchall()]
-                if history_exists and not history_problem:
-                    cur.execute("select has_table_privilege(%s, 'INSERT')", (engine.HISTORY_TABLE,))
+        if not superuser:
+            foreign_owners = sorted({e.owner for e in entries if e.owner and e.type in OWNED_ENTRY_TYPES
+                                     and not acts.get(e.owner, False)})
+            blockers += [f"the backup has objects owned by {r}, which role {user} cannot act for" for r in foreign_owners]
+            if created and not create_in_database:
+                blockers.append(f"no CREATE privilege on the database (schema(s) {', '.join(created)} are created)")
+            with _Reading(conn) as cur:
+                for schema in sorted({e.namespace for e in recreated}):
+                    cur.execute("select has_schema_privilege(%s, 'CREATE')", (schema,))
                     if not cur.fetchone()[0]:
-                        problems.append(f"no INSERT privilege on {engine.HISTORY_TABLE}")
-                if problems:
-                    raise RestoreRefused(
-                        f"role {facts['current_user']} is not a superuser and cannot do this restore: "
-                        + "; ".join(problems) + ". Connect as the database owner or a superuser. Nothing was changed.")
+                        names = [f"{e.type.lower()} {_quote_ident(schema)}.{e.tag}" for e in recreated
+                                 if e.namespace == schema]
+                        blockers.append(f"{', '.join(names)}: dropped since the backup was taken; re-creating it "
+                                        f"needs the CREATE privilege on schema {schema}")
+        if blockers:
+            raise _refusal(user, superuser, blockers)
     finally:
         conn.close()
 
     if outside_dropped:
-        warnings.append("created after the backup, dropped with the managed schemas: "
+        warnings.append("created after the backup, dropped with what is in the managed schemas: "
                         + "; ".join(o.identity for o in outside_dropped))
-    prelude = _prelude(facts["database"], backup_path.name, sha, run_id, lock_timeout, dropped,
-                       "public" in restored_schemas, public_init)
+    if outside_recreated:
+        warnings.append("dropped since the backup outside the managed schemas, re-created from it: "
+                        + "; ".join(outside_recreated))
+    prelude = _prelude(facts["database"], backup_path.name, sha, run_id, lock_timeout, sorted(reset_roles), kept,
+                       dropped, "public" in created, public_init)
     postlude = _postlude(history_rows, history_exists, backup_path.name, sha, operator, run_id, restored_to,
                          len(entries), restored_schemas)
     return RestorePlan(
         backup_path=backup_path, backup_sha256=sha, database=facts["database"],
         server_version=facts["server_version"], server_version_num=facts["server_version_num"],
-        current_user=facts["current_user"], superuser=bool(facts["superuser"]), managed_schemas=managed,
-        dropped_schemas=dropped, restored_schemas=restored_schemas, entries=entries, toc_summary=summary,
-        extensions=extensions, outside_restored=outside_restored, outside_dropped=outside_dropped,
-        history_rows=history_rows, history_exists=history_exists, prelude_sql=prelude, postlude_sql=postlude,
-        pg_restore=pg_restore, psql=psql, run_id=run_id, operator=operator, restored_to=restored_to,
-        warnings=warnings)
+        current_user=user, superuser=superuser, managed_schemas=managed, dropped_schemas=dropped,
+        kept_schemas=kept, replaced_schemas=sorted(replaced), restored_schemas=restored_schemas,
+        default_privileges_reset=sorted(reset_roles), kept_as_they_are=kept_as_they_are, entries=entries,
+        toc_summary=summary, extensions=extensions, outside_restored=outside_restored,
+        outside_dropped=outside_dropped, outside_recreated=outside_recreated, history_rows=history_rows,
+        history_exists=history_exists,
+        prelude_sql=prelude, postlude_sql=postlude, pg_restore=pg_restore, psql=psql, run_id=run_id,
+        operator=operator, restored_to=restored_to, warnings=warnings)
 
 
-def _prelude(database, file_name, sha, run_id, lock_timeout, dropped, recreate_public, public_init) -> str:
+def _prelude(database, file_name, sha, run_id, lock_timeout, reset_roles, kept, dropped, create_public,
+             public_init) -> str:
     lines = [f"-- TruthSource rollback of database {database} to {file_name} (sha256 {sha}), run {run_id}",
              f"SET lock_timeout = {_literal(lock_timeout)};",
              "SELECT pg_catalog.set_config('truthsource.rollback_started', pg_catalog.clock_timestamp()::text, false);",
-             RESET_GLOBAL_DEFAULT_PRIVILEGES.strip()]
+             _reset_default_privileges_sql(reset_roles, kept)]
     if dropped:
-        lines.append("-- everything in the managed schemas goes, whoever created it")
+        lines.append("-- schemas the backup does not have (or whose own owner, comment or privileges changed): "
+                     "dropped with everything in them")
         lines.append("DROP SCHEMA IF EXISTS " + ", ".join(_quote_ident(s) for s in dropped) + " CASCADE;")
-    if recreate_public:
-        lines.append("-- initdb creates public, so pg_dump never does: re-create it as initdb leaves it")
+    if kept:
+        lines.append(_empty_schemas_sql(kept))
+    if create_public:
+        lines.append("-- initdb creates public, so pg_dump never does: create it as initdb leaves it")
         lines += _public_baseline(public_init)
     return "\n".join(lines) + "\n"
 
@@ -735,11 +1222,13 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
         backup_path=str(plan.backup_path), backup_sha256=plan.backup_sha256, database=plan.database,
         run_id=plan.run_id, operator=plan.operator, restored_to=plan.restored_to,
         managed_schemas=plan.managed_schemas, dropped_schemas=plan.dropped_schemas,
-        restored_schemas=plan.restored_schemas, archive_entries_restored=len(plan.entries),
+        kept_schemas=plan.kept_schemas, replaced_schemas=plan.replaced_schemas,
+        restored_schemas=plan.restored_schemas, default_privileges_reset=plan.default_privileges_reset,
+        kept_as_they_are=plan.kept_as_they_are, archive_entries_restored=len(plan.entries),
         extensions_recreated=plan.extensions,
         outside_objects_restored=[o.identity for o in plan.outside_restored],
         outside_objects_dropped=[o.identity for o in plan.outside_dropped],
-        history_rows_kept=len(kept), rollback_row=new[0], seconds=round(seconds, 3), psql_messages=messages,
+        outside_objects_recreated=plan.outside_recreated, history_rows_kept=len(kept), rollback_row=new[0], seconds=round(seconds, 3), psql_messages=messages,
         pg_restore=plan.pg_restore.as_dict(), psql=plan.psql.as_dict(), warnings=plan.warnings,
         prelude_sql=plan.prelude_sql, postlude_sql=plan.postlude_sql)
 

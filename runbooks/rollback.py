@@ -162,23 +162,35 @@ class Rollback:
         except (restore.RestoreError, RollbackError) as exc:
             return Check("restore_plan", "error", f"refused, nothing was changed: {exc}", title=title)
         d = self.plan.describe()
+        created_public = "public" in d["restored_schemas"] and "public" not in d["kept_schemas"]
         rows = [
+            {"step": "empty, keeping the schema (its owner, privileges, other roles' default privileges)",
+             "what": ", ".join(d["kept_schemas"]) or "none"},
             {"step": "drop (with everything in them, whoever created it)", "what": ", ".join(d["dropped_schemas"]) or "none"},
-            {"step": "re-create public as initdb leaves it", "what": "yes" if "public" in d["dropped_schemas"] else "no"},
+            {"step": "of those, created again from the backup (their own owner, comment or privileges changed)",
+             "what": ", ".join(d["replaced_schemas"]) or "none"},
+            {"step": "create public as initdb leaves it", "what": "yes" if created_public else "no"},
+            {"step": "default privileges reset, then restored from the archive (the roles that create objects here)",
+             "what": ", ".join(d["default_privileges_reset"])},
+            {"step": "compared with the backup, unchanged, left as they are", "what": "; ".join(d["kept_as_they_are"]) or "none"},
             {"step": "restore from the archive", "what": f"{d['archive_entries_restored']} entries into "
              + ", ".join(d["restored_schemas"]) + ": " + ", ".join(f"{n} {t}" for t, n in d["archive_entries_by_type"].items())},
             {"step": "extensions re-created", "what": ", ".join(d["extensions_recreated"]) or "none"},
             {"step": "objects outside them, restored from the backup", "what": "; ".join(d["outside_objects_restored"]) or "none"},
             {"step": "objects outside them, created after the backup: dropped", "what": "; ".join(d["outside_objects_dropped"]) or "none"},
+            {"step": "routines outside them, dropped since the backup: re-created",
+             "what": "; ".join(d["outside_objects_recreated"]) or "none"},
             {"step": f"kept: {engine.HISTORY_TABLE}", "what": f"{d['history_rows_kept']} rows, plus one rollback row"},
-            {"step": "never touched", "what": "the Supabase platform schemas (auth, storage, ...), roles, database settings"},
+            {"step": "never touched", "what": "roles, database settings, and the Supabase platform schemas (auth, "
+             "storage, ...) beyond the objects outside listed above"},
             {"step": "restored to", "what": f"{d['restored_to']} (when the backup was taken)"},
             {"step": "how", "what": f"one transaction: psql {d['psql']['version']} --single-transaction "
              f"-v ON_ERROR_STOP=1 fed by pg_restore {d['pg_restore']['version']} -L <list>; lock_timeout {lock_timeout}"},
         ]
         rows += [{"step": "warning", "what": w} for w in d["warnings"]]
         return Check("restore_plan", "warning" if d["warnings"] else "ok",
-                     f"drop {', '.join(d['dropped_schemas']) or 'nothing'}; restore {d['archive_entries_restored']} "
+                     f"empty {', '.join(d['kept_schemas']) or 'nothing'}; drop {', '.join(d['dropped_schemas']) or 'nothing'}; "
+                     f"restore {d['archive_entries_restored']} "
                      f"archive entries; keep {d['history_rows_kept']} history rows", title=title, rows=rows,
                      columns=["step", "what"])
 
@@ -204,6 +216,7 @@ class Rollback:
             return Check("restore", "error", f"{exc}", title=title)
         r = self.result
         rows = [{"fact": "archive entries restored", "value": r.archive_entries_restored},
+                {"fact": "schemas emptied (kept)", "value": ", ".join(r.kept_schemas)},
                 {"fact": "schemas dropped", "value": ", ".join(r.dropped_schemas)},
                 {"fact": "schemas restored", "value": ", ".join(r.restored_schemas)},
                 {"fact": "history rows kept", "value": r.history_rows_kept},

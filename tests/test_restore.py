@@ -11,7 +11,9 @@ from runbooks.backup import take_backup
 from runbooks.records import sha256_of
 from runbooks.pgtools import find_tool
 from runbooks.restore import RestoreFailed, RestoreRefused, execute_plan, plan_restore, restore_backup
-from runbooks.snapshot import compare_snapshots, take_snapshot
+from runbooks.snapshot import compare_snapshots
+
+from runhelpers import assert_identical, history, snapshot_of
 
 # The state before the deployment: what the backup holds.
 BEFORE_DEPLOY = """
@@ -78,22 +80,6 @@ drop view reporting.org_sizes;
 """
 
 
-def snap(db):
-    conn = db.connect()
-    try:
-        return take_snapshot(conn)
-    finally:
-        conn.close()
-
-
-def history(db):
-    conn = db.connect()
-    try:
-        return engine.read_history(conn)
-    finally:
-        conn.close()
-
-
 def record(db, version, run_id):
     conn = db.connect()
     try:
@@ -105,17 +91,12 @@ def record(db, version, run_id):
         conn.close()
 
 
-def assert_identical(before, after):
-    comparison = compare_snapshots(before, after)
-    assert comparison.identical, json.dumps(comparison.as_dict()["problems"] + [comparison.differences], indent=1)
-
-
 @pytest.fixture
 def deployed(empty_db, tmp_path):
     """(db, backup info, snapshot before the deployment), with the deployment applied."""
     empty_db.execute(BEFORE_DEPLOY)
     record(empty_db, "000", "earlier-run")
-    before = snap(empty_db)
+    before = snapshot_of(empty_db)
     info = take_backup(empty_db.target, tmp_path, "run-1")
     record(empty_db, "001", "run-1")
     empty_db.execute(DEPLOYMENT)
@@ -124,11 +105,13 @@ def deployed(empty_db, tmp_path):
 
 def test_a_rollback_returns_the_database_to_its_pre_deployment_snapshot(deployed):
     db, info, before = deployed
-    assert not compare_snapshots(before, snap(db)).identical
+    assert not compare_snapshots(before, snapshot_of(db)).identical
     result = restore_backup(db.target, info.path, info.sha256, run_id="run-1", operator="alice",
                             restored_to=info.taken_at)
-    assert_identical(before, snap(db))
-    assert result.dropped_schemas == ["extra", "public", "reporting"]
+    assert_identical(before, snapshot_of(db))
+    # reporting is here now and in the backup: emptied and refilled, the schema kept; public's comment
+    # changed, which its owner may put back, so public is dropped and re-created from the backup
+    assert result.dropped_schemas == ["extra", "public"] and result.kept_schemas == ["reporting"]
     assert result.restored_schemas == ["public", "reporting"] and result.extensions_recreated == ["citext"]
     # objects the deployment created are gone, also outside the managed schemas
     assert db.query("select to_regnamespace('extra'), to_regclass('public.api_keys')") == [(None, None)]
@@ -178,15 +161,15 @@ def test_when_the_backup_was_taken_comes_from_backup_json_when_not_given(deploye
     db, info, before = deployed
     restore_backup(db.target, info.path, info.sha256, run_id="run-1", operator="alice")
     assert history(db)[-1]["restored_to"].isoformat() == info.taken_at
-    assert_identical(before, snap(db))
+    assert_identical(before, snapshot_of(db))
 
 
 def test_a_wrong_sha256_is_refused_before_anything_changes(deployed):
     db, info, _ = deployed
-    now = snap(db)
+    now = snapshot_of(db)
     with pytest.raises(RestoreRefused, match="does not match its recorded sha256.*Nothing was changed"):
         restore_backup(db.target, info.path, "0" * 64, run_id="run-1", operator="alice")
-    assert_identical(now, snap(db))
+    assert_identical(now, snapshot_of(db))
     assert history(db)[-1]["action"] == "apply"
 
 
@@ -200,12 +183,12 @@ def test_a_restore_that_fails_midway_leaves_the_database_as_it_was(empty_db, tmp
     info = take_backup(db.target, tmp_path, "run-2")
     db.execute(DEPLOYMENT + f"revoke all on public.products from {role};")
     server.admin_execute(f"drop role {role}")
-    deployed_state, rows = snap(db), history(db)
+    deployed_state, rows = snapshot_of(db), history(db)
     with pytest.raises(RestoreFailed) as failed:
         restore_backup(db.target, info.path, info.sha256, run_id="run-2", operator="alice")
     assert f'role "{role}" does not exist' in str(failed.value)
     assert "rolled back" in str(failed.value)
-    assert_identical(deployed_state, snap(db))
+    assert_identical(deployed_state, snapshot_of(db))
     assert history(db) == rows
 
 
@@ -216,22 +199,22 @@ def test_a_role_that_does_not_own_the_schemas_is_refused_before_anything_changes
     server.pg.add_pgpass(role, password)
     server.pg.add_service(f"{db.name}_helper", db.name, user=role)
     from runbooks.connection import from_service
-    now = snap(db)
+    now = snapshot_of(db)
     with pytest.raises(RestoreRefused) as refused:
         restore_backup(from_service(f"{db.name}_helper"), info.path, info.sha256, run_id="run-1", operator="bob")
     message = str(refused.value)
     assert f"role {role} is not a superuser" in message and "schema public is owned by pg_database_owner" in message
     assert "extensions live in the managed schemas" in message and "Nothing was changed" in message
-    assert_identical(now, snap(db))
+    assert_identical(now, snapshot_of(db))
 
 
 def test_an_outside_object_that_cannot_be_put_back_is_refused_before_anything_changes(deployed):
     db, info, _ = deployed
     db.execute("create view auth.org_names as select name from public.organizations")
-    now = snap(db)
+    now = snapshot_of(db)
     with pytest.raises(RestoreRefused, match=r"view auth\.org_names"):
         restore_backup(db.target, info.path, info.sha256, run_id="run-1", operator="alice")
-    assert_identical(now, snap(db))
+    assert_identical(now, snapshot_of(db))
 
 
 def test_the_history_schema_and_platform_schemas_are_never_managed(deployed):
@@ -244,15 +227,15 @@ def test_the_history_schema_and_platform_schemas_are_never_managed(deployed):
 
 def test_a_plan_shows_what_will_happen_and_changes_nothing(deployed):
     db, info, _ = deployed
-    now = snap(db)
+    now = snapshot_of(db)
     plan = plan_restore(db.target, info.path, info.sha256, run_id="run-1", operator="alice")
     described = json.loads(json.dumps(plan.describe()))
     assert described["managed_schemas"] == ["extra", "public", "reporting"]
-    assert "DROP SCHEMA IF EXISTS extra, public, reporting CASCADE;" in described["prelude_sql"]
+    assert "DROP SCHEMA IF EXISTS extra, public CASCADE;" in described["prelude_sql"]
     assert "CREATE SCHEMA public;" in described["prelude_sql"]
     assert "INSERT INTO truthsource.deployment_history" in described["postlude_sql"]
     assert described["history_rows_kept"] == 2 and described["archive_entries_restored"] > 0
-    assert_identical(now, snap(db))
+    assert_identical(now, snapshot_of(db))
 
 
 def test_changes_to_the_public_schema_itself_are_rolled_back(empty_db, tmp_path):
@@ -262,25 +245,25 @@ def test_changes_to_the_public_schema_itself_are_rolled_back(empty_db, tmp_path)
                   grant create on schema public to authenticated;
                   revoke usage on schema public from public;
                   create table public.t (id int); insert into public.t values (1)""")
-    before = snap(db)
+    before = snapshot_of(db)
     info = take_backup(db.target, tmp_path, "run-3")
     db.execute("""comment on schema public is null;
                   revoke create on schema public from authenticated;
                   grant usage on schema public to public;
                   grant create on schema public to anon""")
     restore_backup(db.target, info.path, info.sha256, run_id="run-3", operator="alice")
-    assert_identical(before, snap(db))
+    assert_identical(before, snapshot_of(db))
     assert db.query("select obj_description('public'::regnamespace, 'pg_namespace')") == [("ours",)]
 
 
 @pytest.mark.skipif(not paths.LEGACY_FIXTURE_FILE.exists(), reason="no legacy fixture yet")
 def test_a_legacy_database_comes_back_exactly(legacy_db, tmp_path):
-    before = snap(legacy_db)
+    before = snapshot_of(legacy_db)
     info = take_backup(legacy_db.target, tmp_path, "run-4")
     legacy_db.execute("""create schema deployed; create table deployed.x (id int);
                          create table public.rollback_probe (id int); insert into public.rollback_probe values (1)""")
     restore_backup(legacy_db.target, info.path, info.sha256, run_id="run-4", operator="alice")
-    assert_identical(before, snap(legacy_db))
+    assert_identical(before, snapshot_of(legacy_db))
 
 
 def test_a_database_owner_that_is_not_a_superuser_can_roll_back_what_it_owns(empty_db, tmp_path, server):
@@ -307,7 +290,7 @@ def test_a_database_owner_that_is_not_a_superuser_can_roll_back_what_it_owns(emp
                        create policy things_read on public.things for select to authenticated using (true);
                        grant select on public.things to authenticated""")
     conn.close()
-    before = snap(db)
+    before = snapshot_of(db)
     info = take_backup(db.target, tmp_path, "run-5")
     conn = connect(owner, autocommit=True)
     with conn.cursor() as cur:
@@ -315,8 +298,8 @@ def test_a_database_owner_that_is_not_a_superuser_can_roll_back_what_it_owns(emp
                        delete from app.items where id > 5; create table public.more (id int)""")
     conn.close()
     result = restore_backup(owner, info.path, info.sha256, run_id="run-5", operator="owner")
-    assert_identical(before, snap(db))
-    assert result.dropped_schemas == ["app", "extra", "public"]
+    assert_identical(before, snapshot_of(db))
+    assert result.dropped_schemas == ["extra"] and result.kept_schemas == ["app", "public"]
 
 
 def test_a_backup_written_by_a_newer_pg_dump_restores_on_an_older_server(empty_db, tmp_path, server):
@@ -325,7 +308,7 @@ def test_a_backup_written_by_a_newer_pg_dump_restores_on_an_older_server(empty_d
         pytest.skip(f"no pg_dump newer than the server's {server.pg.major} here")
     db = empty_db
     db.execute("create table public.t (id int primary key, v text); insert into public.t values (1, 'one')")
-    before = snap(db)
+    before = snapshot_of(db)
     dump = tmp_path / f"{db.name}-newer.dump"
     subprocess.run([str(newest.path), "-Fc", "--no-password", "-f", str(dump), "-d", db.target.conninfo()], check=True)
     db.execute("drop table public.t; create table public.u (id int)")
@@ -333,7 +316,7 @@ def test_a_backup_written_by_a_newer_pg_dump_restores_on_an_older_server(empty_d
     result = restore_backup(db.target, dump, sha256_of(dump), run_id="run-6", operator="alice",
                             restored_to="2000-01-01T00:00:00+00:00")
     assert result.pg_restore["major"] == newest.major
-    assert_identical(before, snap(db))
+    assert_identical(before, snapshot_of(db))
 
 
 def test_a_backup_that_breaks_while_streaming_is_never_half_committed(deployed):
@@ -343,10 +326,10 @@ def test_a_backup_that_breaks_while_streaming_is_never_half_committed(deployed):
     plan = plan_restore(db.target, info.path, info.sha256, run_id="run-1", operator="alice")
     dump = plan.backup_path
     dump.write_bytes(dump.read_bytes()[: info.size_bytes // 2])
-    deployed_state, rows = snap(db), history(db)
+    deployed_state, rows = snapshot_of(db), history(db)
     with pytest.raises(RestoreFailed, match="pg_restore could not read.*rolled back"):
         execute_plan(plan, db.target)
-    assert_identical(deployed_state, snap(db))
+    assert_identical(deployed_state, snapshot_of(db))
     assert history(db) == rows
 
 
@@ -356,11 +339,11 @@ def test_a_session_holding_a_lock_makes_the_rollback_fail_fast_and_change_nothin
     with blocker.cursor() as cur:
         cur.execute("select count(*) from public.products")   # holds ACCESS SHARE until rollback
     try:
-        deployed_state = snap(db)
+        deployed_state = snapshot_of(db)
         with pytest.raises(RestoreFailed, match="lock timeout"):
             restore_backup(db.target, info.path, info.sha256, run_id="run-1", operator="alice",
                            lock_timeout="300ms")
     finally:
         blocker.rollback()
         blocker.close()
-    assert_identical(deployed_state, snap(db))
+    assert_identical(deployed_state, snapshot_of(db))

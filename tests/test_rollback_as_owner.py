@@ -1,0 +1,291 @@
+"""A database owner that is not a superuser -- Supabase's `postgres` -- deploys and rolls back.
+
+Each database here is built the way the rehearsal shim leaves a Supabase project: the superuser
+applies the shim (so schema public carries default privileges FOR ROLE postgres, a role the owner
+is not a member of, like Supabase's supabase_admin), public and the app objects belong to the owner,
+and the owner's password is only in .pgpass. A rollback empties public instead of dropping it,
+leaves the foreign default privileges alone, and puts everything else back exactly; a deployment
+that could not be rolled back is refused by the preflight before anything changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from runbooks import cli, connection, engine, fixtures, paths, preflight, records, restore, snapshot
+from runbooks.backup import take_backup
+
+VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
+LEGACY = paths.LEGACY_FIXTURE_FILE
+_numbers = itertools.count()
+
+DEFAULT_PRIVILEGES_SQL = """
+select pg_get_userbyid(d.defaclrole), coalesce(n.nspname, '(global)'), d.defaclobjtype::text,
+       d.defaclacl::text[]
+from pg_default_acl d left join pg_namespace n on n.oid = d.defaclnamespace
+order by 1, 2, 3"""
+
+
+@dataclass
+class OwnedDatabase:
+    """A database, its owner (no superuser) and the owner's password; the libpq service of the
+    database's name connects as the owner."""
+
+    server: object
+    name: str
+    owner: str
+    password: str
+
+    @property
+    def target(self) -> connection.Target:
+        return connection.from_service(self.name)
+
+    def as_owner(self, sql: str, params=None) -> list[tuple]:
+        conn = connection.connect(self.target, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def as_superuser(self, sql: str, params=None) -> list[tuple]:
+        conn = psycopg2.connect(self.server.pg.conninfo(self.name))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def snapshot(self) -> dict:
+        conn = connection.connect(self.target, readonly=True, autocommit=True)
+        try:
+            return snapshot.take_snapshot(conn)
+        finally:
+            conn.close()
+
+    def history(self) -> list[dict]:
+        conn = connection.connect(self.target, readonly=True, autocommit=True)
+        try:
+            return engine.read_history(conn)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def owned_db(server):
+    """Factory: owned_db(legacy shape file) -> an OwnedDatabase holding that legacy shape."""
+    made: list[OwnedDatabase] = []
+
+    def make(shape: Path) -> OwnedDatabase:
+        number = next(_numbers)
+        db = OwnedDatabase(server, f"owned_{number}", f"app_owner_{number}", "Owner-" + secrets.token_urlsafe(18))
+        server.admin_execute(f"create role {db.owner} login createrole password '{db.password}'")
+        server.admin_execute(f"create database {db.name} owner {db.owner}")
+        made.append(db)
+        conn = psycopg2.connect(server.pg.conninfo(db.name))
+        try:
+            # as the superuser: roles, auth, and default privileges FOR ROLE postgres in public
+            assert fixtures.load_shim(conn)
+            with conn.cursor() as cur:
+                cur.execute(f"""grant all on schema auth to {db.owner};
+                                grant all on auth.users to {db.owner};
+                                grant anon, authenticated, service_role to {db.owner};
+                                alter schema public owner to {db.owner};
+                                set role {db.owner}""")
+                cur.execute(Path(shape).read_text())
+            conn.commit()
+        finally:
+            conn.close()
+        server.pg.add_pgpass(db.owner, db.password)
+        server.pg.add_service(db.name, db.name, user=db.owner)
+        return db
+
+    yield make
+    for db in made:
+        server.admin_execute(f"drop database if exists {db.name} with (force)")
+        server.admin_execute(f"drop role if exists {db.owner}")
+
+
+def record_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def assert_identical(before: dict, after: dict) -> None:
+    comparison = snapshot.compare_snapshots(before, after)
+    assert comparison.identical, json.dumps(comparison.as_dict()["problems"] + [comparison.differences], indent=1)
+
+
+def deploy_then_roll_back(db: OwnedDatabase, root: Path) -> None:
+    """`runbook deploy`, then `runbook rollback --yes` of that run, as the owner, checked end to end."""
+    before = db.snapshot()
+    default_privileges = db.as_superuser(DEFAULT_PRIVILEGES_SQL)
+    assert {(role, schema, kind) for role, schema, kind, _ in default_privileges} == {
+        ("postgres", "public", "r"), ("postgres", "public", "S"), ("postgres", "public", "f")}
+
+    assert cli.main(["deploy", "--service", db.name, "--records", str(root)]) == 0
+    [deploy_run] = [p.name for p in root.iterdir()]
+    deployed = db.history()
+    assert [(r["version"], r["run_id"], r["applied_by"]) for r in deployed] == [
+        (version, deploy_run, deployed[0]["applied_by"]) for version, _ in paths.PHASES]
+    assert not snapshot.compare_snapshots(before, db.snapshot()).identical
+
+    assert cli.main(["rollback", "--service", db.name, "--run", deploy_run, "--yes", "--records", str(root)]) == 0
+    [rollback_run] = [p.name for p in root.iterdir() if p.name != deploy_run]
+    assert_identical(before, db.snapshot())
+
+    # the history keeps every row and gains the rollback's; nothing of the deployment counts as applied
+    rows = db.history()
+    assert [r["id"] for r in rows[:-1]] == [r["id"] for r in deployed]
+    assert (rows[-1]["version"], rows[-1]["action"], rows[-1]["run_id"]) == ("rollback", "rollback", rollback_run)
+    assert engine.latest_applied(rows) == {}
+    # public was emptied, not dropped; the default privileges of postgres in it were never touched
+    assert db.as_superuser(DEFAULT_PRIVILEGES_SQL) == default_privileges
+    assert db.as_superuser("select pg_get_userbyid(nspowner) from pg_namespace where nspname = 'public'") == [
+        (db.owner,)]
+    plan = next(c for c in records.Record.open(root, rollback_run).manifest()["notebooks"][0]["checks"]
+                if c["name"] == "restore_plan")
+    emptied = plan["summary"].split(";")[0]
+    assert plan["status"] in ("ok", "warning") and emptied.startswith("empty ") and "public" in emptied
+    # the password is in no file of either record
+    for run in (deploy_run, rollback_run):
+        assert db.password.encode() not in record_bytes(root / run)
+        assert records.Record.open(root, run).verify() == []
+
+
+@pytest.mark.slow
+def test_an_owner_that_is_no_superuser_deploys_and_rolls_back_a_legacy_database_this_project_has_never_seen(
+        owned_db, tmp_path):
+    db = owned_db(VARIANT)
+    deploy_then_roll_back(db, tmp_path / "records")
+    # phase 1 dropped the duplicate updated-at function in schema extensions: it is back (the
+    # snapshot does not describe the platform schemas, so ask)
+    assert db.as_superuser("select to_regprocedure('extensions.moddatetime()') is not null") == [(True,)]
+
+
+@pytest.mark.slow
+def test_an_owner_that_is_no_superuser_deploys_and_rolls_back_the_shipped_legacy_fixture(owned_db, tmp_path):
+    deploy_then_roll_back(owned_db(LEGACY), tmp_path / "records")
+
+
+@pytest.mark.slow
+def test_a_deployment_that_could_not_be_rolled_back_is_refused_by_the_preflight_before_anything_changes(
+        owned_db, tmp_path):
+    db = owned_db(LEGACY)
+    # an object in public that the owner cannot act for: a rollback could not re-create it as postgres's
+    db.as_superuser("create table public.platform_notes (id int)")
+    before = db.snapshot()
+    root = tmp_path / "records"
+    assert cli.main(["deploy", "--service", db.name, "--records", str(root)]) == 1
+    [run] = [p.name for p in root.iterdir()]
+    manifest = records.Record.open(root, run).manifest()
+    assert [n["status"] for n in manifest["notebooks"]] == ["failed", "not run", "not run", "not run", "not run"]
+    error = manifest["notebooks"][0]["error"]
+    assert "a rollback would be impossible" in error and "table public.platform_notes" in error
+    assert "owned by postgres" in error
+    assert not (root / run / "backup").exists()                      # stopped before the backup
+    assert db.as_owner("select to_regnamespace('truthsource'), to_regnamespace('private')") == [(None, None)]
+    assert_identical(before, db.snapshot())
+
+
+def test_the_preflight_names_each_rollback_blocker_and_the_role_that_owns_it(owned_db):
+    db = owned_db(LEGACY)
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        clean = preflight.privileges(conn)
+        assert restore.rollback_blockers(conn) == []
+        db.as_superuser("create table public.platform_notes (id int); create extension if not exists citext")
+        blocked = preflight.privileges(conn)
+        blockers = restore.rollback_blockers(conn)
+    finally:
+        conn.close()
+    assert clean.status == "ok" and "least privilege" in clean.summary
+    assert {r["requirement"]: r["ok"] for r in clean.rows}[preflight.ROLLBACK_REQUIREMENT] == "yes"
+    assert len(blockers) == 2
+    assert blockers[0].startswith("extensions live in the managed schemas (citext (in public))")
+    assert blockers[1].startswith("1 object(s) in the app schemas are owned by postgres, which role "
+                                  f"{db.owner} cannot act for (table public.platform_notes)")
+    assert blocked.status == "error"
+    assert [r["detail"] for r in blocked.rows if r["needed for"] == "rollback"] == blockers
+    assert "a rollback would be impossible, so the deployment is refused before it starts" in blocked.summary
+
+
+def test_a_superuser_is_refused_too_when_an_object_outside_the_app_schemas_would_be_lost(server, owned_db):
+    db = owned_db(LEGACY)
+    db.as_superuser("create view auth.organization_names as select name from public.organizations")
+    conn = psycopg2.connect(server.pg.conninfo(db.name))   # the superuser
+    conn.autocommit = True
+    try:
+        blockers = restore.rollback_blockers(conn)
+        check = preflight.privileges(conn)
+    finally:
+        conn.close()
+    assert len(blockers) == 1 and "view auth.organization_names" in blockers[0]
+    assert check.status == "error" and "view auth.organization_names" in check.summary
+
+
+def owner_deployment(db: OwnedDatabase, tmp_path: Path):
+    """A backup and a snapshot as the owner, then changes to public a deployment might make."""
+    before = db.snapshot()
+    info = take_backup(db.target, tmp_path, "run-owner")
+    db.as_owner("""create schema extra; create table extra.t (id int);
+                   create table public.added (id int primary key); insert into public.added values (1);
+                   alter table public.products add column extra_note text;
+                   delete from public.inventory;
+                   create function public.added_fn() returns int language sql as 'select 1';
+                   create type public.added_mood as enum ('calm');
+                   alter default privileges in schema public grant select on tables to anon""")
+    return before, info
+
+
+def test_the_kept_schemas_foreign_default_privileges_survive_the_rollback_unchanged(owned_db, tmp_path):
+    db = owned_db(LEGACY)
+    default_privileges = db.as_superuser(DEFAULT_PRIVILEGES_SQL)
+    before, info = owner_deployment(db, tmp_path)
+    result = restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
+    assert_identical(before, db.snapshot())
+    assert result.kept_schemas == ["app", "public"] and result.dropped_schemas == ["extra"]
+    assert result.default_privileges_reset == [db.owner]
+    assert "the default privileges of postgres in schema public for tables" in result.kept_as_they_are
+    assert "FOR ROLE postgres" not in result.prelude_sql and "DROP SCHEMA IF EXISTS extra CASCADE;" in result.prelude_sql
+    assert db.as_superuser(DEFAULT_PRIVILEGES_SQL) == default_privileges
+    # the owner's own default privileges, added by the deployment, are gone again
+    assert [r for r in db.as_superuser(DEFAULT_PRIVILEGES_SQL) if r[0] == db.owner] == []
+
+
+def test_foreign_default_privileges_changed_since_the_backup_are_refused_naming_the_role_that_could_put_them_back(
+        owned_db, tmp_path):
+    db = owned_db(LEGACY)
+    _, info = owner_deployment(db, tmp_path)
+    db.as_superuser("alter default privileges for role postgres in schema public revoke all on tables from anon")
+    now = db.snapshot()
+    with pytest.raises(restore.RestoreRefused) as refused:
+        restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
+    message = str(refused.value)
+    assert f"role {db.owner} is not a superuser" in message and "Nothing was changed" in message
+    assert ("the default privileges of postgres in schema public for tables changed since the backup was taken; "
+            "only postgres or a superuser can put them back") in message
+    assert_identical(now, db.snapshot())
+
+
+def test_a_kept_schema_whose_comment_changed_is_refused_when_re_creating_it_would_need_another_role(
+        owned_db, tmp_path):
+    db = owned_db(LEGACY)
+    _, info = owner_deployment(db, tmp_path)
+    db.as_owner("comment on schema public is 'changed by the deployment'")
+    now = db.snapshot()
+    with pytest.raises(restore.RestoreRefused) as refused:
+        restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
+    message = str(refused.value)
+    assert "the comment on schema public changed since the backup was taken" in message
+    assert "cannot act for postgres, whose objects or default privileges the backup has in it" in message
+    assert_identical(now, db.snapshot())
