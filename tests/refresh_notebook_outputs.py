@@ -5,12 +5,16 @@
 Runs the runbooks in deployment order (tests/notebook_chain.py) on a fresh embedded server
 with the legacy fixture, then writes back into notebooks/: the outputs of the cells tagged
 `nbval-check-output`, and no output for any other cell (records keep executed notebooks; the
-committed ones stay clean). Review the diff before committing it: it is the regression's
-expectation.
+committed ones stay clean). A checked cell whose new output differs from the committed one
+only where nbval_sanitize.cfg says runs may differ (times, ids, digests) keeps the committed
+output, so a refresh shows only real changes. Review the diff before committing it: it is the
+regression's expectation.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,11 +24,28 @@ import papermill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from notebook_chain import CHAIN, CHECK_TAG, DATABASE, parameterized_copy  # noqa: E402
+from notebook_chain import CHAIN, CHECK_TAG, DATABASE, SANITIZE, parameterized_copy  # noqa: E402
 from runbooks import rehearsal, runner  # noqa: E402
 from runbooks.embedded import EmbeddedPostgres  # noqa: E402
 from runbooks.paths import NOTEBOOK_DIR  # noqa: E402
 
+
+def sanitizers() -> list[tuple[re.Pattern, str]]:
+    """nbval's sanitize file: `regex:` and `replace:` lines, a pair per section."""
+    pairs, regex = [], None
+    for line in SANITIZE.read_text().splitlines():
+        if line.startswith("regex: "):
+            regex = re.compile(line.removeprefix("regex: "))
+        elif line.startswith("replace: "):
+            pairs.append((regex, line.removeprefix("replace: ")))
+    return pairs
+
+
+def sanitized(outputs, rules) -> str:
+    text = json.dumps(outputs, sort_keys=True)
+    for regex, replacement in rules:
+        text = regex.sub(replacement, text)
+    return text
 
 
 def execute_chain(work: Path) -> dict[str, nbformat.NotebookNode]:
@@ -48,18 +69,21 @@ def write_back(name: str, executed: nbformat.NotebookNode) -> int:
     path = NOTEBOOK_DIR / f"{name}.ipynb"
     nb = nbformat.read(path, as_version=4)
     results = {c.get("id"): c for c in executed.cells if c.cell_type == "code"}
+    rules = sanitizers()
     checked = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
-        cell.outputs = []
+        committed, cell.outputs, cell.execution_count = cell.outputs, [], None
         if CHECK_TAG in cell.metadata.get("tags", []):
             source = results[cell.get("id")]
             assert source.source == cell.source, f"{name}: cell {cell.get('id')} changed while running"
-            cell.outputs = source.outputs
+            if sanitized(committed, rules) == sanitized(source.outputs, rules):
+                cell.outputs = committed
+            else:
+                cell.outputs = source.outputs
+                checked += 1
             cell.execution_count = source.execution_count  # nbval skips "unrun" cells that have outputs
-            checked += 1
     nbformat.write(nb, path)
     return checked
 
@@ -68,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nbval-refresh-") as tmp:
         executed = execute_chain(Path(tmp))
         for name in CHAIN:
-            print(f"{name}: {write_back(name, executed[name])} checked cell(s) refreshed")
+            print(f"{name}: {write_back(name, executed[name])} checked cell(s) changed")
 
 
 if __name__ == "__main__":

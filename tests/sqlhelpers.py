@@ -1,16 +1,13 @@
-"""Shared helpers for the tests of the three phase files (not fixtures of the whole suite).
+"""Helpers for the SQL tests of the three phase files: applying a file by psql or by plain
+psycopg2, catalog summaries, acting as the API roles, the seeded data set.
 
-Template databases are built once per server and cloned per test (or per module): a clone
-from a template takes milliseconds, applying the phases takes seconds. Recipes:
-
-    'empty' | 'legacy' | 'variant'    the Supabase shim alone / + legacy fixture / + variant fixture
-    '<base>@<n>'                      that base with phases 1..n applied by psql (-v ON_ERROR_STOP=1 -f)
-    'seeded'                          'empty@3' with SEED_SQL: two organizations, one user per role
+The databases come from conftest.py (make_db, template_db): their "@N" templates have the phases
+applied through the apply engine; a test about applying the files by psql or psycopg2 applies them
+itself, on a clone.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import subprocess
@@ -18,15 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
-import psycopg2.extensions
 import pytest
+from psycopg2.sql import SQL, Identifier
 
-import conftest  # tests/conftest.py: the Database class
-from runbooks import fixtures
-from runbooks.paths import PHASES, PROJECT_ROOT
+from runbooks.paths import PHASES
 
 PHASE_FILES = [path for _, path in PHASES]
-VARIANT_FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "legacy_variant.sql"
 NO_TRANSACTION = "-- runbook: no-transaction"
 
 CORE_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory",
@@ -39,8 +33,6 @@ LEGACY_PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_01
                          "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
 VARIANT_PLAINTEXT_KEYS = ("uk_live_5f4e3d2c1b0a99887766554433221100", "hk_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d")
 PLAINTEXT_KEYS = {"legacy": LEGACY_PLAINTEXT_KEYS, "variant": VARIANT_PLAINTEXT_KEYS}
-
-_clone_counter = itertools.count()
 
 
 # -- applying files ---------------------------------------------------------------------------
@@ -102,78 +94,7 @@ def apply_phases(db, count: int = 3, start: int = 1, how: str = "psql") -> None:
         (apply_psql if how == "psql" else apply_psycopg2)(db, path)
 
 
-# -- template databases -------------------------------------------------------------------------
-
-class Templates:
-    """Databases built once per server, to clone from."""
-
-    def __init__(self, server):
-        self.server = server
-        self._built: dict[str, str] = {}
-
-    def name(self, recipe: str) -> str:
-        if recipe not in self._built:
-            self._built[recipe] = self._build(recipe)
-        return self._built[recipe]
-
-    def _build(self, recipe: str) -> str:
-        if recipe == "seeded":
-            db = self._clone_of(self.name("empty@3"))
-            execute(db, SEED_SQL)
-            return db.name
-        base, _, phases = recipe.partition("@")
-        if phases:
-            count = int(phases)
-            db = self._clone_of(self.name(f"{base}@{count - 1}" if count > 1 else base))
-            apply_psql(db, PHASE_FILES[count - 1])
-            return db.name
-        if base == "empty":
-            return self.server.create_database("shim").name
-        if base == "legacy":
-            return self.server.create_database("legacy").name
-        if base == "variant":
-            db = self.server.create_database("shim")
-            conn = psycopg2.connect(db.dsn)
-            try:
-                fixtures.run_script(conn, VARIANT_FIXTURE)
-            finally:
-                conn.close()
-            return db.name
-        raise ValueError(f"unknown template recipe {recipe!r}")
-
-    def _clone_of(self, template: str):
-        return clone_database(self.server, template)
-
-    def clone(self, recipe: str):
-        return clone_database(self.server, self.name(recipe))
-
-    def database(self, recipe: str):
-        """The template itself, for read-only checks (close every connection: it is cloned from)."""
-        return conftest.Database(self.name(recipe), self.server.pg)
-
-
-def clone_database(server, template: str):
-    name = f"c{next(_clone_counter)}_{template}"[:63]
-    server.admin_execute(f"create database {name} template {template}")
-    server.pg.add_service(name, name)
-    return conftest.Database(name, server.pg)
-
-
 # -- queries -------------------------------------------------------------------------------------
-
-def execute(db, sql: str, params=None) -> None:
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-        conn.commit()
-    finally:
-        conn.close()
-
-
-def query(db, sql: str, params=None) -> list[tuple]:
-    return db.query(sql, params)
-
 
 def row_counts(db, schemas=("public", "auth")) -> dict[str, int]:
     """Exact row count of every table in the given schemas."""
@@ -346,8 +267,8 @@ def data_fingerprint(db, schemas=("public", "auth")) -> dict[str, str]:
     return dict(db.query(union)) if tables else {}
 
 
-def find_text(db, needles, schemas=None) -> list[tuple[str, str, str]]:
-    """(table, column, needle) for every text-ish or json column, of every table outside PostgreSQL's
+def find_text(db, needles) -> list[tuple[str, str, str]]:
+    """(table, column, needle) for every column (read as text), of every table outside PostgreSQL's
     own schemas, whose value contains one of the needles."""
     cols = db.query("""
         select format('%I.%I', n.nspname, c.relname), a.attname
@@ -355,12 +276,23 @@ def find_text(db, needles, schemas=None) -> list[tuple[str, str, str]]:
           join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
          where c.relkind in ('r', 'p') and n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
          order by 1, 2""")
-    found = []
+    by_table: dict[str, list[str]] = {}
     for table, column in cols:
-        for needle in needles:
-            hit = db.query(f'select count(*) from {table} where strpos("{column}"::text, %s) > 0', (needle,))[0][0]
-            if hit:
-                found.append((table, column, needle))
+        by_table.setdefault(table, []).append(column)
+    found = []
+    conn = db.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            # one scan per table counts every (column, needle): a connection and a query for each pair
+            # took over ten seconds per database
+            for table, columns in by_table.items():
+                pairs = [(column, needle) for column in columns for needle in needles]
+                counts = SQL(", ").join(SQL("count(*) filter (where strpos({}::text, %s) > 0)").format(Identifier(column))
+                                        for column, _ in pairs)
+                cur.execute(SQL("select {} from {}").format(counts, SQL(table)), [needle for _, needle in pairs])
+                found += [(table, column, needle) for (column, needle), hits in zip(pairs, cur.fetchone()) if hits]
+    finally:
+        conn.close()
     return found
 
 
@@ -407,43 +339,30 @@ def strip_sql_noise(text: str) -> str:
     return re.sub(r"'(?:[^']|'')*'", "''", text)
 
 
-# -- fixtures the SQL test modules import ------------------------------------------------------------
+# -- one database for a whole module ------------------------------------------------------------------
 
-def templates_for(server) -> Templates:
-    """One Templates per server (kept on the server object: both flavours share this module)."""
-    if getattr(server, "_sql_templates", None) is None:
-        server._sql_templates = Templates(server)
-    return server._sql_templates
-
-
-@pytest.fixture
-def clone(server):
-    """Factory: clone('legacy@2') -> a fresh Database from that template, dropped after the test."""
-    made = []
-
-    def make(recipe: str):
-        db = templates_for(server).clone(recipe)
-        made.append(db)
-        return db
-
-    yield make
-    for db in made:
-        server.drop_database(db)
+# Built before a module opens its long transaction: phase 2 ends by rewriting tables (CLUSTER) and waits
+# for older writing transactions anywhere in the cluster to end, so no template may be built while one of
+# ours is open (the templates are built lazily, once per server).
+TEMPLATES_BEFORE_A_MODULE_TRANSACTION = ("empty@3", "legacy@3", "variant@3")
 
 
-# Every template the SQL test modules clone. They are all built before a module opens its long
-# transaction: phase 2 ends by rewriting tables (CLUSTER) and waits for older writing transactions
-# anywhere in the cluster to end, so a template must never be built while one of ours is open.
-ALL_RECIPES = ("empty@3", "legacy@3", "variant@3", "seeded")
-
-
-@contextmanager
-def module_database(server, recipe: str):
-    """A clone for a whole module (tests roll their transactions back), dropped at the end."""
-    for each in ALL_RECIPES:
-        templates_for(server).name(each)
-    db = templates_for(server).clone(recipe)
+def module_cursor(server, recipe: str, seed: str | None = None):
+    """For a module-scoped fixture (`yield from`): one cursor on a clone of the recipe (with the seed SQL
+    run on it, if given) for the whole module. Tests roll back to their savepoints; at the end the
+    transaction is rolled back and the clone dropped."""
+    for recipe_needed in TEMPLATES_BEFORE_A_MODULE_TRANSACTION:
+        server.template(recipe_needed)
+    db = server.create_database(recipe)
     try:
-        yield db
+        if seed:
+            db.execute(seed)
+        conn = db.connect()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.rollback()
+        finally:
+            conn.close()
     finally:
         server.drop_database(db)

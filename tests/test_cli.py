@@ -1,35 +1,17 @@
 """`runbook` from the outside: exit codes 0/1/2, refusals before anything changes."""
 
-from datetime import datetime, timedelta, timezone
-
 import pytest
 
-from runbooks import cli, engine
+from runbooks import engine, records
 
-
-def runbook(*args) -> int:
-    return cli.main([str(a) for a in args])
+from runhelpers import runbook, sign_off_window, target_entry
 
 
 @pytest.fixture
 def targets_file(tmp_path, server, empty_db):
     path = tmp_path / "targets.toml"
-    path.write_text(f"""
-[targets.staging]
-host = "127.0.0.1"
-port = {server.pg.port}
-dbname = "{empty_db.name}"
-user = "postgres"
-sslmode = "disable"
-
-[targets.prod]
-host = "127.0.0.1"
-port = {server.pg.port}
-dbname = "{empty_db.name}"
-user = "postgres"
-sslmode = "disable"
-production = true
-
+    path.write_text(target_entry("staging", server, empty_db.name)
+                    + target_entry("prod", server, empty_db.name, production=True) + """
 [targets.leaky]
 host = "127.0.0.1"
 dbname = "x"
@@ -37,12 +19,6 @@ user = "postgres"
 password = "never-here"
 """)
     return path
-
-
-def window(start_hours: float, end_hours: float) -> str:
-    now = datetime.now(timezone.utc)
-    fmt = "%Y-%m-%dT%H:%MZ"
-    return f"{(now + timedelta(hours=start_hours)):{fmt}}/{(now + timedelta(hours=end_hours)):{fmt}}"
 
 
 SIGNOFF = ["-p", "approver", "Dana DBA", "-p", "change_ticket", "CHG-1", "-p", "stakeholders_notified", "true",
@@ -60,7 +36,7 @@ SIGNOFF = ["-p", "approver", "Dana DBA", "-p", "change_ticket", "CHG-1", "-p", "
     (["deploy", "--target", "prod", "--yes"], "production needs -p approver"),
     (["deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", "tonight"],
      "not START/END in ISO 8601"),
-    (["deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", window(2, 4)],
+    (["deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", sign_off_window(2, 4)],
      "outside the maintenance window"),
     (["rollback", "--target", "staging", "--run", "20260101T000000Z-abcdef"], "no record 20260101T000000Z-abcdef"),
     (["records", "show", "not-a-run"], "is not a run id"),
@@ -98,3 +74,27 @@ def test_status_says_when_an_applied_file_changed_on_disk(empty_db, capsys):
 def test_records_list_on_an_empty_folder_says_so(tmp_path, capsys):
     assert runbook("records", "list", "--records", tmp_path) == 0
     assert "no records" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_production_deploy_with_full_sign_off_inside_its_window_passes_and_records_the_sign_off(
+        targets_file, tmp_path, empty_db, capsys):
+    window = sign_off_window(-1, 2)
+    root = tmp_path / "records"
+    code = runbook("deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", window,
+                   "--records", root, "--targets-file", targets_file)
+    assert code == 0, capsys.readouterr().err
+    [run_id] = [p.name for p in root.iterdir()]
+    record = records.Record.open(root, run_id)
+    manifest = record.manifest()
+    assert manifest["verdict"] == "passed"
+    assert manifest["target"]["production"] is True
+    assert manifest["parameters"] == {"approver": "Dana DBA", "change_ticket": "CHG-1",
+                                      "stakeholders_notified": True, "rollback_plan_confirmed": True,
+                                      "maintenance_window": window}
+    assert record.verify() == []
+    conn = empty_db.connect()
+    try:
+        assert {s.state for s in engine.phase_states(conn)} == {"applied, file matches"}
+    finally:
+        conn.close()

@@ -8,16 +8,14 @@ import time
 import nbformat
 import pytest
 
-from runbooks import cli, engine, records
+from runbooks import engine, records
 from runbooks.paths import PHASES
+
+from runhelpers import runbook
 
 pytestmark = pytest.mark.slow
 
 PASSWORD = "Deployer-Pa55word-never-in-a-record"
-
-
-def runbook(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 def all_record_bytes(folder) -> bytes:

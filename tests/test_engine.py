@@ -10,6 +10,8 @@ import pytest
 from runbooks import engine, records
 from runbooks.engine import ApplyEngine
 
+from runhelpers import history
+
 
 def write(tmp_path, name, sql):
     path = tmp_path / name
@@ -31,14 +33,6 @@ def make_engine(db, **kwargs):
     defaults = dict(run_id="test-run", operator="alice", lock_timeout="200ms", lock_retries=2,
                     retry_backoff=0.05, lock_wait=1)
     return ApplyEngine(db.target, **{**defaults, **kwargs})
-
-
-def history(db):
-    conn = db.connect()
-    try:
-        return engine.read_history(conn)
-    finally:
-        conn.close()
 
 
 def test_applying_a_phase_writes_a_history_row_with_checksum_operator_and_run(empty_db, phase):

@@ -10,7 +10,7 @@ import pytest
 
 from runbooks import backup, cli, maintenance, records, runner, snapshot
 
-from ops_support import checks_of, executed_notebook, make_run, migrate, notebook_text
+from runhelpers import checks_of, executed_notebook, make_run, notebook_text, snapshot_of
 
 # Old and recent log rows, and policies to apply to them: security events are kept 30 days (not the
 # default year), threat intelligence retention is switched off, rate-limit windows keep their 2 days.
@@ -34,13 +34,6 @@ update public.data_retention_policies set is_enabled = false where table_name = 
 LOG_TABLES = ("audit_logs", "security_events", "rate_limits", "threat_intelligence", "backup_verifications")
 
 
-@pytest.fixture
-def migrated_db(make_db):
-    db = make_db("legacy")
-    migrate(db)
-    return db
-
-
 def counts(db) -> dict[str, int]:
     return {t: db.query(f"select count(*) from public.{t}")[0][0] for t in LOG_TABLES}
 
@@ -56,20 +49,8 @@ def past_retention(db) -> dict[str, int]:
 
 
 def unchanged(db, before: dict) -> None:
-    conn = db.connect(autocommit=True)
-    try:
-        comparison = snapshot.compare_snapshots(before, snapshot.take_snapshot(conn))
-    finally:
-        conn.close()
+    comparison = snapshot.compare_snapshots(before, snapshot_of(db))
     assert comparison.identical, comparison.problems()
-
-
-def take(db) -> dict:
-    conn = db.connect(autocommit=True)
-    try:
-        return snapshot.take_snapshot(conn)
-    finally:
-        conn.close()
 
 
 # -- each cadence end to end -----------------------------------------------------------------
@@ -77,7 +58,7 @@ def take(db) -> dict:
 @pytest.mark.slow
 def test_daily_maintenance_passes_on_a_migrated_legacy_database_changes_nothing_and_keeps_its_record(
         migrated_db, tmp_path):
-    before = take(migrated_db)
+    before = snapshot_of(migrated_db)
     outcome = runner.run_plan("maintain daily", ("maintenance",), migrated_db.target, records_root=tmp_path,
                               parameters={"cadence": "daily"}, progress=lambda *_: None)
 
@@ -107,7 +88,7 @@ def test_weekly_maintenance_in_dry_run_shows_what_retention_would_delete_and_del
     migrated_db.execute(SEED_RETENTION)
     expected = past_retention(migrated_db)
     assert expected["security_events"] == 4 and expected["rate_limits"] == 1 and "threat_intelligence" not in expected
-    before = take(migrated_db)
+    before = snapshot_of(migrated_db)
 
     outcome = runner.run_plan("maintain weekly", ("maintenance",), migrated_db.target, records_root=tmp_path,
                               parameters={"cadence": "weekly"}, progress=lambda *_: None)
@@ -183,7 +164,9 @@ def run_on(tmp_path):
     made = []
 
     def make(db, run_id=None):
-        made.append(make_run(db, tmp_path / "records", run_id))
+        run_id = run_id or records.new_run_id()
+        # each run in its own folder under one records root, where the daily check finds the previous run
+        made.append(make_run(db, tmp_path / "records" / run_id, run_id))
         return made[-1]
 
     yield make

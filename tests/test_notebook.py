@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from runbooks import runner
+
+from runhelpers import executed_notebook
 
 FIXTURES = Path(__file__).parent / "notebooks"
 
@@ -18,17 +19,13 @@ def run_fixture(empty_db, tmp_path):
     return run
 
 
-def executed(outcome) -> nbformat.NotebookNode:
-    return nbformat.read(outcome.record.path / outcome.notebooks[0]["file"], as_version=4)
-
-
 def test_a_sql_error_in_a_percent_sql_cell_fails_the_run_and_the_record_shows_the_cell(run_fixture):
     outcome = run_fixture("sql_error.ipynb")
     assert outcome.exit_code == 1
     [entry] = outcome.notebooks
     assert entry["status"] == "failed" and entry["failed_cell"] == 4
     assert "division by zero" in entry["error"]
-    nb = executed(outcome)
+    nb = executed_notebook(outcome)
     failing = next(c for c in nb.cells if c.get("execution_count") == 4)
     assert failing.source == "%sql select 1 / 0 as boom"
     assert any(o.output_type == "error" and "DivisionByZero" in o.ename + o.evalue for o in failing.outputs)

@@ -6,24 +6,19 @@ import json
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import nbformat
 import pytest
 
-from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
 from runbooks import pgtools, preflight, records, runner
 from runbooks.records import sha256_of
+
+from runhelpers import readonly, run_check, sign_off_window, target_entry
 
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
                   "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
 HEIDI = "0b000000-0000-4000-8000-000000000008"
-
-
-def window(start_hours: float, end_hours: float) -> str:
-    now = datetime.now(timezone.utc)
-    return f"{now + timedelta(hours=start_hours):%Y-%m-%dT%H:%MZ}/{now + timedelta(hours=end_hours):%Y-%m-%dT%H:%MZ}"
 
 
 @pytest.fixture
@@ -106,7 +101,7 @@ def test_production_without_the_sign_off_is_refused_naming_every_missing_item():
 
 def test_production_outside_its_maintenance_window_is_refused():
     check = preflight.signoff_check(production=True, approver="Dana", change_ticket="CHG-1",
-                                    maintenance_window=window(-5, -1), stakeholders_notified=True,
+                                    maintenance_window=sign_off_window(-5, -1), stakeholders_notified=True,
                                     rollback_plan_confirmed=True)
     assert check.status == "error" and "outside the maintenance window" in check.summary
     assert {r["parameter"]: r["status"] for r in check.rows}["maintenance_window"] == "OUTSIDE the window now"
@@ -114,7 +109,7 @@ def test_production_outside_its_maintenance_window_is_refused():
 
 def test_production_inside_its_window_with_every_item_signed_off_passes():
     check = preflight.signoff_check(production=True, approver="Dana", change_ticket="CHG-1",
-                                    maintenance_window=window(-1, 2), stakeholders_notified=True,
+                                    maintenance_window=sign_off_window(-1, 2), stakeholders_notified=True,
                                     rollback_plan_confirmed=True)
     assert check.status == "ok" and "signed off by Dana (CHG-1)" in check.summary
 
@@ -181,11 +176,7 @@ def test_an_extension_in_an_app_schema_is_pointed_out_as_re_created_by_a_rollbac
 # -- legacy rows ----------------------------------------------------------------------------------
 
 def test_legacy_rows_that_break_the_new_rules_are_reported_and_no_key_is_ever_shown(legacy_db):
-    conn = readonly(legacy_db)
-    try:
-        check = preflight.legacy_rule_breakers(conn)
-    finally:
-        conn.close()
+    check = run_check(legacy_db, preflight.legacy_rule_breakers)
     assert check.status == "warning" and "kept and reported" in check.summary
     found = {r["rule"]: r for r in check.rows}
     assert found["SKU not valid per validate_sku (lowercase, too short, bad characters)"]["sample"] == "wid-001"
@@ -207,11 +198,7 @@ def test_on_an_empty_database_the_rules_do_not_apply_and_nothing_is_reported(con
 
 
 def test_once_phase_3_is_applied_the_report_comes_from_verify_data_integrity(migrated_db):
-    conn = readonly(migrated_db)
-    try:
-        check = preflight.legacy_rule_breakers(conn)
-    finally:
-        conn.close()
+    check = run_check(migrated_db, preflight.legacy_rule_breakers)
     assert check.status == "warning" and check.summary.startswith("verify_data_integrity()")
     assert {"products_sku_format", "members_without_user", "organizations_slug_format"} <= {r["rule"] for r in check.rows}
 
@@ -269,15 +256,7 @@ def test_the_backup_command_shown_holds_no_password(empty_db, tmp_path):
 def test_the_preflight_notebook_refuses_production_without_sign_off_before_any_backup(server, empty_db, tmp_path,
                                                                                         monkeypatch):
     targets = tmp_path / "targets.toml"
-    targets.write_text(f"""
-[targets.prod]
-host = "127.0.0.1"
-port = {server.pg.port}
-dbname = "{empty_db.name}"
-user = "postgres"
-sslmode = "disable"
-production = true
-""")
+    targets.write_text(target_entry("prod", server, empty_db.name, production=True))
     monkeypatch.setenv("RUNBOOK_TARGETS", str(targets))
     from runbooks import connection
     outcome = runner.run_plan("deploy", ("preflight",), connection.from_targets_file("prod", targets),

@@ -3,34 +3,13 @@ the run's snapshot; end to end through the runner after a deployment and after a
 
 import json
 
-import nbformat
 import pytest
 
-from deployhelpers import make_run, readonly
 from runbooks import engine, preflight, records, runner, snapshot
 from runbooks.paths import PHASES
 from runbooks.rollback import Rollback, RollbackError
 
-
-def snap(db) -> dict:
-    conn = readonly(db)
-    try:
-        return snapshot.take_snapshot(conn)
-    finally:
-        conn.close()
-
-
-def history(db) -> list[dict]:
-    conn = readonly(db)
-    try:
-        return engine.read_history(conn)
-    finally:
-        conn.close()
-
-
-def assert_identical(before: dict, after: dict) -> None:
-    comparison = snapshot.compare_snapshots(before, after)
-    assert comparison.identical, json.dumps(comparison.as_dict()["problems"] + [comparison.differences], indent=1)
+from runhelpers import assert_identical, executed_notebook, history, make_run, readonly, snapshot_of
 
 
 @pytest.fixture
@@ -60,12 +39,12 @@ def rollback_steps(db, folder, run_id, record_dir, safety=True) -> tuple[Rollbac
 def test_the_steps_restore_the_backup_and_prove_the_database_equals_the_snapshot(preflighted, tmp_path):
     db, folder, run_id = preflighted
     before = snapshot.load_snapshot(folder / "snapshot.json")
-    assert not snapshot.compare_snapshots(before, snap(db)).identical      # phase 1 changed it
+    assert not snapshot.compare_snapshots(before, snapshot_of(db)).identical      # phase 1 changed it
     rb, checks = rollback_steps(db, folder, run_id, tmp_path / "rollback-run")
     assert {c.name: c.status for c in checks} == {
         "locate_backup": "ok", "verify_backup": "ok", "safety_backup": "ok", "restore_plan": "ok", "restore": "ok",
         "rollback_proof": "ok", "history": "ok"}
-    assert_identical(before, snap(db))
+    assert_identical(before, snapshot_of(db))
     rows = history(db)
     assert [(r["version"], r["action"]) for r in rows] == [("000", "apply"), ("rollback", "rollback")]
     assert rows[1]["run_id"] == rb.run.run_id and engine.latest_applied(rows) == {}
@@ -86,14 +65,14 @@ def test_a_backup_altered_since_it_was_recorded_is_refused_and_nothing_changes(p
     db, folder, run_id = preflighted
     dump = next((folder / "backup").glob("*.dump"))
     dump.write_bytes(dump.read_bytes() + b"\0")
-    before = snap(db)
+    before = snapshot_of(db)
     run = make_run(db, tmp_path / "rollback-run")
     rb = Rollback(run, run_id, folder)
     assert rb.locate().status == "ok"
     check = rb.verify_backup()
     run.close()
     assert check.status == "error" and "does not match its recorded sha256" in check.summary
-    assert_identical(before, snap(db))
+    assert_identical(before, snapshot_of(db))
     assert [r["action"] for r in history(db)] == ["apply"]
 
 
@@ -116,12 +95,12 @@ def test_the_proof_fails_when_the_restored_database_differs_from_the_snapshot(le
 
 def test_the_safety_backup_lets_a_rollback_itself_be_rolled_back(preflighted, tmp_path):
     db, folder, run_id = preflighted
-    deployed = snap(db)
+    deployed = snapshot_of(db)
     first, _ = rollback_steps(db, folder, run_id, tmp_path / "first-rollback")
     second, checks = rollback_steps(db, first.run.record_dir, first.run.run_id, tmp_path / "second-rollback",
                                     safety=False)
     assert {c.name: c.status for c in checks}["rollback_proof"] == "ok"
-    assert_identical(deployed, snap(db))
+    assert_identical(deployed, snapshot_of(db))
 
 
 # -- end to end through the runner ------------------------------------------------------------------
@@ -149,13 +128,12 @@ def test_deploy_then_rollback_through_the_runner_returns_the_legacy_database_to_
     rollback = runner.run_plan("rollback", ("rollback",), legacy_db.target, records_root=tmp_path, progress=quiet,
                                parameters={"rollback_run_id": deploy.run_id, "rollback_record_dir": str(record)})
     assert rollback.verdict == "passed", rollback.notebooks
-    assert_identical(snapshot.load_snapshot(record / "snapshot.json"), snap(legacy_db))
+    assert_identical(snapshot.load_snapshot(record / "snapshot.json"), snapshot_of(legacy_db))
     rows = history(legacy_db)
     assert [r["action"] for r in rows] == ["apply", "apply", "apply", "rollback"]
     assert rows[-1]["run_id"] == rollback.run_id and engine.latest_applied(rows) == {}
     assert rollback.record.manifest()["backup"]["file"].startswith("backup/")   # the safety backup
-    nb = nbformat.read(rollback.record.path / rollback.notebooks[0]["file"], as_version=4)
-    assert "NOT identical" not in json.dumps(nb)
+    assert "NOT identical" not in json.dumps(executed_notebook(rollback))
 
 
 @pytest.mark.slow
@@ -185,5 +163,5 @@ def test_a_rollback_after_a_failed_phase_2_returns_the_database_to_its_snapshot(
                                parameters={"rollback_run_id": deploy.run_id,
                                            "rollback_record_dir": str(deploy.record.path)})
     assert rollback.verdict == "passed", rollback.notebooks
-    assert_identical(snapshot.load_snapshot(deploy.record.path / "snapshot.json"), snap(legacy_db))
+    assert_identical(snapshot.load_snapshot(deploy.record.path / "snapshot.json"), snapshot_of(legacy_db))
     assert legacy_db.query("select to_regnamespace('private')") == [(None,)]

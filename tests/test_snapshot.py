@@ -9,6 +9,8 @@ from runbooks import engine
 from runbooks.snapshot import (SnapshotError, compare_snapshots, load_snapshot, save_snapshot,
                                take_snapshot)
 
+from runhelpers import snapshot_of
+
 APP = """
 create table public.organizations (id int primary key, name text not null, updated_at timestamptz default now());
 create table public.members (org_id int references public.organizations(id), user_name text, role text
@@ -31,16 +33,8 @@ def db(empty_db):
     return empty_db
 
 
-def snap(db, **kwargs):
-    conn = db.connect()
-    try:
-        return take_snapshot(conn, **kwargs)
-    finally:
-        conn.close()
-
-
 def test_the_same_database_snapshotted_twice_is_identical(db):
-    first, second = snap(db), snap(db)
+    first, second = snapshot_of(db), snapshot_of(db)
     comparison = compare_snapshots(first, second)
     assert comparison.identical and comparison.ok_for_deploy and comparison.problems() == []
     assert first["fingerprint"] == second["fingerprint"] and first["content"] == second["content"]
@@ -48,10 +42,10 @@ def test_the_same_database_snapshotted_twice_is_identical(db):
 
 
 def test_a_snapshot_is_json_and_survives_save_and_load(db, tmp_path):
-    first = snap(db)
+    first = snapshot_of(db)
     path = save_snapshot(first, tmp_path / "snapshot.json")
     assert load_snapshot(path) == json.loads(json.dumps(first))
-    assert compare_snapshots(load_snapshot(path), snap(db)).identical
+    assert compare_snapshots(load_snapshot(path), snapshot_of(db)).identical
 
 
 def test_a_file_that_is_not_a_snapshot_is_refused(tmp_path):
@@ -61,7 +55,7 @@ def test_a_file_that_is_not_a_snapshot_is_refused(tmp_path):
 
 
 def test_the_fingerprint_covers_every_kind_and_holds_no_oid(db):
-    first = snap(db)
+    first = snapshot_of(db)
     assert set(first["fingerprint_parts"]) == set(first["objects"]) >= {
         "schemas", "tables", "columns", "constraints", "indexes", "functions", "triggers", "policies",
         "rls", "grants", "sequences", "views", "default_privileges"}
@@ -72,9 +66,9 @@ def test_the_fingerprint_covers_every_kind_and_holds_no_oid(db):
 
 
 def test_lost_rows_are_FEWER_and_fail_the_deploy_check(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("delete from public.members where user_name = 'user 7'")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     [lost] = comparison.lost_rows
     assert (lost.table, lost.before, lost.after, lost.status) == ("public.members", 100, 99, "FEWER")
     assert not comparison.ok_for_deploy and not comparison.identical
@@ -82,19 +76,19 @@ def test_lost_rows_are_FEWER_and_fail_the_deploy_check(db):
 
 
 def test_a_table_that_is_gone_is_MISSING_and_fails_the_deploy_check(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("drop table public.members")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert [r.table for r in comparison.missing_tables] == ["public.members"]
     assert not comparison.ok_for_deploy
 
 
 def test_new_rows_and_new_objects_pass_the_deploy_check_but_are_not_identical(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("""insert into public.organizations (id, name) values (31, 'new');
                   create schema extra; create table extra.log (id int);
                   create function public.validate_sku(sku text) returns boolean language sql as $$ select sku ~ '^[A-Z0-9]' $$""")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert comparison.ok_for_deploy and not comparison.identical
     statuses = {r.table: r.status for r in comparison.counts}
     assert statuses["public.organizations"] == "more" and statuses["extra.log"] == "new"
@@ -104,54 +98,54 @@ def test_new_rows_and_new_objects_pass_the_deploy_check_but_are_not_identical(db
 
 
 def test_a_changed_function_body_is_named(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("""create or replace function public.touch() returns trigger language plpgsql
                   as $$ begin new.updated_at = clock_timestamp(); return new; end $$""")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert comparison.differing_kinds == ["functions"]
     [removed], [added] = comparison.differences["functions"]["removed"], comparison.differences["functions"]["added"]
     assert removed.startswith("public.touch()") and added.startswith("public.touch()")
 
 
 def test_a_changed_policy_is_named(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("""drop policy members_read on public.organizations;
                   create policy members_read on public.organizations for select to authenticated, anon using (true)""")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert comparison.differing_kinds == ["policies"]
     assert "anon,authenticated using (true)" in comparison.differences["policies"]["added"][0]
 
 
 def test_changed_grants_and_rls_flags_are_named(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("revoke select on public.members from anon; alter table public.organizations force row level security")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert set(comparison.differing_kinds) == {"grants", "rls"}
     assert comparison.differences["grants"]["removed"] == [
         "TABLE public.members: anon SELECT (granted by postgres)"]
 
 
 def test_changed_rows_with_the_same_count_are_found_by_the_content_checksum(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("update public.members set role = 'admin' where user_name = 'user 3'")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert comparison.counts_equal and comparison.fingerprint_equal
     assert list(comparison.content_differences) == ["public.members"] and not comparison.identical
 
 
 def test_the_content_checksum_does_not_depend_on_physical_row_order(db):
-    before = snap(db)
+    before = snapshot_of(db)
     db.execute("""create temp table saved as select * from public.members;
                   delete from public.members;
                   insert into public.members select * from saved order by user_name desc""")
-    assert compare_snapshots(before, snap(db)).identical
+    assert compare_snapshots(before, snapshot_of(db)).identical
 
 
 def test_tables_above_the_row_limit_are_counted_but_not_checksummed(db):
-    limited = snap(db, checksum_row_limit=50)
+    limited = snapshot_of(db, checksum_row_limit=50)
     assert limited["content"]["public.members"] == "skipped: 100 rows"
     assert len(limited["content"]["public.organizations"]) == 32
-    comparison = compare_snapshots(limited, snap(db, checksum_row_limit=50))
+    comparison = compare_snapshots(limited, snapshot_of(db, checksum_row_limit=50))
     assert comparison.identical and comparison.content_unverified == ["public.members"]
 
 
@@ -160,7 +154,7 @@ def test_the_history_schema_is_left_out_and_platform_schemas_are_counted_but_not
     engine.ensure_history(conn)
     conn.commit()
     conn.close()
-    before = snap(db)
+    before = snapshot_of(db)
     assert not any(t.startswith("truthsource.") for t in before["row_counts"])
     assert before["row_counts"]["auth.users"] == 0 and "auth.users" not in before["content"]
     assert "auth" not in before["app_schemas"] and "truthsource" not in before["app_schemas"]
@@ -168,7 +162,7 @@ def test_the_history_schema_is_left_out_and_platform_schemas_are_counted_but_not
                   create function auth.extra() returns int language sql as 'select 1';
                   insert into truthsource.deployment_history (version, file_name, sha256, action, applied_by,
                     duration_ms, statements, run_id) values ('x', 'x.sql', repeat('a', 64), 'apply', 't', 1, 1, 'r')""")
-    comparison = compare_snapshots(before, snap(db))
+    comparison = compare_snapshots(before, snapshot_of(db))
     assert comparison.fingerprint_equal
     assert {r.table: r.status for r in comparison.counts}["auth.users"] == "more"
 

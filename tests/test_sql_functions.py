@@ -12,31 +12,20 @@ import uuid
 import psycopg2
 import pytest
 
-from sqlhelpers import (HASH_A, INVENTORY_A1, KEY_A, ORG_A, ORG_B, PRODUCT_A1, PRODUCT_A2, PRODUCT_B1, USERS, act_as,
-                        error_of, module_database, savepoint)
+from sqlhelpers import (HASH_A, INVENTORY_A1, KEY_A, ORG_A, ORG_B, PRODUCT_A1, PRODUCT_A2, PRODUCT_B1, SEED_SQL, USERS,
+                        act_as, error_of, module_cursor, savepoint)
 
 OTHER = str(uuid.UUID(int=42))
 
 
-def _cursor(server, recipe):
-    with module_database(server, recipe) as db:
-        conn = db.connect()
-        try:
-            with conn.cursor() as cur:
-                yield cur
-            conn.rollback()
-        finally:
-            conn.close()
-
-
 @pytest.fixture(scope="module")
 def seeded(server):
-    yield from _cursor(server, "seeded")
+    yield from module_cursor(server, "empty@3", seed=SEED_SQL)
 
 
 @pytest.fixture(scope="module")
 def legacy(server):
-    yield from _cursor(server, "legacy@3")
+    yield from module_cursor(server, "legacy@3")
 
 
 @pytest.fixture

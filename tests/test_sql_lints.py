@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sqlhelpers import CONTRACT_TABLES, clone, templates_for
-
-__all__ = ["clone"]  # the fixture, imported for pytest
+from sqlhelpers import CONTRACT_TABLES
 
 BASES = ("empty", "legacy", "variant")
 
@@ -124,8 +122,8 @@ def lint_query(lint: str) -> tuple[str, dict | None]:
 
 
 @pytest.fixture(params=BASES)
-def end_state(server, request):
-    return templates_for(server).database(f"{request.param}@3")
+def end_state(template_db, request):
+    return template_db(f"{request.param}@3")
 
 
 @pytest.mark.parametrize("lint", sorted(LINTS))
@@ -153,9 +151,9 @@ def test_the_guides_helpers_stay_callable_by_the_dba_and_service_role(end_state)
                                "has_function_privilege(current_user, %s, 'execute')", (helper, helper)) == [(True, True)], helper
 
 
-def test_every_lint_would_find_what_it_looks_for(clone):
+def test_every_lint_would_find_what_it_looks_for(make_db):
     """The lints are not vacuous: break each rule once on a migrated database and watch its lint fire."""
-    db = clone("empty@3")
+    db = make_db("empty@3")
     breakage = {
         "rls_disabled_in_public": "alter table public.products disable row level security",
         "auth_rls_initplan": "create policy p_unwrapped on public.products for select to authenticated using (auth.uid() is not null)",

@@ -1,7 +1,8 @@
 """The three phase files converge an empty, a legacy and an unseen legacy database to one end state.
 
-Template databases (tests/sqlhelpers.py) hold each starting point with phases 1..n applied by psql;
-tests clone them or read them.
+Template databases (tests/conftest.py) hold each starting point with phases 1..n applied through the
+apply engine; tests clone them (make_db) or read them (template_db). Applying the files by hand, with
+psql or plain psycopg2, is tested on clones of the starting points.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import pglast
 import psycopg2
 import pytest
 
-from sqlhelpers import (CONTRACT_TABLES, NO_TRANSACTION, PHASE_FILES, PLAINTEXT_KEYS, SUMMARY_QUERIES, apply_psql,
-                        apply_psycopg2, catalog_summary, clone, contract_columns, data_fingerprint, execute, find_text,
-                        physical_hits, psql_error, row_counts, split_file, strip_sql_noise, templates_for,
-                        uppercase_words)
+from sqlhelpers import (CONTRACT_TABLES, NO_TRANSACTION, PHASE_FILES, PLAINTEXT_KEYS, SUMMARY_QUERIES, apply_phases,
+                        apply_psql, apply_psycopg2, catalog_summary, contract_columns, data_fingerprint, find_text,
+                        physical_hits, psql_error, row_counts, split_file, strip_sql_noise, uppercase_words)
 
 BASES = ("empty", "legacy", "variant")
 CHANGE_NOTICE = re.compile(r"^.*\b(dropped|renamed|added|carried|replaced|converted|rewritten|redacted|enabled|adopted|"
@@ -28,20 +28,13 @@ CHANGE_NOTICE = re.compile(r"^.*\b(dropped|renamed|added|carried|replaced|conver
 LEGACIES = ("legacy", "variant")
 PHASE_IDS = [p.name for p in PHASE_FILES]
 
-__all__ = ["clone"]  # the fixture, imported for pytest
-
-
-@pytest.fixture
-def templates(server):
-    return templates_for(server)
-
 
 # -- idempotency and one end state --------------------------------------------------------------------
 
 @pytest.mark.parametrize("phase", [1, 2, 3], ids=PHASE_IDS)
 @pytest.mark.parametrize("base", BASES)
-def test_a_second_run_of_a_phase_changes_neither_schema_nor_data_and_reports_no_change(clone, base, phase):
-    db = clone(f"{base}@{phase}")
+def test_a_second_run_of_a_phase_changes_neither_schema_nor_data_and_reports_no_change(make_db, base, phase):
+    db = make_db(f"{base}@{phase}")
     schema, data = db.schema_dump(), data_fingerprint(db)
     notices = apply_psql(db, PHASE_FILES[phase - 1]).stderr
     assert db.schema_dump() == schema
@@ -50,19 +43,20 @@ def test_a_second_run_of_a_phase_changes_neither_schema_nor_data_and_reports_no_
 
 
 @pytest.mark.parametrize("base", BASES)
-def test_the_phases_applied_by_psycopg2_in_one_transaction_reach_the_end_state_psql_reaches(clone, templates, base):
-    db = clone(base)
-    for path in PHASE_FILES:
-        apply_psycopg2(db, path)
-    assert db.schema_dump() == templates.database(f"{base}@3").schema_dump()
+def test_the_phases_applied_by_psycopg2_in_one_transaction_reach_the_end_state_psql_reaches(make_db, base):
+    by_psql = make_db(base)  # not the base@3 template: the engine that built it adds its history table
+    apply_phases(by_psql, how="psql")
+    db = make_db(base)
+    apply_phases(db, how="psycopg2")
+    assert db.schema_dump() == by_psql.schema_dump()
 
 
 @pytest.mark.parametrize("phase", [1, 2, 3], ids=PHASE_IDS)
 @pytest.mark.parametrize("base", LEGACIES)
 def test_legacy_databases_end_each_phase_with_the_functions_policies_rls_triggers_and_grants_of_an_empty_one(
-        templates, base, phase):
-    empty = catalog_summary(templates.database(f"empty@{phase}"))
-    legacy = catalog_summary(templates.database(f"{base}@{phase}"))
+        template_db, base, phase):
+    empty = catalog_summary(template_db(f"empty@{phase}"))
+    legacy = catalog_summary(template_db(f"{base}@{phase}"))
     if phase < 3:  # legacy functions of a later phase's names are that phase's to replace
         names = {row[:2] for row in empty["functions"]}
         legacy["functions"] = [row for row in legacy["functions"] if row[:2] in names]
@@ -75,9 +69,9 @@ def test_legacy_databases_end_each_phase_with_the_functions_policies_rls_trigger
 
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_legacy_databases_end_with_the_contract_columns_of_an_empty_one(templates, base):
-    empty = {(t, c): (typ, default) for t, c, typ, default in contract_columns(templates.database("empty@3"))}
-    legacy = {(t, c): (typ, default) for t, c, typ, default in contract_columns(templates.database(f"{base}@3"))}
+def test_legacy_databases_end_with_the_contract_columns_of_an_empty_one(template_db, base):
+    empty = {(t, c): (typ, default) for t, c, typ, default in contract_columns(template_db("empty@3"))}
+    legacy = {(t, c): (typ, default) for t, c, typ, default in contract_columns(template_db(f"{base}@3"))}
     missing = sorted(set(empty) - set(legacy))
     assert not missing
     differ = {k: (empty[k], legacy[k]) for k in empty if legacy[k] != empty[k] and k != ("audit_logs", "id")}
@@ -87,16 +81,16 @@ def test_legacy_databases_end_with_the_contract_columns_of_an_empty_one(template
 # -- legacy convergence: no row lost, no plaintext left, legacy data carried ------------------------
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_converging_a_legacy_database_loses_no_row_of_any_table(templates, base):
-    before = row_counts(templates.database(base))
+def test_converging_a_legacy_database_loses_no_row_of_any_table(template_db, base):
+    before = row_counts(template_db(base))
     assert sum(before.values()) > 20
     for phase in (1, 2, 3):
-        after = row_counts(templates.database(f"{base}@{phase}"))
+        after = row_counts(template_db(f"{base}@{phase}"))
         assert {t: after.get(t) for t in before} == before, f"after phase {phase}"
 
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_converging_leaves_the_legacy_timestamps_as_they_were(templates, base):
+def test_converging_leaves_the_legacy_timestamps_as_they_were(template_db, base):
     def stamps(db):
         columns = db.query("""
             select c.relname, a.attname from pg_class c join pg_attribute a on a.attrelid = c.oid and not a.attisdropped
@@ -105,30 +99,30 @@ def test_converging_leaves_the_legacy_timestamps_as_they_were(templates, base):
         return {(t, c): db.query(f'select array_agg(extract(epoch from "{c}") order by extract(epoch from "{c}")) '
                                  f'from public."{t}"')[0][0] for t, c in columns}
 
-    before = stamps(templates.database(base))
-    after = stamps(templates.database(f"{base}@3"))
+    before = stamps(template_db(base))
+    after = stamps(template_db(f"{base}@3"))
     assert {k: after[k] for k in before} == before
 
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_no_plaintext_api_key_is_left_in_any_column_of_any_table(templates, base):
+def test_no_plaintext_api_key_is_left_in_any_column_of_any_table(template_db, base):
     keys = PLAINTEXT_KEYS[base]
-    assert find_text(templates.database(base), keys), "the fixture holds plaintext keys"
+    assert find_text(template_db(base), keys), "the fixture holds plaintext keys"
     for phase in (2, 3):
-        assert find_text(templates.database(f"{base}@{phase}"), keys) == []
+        assert find_text(template_db(f"{base}@{phase}"), keys) == []
 
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_no_plaintext_api_key_is_left_in_the_files_of_the_tables_that_held_one(templates, base):
+def test_no_plaintext_api_key_is_left_in_the_files_of_the_tables_that_held_one(template_db, base):
     keys = PLAINTEXT_KEYS[base]
     tables = ["public.api_keys", "public.audit_logs"]
-    assert physical_hits(templates.database(base), tables, keys), "the fixture's files hold plaintext keys"
-    assert physical_hits(templates.database(f"{base}@2"), tables, keys) == []
-    assert templates.database(f"{base}@2").query("select count(*) from private.pending_rewrites") == [(0,)]
+    assert physical_hits(template_db(base), tables, keys), "the fixture's files hold plaintext keys"
+    assert physical_hits(template_db(f"{base}@2"), tables, keys) == []
+    assert template_db(f"{base}@2").query("select count(*) from private.pending_rewrites") == [(0,)]
 
 
-def test_legacy_plaintext_keys_become_a_sha256_hash_and_a_short_prefix(templates):
-    rows = templates.database("legacy@3").query("""
+def test_legacy_plaintext_keys_become_a_sha256_hash_and_a_short_prefix(template_db):
+    rows = template_db("legacy@3").query("""
         select name, key_prefix, key_hash, scopes, revoked_at::text, last_used_at::text, updated_at::text
           from public.api_keys order by id""")
     sha = [hashlib.sha256(k.encode()).hexdigest() for k in
@@ -144,8 +138,8 @@ def test_legacy_plaintext_keys_become_a_sha256_hash_and_a_short_prefix(templates
     ]
 
 
-def test_variant_plaintext_keys_and_flags_are_converted_too(templates):
-    rows = templates.database("variant@3").query(
+def test_variant_plaintext_keys_and_flags_are_converted_too(template_db):
+    rows = template_db("variant@3").query(
         "select name, key_prefix, key_hash, scopes, revoked_at::text from public.api_keys order by id")
     assert rows == [
         ("Lab sensors", "uk_live_5f4e", hashlib.sha256(b"uk_live_5f4e3d2c1b0a99887766554433221100").hexdigest(),
@@ -155,8 +149,8 @@ def test_variant_plaintext_keys_and_flags_are_converted_too(templates):
     ]
 
 
-def test_legacy_audit_rows_are_carried_into_the_contract_shape_keeping_what_does_not_convert(templates):
-    rows = templates.database("legacy@3").query("""
+def test_legacy_audit_rows_are_carried_into_the_contract_shape_keeping_what_does_not_convert(template_db):
+    rows = template_db("legacy@3").query("""
         select id, action, table_name, record_id::text, old_data, new_data, host(ip_address), legacy_data
           from public.audit_logs order by id""")
     product = "0c000000-0000-4000-8000-000000000001"
@@ -173,8 +167,8 @@ def test_legacy_audit_rows_are_carried_into_the_contract_shape_keeping_what_does
     ]
 
 
-def test_variant_audit_rows_are_carried_too_and_naive_timestamps_read_as_utc(templates):
-    rows = templates.database("variant@3").query("""
+def test_variant_audit_rows_are_carried_too_and_naive_timestamps_read_as_utc(template_db):
+    rows = template_db("variant@3").query("""
         select action, table_name, record_id::text, host(ip_address), created_at::text, legacy_data, user_id::text
           from public.audit_logs order by created_at""")
     assert rows == [
@@ -187,8 +181,8 @@ def test_variant_audit_rows_are_carried_too_and_naive_timestamps_read_as_utc(tem
     ]
 
 
-def test_variant_tables_in_other_shapes_reach_the_contract_keeping_their_rows(templates):
-    db = templates.database("variant@3")
+def test_variant_tables_in_other_shapes_reach_the_contract_keeping_their_rows(template_db):
+    db = template_db("variant@3")
     assert db.query("select location, quantity, reserved_quantity, organization_id::text from public.inventory order by id") == [
         ("raccoon-city", 12, 2, "1a000000-0000-4000-8000-000000000001"),
         ("main", 300, 0, "1a000000-0000-4000-8000-000000000001"),
@@ -201,8 +195,8 @@ def test_variant_tables_in_other_shapes_reach_the_contract_keeping_their_rows(te
     assert db.query("select relrowsecurity from pg_class where oid = 'public.warehouses'::regclass") == [(True,)]
 
 
-def test_legacy_rows_that_break_a_new_rule_are_kept_unchanged_and_reported(templates):
-    db = templates.database("legacy@3")
+def test_legacy_rows_that_break_a_new_rule_are_kept_unchanged_and_reported(template_db):
+    db = template_db("legacy@3")
     assert db.query("select sku, price::text from public.products where sku in ('wid-001', 'REFUND-ADJ') order by sku") == [
         ("REFUND-ADJ", "-5.00"), ("wid-001", "17.50")]
     assert db.query("select quantity, reserved_quantity from public.inventory where quantity < 0 or reserved_quantity > quantity "
@@ -231,8 +225,8 @@ def test_legacy_rows_that_break_a_new_rule_are_kept_unchanged_and_reported(templ
         "products_price_nonnegative_check", "products_sku_format_check", "profiles_id_fkey"]
 
 
-def test_an_update_that_leaves_a_legacy_row_breaking_its_rule_is_refused_and_one_that_fixes_it_passes(clone):
-    db = clone("legacy@3")
+def test_an_update_that_leaves_a_legacy_row_breaking_its_rule_is_refused_and_one_that_fixes_it_passes(make_db):
+    db = make_db("legacy@3")
     conn = db.connect()
     try:
         with conn.cursor() as cur:
@@ -246,23 +240,23 @@ def test_an_update_that_leaves_a_legacy_row_breaking_its_rule_is_refused_and_one
         conn.close()
 
 
-def test_legacy_checks_are_replaced_by_the_contracts_rules_and_legacy_indexes_adopted_or_dropped(templates):
-    legacy = templates.database("legacy@3")
+def test_legacy_checks_are_replaced_by_the_contracts_rules_and_legacy_indexes_adopted_or_dropped(template_db):
+    legacy = template_db("legacy@3")
     assert legacy.query("select pg_get_constraintdef(oid) from pg_constraint where conname = 'organization_members_role_check'") == [
         ("CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'viewer'::text]))) NOT VALID",)]
     assert legacy.query("select count(*) from pg_constraint where conname = 'products_name_length'") == [(0,)]
     assert legacy.query("select indexname from pg_indexes where indexname in ('idx_organizations_slug', 'idx_products_sku')") == [
         ("idx_products_sku",)]
-    variant = templates.database("variant@3")
+    variant = template_db("variant@3")
     assert variant.query("select indexname from pg_indexes where tablename = 'api_keys' order by 1") == [
         ("api_keys_created_by_idx",), ("api_keys_key_hash_key",), ("api_keys_organization_id_idx",), ("api_keys_pkey",)]
     assert variant.query("select pg_get_constraintdef(oid) from pg_constraint where conname = 'organization_members_pkey'") == [
         ("PRIMARY KEY (id)",)]
 
 
-def test_a_legacy_trigger_of_another_purpose_is_kept_and_named(clone):
-    db = clone("legacy@1")
-    execute(db, """
+def test_a_legacy_trigger_of_another_purpose_is_kept_and_named(make_db):
+    db = make_db("legacy@1")
+    db.execute("""
         create function public.legacy_note() returns trigger language plpgsql as $$ begin return new; end $$;
         create trigger products_note before insert on public.products for each row execute function public.legacy_note();""")
     assert "legacy trigger products_note on products (calls legacy_note()) is kept" in apply_psql(db, PHASE_FILES[1]).stderr
@@ -274,8 +268,8 @@ def test_a_legacy_trigger_of_another_purpose_is_kept_and_named(clone):
 # -- phase 1 specifics -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_after_phase_one_every_updated_at_trigger_calls_the_one_function_and_no_duplicate_is_left(templates, base):
-    db = templates.database(f"{base}@1")
+def test_after_phase_one_every_updated_at_trigger_calls_the_one_function_and_no_duplicate_is_left(template_db, base):
+    db = template_db(f"{base}@1")
     functions = db.query("""
         select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
          where p.prorettype = 'trigger'::regtype and n.nspname !~ '^pg_' and n.nspname not in ('auth', 'information_schema')
@@ -293,16 +287,16 @@ def test_after_phase_one_every_updated_at_trigger_calls_the_one_function_and_no_
 
 
 @pytest.mark.parametrize("base", LEGACIES)
-def test_after_phase_one_updating_a_legacy_row_moves_its_updated_at(clone, base):
-    db = clone(f"{base}@1")
+def test_after_phase_one_updating_a_legacy_row_moves_its_updated_at(make_db, base):
+    db = make_db(f"{base}@1")
     before = db.query("select id, updated_at from public.products order by id limit 1")[0]
-    execute(db, "update public.products set name = name || '' where id = %s", (before[0],))
+    db.execute("update public.products set name = name || '' where id = %s", (before[0],))
     after = db.query("select updated_at from public.products where id = %s", (before[0],))[0][0]
     assert after > before[1]
 
 
-def test_phase_one_replaces_legacy_policies_on_retired_overloads_with_fail_closed_placeholders(templates):
-    db = templates.database("legacy@1")
+def test_phase_one_replaces_legacy_policies_on_retired_overloads_with_fail_closed_placeholders(template_db):
+    db = template_db("legacy@1")
     assert db.query("""select tablename, policyname, qual, with_check from pg_policies
                         where policyname in ('Members can view products', 'inventory_admin_write', 'org_update') order by 1""") == [
         ("inventory", "inventory_admin_write", "false", "false"),
@@ -314,15 +308,15 @@ def test_phase_one_replaces_legacy_policies_on_retired_overloads_with_fail_close
         ("get_user_organization_id(uuid)",), ("is_org_admin(uuid,uuid)",), ("is_org_member(uuid,uuid)",)]
 
 
-def test_the_guides_untyped_call_of_is_org_admin_reaches_the_contract_function(templates):
-    db = templates.database("legacy@1")
+def test_the_guides_untyped_call_of_is_org_admin_reaches_the_contract_function(template_db):
+    db = template_db("legacy@1")
     assert db.query("select is_org_admin('0b000000-0000-4000-8000-000000000002', '0a000000-0000-4000-8000-000000000001')") == [
         (True,)]
 
 
-def test_phase_one_stops_and_names_a_function_named_like_an_updated_at_function_that_does_more(clone):
-    db = clone("empty")
-    execute(db, """
+def test_phase_one_stops_and_names_a_function_named_like_an_updated_at_function_that_does_more(make_db):
+    db = make_db("empty")
+    db.execute("""
         create table public.notes (id uuid primary key, updated_at timestamptz, updated_by uuid);
         create function public.set_updated_at() returns trigger language plpgsql as $$
         begin new.updated_at := now(); new.updated_by := auth.uid(); return new; end $$;
@@ -334,9 +328,9 @@ def test_phase_one_stops_and_names_a_function_named_like_an_updated_at_function_
     assert db.schema_dump() == schema
 
 
-def test_phase_one_recognises_an_updated_at_function_by_its_body_whatever_its_name(clone):
-    db = clone("empty")
-    execute(db, """
+def test_phase_one_recognises_an_updated_at_function_by_its_body_whatever_its_name(make_db):
+    db = make_db("empty")
+    db.execute("""
         create table public.notes (id uuid primary key, body text, updated_at timestamptz);
         create function public.stamp_row() returns trigger language plpgsql as $$
         BEGIN
@@ -353,9 +347,9 @@ def test_phase_one_recognises_an_updated_at_function_by_its_body_whatever_its_na
     assert db.query("select count(*) from pg_proc where proname = 'stamp_row'") == [(0,)]
 
 
-def test_phase_one_stops_on_an_updated_at_trigger_that_stamps_another_column(clone):
-    db = clone("empty")
-    execute(db, """
+def test_phase_one_stops_on_an_updated_at_trigger_that_stamps_another_column(make_db):
+    db = make_db("empty")
+    db.execute("""
         create table public.notes (id uuid primary key, modified_at timestamptz);
         create function public.touch_modified() returns trigger language plpgsql as $$
         begin new.modified_at = now(); return new; end $$;
@@ -363,17 +357,17 @@ def test_phase_one_stops_on_an_updated_at_trigger_that_stamps_another_column(clo
     assert "touch_modified() stamps modified_at, not updated_at" in psql_error(db, PHASE_FILES[0])
 
 
-def test_each_phase_refuses_to_run_before_what_it_requires(clone, make_db):
+def test_each_phase_refuses_to_run_before_what_it_requires(make_db):
     assert "requires Supabase's auth schema" in psql_error(make_db("bare"), PHASE_FILES[0])
-    assert "requires 000_core_functions.sql" in psql_error(clone("empty"), PHASE_FILES[1])
-    assert "requires 001_core_schema.sql" in psql_error(clone("empty@1"), PHASE_FILES[2])
+    assert "requires 000_core_functions.sql" in psql_error(make_db("empty"), PHASE_FILES[1])
+    assert "requires 001_core_schema.sql" in psql_error(make_db("empty@1"), PHASE_FILES[2])
 
 
 # -- phase 2 and 3 stops -----------------------------------------------------------------------------
 
-def test_phase_two_stops_before_changing_anything_when_duplicates_forbid_a_unique_rule(clone):
-    db = clone("legacy@1")
-    execute(db, "insert into public.products (organization_id, sku, name, price) values "
+def test_phase_two_stops_before_changing_anything_when_duplicates_forbid_a_unique_rule(make_db):
+    db = make_db("legacy@1")
+    db.execute("insert into public.products (organization_id, sku, name, price) values "
                 "('0a000000-0000-4000-8000-000000000001', 'GAD-100', 'Gadget (copy)', 1)")
     schema, data = db.schema_dump(), data_fingerprint(db)
     with pytest.raises(psycopg2.errors.UniqueViolation, match="products_organization_id_sku_key.*duplicated values such as"):
@@ -382,18 +376,18 @@ def test_phase_two_stops_before_changing_anything_when_duplicates_forbid_a_uniqu
     assert data_fingerprint(db) == data
 
 
-def test_phase_two_stops_on_a_referenced_key_column_of_another_type(clone):
-    db = clone("empty@1")
-    execute(db, """
+def test_phase_two_stops_on_a_referenced_key_column_of_another_type(make_db):
+    db = make_db("empty@1")
+    db.execute("""
         create table public.products (id bigint primary key, organization_id uuid, sku text, name text);
         create table public.inventory (id uuid primary key, product_id bigint references public.products (id));""")
     with pytest.raises(psycopg2.errors.DatatypeMismatch, match="products.id is bigint but the contract needs uuid"):
         apply_psycopg2(db, PHASE_FILES[1])
 
 
-def test_phase_three_stops_on_a_legacy_table_of_its_own_in_another_shape(clone):
-    db = clone("empty@2")
-    execute(db, "create table public.rate_limits (id serial primary key, ip text, hits integer)")
+def test_phase_three_stops_on_a_legacy_table_of_its_own_in_another_shape(make_db):
+    db = make_db("empty@2")
+    db.execute("create table public.rate_limits (id serial primary key, ip text, hits integer)")
     assert "rate_limits.key is missing (expected text)" in psql_error(db, PHASE_FILES[2])
 
 
@@ -441,6 +435,6 @@ def test_squawk_finds_nothing_to_report_in_the_phase_files():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_summary_queries_cover_every_contract_table(templates):
-    assert set(CONTRACT_TABLES) == {t for t, *_ in templates.database("empty@3").query(SUMMARY_QUERIES["rls"],
+def test_the_summary_queries_cover_every_contract_table(template_db):
+    assert set(CONTRACT_TABLES) == {t for t, *_ in template_db("empty@3").query(SUMMARY_QUERIES["rls"],
                                                                                        {"tables": list(CONTRACT_TABLES)})}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from sqlhelpers import (CONTRACT_TABLES, HASH_A, ORG_A, ORG_B, PRODUCT_A2, USERS, act_as, module_database, savepoint)
+from sqlhelpers import CONTRACT_TABLES, HASH_A, ORG_A, ORG_B, PRODUCT_A2, SEED_SQL, USERS, act_as, module_cursor, savepoint
 
 ROLES = ("anon", "viewer", "member", "admin", "owner", "other_admin", "service_role")
 ACTIONS = ("select", "insert", "update", "delete")
@@ -120,14 +120,7 @@ CASES = [(table, role, action) for table in EXPECTED for role in ROLES for actio
 @pytest.fixture(scope="module")
 def cursor(server):
     """One connection on a seeded clone for the whole module; every case rolls back to a savepoint."""
-    with module_database(server, "seeded") as db:
-        conn = db.connect()
-        try:
-            with conn.cursor() as cur:
-                yield cur
-            conn.rollback()
-        finally:
-            conn.close()
+    yield from module_cursor(server, "empty@3", seed=SEED_SQL)
 
 
 def attempt(cur, role: str, sql: str) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from runbooks import engine, runner, snapshot, troubleshooting
 from runbooks.paths import PHASES
 
-from ops_support import checks_of, executed_notebook, make_run, migrate, notebook_text, wait_for_stats
+from runhelpers import checks_of, executed_notebook, make_run, notebook_text, wait_for_stats
 
 PRODUCT = "0c000000-0000-4000-8000-000000000001"
 
@@ -50,7 +50,7 @@ LOAD_QUERIES = 300
 
 
 def give_the_four_issues(db) -> None:
-    migrate(db)
+    """Give a migrated database (make_db("legacy@3")) the four issues, the unindexed one under load."""
     db.execute(FUNCTION_CONFLICT + TABLE_CONFLICT + PERMISSION_PROBLEM + UNINDEXED_FOREIGN_KEY)
     # under load: the referencing table is read by a sequential scan per lookup
     conn = db.connect(autocommit=True)
@@ -80,10 +80,8 @@ def diagnose(db, tmp_path) -> dict:
         run.close()
 
 
-def test_a_migrated_database_has_none_of_the_four_issues(make_db, tmp_path):
-    db = make_db("legacy")
-    migrate(db)
-    found = diagnose(db, tmp_path)
+def test_a_migrated_database_has_none_of_the_four_issues(migrated_db, tmp_path):
+    found = diagnose(migrated_db, tmp_path)
     assert {name: c.status for name, c in found.items()} == {
         "function_conflicts": "ok", "table_conflicts": "ok", "permission_problems": "ok",
         "foreign_keys_without_index": "ok", "seq_scan_heavy_tables": "ok", "tables_never_analyzed": "ok"}
@@ -91,7 +89,7 @@ def test_a_migrated_database_has_none_of_the_four_issues(make_db, tmp_path):
 
 
 def test_the_diagnoses_find_each_issue_with_the_objects_that_depend_on_it_and_the_least_fix(make_db, tmp_path):
-    db = make_db("legacy")
+    db = make_db("legacy@3")
     give_the_four_issues(db)
     found = diagnose(db, tmp_path)
 
@@ -134,8 +132,7 @@ def test_the_diagnoses_find_each_issue_with_the_objects_that_depend_on_it_and_th
 
 
 def test_the_guides_drop_function_fails_while_a_trigger_depends_on_it_and_the_fix_does_not(make_db, tmp_path):
-    db = make_db("legacy")
-    migrate(db)
+    db = make_db("legacy@3")
     db.execute(FUNCTION_CONFLICT)
     conn = db.connect()
     try:
@@ -154,8 +151,7 @@ def test_the_guides_drop_function_fails_while_a_trigger_depends_on_it_and_the_fi
 
 
 def test_a_trigger_on_a_table_without_the_canonical_trigger_is_re_pointed_not_dropped(make_db, tmp_path):
-    db = make_db("legacy")
-    migrate(db)
+    db = make_db("legacy@3")
     db.execute("drop trigger update_inventory_updated_at on public.inventory;"
                + FUNCTION_CONFLICT.replace("products", "inventory"))
     [fix] = diagnose(db, tmp_path)["function_conflicts"].fixes
@@ -180,8 +176,7 @@ def test_an_overload_a_policy_depends_on_is_left_to_phase_1_and_a_table_named_tw
 
 
 def test_a_failing_fix_rolls_back_every_transactional_fix_before_it(make_db, tmp_path):
-    db = make_db("legacy")
-    migrate(db)
+    db = make_db("legacy@3")
     run = make_run(db, tmp_path)
     fixes = [troubleshooting.Fix("permissions", "a", "revoke", "revoke select on public.products from authenticated;"),
              troubleshooting.Fix("permissions", "b", "fails", "grant select on table public.no_such_table to authenticated;")]
@@ -197,7 +192,7 @@ def test_a_failing_fix_rolls_back_every_transactional_fix_before_it(make_db, tmp
 
 @pytest.mark.slow
 def test_troubleshooting_finds_the_four_issues_and_changes_nothing_by_default(make_db, tmp_path):
-    db = make_db("legacy")
+    db = make_db("legacy@3")
     give_the_four_issues(db)
     conn = db.connect(autocommit=True)
     before = snapshot.take_snapshot(conn)
@@ -229,7 +224,7 @@ def test_troubleshooting_finds_the_four_issues_and_changes_nothing_by_default(ma
 
 @pytest.mark.slow
 def test_with_apply_fixes_the_sql_fixes_take_and_re_running_phase_2_fixes_the_table_shape(make_db, tmp_path):
-    db = make_db("legacy")
+    db = make_db("legacy@3")
     give_the_four_issues(db)
 
     outcome = runner.run_plan("troubleshoot", ("troubleshooting",), db.target, records_root=tmp_path / "records",

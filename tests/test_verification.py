@@ -3,9 +3,10 @@ when something is broken on purpose (a policy dropped, a second updated-at funct
 
 import pytest
 
-from deployhelpers import migrated_db, readonly  # noqa: F401  (fixture)
-from runbooks import preflight, snapshot, verification
+from runbooks import preflight, runner, snapshot, verification
 from runbooks.checks import Check
+
+from runhelpers import readonly
 
 ALL_CHECKS = (verification.phases_applied, verification.updated_at_trigger, verification.helper_functions,
               verification.data_integrity, verification.database_stats, verification.query_latency,
@@ -194,8 +195,6 @@ def test_a_criterion_whose_checks_did_not_run_fails():
 
 @pytest.mark.slow
 def test_the_notebook_runs_every_check_after_a_failure_and_the_criteria_fail_the_run(migrated_db, tmp_path):
-    from runbooks import runner
-
     migrated_db.execute("drop policy products_select_members on public.products")
     outcome = runner.run_plan("verify", ("verification",), migrated_db.target, records_root=tmp_path,
                               progress=lambda *_: None)
@@ -208,14 +207,10 @@ def test_the_notebook_runs_every_check_after_a_failure_and_the_criteria_fail_the
 
 
 @pytest.mark.parametrize("start", ["empty", "variant"])
-def test_the_checks_work_on_any_database_the_phases_converged_not_only_the_fixture(server, start):
-    from deployhelpers import clone, migrated_template
-
-    db = clone(server, migrated_template(server, start))
-    conn = readonly(db)
+def test_the_checks_work_on_any_database_the_phases_converged_not_only_the_fixture(make_db, start):
+    conn = readonly(make_db(f"{start}@3"))
     try:
         checks = [check(conn) for check in ALL_CHECKS]
     finally:
         conn.close()
-        server.drop_database(db)
     assert {c.name: c.summary for c in checks if c.status == "error"} == {}

@@ -1,0 +1,120 @@
+"""Helpers for the tests of the runbooks and their steps (preflight, verification, rollback,
+maintenance, troubleshooting, the CLI): runs without a kernel, read-only connections, snapshots,
+the deployment history, and what an executed notebook shows. SQL-level helpers are in sqlhelpers.py;
+databases come from the fixtures of conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import nbformat
+
+from runbooks import cli, connection, engine, notebook, records, snapshot
+
+
+def runbook(*args) -> int:
+    """The `runbook` command, in this process: its exit code."""
+    return cli.main([str(a) for a in args])
+
+
+def readonly(db):
+    """A read-only autocommit connection, as notebooks have."""
+    return db.connect(readonly=True, autocommit=True)
+
+
+def run_check(db, check, *args, **kwargs):
+    """One check function, called on a read-only connection of its own."""
+    conn = readonly(db)
+    try:
+        return check(conn, *args, **kwargs)
+    finally:
+        conn.close()
+
+
+def make_run(db, record_dir: Path, run_id: str | None = None, *, readonly: bool = True) -> notebook.Run:
+    """What a notebook's setup() returns, without a kernel, so steps and checks can be called directly.
+
+    record_dir is the run's own folder (created, as setup() does); a run that looks for earlier
+    runs beside it (maintenance's daily activity) wants records_root / run_id.
+    """
+    folder = Path(record_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    conn = db.connect(readonly=readonly, autocommit=True)
+    return notebook.Run(notebook="test", target=db.target, run_id=run_id or records.new_run_id(), operator="tester",
+                        record_dir=folder, conn=conn, facts=connection.server_facts(conn))
+
+
+def snapshot_of(db, **kwargs) -> dict:
+    """snapshot.take_snapshot of the database, on a connection of its own."""
+    conn = readonly(db)
+    try:
+        return snapshot.take_snapshot(conn, **kwargs)
+    finally:
+        conn.close()
+
+
+def assert_identical(before: dict, after: dict) -> None:
+    comparison = snapshot.compare_snapshots(before, after)
+    assert comparison.identical, json.dumps(comparison.as_dict()["problems"] + [comparison.differences], indent=1)
+
+
+def history(db) -> list[dict]:
+    """The deployment history rows, oldest first."""
+    conn = readonly(db)
+    try:
+        return engine.read_history(conn)
+    finally:
+        conn.close()
+
+
+def sign_off_window(start_hours: float, end_hours: float) -> str:
+    """A change window (start/end in UTC, the format preflight's sign-off reads), relative to now."""
+    now = datetime.now(timezone.utc)
+    return f"{now + timedelta(hours=start_hours):%Y-%m-%dT%H:%MZ}/{now + timedelta(hours=end_hours):%Y-%m-%dT%H:%MZ}"
+
+
+def target_entry(name: str, server, dbname: str, *, production: bool = False) -> str:
+    """One [targets.NAME] table of a targets file: a database of the test server, as its superuser."""
+    return (f'\n[targets.{name}]\nhost = "127.0.0.1"\nport = {server.pg.port}\ndbname = "{dbname}"\n'
+            f'user = "postgres"\nsslmode = "disable"\n' + ("production = true\n" if production else ""))
+
+
+# -- what a run shows -------------------------------------------------------------------------
+
+def executed_notebook(outcome) -> nbformat.NotebookNode:
+    """The first notebook of a runner outcome, as executed and kept in its record."""
+    return nbformat.read(outcome.record.path / outcome.notebooks[0]["file"], as_version=4)
+
+
+def notebook_text(nb) -> str:
+    """Every text output of an executed notebook, joined (what a reader sees)."""
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                parts.append(output["text"])
+            for mime in ("text/plain", "text/markdown"):
+                if mime in output.get("data", {}):
+                    parts.append(output["data"][mime])
+    return "\n".join(parts)
+
+
+def checks_of(outcome) -> dict[str, dict]:
+    """The verdict's checks by name (the last one of a name wins)."""
+    return {c["name"]: c for c in outcome.notebooks[0].get("checks", [])}
+
+
+def wait_for_stats(db, table: str, seq_scans: int, timeout: float = 10) -> None:
+    """Statistics reach pg_stat_user_tables when the backends flush them: wait until they show."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [(seen,)] = db.query("select coalesce(seq_scan, 0) from pg_stat_user_tables where relid = %s::regclass",
+                             (table,))
+        if seen >= seq_scans or time.monotonic() > deadline:
+            assert seen >= seq_scans, f"{table}: {seen} sequential scans recorded, expected {seq_scans}"
+            return
+        time.sleep(0.1)
