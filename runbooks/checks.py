@@ -12,7 +12,8 @@ import html
 from dataclasses import dataclass, field
 
 STATUSES = ("ok", "info", "warning", "error")
-_BADGE = {"ok": "✅ ok", "info": "ℹ️ info", "warning": "⚠️ warning", "error": "❌ error"}
+# Colours, not emoji: a record's HTML must read the same in any browser, with any fonts.
+_BADGE_COLOUR = {"ok": "#1a7f37", "info": "#0969da", "warning": "#9a6700", "error": "#cf222e"}
 
 
 class CheckFailed(AssertionError):
@@ -63,7 +64,9 @@ class Check:
         display({"text/html": self._repr_html_(), "text/plain": repr(self)}, raw=True)
 
     def _repr_html_(self) -> str:
-        parts = [f"<p><b>{html.escape(_BADGE[self.status])}</b> — <b>{html.escape(self.title)}</b>: "
+        badge = (f'<span style="color:#fff;background:{_BADGE_COLOUR[self.status]};padding:1px 6px;'
+                 f'border-radius:3px;font-weight:bold">{self.status.upper()}</span>')
+        parts = [f"<p>{badge} <b>{html.escape(self.title)}</b>: "
                  f"{html.escape(self.summary)}</p>"]
         columns = self._columns()
         if self.rows:
