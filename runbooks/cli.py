@@ -219,6 +219,7 @@ def cmd_records(args) -> int:
         print(problem)
     print(f"record {args.run_id}: " + ("intact: every file matches the manifest" if not problems
                                        else f"{len(problems)} problem(s)"))
+    print(f"seal: sha256 of manifest.json {record.seal()} (compare it with the one noted when the run ended)")
     return EXIT_FAILED if problems else EXIT_OK
 
 

@@ -155,6 +155,11 @@ class Record:
         except json.JSONDecodeError as exc:
             raise RecordError(f"{self.manifest_path}: not valid JSON ({exc})") from None
 
+    def seal(self) -> str:
+        """The sha256 of manifest.json. The manifest vouches for every other file; this digest,
+        noted outside the record (the change ticket), vouches for the manifest."""
+        return sha256_of(self.manifest_path)
+
     def write_manifest(self, manifest: dict) -> None:
         """Seal the record: hash every file in the folder into the manifest."""
         manifest = dict(manifest, format=FORMAT, files=self.file_hashes())

@@ -154,7 +154,8 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
         outcome.error = manifest["error"] = f"{type(exc).__name__}: {exc}"
         progress(f"  refused: {manifest['error']}")
     _seal(record, manifest, outcome)
-    progress(f"record: {record.path}\nverdict: {outcome.verdict.upper()}")
+    progress(f"record: {record.path}\nseal: sha256 of manifest.json {record.seal()} (note it in the change ticket)"
+             f"\nverdict: {outcome.verdict.upper()}")
     return outcome
 
 

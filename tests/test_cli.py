@@ -83,9 +83,11 @@ def test_a_production_deploy_with_full_sign_off_inside_its_window_passes_and_rec
     root = tmp_path / "records"
     code = runbook("deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", window,
                    "--records", root, "--targets-file", targets_file)
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     [run_id] = [p.name for p in root.iterdir()]
     record = records.Record.open(root, run_id)
+    assert f"seal: sha256 of manifest.json {record.seal()}" in printed.out + printed.err
     manifest = record.manifest()
     assert manifest["verdict"] == "passed"
     assert manifest["target"]["production"] is True

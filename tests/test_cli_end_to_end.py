@@ -92,6 +92,8 @@ def test_records_verify_detects_a_tampered_notebook(deployed, capsys, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(deployed["root"], copy)
     assert runbook("records", "verify", deployed["run_id"], "--records", copy) == 0
+    seal = records.Record.open(copy, deployed["run_id"]).seal()
+    assert f"seal: sha256 of manifest.json {seal}" in capsys.readouterr().out
     notebook = next((copy / deployed["run_id"] / "notebooks").glob("*phase2*.ipynb"))
     notebook.write_text(notebook.read_text().replace("passed", "passed!"))
     assert runbook("records", "verify", deployed["run_id"], "--records", copy) == 1

@@ -50,6 +50,16 @@ def test_a_manifest_edited_to_match_a_tampered_file_disagrees_with_itself(record
     assert any("disagrees with itself" in p for p in record.verify())
 
 
+def test_a_record_rewritten_with_a_fresh_manifest_verifies_but_its_seal_changes(record):
+    seal = record.seal()
+    (record.path / "notebooks" / "01-preflight.ipynb").write_text('{"forged": true}')
+    manifest = record.manifest()
+    manifest["notebooks"][0]["sha256"] = records.sha256_of(record.path / "notebooks" / "01-preflight.ipynb")
+    record.write_manifest(manifest)
+    assert record.verify() == []  # consistent with itself: only the seal noted elsewhere tells
+    assert record.seal() == records.sha256_of(record.manifest_path) != seal
+
+
 def test_known_secrets_come_from_pgpassword_and_the_pgpass_file(tmp_path, monkeypatch):
     passfile = tmp_path / "pgpass"
     passfile.write_text("# comment\nhost:5432:*:alice:s3cr3t\\:colon\ndb:*:*:bob:tiny\n")
