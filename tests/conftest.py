@@ -34,6 +34,7 @@ import pytest
 
 from runbooks import connection, engine, fixtures, paths
 from runbooks.embedded import EmbeddedPostgres
+from sqlhelpers import query_once
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
 VARIANT_FIXTURE = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
@@ -79,13 +80,7 @@ class Database:
         return connection.connect(self.target, **kwargs)
 
     def query(self, sql: str, params=None) -> list[tuple]:
-        conn = self.connect(autocommit=True)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        return query_once(self.connect(autocommit=True), sql, params)
 
     def execute(self, sql: str, params=None) -> None:
         """Run statements in autocommit (several may be given, separated by semicolons)."""

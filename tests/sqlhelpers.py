@@ -23,6 +23,17 @@ from runbooks.paths import PHASES
 PHASE_FILES = [path for _, path in PHASES]
 NO_TRANSACTION = "-- runbook: no-transaction"
 
+
+def query_once(conn, sql: str, params=None) -> list[tuple]:
+    """Run SQL in autocommit on a connection of its own, then close it: the rows, if any."""
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
 CORE_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory",
                "audit_logs", "api_keys", "security_events")
 PHASE3_TABLES = ("rate_limits", "threat_intelligence", "data_retention_policies", "backup_verifications")

@@ -22,6 +22,8 @@ import pytest
 from runbooks import cli, connection, engine, fixtures, paths, preflight, records, restore, snapshot
 from runbooks.backup import take_backup
 
+from sqlhelpers import query_once
+
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 LEGACY = paths.LEGACY_FIXTURE_FILE
 _numbers = itertools.count()
@@ -48,23 +50,10 @@ class OwnedDatabase:
         return connection.from_service(self.name)
 
     def as_owner(self, sql: str, params=None) -> list[tuple]:
-        conn = connection.connect(self.target, autocommit=True)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        return query_once(connection.connect(self.target, autocommit=True), sql, params)
 
     def as_superuser(self, sql: str, params=None) -> list[tuple]:
-        conn = psycopg2.connect(self.server.pg.conninfo(self.name))
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        return query_once(psycopg2.connect(self.server.pg.conninfo(self.name)), sql, params)
 
     def snapshot(self) -> dict:
         conn = connection.connect(self.target, readonly=True, autocommit=True)
