@@ -199,7 +199,8 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
 
 
 def _kernel_manager_for(record: records.Record) -> type:
-    return type("RecordKernelManager", (IPCKernelManager,), {"kernel_log": record.path / "kernels.log"})
+    # absolute: papermill changes directory while it runs a notebook, a relative --records would miss
+    return type("RecordKernelManager", (IPCKernelManager,), {"kernel_log": (record.path / "kernels.log").resolve()})
 
 
 def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:

@@ -112,14 +112,16 @@ def test_verify_alone_compares_with_the_last_preflight_snapshot_and_passes(deplo
     assert "verdict: PASSED" in capsys.readouterr().out
 
 
-def test_rehearse_needs_no_database_and_prints_the_record_and_a_passing_verdict(tmp_path, capsys):
-    assert runbook("rehearse", "--records", tmp_path) == 0
+def test_rehearse_needs_no_database_and_prints_the_record_and_a_passing_verdict(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # as `make rehearse` runs it: records in ./records
+    assert runbook("rehearse") == 0
     out = capsys.readouterr().out
-    [run_id] = [p.name for p in tmp_path.iterdir()]
-    assert f"record: {tmp_path / run_id}" in out and "verdict: PASSED" in out
-    manifest = records.Record.open(tmp_path, run_id).manifest()
-    assert manifest["rehearsal"]["fixture"] == "sql/support/legacy_fixture.sql"
-    assert records.Record.open(tmp_path, run_id).verify() == []
+    [run_id] = [p.name for p in (tmp_path / "records").iterdir()]
+    record = records.Record.open(tmp_path / "records", run_id)
+    assert f"record: records/{run_id}" in out and "verdict: PASSED" in out
+    assert f"seal: sha256 of manifest.json {record.seal()}" in out
+    assert record.manifest()["rehearsal"]["fixture"] == "sql/support/legacy_fixture.sql"
+    assert record.verify() == []
 
 
 def test_a_failing_phase_stops_the_run_with_exit_1_and_the_record_shows_where(make_db, tmp_path):

@@ -53,3 +53,14 @@ def test_a_connection_failure_in_setup_fails_the_run(tmp_path, server):
                               records_root=tmp_path, progress=lambda *_: None)
     assert outcome.exit_code == 1
     assert "no_such_database" in outcome.error
+
+
+def test_a_records_folder_given_relative_to_the_working_directory_works(empty_db, tmp_path, monkeypatch):
+    """`make rehearse` writes to ./records: papermill changes directory while it runs, paths must not care."""
+    monkeypatch.chdir(tmp_path)
+    outcome = runner.run_plan("test", [str(FIXTURES / "sql_inspection.ipynb")], empty_db.target,
+                              records_root=Path("records"), progress=lambda *_: None)
+    assert outcome.exit_code == 0, outcome.notebooks
+    record = tmp_path / "records" / outcome.run_id
+    assert (record / "kernels.log").is_file()
+    assert outcome.record.verify() == []
