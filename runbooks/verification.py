@@ -148,12 +148,13 @@ def savepoint(cur, name: str = "verification_step"):
         cur.execute(f"release savepoint {name}")
 
 
-def act_as(cur, who: str) -> None:
-    """Become an API role as PostgREST does: set local role, and request.jwt.claims for the request."""
+def act_as(cur, who: str, users: dict[str, str] = USERS) -> None:
+    """Become an API role as PostgREST does: set local role, and request.jwt.claims for the request
+    (`who` is anon, service_role, or a name of `users`, whose id becomes the claims' sub)."""
     if who in ("anon", "service_role"):
         role, claims = who, {"role": who}
     else:
-        role, claims = "authenticated", {"sub": USERS[who], "role": "authenticated", "aud": "authenticated"}
+        role, claims = "authenticated", {"sub": users[who], "role": "authenticated", "aud": "authenticated"}
     cur.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
     cur.execute(f"set local role {role}")
 

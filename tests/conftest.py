@@ -32,7 +32,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from runbooks import connection, engine, fixtures, paths
+from runbooks import connection, engine, fixtures, paths, runner
 from runbooks.embedded import EmbeddedPostgres
 from sqlhelpers import query_once
 
@@ -176,16 +176,10 @@ class Server:
 def server(request):
     flavour, bin_dir = request.param
     pg = EmbeddedPostgres(bin_dir).start()
-    saved = {k: os.environ.get(k) for k in pg.client_env()}
-    os.environ.update(pg.client_env())
     try:
-        yield Server(pg, flavour)
+        with runner.environment(pg.client_env()):
+            yield Server(pg, flavour)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         pg.stop()
 
 

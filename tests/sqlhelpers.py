@@ -8,17 +8,17 @@ itself, on a clone.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2.sql import SQL, Identifier
 
+from runbooks import verification
 from runbooks.paths import PHASES
+from runbooks.verification import savepoint
 
 PHASE_FILES = [path for _, path in PHASES]
 NO_TRANSACTION = "-- runbook: no-transaction"
@@ -169,24 +169,9 @@ def contract_columns(db, tables=CONTRACT_TABLES) -> list[tuple]:
 
 # -- acting as the API roles -----------------------------------------------------------------------
 
-@contextmanager
-def savepoint(cur, name: str = "sp"):
-    """Run a block inside a savepoint that is always rolled back."""
-    cur.execute(f"savepoint {name}")
-    try:
-        yield
-    finally:
-        cur.execute(f"rollback to savepoint {name}")
-
-
 def act_as(cur, who: str) -> None:
-    """Become an API role as PostgREST does: SET LOCAL ROLE plus request.jwt.claims."""
-    if who in ("anon", "service_role"):
-        role, claims = who, {"role": who}
-    else:
-        role, claims = "authenticated", {"sub": USERS[who], "role": "authenticated", "aud": "authenticated"}
-    cur.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
-    cur.execute(f"set local role {role}")
+    """Become an API role as PostgREST does, a user of the seeded data set for `who`."""
+    verification.act_as(cur, who, users=USERS)
 
 
 def error_of(cur, sql: str, params=None, who: str | None = None) -> psycopg2.Error | None:
