@@ -41,6 +41,7 @@ from . import connection
 from .checks import Check, fetch, sql_check
 from .engine import HISTORY_SCHEMA
 from .notebook import sql_block
+from .paths import PHASES
 from .snapshot import PLATFORM_SCHEMAS
 
 # Schemas the product owns: not PostgreSQL's, not the runbooks' history, not Supabase's platform.
@@ -255,17 +256,14 @@ where n.nspname = 'public' and c.relkind in ('r', 'p') and not c.relispartition
 order by 1
 """
 
-CANONICAL_DEFINITION = f"""create or replace function {CANONICAL}
-returns trigger
-language plpgsql
-set search_path = ''
-as $$
-begin
-  new.updated_at := now();
-  return new;
-end;
-$$;
-revoke all on function {CANONICAL} from public, anon, authenticated;"""
+@functools.cache
+def canonical_definition() -> str:
+    """The contract's updated-at function and its privileges, as phase 1's file defines them (the fix
+    for a canonical function in a legacy shape is what the deployment would run)."""
+    text = PHASES[0][1].read_text()
+    create = re.search(r"^create or replace function public\.update_updated_at_column\(\)$.*?^\$\$;$", text, re.M | re.S)
+    revoke = re.search(r"^revoke all on function public\.update_updated_at_column\(\) from .*;$", text, re.M)
+    return create.group(0) + "\n" + revoke.group(0)
 
 
 def _types_of(arguments: str) -> str:
@@ -304,7 +302,7 @@ def function_conflicts(conn, target: connection.Target | None = None) -> Check:
                 continue
             problem = "the canonical function in a legacy shape: " + ", ".join(legacy)
             fixes.append(Fix("function conflicts", r["function"], "replace it with the contract's definition "
-                             "(its triggers keep calling it)", CANONICAL_DEFINITION))
+                             "(its triggers keep calling it)", canonical_definition()))
         elif r["is_trigger"] and stamps_updated_at(r["body"]):
             problem = "duplicate updated-at function"
             fixes += _repoint_and_drop(r, canonical_exists, phase1)

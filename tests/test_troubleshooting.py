@@ -163,6 +163,19 @@ def test_a_trigger_on_a_table_without_the_canonical_trigger_is_re_pointed_not_dr
         ("update_inventory_updated_at", "update_updated_at_column")]
 
 
+def test_the_canonical_function_in_a_legacy_shape_is_replaced_by_phase_1s_own_definition(make_db, tmp_path):
+    db = make_db("legacy@3")
+    db.execute("alter function public.update_updated_at_column() security definer")
+    [fix] = diagnose(db, tmp_path)["function_conflicts"].fixes
+    assert fix.sql == troubleshooting.canonical_definition()
+    assert fix.sql.startswith("create or replace function public.update_updated_at_column()\nreturns trigger")
+    definition, revoke = fix.sql.split("\nrevoke ")
+    phase1 = PHASES[0][1].read_text()
+    assert definition.endswith("end;\n$$;") and definition in phase1 and f"revoke {revoke}" in phase1
+    db.execute(fix.sql)
+    assert diagnose(db, tmp_path)["function_conflicts"].status == "ok"
+
+
 def test_an_overload_a_policy_depends_on_is_left_to_phase_1_and_a_table_named_twice_to_the_dba(make_db, tmp_path):
     db = make_db("legacy")        # the legacy fixture, not migrated: overloads with policies on them
     db.execute("create table app.api_keys (id bigserial primary key, key text)")
