@@ -310,6 +310,9 @@ def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: 
         raise BackupError(f"{final} already exists: a backup is never overwritten (new run id?)")
     partial = final.with_name(final.name + ".partial")
     partial.unlink(missing_ok=True)
+    # the dump holds every row (password hashes, the legacy plaintext keys): readable by its owner
+    # alone, from the first byte (pg_dump truncates the file it is given and keeps its mode)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     started = time.perf_counter()
     proc = subprocess.run(
         [str(pg_dump.path), "--format=custom", "--no-password", f"--lock-wait-timeout={lock_wait_timeout}",

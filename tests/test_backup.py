@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,11 @@ def test_backup_json_beside_the_dump_holds_the_same_facts_and_no_secret(db, tmp_
     assert recorded == info.as_dict()
     assert backup.BackupInfo.load(tmp_path) == info
     assert "password" not in (tmp_path / backup.INFO_FILE).read_text().lower()
+
+
+def test_the_dump_holds_every_row_so_only_its_owner_may_read_it(db, tmp_path):
+    info = take_backup(db.target, tmp_path, "run-3")
+    assert Path(info.path).stat().st_mode & 0o777 == 0o600
 
 
 def test_an_intact_backup_verifies_again(db, tmp_path):
