@@ -338,6 +338,7 @@ class ApplyEngine:
     retry_backoff: float = 1.0      # seconds, doubled per retry
     lock_wait: float = 60.0          # seconds to wait for another runner
     progress: callable = None        # progress(Timing) after each statement
+    on_retry: callable = None        # on_retry(attempt, delay, reason) before each pause for a retry
 
     def _connect(self):
         conn = connection.connect(self.target, application_name=f"runbook run {self.run_id}")
@@ -429,7 +430,7 @@ class ApplyEngine:
                         f"phase {result.version}: {_waiting_on(exc, body[len(result.timings)])} after "
                         f"{attempt} attempts with lock_timeout {self.lock_timeout}; sessions holding locks: "
                         f"{lock_blockers(conn)}. Nothing was changed.") from None
-                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
+                self._pause_before_retry(attempt, _waiting_on(exc, body[len(result.timings)]))
 
     def _execute(self, conn, statement: Statement, result: ApplyResult) -> None:
         del conn.notices[:]
@@ -477,7 +478,13 @@ class ApplyEngine:
                         f"phase {result.version}: {_waiting_on(exc, statement)} after {attempt} attempts; sessions "
                         f"holding locks: {lock_blockers(conn)}. The transactional part is committed; "
                         "re-run the phase to resume.") from None
-                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
+                self._pause_before_retry(attempt, _waiting_on(exc, statement))
+
+    def _pause_before_retry(self, attempt: int, reason: str) -> None:
+        delay = self.retry_backoff * 2 ** (attempt - 1)
+        if self.on_retry:
+            self.on_retry(attempt, delay, reason)
+        time.sleep(delay)
 
 
 def _drop_invalid_index(conn, schema: str, name: str) -> None:

@@ -63,10 +63,15 @@ class Phase:
             print(f"  [{t.index:>3}/{len(self.statements)}] line {t.line:>4}  {t.seconds:8.3f}s  {t.summary}",
                   flush=True)
 
+        def on_retry(attempt: int, delay: float, reason: str) -> None:
+            print(f"  attempt {attempt}/{lock_retries + 1} rolled back, {reason}; retrying in {delay:.1f}s",
+                  flush=True)
+
         self.before = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
         apply_engine = engine.ApplyEngine(self.run.target, run_id=self.run.run_id, operator=self.run.operator,
                                           lock_timeout=lock_timeout, statement_timeout=statement_timeout,
-                                          lock_retries=lock_retries, lock_wait=lock_wait, progress=progress)
+                                          lock_retries=lock_retries, lock_wait=lock_wait, progress=progress,
+                                          on_retry=on_retry)
         self.result = apply_engine.apply(self.version, self.path, force=force, reapply=reapply)
         self.after = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
         r = self.result

@@ -126,12 +126,20 @@ def test_a_lock_released_during_the_retries_lets_the_phase_through(empty_db, pha
     blocker = empty_db.connect()
     with blocker.cursor() as cur:
         cur.execute("lock table demo in access exclusive mode")
-    threading.Timer(0.4, blocker.rollback).start()
+    retries = []
+
+    def release_on_first_retry(attempt, delay, reason):
+        retries.append((attempt, reason))
+        blocker.rollback()  # released while the engine pauses, so the next attempt must get through
+
     try:
-        result = make_engine(empty_db, lock_retries=6, retry_backoff=0.1).apply("100", phase)
+        result = make_engine(empty_db, lock_retries=6, retry_backoff=0.1,
+                             on_retry=release_on_first_retry).apply("100", phase)
     finally:
         blocker.close()
-    assert result.status == "applied" and result.attempts > 1
+    assert result.status == "applied" and result.attempts == 2
+    [(attempt, reason)] = retries
+    assert attempt == 1 and reason.startswith("statement 2 at line 3 (insert into demo") and "lock timeout" in reason
 
 
 def test_a_concurrently_statement_runs_after_the_transaction_and_the_file_still_works_in_psql(empty_db, tmp_path):
