@@ -173,7 +173,7 @@ def cmd_status(args) -> int:
     conn = connection.connect(target, application_name="runbook status", readonly=True)
     try:
         history = engine.read_history(conn)
-        states = engine.phase_states(conn)
+        states = engine.phase_states(conn, history)
         facts = connection.server_facts(conn)
     finally:
         conn.close()

@@ -242,8 +242,9 @@ class PhaseState:
         return "applied, file matches" if self.applied["sha256"] == self.on_disk else "applied, FILE CHANGED"
 
 
-def phase_states(conn) -> list[PhaseState]:
-    applied = latest_applied(read_history(conn))
+def phase_states(conn, history: list[dict] | None = None) -> list[PhaseState]:
+    """Every phase's state; `history`, when the caller has read it already, saves reading it again."""
+    applied = latest_applied(read_history(conn) if history is None else history)
     return [PhaseState(version, path, sha256_of(path) if path.is_file() else None, applied.get(version))
             for version, path in PHASES]
 
@@ -425,12 +426,13 @@ class ApplyEngine:
                 return
             except RETRYABLE as exc:
                 conn.rollback()
+                reason = _waiting_on(exc, body[len(result.timings)])
                 if attempt > self.lock_retries:
                     raise LockRetriesExhausted(
-                        f"phase {result.version}: {_waiting_on(exc, body[len(result.timings)])} after "
-                        f"{attempt} attempts with lock_timeout {self.lock_timeout}; sessions holding locks: "
-                        f"{lock_blockers(conn)}. Nothing was changed.") from None
-                self._pause_before_retry(attempt, _waiting_on(exc, body[len(result.timings)]))
+                        f"phase {result.version}: {reason} after {attempt} attempts with lock_timeout "
+                        f"{self.lock_timeout}; sessions holding locks: {lock_blockers(conn)}. Nothing was changed."
+                    ) from None
+                self._pause_before_retry(attempt, reason)
 
     def _execute(self, conn, statement: Statement, result: ApplyResult) -> None:
         del conn.notices[:]
@@ -473,12 +475,13 @@ class ApplyEngine:
                 self._execute(conn, statement, result)
                 return
             except RETRYABLE as exc:
+                reason = _waiting_on(exc, statement)
                 if attempt > self.lock_retries:
                     raise LockRetriesExhausted(
-                        f"phase {result.version}: {_waiting_on(exc, statement)} after {attempt} attempts; sessions "
-                        f"holding locks: {lock_blockers(conn)}. The transactional part is committed; "
-                        "re-run the phase to resume.") from None
-                self._pause_before_retry(attempt, _waiting_on(exc, statement))
+                        f"phase {result.version}: {reason} after {attempt} attempts; sessions holding locks: "
+                        f"{lock_blockers(conn)}. The transactional part is committed; re-run the phase to resume."
+                    ) from None
+                self._pause_before_retry(attempt, reason)
 
     def _pause_before_retry(self, attempt: int, reason: str) -> None:
         delay = self.retry_backoff * 2 ** (attempt - 1)

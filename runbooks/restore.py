@@ -374,18 +374,24 @@ def _toc_for_outside(obj: OutsideObject, listing: ArchiveListing) -> list[int]:
     return main + extra
 
 
-def _extension_schemas(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) -> dict[str, str]:
-    """{extension: schema} as the archive creates them (the listing does not say)."""
-    if not entries:
-        return {}
+def _archive_sql(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry], what: str) -> str:
+    """The SQL script pg_restore writes for these entries of the archive (read, never run)."""
     with tempfile.NamedTemporaryFile("w", suffix=".list") as listfile:
         listfile.write("".join(e.line + "\n" for e in entries))
         listfile.flush()
         proc = subprocess.run([str(pg_restore.path), "-L", listfile.name, "-f", "-", str(path)],
                               capture_output=True, text=True, env=pgtools.tool_env())
     if proc.returncode != 0:
-        raise RestoreRefused(f"cannot read the extensions in {path.name}: {redact(proc.stderr.strip())}")
-    return {_unquote(m.group(1)): _unquote(m.group(2)) for m in _EXTENSION_SQL.finditer(proc.stdout)}
+        raise RestoreRefused(f"cannot read {what} {path.name}: {redact(proc.stderr.strip())}. Nothing was changed.")
+    return proc.stdout
+
+
+def _extension_schemas(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) -> dict[str, str]:
+    """{extension: schema} as the archive creates them (the listing does not say)."""
+    if not entries:
+        return {}
+    script = _archive_sql(pg_restore, path, entries, "the extensions in")
+    return {_unquote(m.group(1)): _unquote(m.group(2)) for m in _EXTENSION_SQL.finditer(script)}
 
 
 def _public_baseline(init_privs: list[str] | None) -> list[str]:
@@ -687,16 +693,9 @@ def _entry_texts(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) 
     """{entry key: the SQL pg_restore writes for it (comments and psql meta-commands left out)}."""
     if not entries:
         return {}
-    with tempfile.NamedTemporaryFile("w", suffix=".list") as listfile:
-        listfile.write("".join(e.line + "\n" for e in entries))
-        listfile.flush()
-        proc = subprocess.run([str(pg_restore.path), "-L", listfile.name, "-f", "-", str(path)],
-                              capture_output=True, text=True, env=pgtools.tool_env())
-    if proc.returncode != 0:
-        raise RestoreRefused(f"cannot read entries of {path.name}: {redact(proc.stderr.strip())}. Nothing was changed.")
     texts: dict[tuple, list[str]] = {}
     key = None
-    for line in proc.stdout.splitlines():
+    for line in _archive_sql(pg_restore, path, entries, "entries of").splitlines():
         match = _ENTRY_HEADER.match(line)
         if match:
             name, type_, schema, owner = match.groups()
@@ -1228,7 +1227,8 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
         extensions_recreated=plan.extensions,
         outside_objects_restored=[o.identity for o in plan.outside_restored],
         outside_objects_dropped=[o.identity for o in plan.outside_dropped],
-        outside_objects_recreated=plan.outside_recreated, history_rows_kept=len(kept), rollback_row=new[0], seconds=round(seconds, 3), psql_messages=messages,
+        outside_objects_recreated=plan.outside_recreated, history_rows_kept=len(kept), rollback_row=new[0],
+        seconds=round(seconds, 3), psql_messages=messages,
         pg_restore=plan.pg_restore.as_dict(), psql=plan.psql.as_dict(), warnings=plan.warnings,
         prelude_sql=plan.prelude_sql, postlude_sql=plan.postlude_sql)
 

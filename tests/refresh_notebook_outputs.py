@@ -70,7 +70,7 @@ def write_back(name: str, executed: nbformat.NotebookNode) -> int:
     nb = nbformat.read(path, as_version=4)
     results = {c.get("id"): c for c in executed.cells if c.cell_type == "code"}
     rules = sanitizers()
-    checked = 0
+    changed = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -82,10 +82,10 @@ def write_back(name: str, executed: nbformat.NotebookNode) -> int:
                 cell.outputs = committed
             else:
                 cell.outputs = source.outputs
-                checked += 1
+                changed += 1
             cell.execution_count = source.execution_count  # nbval skips "unrun" cells that have outputs
     nbformat.write(nb, path)
-    return checked
+    return changed
 
 
 def main() -> None:

@@ -107,14 +107,19 @@ def apply_phases(db, count: int = 3, start: int = 1, how: str = "psql") -> None:
 
 # -- queries -------------------------------------------------------------------------------------
 
+def tables_in(db, schemas) -> list[str]:
+    """The tables of the given schemas, schema-qualified and quoted."""
+    return [t for (t,) in db.query("""
+        select format('%%I.%%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = any(%s) and c.relkind in ('r', 'p') order by 1""", (list(schemas),))]
+
+
 def row_counts(db, schemas=("public", "auth")) -> dict[str, int]:
     """Exact row count of every table in the given schemas."""
-    tables = db.query("""
-        select format('%%I.%%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%s) and c.relkind in ('r', 'p') order by 1""", (list(schemas),))
+    tables = tables_in(db, schemas)
     if not tables:
         return {}
-    union = " union all ".join(f"select '{t}', count(*) from {t}" for (t,) in tables)
+    union = " union all ".join(f"select '{t}', count(*) from {t}" for t in tables)
     return dict(db.query(union))
 
 
@@ -255,11 +260,9 @@ delete from public.data_retention_policies where table_name = 'backup_verificati
 
 def data_fingerprint(db, schemas=("public", "auth")) -> dict[str, str]:
     """md5 of every table's rows (sorted), to tell whether a run changed any data."""
-    tables = db.query("""
-        select format('%%I.%%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname = any(%s) and c.relkind in ('r', 'p') order by 1""", (list(schemas),))
+    tables = tables_in(db, schemas)
     union = " union all ".join(f"select '{t}', md5(coalesce(string_agg(x::text, '|' order by x::text), '')) from {t} as x"
-                               for (t,) in tables)
+                               for t in tables)
     return dict(db.query(union)) if tables else {}
 
 

@@ -7,13 +7,13 @@ import pytest
 
 from runbooks import engine, phases
 
-from runhelpers import history, make_run, snapshot_of, assert_identical
+from runhelpers import assert_identical, history, make_run, snapshot_of
+from sqlhelpers import tables_in
 
 
 def test_a_phase_blocked_by_a_lock_held_elsewhere_prints_each_retry_and_then_changes_nothing(legacy_db, tmp_path,
                                                                                             capsys):
-    tables = [name for (name,) in legacy_db.query(
-        "select format('%I.%I', schemaname, tablename) from pg_tables where schemaname = 'public'")]
+    tables = tables_in(legacy_db, ["public"])
     before = snapshot_of(legacy_db)
     blocker = legacy_db.connect(application_name="a long report")
     with blocker.cursor() as cur:

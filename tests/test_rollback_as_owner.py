@@ -11,7 +11,6 @@ that could not be rolled back is refused by the preflight before anything change
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from runbooks import cli, connection, engine, fixtures, paths, preflight, records, restore, snapshot
 from runbooks.backup import take_backup
 
+from runhelpers import assert_identical, history, snapshot_of
 from sqlhelpers import query_once
 
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
@@ -49,25 +49,15 @@ class OwnedDatabase:
     def target(self) -> connection.Target:
         return connection.from_service(self.name)
 
+    def connect(self, **kwargs):
+        """As the owner (what runhelpers' snapshot_of and history connect with)."""
+        return connection.connect(self.target, **kwargs)
+
     def as_owner(self, sql: str, params=None) -> list[tuple]:
-        return query_once(connection.connect(self.target, autocommit=True), sql, params)
+        return query_once(self.connect(autocommit=True), sql, params)
 
     def as_superuser(self, sql: str, params=None) -> list[tuple]:
         return query_once(psycopg2.connect(self.server.pg.conninfo(self.name)), sql, params)
-
-    def snapshot(self) -> dict:
-        conn = connection.connect(self.target, readonly=True, autocommit=True)
-        try:
-            return snapshot.take_snapshot(conn)
-        finally:
-            conn.close()
-
-    def history(self) -> list[dict]:
-        conn = connection.connect(self.target, readonly=True, autocommit=True)
-        try:
-            return engine.read_history(conn)
-        finally:
-            conn.close()
 
 
 @pytest.fixture
@@ -109,31 +99,26 @@ def record_bytes(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
 
 
-def assert_identical(before: dict, after: dict) -> None:
-    comparison = snapshot.compare_snapshots(before, after)
-    assert comparison.identical, json.dumps(comparison.as_dict()["problems"] + [comparison.differences], indent=1)
-
-
 def deploy_then_roll_back(db: OwnedDatabase, root: Path) -> None:
     """`runbook deploy`, then `runbook rollback --yes` of that run, as the owner, checked end to end."""
-    before = db.snapshot()
+    before = snapshot_of(db)
     default_privileges = db.as_superuser(DEFAULT_PRIVILEGES_SQL)
     assert {(role, schema, kind) for role, schema, kind, _ in default_privileges} == {
         ("postgres", "public", "r"), ("postgres", "public", "S"), ("postgres", "public", "f")}
 
     assert cli.main(["deploy", "--service", db.name, "--records", str(root)]) == 0
     [deploy_run] = [p.name for p in root.iterdir()]
-    deployed = db.history()
+    deployed = history(db)
     assert [(r["version"], r["run_id"], r["applied_by"]) for r in deployed] == [
         (version, deploy_run, deployed[0]["applied_by"]) for version, _ in paths.PHASES]
-    assert not snapshot.compare_snapshots(before, db.snapshot()).identical
+    assert not snapshot.compare_snapshots(before, snapshot_of(db)).identical
 
     assert cli.main(["rollback", "--service", db.name, "--run", deploy_run, "--yes", "--records", str(root)]) == 0
     [rollback_run] = [p.name for p in root.iterdir() if p.name != deploy_run]
-    assert_identical(before, db.snapshot())
+    assert_identical(before, snapshot_of(db))
 
     # the history keeps every row and gains the rollback's; nothing of the deployment counts as applied
-    rows = db.history()
+    rows = history(db)
     assert [r["id"] for r in rows[:-1]] == [r["id"] for r in deployed]
     assert (rows[-1]["version"], rows[-1]["action"], rows[-1]["run_id"]) == ("rollback", "rollback", rollback_run)
     assert engine.latest_applied(rows) == {}
@@ -172,7 +157,7 @@ def test_a_deployment_that_could_not_be_rolled_back_is_refused_by_the_preflight_
     db = owned_db(LEGACY)
     # an object in public that the owner cannot act for: a rollback could not re-create it as postgres's
     db.as_superuser("create table public.platform_notes (id int)")
-    before = db.snapshot()
+    before = snapshot_of(db)
     root = tmp_path / "records"
     assert cli.main(["deploy", "--service", db.name, "--records", str(root)]) == 1
     [run] = [p.name for p in root.iterdir()]
@@ -183,7 +168,7 @@ def test_a_deployment_that_could_not_be_rolled_back_is_refused_by_the_preflight_
     assert "owned by postgres" in error
     assert not (root / run / "backup").exists()                      # stopped before the backup
     assert db.as_owner("select to_regnamespace('truthsource'), to_regnamespace('private')") == [(None, None)]
-    assert_identical(before, db.snapshot())
+    assert_identical(before, snapshot_of(db))
 
 
 def test_the_preflight_names_each_rollback_blocker_and_the_role_that_owns_it(owned_db):
@@ -224,7 +209,7 @@ def test_a_superuser_is_refused_too_when_an_object_outside_the_app_schemas_would
 
 def owner_deployment(db: OwnedDatabase, tmp_path: Path):
     """A backup and a snapshot as the owner, then changes to public a deployment might make."""
-    before = db.snapshot()
+    before = snapshot_of(db)
     info = take_backup(db.target, tmp_path, "run-owner")
     db.as_owner("""create schema extra; create table extra.t (id int);
                    create table public.added (id int primary key); insert into public.added values (1);
@@ -236,12 +221,22 @@ def owner_deployment(db: OwnedDatabase, tmp_path: Path):
     return before, info
 
 
+def refused_rollback(db: OwnedDatabase, info) -> str:
+    """Roll back to `info`'s backup as the owner, expecting a refusal: its message, once the
+    database is checked unchanged."""
+    now = snapshot_of(db)
+    with pytest.raises(restore.RestoreRefused) as refused:
+        restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
+    assert_identical(now, snapshot_of(db))
+    return str(refused.value)
+
+
 def test_the_kept_schemas_foreign_default_privileges_survive_the_rollback_unchanged(owned_db, tmp_path):
     db = owned_db(LEGACY)
     default_privileges = db.as_superuser(DEFAULT_PRIVILEGES_SQL)
     before, info = owner_deployment(db, tmp_path)
     result = restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
-    assert_identical(before, db.snapshot())
+    assert_identical(before, snapshot_of(db))
     assert result.kept_schemas == ["app", "public"] and result.dropped_schemas == ["extra"]
     assert result.default_privileges_reset == [db.owner]
     assert "the default privileges of postgres in schema public for tables" in result.kept_as_they_are
@@ -256,14 +251,10 @@ def test_foreign_default_privileges_changed_since_the_backup_are_refused_naming_
     db = owned_db(LEGACY)
     _, info = owner_deployment(db, tmp_path)
     db.as_superuser("alter default privileges for role postgres in schema public revoke all on tables from anon")
-    now = db.snapshot()
-    with pytest.raises(restore.RestoreRefused) as refused:
-        restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
-    message = str(refused.value)
+    message = refused_rollback(db, info)
     assert f"role {db.owner} is not a superuser" in message and "Nothing was changed" in message
     assert ("the default privileges of postgres in schema public for tables changed since the backup was taken; "
             "only postgres or a superuser can put them back") in message
-    assert_identical(now, db.snapshot())
 
 
 def test_a_kept_schema_whose_comment_changed_is_refused_when_re_creating_it_would_need_another_role(
@@ -271,10 +262,6 @@ def test_a_kept_schema_whose_comment_changed_is_refused_when_re_creating_it_woul
     db = owned_db(LEGACY)
     _, info = owner_deployment(db, tmp_path)
     db.as_owner("comment on schema public is 'changed by the deployment'")
-    now = db.snapshot()
-    with pytest.raises(restore.RestoreRefused) as refused:
-        restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
-    message = str(refused.value)
+    message = refused_rollback(db, info)
     assert "the comment on schema public changed since the backup was taken" in message
     assert "cannot act for postgres, whose objects or default privileges the backup has in it" in message
-    assert_identical(now, db.snapshot())
