@@ -250,7 +250,6 @@ declare
   v_conv text;
   v_row_conv text;
   v_count bigint;
-  r record;
 begin
   v_conv := pg_temp.p2_conversion(v_from, v_to, quote_ident(p_source));
   v_row_conv := pg_temp.p2_conversion(v_from, v_to, format('($1)::%s', v_from));
@@ -260,15 +259,16 @@ begin
     execute format('update %s set %I = %s where %I is null and %I is not null', p_rel, p_target, v_conv, p_target, p_source);
     get diagnostics v_count = row_count;
   exception when others then
-    v_count := 0;
-    for r in execute format('select ctid, %I::text as v from %s where %I is null and %I is not null', p_source, p_rel, p_target, p_source) loop
-      begin
-        execute format('update %s set %I = %s where ctid = $2', p_rel, p_target, v_row_conv) using r.v, r.ctid;
-        v_count := v_count + 1;
-      exception when others then
-        null;  -- does not convert: kept in legacy_data below
-      end;
-    end loop;
+    -- some values do not convert: one more pass converting value by value (NULL where it fails),
+    -- linear in the rows; what stays NULL is kept in legacy_data below
+    drop function if exists pg_temp.p2_convert_or_null(text);
+    execute format('create function pg_temp.p2_convert_or_null(text) returns %s language plpgsql immutable
+                    as $conv$ begin return %s; exception when others then return null; end $conv$', v_to, v_row_conv);
+    execute format('update %1$s as t set %2$I = f.v
+                      from (select ctid as tid, pg_temp.p2_convert_or_null(%3$I::text) as v
+                              from %1$s where %2$I is null and %3$I is not null) as f
+                     where f.v is not null and t.ctid = f.tid', p_rel, p_target, p_source);
+    get diagnostics v_count = row_count;
   end;
   perform pg_temp.p2_stash(p_rel, p_stash_key, p_source, format('%I is null and %I is not null', p_target, p_source));
   raise notice '%: legacy column % (%) carried into % (%) for % row(s), then dropped', p_rel, p_source, v_from, p_target, v_to, v_count;
@@ -662,6 +662,48 @@ as $fn$
   end
 $fn$;
 
+-- the plaintext keys being redacted, indexed, with what finding their copies needs: the characters
+-- they are made of (as a regular-expression class) and their lengths
+create or replace function pg_temp.p2_load_secrets(p_secrets text[]) returns void
+language plpgsql
+as $fn$
+begin
+  create temporary table if not exists p2_secrets (secret text primary key) on commit drop;
+  truncate pg_temp.p2_secrets;
+  insert into pg_temp.p2_secrets select distinct s from unnest(p_secrets) as s where s <> '';
+  analyze pg_temp.p2_secrets;
+end
+$fn$;
+
+-- a query of (tid, secrets): the rows of p_rel whose column p_col holds a copy of a plaintext key, with
+-- the keys it holds. Linear in the data, not rows x keys: every copy of a key lies inside a maximal run
+-- of the characters keys are made of, so each value is cut into such runs (one regular-expression pass),
+-- each run into its substrings of the keys' lengths, and those are looked up in the key set's index.
+create or replace function pg_temp.p2_find_secret_copies(p_rel regclass, p_col text) returns text
+language plpgsql stable
+as $fn$
+declare
+  v_class text;
+  v_lengths int[];
+begin
+  select string_agg(distinct case when c ~ '^[A-Za-z0-9]$' then c
+                                  when ascii(c) > 65535 then '\U' || lpad(to_hex(ascii(c)), 8, '0')
+                                  else '\u' || lpad(to_hex(ascii(c)), 4, '0') end, ''),
+         array_agg(distinct length(s.secret))
+    into v_class, v_lengths
+    from pg_temp.p2_secrets as s, regexp_split_to_table(s.secret, '') as c;
+  return format(
+    'select t.ctid as tid, array_agg(distinct k.secret order by k.secret) as secrets
+       from %1$s as t
+      cross join lateral regexp_matches(t.%2$I::text, %3$L, ''g'') as m (run)
+      cross join lateral unnest(%4$L::int[]) as l (len)
+      cross join lateral generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
+       join pg_temp.p2_secrets as k on k.secret = substr(m.run[1], p.pos, l.len)
+      group by t.ctid',
+    p_rel, p_col, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths);
+end
+$fn$;
+
 -- the core tables (as created on an empty database; existing tables are converged below)
 create table if not exists public.organizations (
   id uuid not null default gen_random_uuid(),
@@ -945,8 +987,10 @@ begin
     execute format('update public.api_keys set key_prefix = left(%1$I, least(12, length(%1$I) / 3))
                      where key_prefix is null and %1$I is not null', v_col);
     perform pg_temp.p2_triggers_on('public.api_keys', v_quiet);
-    -- copies of the plaintext in any text or jsonb column of any public table
+    -- copies of the plaintext in any text or jsonb column of any public table, found in time linear in
+    -- the data whatever the number of keys (pg_temp.p2_find_secret_copies)
     if cardinality(v_secrets) > 0 then
+      perform pg_temp.p2_load_secrets(v_secrets);
       for r in
         select c.oid::regclass as rel, a.attname, a.atttypid
           from pg_catalog.pg_class c
@@ -957,14 +1001,14 @@ begin
          order by c.oid::regclass::text, a.attname
       loop
         v_quiet := pg_temp.p2_triggers_off(r.rel);
-        execute format('update %1$s set %2$I = %3$s where exists (select 1 from unnest($1) as s where strpos(%2$I::text, s) > 0)',
+        execute format('update %1$s as t set %2$I = %3$s from (%4$s) as f where t.ctid = f.tid',
                        r.rel, r.attname,
                        case r.atttypid
-                         when 'jsonb'::regtype then format('pg_temp.p2_redact_jsonb(%I, $1)', r.attname)
-                         when 'json'::regtype then format('pg_temp.p2_redact_jsonb(%I::jsonb, $1)::json', r.attname)
-                         else format('pg_temp.p2_redact_text(%I, $1)', r.attname)
-                       end)
-          using v_secrets;
+                         when 'jsonb'::regtype then format('pg_temp.p2_redact_jsonb(t.%I, f.secrets)', r.attname)
+                         when 'json'::regtype then format('pg_temp.p2_redact_jsonb(t.%I::jsonb, f.secrets)::json', r.attname)
+                         else format('pg_temp.p2_redact_text(t.%I, f.secrets)', r.attname)
+                       end,
+                       pg_temp.p2_find_secret_copies(r.rel, r.attname));
         get diagnostics v_count = row_count;
         perform pg_temp.p2_triggers_on(r.rel, v_quiet);
         if v_count > 0 then

@@ -121,6 +121,24 @@ def test_no_plaintext_api_key_is_left_in_the_files_of_the_tables_that_held_one(t
     assert template_db(f"{base}@2").query("select count(*) from private.pending_rewrites") == [(0,)]
 
 
+def test_copies_of_keys_of_any_characters_are_redacted_wherever_they_stand_in_a_value(make_db):
+    db = make_db("legacy@1")
+    odd_keys = ["k3y+with/odd=chars.and-dots~42", "ключ-не-ascii-🔑-0123456789", "short-but-fine-key"]
+    many_keys = [f"ts_bulk_{i:06d}_{'x' * (i % 7)}" for i in range(2000)]  # many keys, several lengths
+    keys = odd_keys + many_keys[:3] + many_keys[-1:]
+    db.execute("insert into public.api_keys (name, key) select 'k' || n, k from unnest(%s::text[]) with ordinality as x (k, n)",
+               (odd_keys + many_keys,))
+    db.execute("""insert into public.audit_logs (action, changes, user_agent) values
+        ('a', jsonb_build_object('note', 'glued:' || %(k0)s || 'tail and ' || %(k1)s), 'agent ' || %(k2)s),
+        ('b', jsonb_build_object(%(k3)s, 'as an object key', 'list', jsonb_build_array('x', %(k4)s)), 'xx' || %(k5)s || 'yy'),
+        ('c', jsonb_build_object('clean', 'ts_bulk_ but no key, and a uuid ' || gen_random_uuid()), 'clean')""",
+               {f"k{i}": k for i, k in enumerate(keys)})
+    apply_phases(db, count=2, start=2)
+    assert find_text(db, keys) == []
+    assert db.query("select count(*) from public.audit_logs where user_agent like '%[redacted api key %'") == [(2,)]
+    assert db.query("select new_data ->> 'clean' like 'ts_bulk_ but no key%' from public.audit_logs where action = 'c'") == [(True,)]
+
+
 def test_legacy_plaintext_keys_become_a_sha256_hash_and_a_short_prefix(template_db):
     rows = template_db("legacy@3").query("""
         select name, key_prefix, key_hash, scopes, revoked_at::text, last_used_at::text, updated_at::text
