@@ -77,6 +77,23 @@ begin
 end
 $$;
 
+-- the locks of the tables this phase converges, taken first and in one fixed order (parents before
+-- children): the phase then never waits for a lock halfway through its work, so it cannot deadlock with
+-- the app's transactions there; the wait here is bounded by the runner's lock_timeout (retried whole).
+-- Under psql -f each statement commits on its own, and this one changes nothing.
+do $$
+declare
+  v_table text;
+begin
+  foreach v_table in array array['organizations', 'profiles', 'organization_members', 'products', 'inventory',
+                                 'api_keys', 'audit_logs', 'security_events'] loop
+    if to_regclass(format('public.%I', v_table)) is not null then
+      execute format('lock table public.%I in access exclusive mode', v_table);
+    end if;
+  end loop;
+end
+$$;
+
 -- migration helpers for this file only (in pg_temp: they vanish with the session)
 create or replace function pg_temp.p2_spec()
 returns table (ord integer, tbl text, col text, typ text, dflt text, not_null boolean, is_key boolean, synonyms text[])

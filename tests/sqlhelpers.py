@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg2
@@ -365,3 +366,16 @@ def module_cursor(server, recipe: str, seed: str | None = None):
             conn.close()
     finally:
         server.drop_database(db)
+
+
+def waiting_backend(db, application_name: str, timeout: float = 60) -> int:
+    """The pid of the session named so, once pg_locks shows it waiting for a lock (observed, not timed;
+    the timeout only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = db.query("""select a.pid from pg_stat_activity a join pg_locks l using (pid)
+                           where a.application_name = %s and not l.granted""", (application_name,))
+        if rows:
+            return rows[0][0]
+        assert time.monotonic() < deadline, f"{application_name!r} never waited on a lock"
+        time.sleep(0.05)

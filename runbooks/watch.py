@@ -1,0 +1,144 @@
+"""What the server is doing for a run, said while it runs: a line at least every ``interval`` seconds.
+
+A long statement (a backfill, an index built concurrently, a table rewritten) or a wait for a lock
+is otherwise silence, in the terminal and in the notebook. A :class:`Heartbeat` watches the run's
+backends from a connection of its own — ``pg_stat_activity`` by application name, the progress
+views of ``CREATE INDEX`` and ``CLUSTER``, ``pg_blocking_pids`` — and says what each is doing, for
+how long, who it waits for, and, where PostgreSQL reports progress, how far it is with rate and ETA.
+
+It reads and never changes anything; when it cannot read (the server went away), it says so once
+and keeps quiet about it after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import connection
+from .backup import redact
+
+# Backends of this project's runs: the engine names its connections "runbook run <run id>".
+RUNBOOK_APPLICATIONS = ("runbook%",)
+
+ACTIVITY_SQL = r"""
+select a.pid, a.application_name, a.state,
+       extract(epoch from clock_timestamp() - coalesce(a.query_start, a.backend_start))::float8 as seconds,
+       a.wait_event_type, a.wait_event,
+       left(regexp_replace(a.query, '\s+', ' ', 'g'), 90) as query,
+       pg_blocking_pids(a.pid) as blockers,
+       coalesce(ci.command, cl.command) as command,
+       coalesce(ci.phase, cl.phase) as phase,
+       coalesce(ci.blocks_done, cl.heap_blks_scanned) as done,
+       coalesce(ci.blocks_total, cl.heap_blks_total) as total,
+       coalesce(ci.relid, cl.relid)::regclass::text as relation
+  from pg_catalog.pg_stat_activity a
+  left join pg_catalog.pg_stat_progress_create_index ci on ci.pid = a.pid
+  left join pg_catalog.pg_stat_progress_cluster cl on cl.pid = a.pid
+ where a.datname = current_database() and a.pid <> pg_backend_pid()
+   and a.state is distinct from 'idle' and a.application_name like any (%s)
+ order by a.pid
+"""
+
+
+@dataclass
+class Progress:
+    """Blocks done of a total at one moment, to derive a rate from two samples."""
+    done: int
+    total: int
+    at: float
+
+
+@dataclass
+class Heartbeat:
+    """Says every ``interval`` seconds what the watched backends are doing (``say`` gets each line).
+
+    Use as a context manager around a long step, or call :meth:`lines` to read the state once."""
+    target: connection.Target
+    what: str = "run"
+    applications: tuple[str, ...] = RUNBOOK_APPLICATIONS
+    interval: float = 10.0
+    say: callable = print
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _conn: object = field(default=None, init=False, repr=False)
+    _seen: dict = field(default_factory=dict, init=False, repr=False)
+    _started: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _failed: bool = field(default=False, init=False, repr=False)
+
+    def __enter__(self) -> "Heartbeat":
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {self.what}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._close()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for line in self.lines():
+                self.say(line)
+
+    def lines(self) -> list[str]:
+        """What to say now: one line for the step, then one per busy backend."""
+        elapsed = time.monotonic() - self._started
+        head = f"  … {self.what}: {_duration(elapsed)} so far"
+        try:
+            rows = self._activity()
+        except Exception as exc:  # the server went away, or the watcher may not read it: say so once
+            self._close()
+            if self._failed:
+                return [head]
+            self._failed = True
+            return [f"{head}; cannot read the server's activity: {redact(str(exc).strip().splitlines()[0])}"]
+        if not rows:
+            return [f"{head}; no statement running on the server"]
+        return [head] + [self._describe(row) for row in rows]
+
+    def _activity(self) -> list[dict]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connection.connect(self.target, application_name="runbook heartbeat",
+                                            readonly=True, autocommit=True)
+        with self._conn.cursor() as cur:
+            cur.execute(ACTIVITY_SQL, (list(self.applications),))
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def _describe(self, row: dict) -> str:
+        text = f"    pid {row['pid']} {row['state']} {_duration(row['seconds'])}: {redact(row['query'] or '')}"
+        if row["wait_event_type"] == "Lock":
+            text += f" — waiting for a {row['wait_event']} lock held by pid {', '.join(map(str, row['blockers'])) or '?'}"
+        elif row["wait_event_type"]:
+            text += f" — waiting ({row['wait_event_type']}: {row['wait_event']})"
+        if row["command"]:
+            text += f" — {row['command'].lower()} of {row['relation']}: {row['phase']}{self._rate(row)}"
+        return text
+
+    def _rate(self, row: dict) -> str:
+        """Blocks done / total, with rate and ETA from the previous sample of the same backend."""
+        done, total = row["done"] or 0, row["total"] or 0
+        if not total:
+            return ""
+        now = time.monotonic()
+        before = self._seen.get(row["pid"])
+        self._seen[row["pid"]] = Progress(done, total, now)
+        text = f", {done}/{total} blocks ({100 * done / total:.0f}%)"
+        if before is not None and done > before.done and now > before.at:
+            rate = (done - before.done) / (now - before.at)
+            text += f", {rate:.0f} blocks/s, about {_duration((total - done) / rate)} left"
+        return text
+
+    def _close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+        self._conn = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds or 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
