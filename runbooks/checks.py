@@ -104,3 +104,11 @@ def fetch(conn, sql: str, params=None) -> list[dict]:
     if not conn.autocommit:
         conn.rollback()
     return rows
+
+
+def human_duration(seconds: float | None) -> str:
+    """12s, 3m05s, 1h20m: durations as an operator reads them."""
+    seconds = max(0, round(seconds or 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from . import connection
 from .backup import redact
+from .checks import human_duration
 
 # Backends of this project's runs: the engine names its connections "runbook run <run id>".
 RUNBOOK_APPLICATIONS = ("runbook%",)
@@ -87,7 +88,7 @@ class Heartbeat:
     def lines(self) -> list[str]:
         """What to say now: one line for the step, then one per busy backend."""
         elapsed = time.monotonic() - self._started
-        head = f"  … {self.what}: {_duration(elapsed)} so far"
+        head = f"  … {self.what}: {human_duration(elapsed)} so far"
         try:
             rows = self._activity()
         except Exception as exc:  # the server went away, or the watcher may not read it: say so once
@@ -110,7 +111,7 @@ class Heartbeat:
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def _describe(self, row: dict) -> str:
-        text = f"    pid {row['pid']} {row['state']} {_duration(row['seconds'])}: {redact(row['query'] or '')}"
+        text = f"    pid {row['pid']} {row['state']} {human_duration(row['seconds'])}: {redact(row['query'] or '')}"
         if row["wait_event_type"] == "Lock":
             text += f" — waiting for a {row['wait_event']} lock held by pid {', '.join(map(str, row['blockers'])) or '?'}"
         elif row["wait_event_type"]:
@@ -130,7 +131,7 @@ class Heartbeat:
         text = f", {done}/{total} blocks ({100 * done / total:.0f}%)"
         if before is not None and done > before.done and now > before.at:
             rate = (done - before.done) / (now - before.at)
-            text += f", {rate:.0f} blocks/s, about {_duration((total - done) / rate)} left"
+            text += f", {rate:.0f} blocks/s, about {human_duration((total - done) / rate)} left"
         return text
 
     def _close(self) -> None:
@@ -138,7 +139,3 @@ class Heartbeat:
             self._conn.close()
         self._conn = None
 
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds or 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -1,0 +1,66 @@
+"""The preflight predicts each phase's duration and lock windows from table sizes (runbooks/estimate.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from runbooks import estimate
+
+GIB = estimate.GIB
+WINDOW_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def sizes(gib_per_table: float, plaintext: bool = True) -> list[dict]:
+    return [{"table_name": t, "heap_bytes": int(gib_per_table * GIB), "rows_estimated": 0,
+             "holds_plaintext_keys": plaintext and t == "api_keys"} for t in estimate.CONVERGED_TABLES]
+
+
+def test_the_estimate_grows_in_proportion_to_the_data():
+    small, large = (sum(p.seconds for p in estimate.estimate_phases(sizes(g), set())) for g in (0.5, 5))
+    fixed = sum(estimate.estimate_phases(sizes(0), set())[i].seconds for i in range(3))
+    assert large - fixed == pytest.approx(10 * (small - fixed))
+
+
+def test_phase_two_blocks_the_converged_tables_for_its_body_and_the_rewrite_of_the_tables_that_held_keys():
+    one, two, three = estimate.estimate_phases(sizes(1), set())
+    assert one.lock_seconds == three.lock_seconds == 0
+    assert two.locked_tables == estimate.CONVERGED_TABLES
+    assert 0 < two.lock_seconds < two.seconds  # the concurrent index builds do not block the app
+    without_keys = estimate.estimate_phases(sizes(1, plaintext=False), set())[1]
+    assert without_keys.lock_seconds < two.lock_seconds
+
+
+def test_phases_applied_with_the_same_file_are_not_counted():
+    rows = [p.row() for p in estimate.estimate_phases(sizes(1), {"000", "001"})]
+    assert [r["will run"] for r in rows] == ["no (applied)", "no (applied)", "yes"]
+    assert rows[1]["estimated"] == "0s" and rows[1]["app blocked (ACCESS EXCLUSIVE)"] == "none"
+
+
+def test_a_legacy_database_gets_an_estimate_per_phase(legacy_db):
+    with legacy_db.connect(readonly=True) as conn:
+        check = estimate.duration(conn)
+    assert check.status == "info" and check.summary.startswith("about ")
+    assert [r["phase"] for r in check.rows] == ["000", "001", "002"]
+    assert "organizations" in check.rows[1]["app blocked (ACCESS EXCLUSIVE)"]
+    assert check.sql == estimate.SIZES_SQL
+
+
+def test_a_production_deployment_that_does_not_fit_the_rest_of_its_window_is_refused(legacy_db):
+    window = "2026-01-01T00:00Z/2026-01-01T00:00:05Z"   # five seconds left
+    with legacy_db.connect(readonly=True) as conn:
+        refused = estimate.duration(conn, production=True, maintenance_window=window, now=WINDOW_START)
+        warned = estimate.duration(conn, production=False, maintenance_window=window, now=WINDOW_START)
+        fits = estimate.duration(conn, production=True, maintenance_window="2026-01-01T00:00Z/2026-01-01T04:00Z",
+                                 now=WINDOW_START)
+    assert refused.status == "error" and "does not fit the 5s left of the maintenance window" in refused.summary
+    assert warned.status == "warning"
+    assert fits.status == "info" and "fits the 4h00m left of the window" in fits.summary
+
+
+def test_a_migrated_database_has_nothing_left_to_estimate(migrated_db):
+    with migrated_db.connect(readonly=True) as conn:
+        check = estimate.duration(conn, production=True, maintenance_window="2026-01-01T00:00Z/2026-01-01T00:00:01Z",
+                                  now=WINDOW_START)
+    assert check.status == "info" and check.summary.startswith("about 0s")
