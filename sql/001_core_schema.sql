@@ -6,6 +6,19 @@
 --          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end).
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
+-- Contents
+--   1. Prerequisites, and the tables' locks taken first
+--   2. Migration helpers (pg_temp: this session only)
+--   3. The core tables, as created on an empty database
+--   4. Legacy shapes converged: policies, columns, carried data, primary keys
+--   5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
+--   6. Rules: unique, foreign keys, NOT NULL and checks
+--   7. Indexes adopted or dropped (missing ones are built at the end)
+--   8. Policy helpers, append-only logs, updated_at triggers
+--   9. Row-level security, policies and grants
+--  10. Legacy triggers named, documentation in the catalog
+--  11. After the commit (no transaction): rewrites, then indexes built concurrently
+--
 -- Notes
 -- * Idempotent; no transaction control in here. The runbook engine runs the body in one transaction,
 --   then each statement marked as no-transaction (all at the end: concurrent index builds on tables
@@ -63,6 +76,10 @@
 --   decides); service_role the same without RLS, and only SELECT/INSERT on the two logs. No API role
 --   gets TRUNCATE (it bypasses RLS and the row triggers), REFERENCES or TRIGGER: the DBA truncates.
 
+-- ====================================================================================================
+-- 1. Prerequisites, and the tables' locks taken first
+-- ====================================================================================================
+
 -- prerequisites: phase 1
 do $$
 begin
@@ -93,6 +110,10 @@ begin
   end loop;
 end
 $$;
+
+-- ====================================================================================================
+-- 2. Migration helpers (pg_temp: this session only)
+-- ====================================================================================================
 
 -- migration helpers for this file only (in pg_temp: they vanish with the session)
 create or replace function pg_temp.p2_spec()
@@ -721,6 +742,10 @@ begin
 end
 $fn$;
 
+-- ====================================================================================================
+-- 3. The core tables, as created on an empty database
+-- ====================================================================================================
+
 -- the core tables (as created on an empty database; existing tables are converged below)
 create table if not exists public.organizations (
   id uuid not null default gen_random_uuid(),
@@ -834,6 +859,10 @@ create table if not exists public.security_events (
   created_at timestamptz not null default now(),
   constraint security_events_pkey primary key (id)
 );
+
+-- ====================================================================================================
+-- 4. Legacy shapes converged: policies, columns, carried data, primary keys
+-- ====================================================================================================
 
 -- legacy policies go first: the contract's replace them below (and they would pin legacy columns)
 do $$
@@ -960,6 +989,10 @@ begin
 end
 $$;
 
+-- ====================================================================================================
+-- 5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
+-- ====================================================================================================
+
 -- tables to rewrite once this transaction has committed (the end of this file empties it)
 create table if not exists private.pending_rewrites (
   table_name text not null,
@@ -1046,6 +1079,10 @@ begin
 end
 $$;
 
+-- ====================================================================================================
+-- 6. Rules: unique, foreign keys, NOT NULL and checks
+-- ====================================================================================================
+
 -- unique rules (missing ones are built concurrently at the end of this file)
 do $$
 begin
@@ -1125,6 +1162,10 @@ begin
 end
 $$;
 
+-- ====================================================================================================
+-- 7. Indexes adopted or dropped (missing ones are built at the end)
+-- ====================================================================================================
+
 -- indexes: planned ones adopt an equivalent under their name; duplicates go (missing ones: end of file)
 do $$
 declare
@@ -1203,6 +1244,10 @@ begin
   end loop;
 end
 $$;
+
+-- ====================================================================================================
+-- 8. Policy helpers, append-only logs, updated_at triggers
+-- ====================================================================================================
 
 -- what the policies call: SECURITY DEFINER, search_path pinned, in private (not exposed by the API)
 create or replace function private.member_org_ids(p_user uuid)
@@ -1310,6 +1355,10 @@ create or replace trigger update_inventory_updated_at before update on public.in
   for each row execute function public.update_updated_at_column();
 create or replace trigger update_api_keys_updated_at before update on public.api_keys
   for each row execute function public.update_updated_at_column();
+
+-- ====================================================================================================
+-- 9. Row-level security, policies and grants
+-- ====================================================================================================
 
 -- row-level security on every table in public
 do $$
@@ -1433,6 +1482,10 @@ grant select on table public.audit_logs, public.security_events to authenticated
 revoke update, delete, truncate on table public.audit_logs, public.security_events from service_role;
 grant select, insert on table public.audit_logs, public.security_events to service_role;
 
+-- ====================================================================================================
+-- 10. Legacy triggers named, documentation in the catalog
+-- ====================================================================================================
+
 -- legacy triggers of other purposes stay on the core tables: named, so that the DBA checks them
 do $$
 declare
@@ -1465,6 +1518,10 @@ comment on table public.inventory is 'Stock per product and location: quantity >
 comment on table public.audit_logs is 'Append-only trail of changes; read by admins and owners; no foreign keys (it outlives what it names).';
 comment on table public.api_keys is 'API keys: key_prefix to recognise a key, key_hash = sha256 hex of the key; the plaintext is never stored.';
 comment on table public.security_events is 'Append-only security events (severity low, medium, high or critical); read by admins and owners.';
+
+-- ====================================================================================================
+-- 11. After the commit (no transaction): rewrites, then indexes built concurrently
+-- ====================================================================================================
 
 -- tables that held plaintext keys are rewritten now that their old row versions are dead
 -- runbook: no-transaction
