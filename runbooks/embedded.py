@@ -248,7 +248,7 @@ class EmbeddedPostgres:
             self._run([str(self.binary("initdb")), "-D", str(self.data_dir), "-U", SUPERUSER,
                        "--pwfile", str(pwfile), "--auth-local=scram-sha-256",
                        "--auth-host=scram-sha-256", "--no-locale", "--encoding=UTF8",
-                       "--no-sync"], timeout=120)
+                       "--no-sync"], timeout=600)  # bounds a hang only: a busy machine is slow
         finally:
             pwfile.unlink(missing_ok=True)
         with open(self.data_dir / "postgresql.auto.conf", "a") as conf:

@@ -150,6 +150,8 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
           operator: str | None = None, show_header: bool = True, stop_on_error: bool = True) -> Run:
     """Resolve the target, connect read-only, make %sql safe, and show who/what/where."""
     target = connection.resolve(target_kind, target_name, targets_file)
+    if run_id is None:  # stepped through by hand: no runbook command checked the target for a pooler
+        connection.refuse_transaction_pooler(target)
     run_id = run_id or records.new_run_id()
     folder = Path(record_dir) if record_dir else PROJECT_ROOT / "records" / run_id
     folder.mkdir(parents=True, exist_ok=True)
