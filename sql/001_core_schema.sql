@@ -288,6 +288,7 @@ declare
   v_conv text;
   v_row_conv text;
   v_count bigint;
+  v_tried bigint;
 begin
   v_conv := pg_temp.p2_conversion(v_from, v_to, quote_ident(p_source));
   v_row_conv := pg_temp.p2_conversion(v_from, v_to, format('($1)::%s', v_from));
@@ -297,8 +298,19 @@ begin
     execute format('update %s set %I = %s where %I is null and %I is not null', p_rel, p_target, v_conv, p_target, p_source);
     get diagnostics v_count = row_count;
   exception when others then
-    -- some values do not convert: one more pass converting value by value (NULL where it fails),
-    -- linear in the rows; what stays NULL is kept in legacy_data below
+    -- some values do not convert. Where the server tells valid input without trying it (16+), the
+    -- valid ones are converted in one set-based pass; the rest are tried value by value (NULL where it
+    -- fails: a subtransaction each, linear in the rows); what stays NULL is kept in legacy_data below
+    v_count := 0;
+    if to_regproc('pg_catalog.pg_input_is_valid') is not null then
+      begin
+        execute format('update %s set %I = %s where %I is null and %I is not null and pg_input_is_valid(%I::text, %L)',
+                       p_rel, p_target, v_conv, p_target, p_source, p_source, v_to);
+        get diagnostics v_count = row_count;
+      exception when others then
+        v_count := 0;
+      end;
+    end if;
     drop function if exists pg_temp.p2_convert_or_null(text);
     execute format('create function pg_temp.p2_convert_or_null(text) returns %s language plpgsql immutable
                     as $conv$ begin return %s; exception when others then return null; end $conv$', v_to, v_row_conv);
@@ -306,7 +318,8 @@ begin
                       from (select ctid as tid, pg_temp.p2_convert_or_null(%3$I::text) as v
                               from %1$s where %2$I is null and %3$I is not null) as f
                      where f.v is not null and t.ctid = f.tid', p_rel, p_target, p_source);
-    get diagnostics v_count = row_count;
+    get diagnostics v_tried = row_count;
+    v_count := v_count + v_tried;
   end;
   perform pg_temp.p2_stash(p_rel, p_stash_key, p_source, format('%I is null and %I is not null', p_target, p_source));
   raise notice '%: legacy column % (%) carried into % (%) for % row(s), then dropped', p_rel, p_source, v_from, p_target, v_to, v_count;
@@ -717,13 +730,20 @@ $fn$;
 -- the keys it holds. Linear in the data, not rows x keys: every copy of a key lies inside a maximal run
 -- of the characters keys are made of, so each value is cut into such runs (one regular-expression pass),
 -- each run into its substrings of the keys' lengths, and those are looked up in the key set's index.
+-- Values without the prefix all keys share (often a scheme like sk_live_) are skipped by strpos first.
 create or replace function pg_temp.p2_find_secret_copies(p_rel regclass, p_col text) returns text
 language plpgsql stable
 as $fn$
 declare
   v_class text;
   v_lengths int[];
+  v_prefix text;
 begin
+  -- what every key starts with: a fast substring search (strpos) skips values that cannot hold one
+  select left((select min(x.secret) from pg_temp.p2_secrets as x), coalesce(max(n), 0))
+    into v_prefix
+    from generate_series(1, (select min(length(x.secret)) from pg_temp.p2_secrets as x)) as n
+   where (select count(distinct left(x.secret, n)) from pg_temp.p2_secrets as x) = 1;
   select string_agg(distinct case when c ~ '^[A-Za-z0-9]$' then c
                                   when ascii(c) > 65535 then '\U' || lpad(to_hex(ascii(c)), 8, '0')
                                   else '\u' || lpad(to_hex(ascii(c)), 4, '0') end, ''),
@@ -737,8 +757,10 @@ begin
       cross join lateral unnest(%4$L::int[]) as l (len)
       cross join lateral generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
        join pg_temp.p2_secrets as k on k.secret = substr(m.run[1], p.pos, l.len)
+      where strpos(t.%2$I::text, %5$L) > 0
       group by t.ctid',
-    p_rel, p_col, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths);
+    p_rel, p_col, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths,
+    v_prefix);
 end
 $fn$;
 
