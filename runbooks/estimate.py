@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 from . import engine, signoff
 from .checks import Check, fetch, human_duration, sql_check
+from .contract import CORE_TABLES, PLAINTEXT_KEY_COLUMNS
 
 GIB = 1024 ** 3
 MARGIN = 1.5   # the estimate times this must fit the rest of a production maintenance window
@@ -36,17 +37,15 @@ RATES = {
     "phase 002 fixed": 2.0,
     "phase 002 validation per GiB of the converged tables": 10.0,
 }
-CONVERGED_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory", "api_keys",
-                    "audit_logs", "security_events")
+CONVERGED_TABLES = CORE_TABLES
 KEY_HOLDING_TABLES = ("api_keys", "audit_logs")
 
-SIZES_SQL = """
+SIZES_SQL = f"""
 select c.relname::text as table_name, pg_relation_size(c.oid) as heap_bytes,
        greatest(c.reltuples, 0)::bigint as rows_estimated,
        exists (select 1 from pg_attribute a
                 where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped and c.relname = 'api_keys'
-                  and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key',
-                                    'raw_key', 'key_value')) as holds_plaintext_keys
+                  and a.attname in ({", ".join(f"'{c}'" for c in PLAINTEXT_KEY_COLUMNS)})) as holds_plaintext_keys
 from pg_class c
 where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
 order by heap_bytes desc
