@@ -4,12 +4,20 @@ A target is a libpq service (``pg_service.conf``, ``PGSERVICEFILE`` honoured), a
 targets file (TOML: host, port, dbname, user, sslmode, production), or the PG* environment.
 Passwords come from ``.pgpass``/``PGPASSFILE``/``PGPASSWORD`` and nowhere else: a target that
 carries one is refused, so no password can travel into a parameter, a notebook or a record.
+
+A run needs a server session of its own: its exported snapshot, advisory locks and session
+settings do not hold through a transaction-mode pooler (Supavisor on port 6543, PgBouncer with
+``pool_mode = transaction``). ``refuse_transaction_pooler`` finds one by its behaviour and refuses
+the target before anything runs.
 """
 
 from __future__ import annotations
 
 import configparser
 import os
+import secrets
+import select
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,10 @@ SECRET_KEYS = ("password", "passfile_contents", "sslpassword")
 
 class TargetError(ValueError):
     """The target cannot be used as given (unknown, ambiguous, or carries a secret)."""
+
+
+class TransactionPoolerError(TargetError):
+    """The target is reached through a transaction-mode pooler: its sessions are not ours."""
 
 
 @dataclass(frozen=True)
@@ -183,3 +195,116 @@ def server_facts(conn) -> dict:
     keys = ("database", "current_user", "session_user", "server_address", "server_port",
             "server_version", "server_version_num", "superuser")
     return dict(zip(keys, row))
+
+
+# -- connection poolers ----------------------------------------------------------------------
+
+SUPAVISOR_TRANSACTION_PORT = 6543   # Supabase's transaction pooler; its session pooler and the database use 5432
+SESSION_PROBE = "runbook.session_probe"   # a custom setting: any role may set it, it changes nothing
+NEWCOMER_WAIT = 5.0   # seconds a second connection may wait for a server session of its own
+DIRECT_CONNECTION_ADVICE = (
+    "connect directly to the database instead (Supabase: db.<project>.supabase.co port 5432, or the "
+    "session pooler on port 5432; PgBouncer: pool_mode = session, or the server's own port)")
+
+
+def refuse_transaction_pooler(target: Target) -> None:
+    """Raise TransactionPoolerError when the target's sessions are shared between transactions.
+
+    A run relies on its session: the preflight's exported snapshot (backup and snapshot of one
+    instant), the advisory locks that keep runs apart, lock_timeout set once. Connects twice."""
+    evidence = transaction_pooler_evidence(target)
+    if evidence:
+        raise TransactionPoolerError(
+            f"{target.kind} {target.name!r} is reached through a transaction-mode connection pooler: "
+            + "; ".join(evidence) + ". Exported snapshots, advisory locks and session settings do not hold "
+            "there, so nothing was run; " + DIRECT_CONNECTION_ADVICE)
+
+
+def transaction_pooler_evidence(target: Target) -> list[str]:
+    """What shows that the target's server sessions are not this connection's own ([] if none)."""
+    conn = connect(target, application_name="runbook session check")
+    try:
+        return _pooler_hints(conn) + _session_behaviour(target, conn)
+    finally:
+        conn.close()
+
+
+def _pooler_hints(conn) -> list[str]:
+    """The cheap signs: the port we reached, and a server version that names a pooler."""
+    hints = []
+    if conn.info.port == SUPAVISOR_TRANSACTION_PORT:
+        hints.append(f"port {SUPAVISOR_TRANSACTION_PORT} is Supabase's transaction pooler (Supavisor)")
+    reported = conn.get_parameter_status("server_version") or ""
+    if any(name in reported.lower() for name in ("bouncer", "supavisor")):
+        hints.append(f"the server reports itself as {reported!r}")
+    return hints
+
+
+def _session_behaviour(target: Target, conn) -> list[str]:
+    """A marker set in one transaction, looked for in the next, and from a second connection.
+
+    Directly connected, a connection keeps one backend and its settings, and no other connection
+    can be given that backend while it lives. Through a transaction pooler the backend goes back to
+    the pool at each commit: the next transaction may run elsewhere, and a newcomer is handed it."""
+    token = secrets.token_hex(8)
+    first_pid, _ = _one_transaction(conn, "select pg_backend_pid(), set_config(%s, %s, false)",
+                                    (SESSION_PROBE, token))
+    other_pid, other_saw = _newcomer_session(target)
+    later_pid, later_saw = _one_transaction(conn, "select pg_backend_pid(), current_setting(%s, true)",
+                                            (SESSION_PROBE,))
+    _one_transaction(conn, "select 1, set_config(%s, '', false)", (SESSION_PROBE,))  # leave no marker behind
+    found = []
+    if later_pid != first_pid:
+        found.append(f"one connection's transactions ran in two server sessions (backend pid {first_pid}, "
+                     f"then {later_pid})")
+    if later_saw != token:
+        found.append("a session setting made in one transaction was gone in the next")
+    if other_pid is not None and (other_pid == first_pid or other_saw == token):
+        found.append(f"a second connection was handed the first one's server session (backend pid {other_pid})")
+    return found
+
+
+def _newcomer_session(target: Target, wait_seconds: float = NEWCOMER_WAIT) -> tuple:
+    """(backend pid, probe marker) as a second connection sees them; (None, None) when no server
+    session was free for it in time, which is what a pool of sessions held by their clients does,
+    or when the server let no second connection in (max_connections): the evidence is then silent.
+
+    Asynchronous, so that the wait is bounded: a session pooler with one server connection would
+    otherwise queue the newcomer behind our own idle session."""
+    other = psycopg2.connect(target.conninfo(application_name="runbook session check"), async_=True)
+    try:
+        if not _ready(other, wait_seconds):
+            return None, None
+        with other.cursor() as cur:
+            cur.execute("select pg_backend_pid(), current_setting(%s, true)", (SESSION_PROBE,))
+            if not _ready(other, wait_seconds):
+                return None, None
+            return cur.fetchone()
+    except psycopg2.OperationalError:
+        return None, None
+    finally:
+        other.close()
+
+
+def _ready(conn, wait_seconds: float) -> bool:
+    """Drive an asynchronous connection until its work is done (True) or the time is up (False)."""
+    give_up = time.monotonic() + wait_seconds
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return True
+        left = give_up - time.monotonic()
+        if left <= 0:
+            return False
+        reading = state == psycopg2.extensions.POLL_READ
+        select.select([conn.fileno()] if reading else [], [] if reading else [conn.fileno()], [], left)
+
+
+def _one_transaction(conn, sql: str, params: tuple) -> tuple:
+    """One statement in a transaction of its own, committed (the pooler may then move us)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+    if not conn.autocommit:
+        conn.commit()
+    return row
