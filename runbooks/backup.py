@@ -10,6 +10,8 @@
   them again before a rollback uses the file.
 - ``taken_at`` is the *server's* clock just before pg_dump starts: it is compared with
   ``applied_at`` in the deployment history, which the server stamps too.
+- ``identity`` is the database's (system identifier, oid, the uuid in ``truthsource``; see
+  `identity`): a rollback refuses a target that is not this very database.
 - ``backup.json`` beside the dump keeps all of it for the record.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, pgtools
+from . import connection, identity, pgtools
 from .records import sha256_of
 
 INFO_FILE = "backup.json"
@@ -206,6 +208,8 @@ class BackupInfo:
     # to them, so a restore must start from the same ones (None: not recorded, or no public)
     public_init_privs: list[str] | None = None
     snapshot_id: str | None = None   # the exported snapshot pg_dump ran on, if any
+    # the database it was taken from (identity.Identity.as_dict): a rollback refuses any other
+    identity: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -220,13 +224,16 @@ class BackupInfo:
 
 
 def _server_clock(target: connection.Target, run_id: str, with_facts: bool = False) -> tuple[dict | None, str]:
-    """(server facts, the server's clock in UTC ISO 8601): history rows are stamped by it too."""
+    """(server facts with the database's identity, the server's clock in UTC ISO 8601): history
+    rows are stamped by it too."""
     try:
         conn = connection.connect(target, application_name=f"runbook backup {run_id}", readonly=True)
     except psycopg2.Error as exc:
         raise BackupError(f"cannot connect to {target.name!r} to back it up: {redact(str(exc).strip())}") from None
     try:
         facts = connection.server_facts(conn) if with_facts else None
+        if facts is not None:
+            facts = dict(facts, identity=identity.read_identity(conn).as_dict())
         with conn.cursor() as cur:
             cur.execute("""select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""")
             now = cur.fetchone()[0]
@@ -347,6 +354,6 @@ def take_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: 
         full_read=full, pg_dump=pg_dump.as_dict(), pg_restore=pg_restore.as_dict(),
         dump_seconds=round(dump_seconds, 3), verify_seconds=round(time.perf_counter() - started, 3),
         warnings=warnings, public_init_privs=public_init_privs,
-        snapshot_id=snapshot.snapshot_id if snapshot else None)
+        snapshot_id=snapshot.snapshot_id if snapshot else None, identity=facts["identity"])
     (dest / INFO_FILE).write_text(json.dumps(info.as_dict(), indent=2, sort_keys=True) + "\n")
     return info

@@ -68,12 +68,10 @@ class Check:
                  f'border-radius:3px;font-weight:bold">{self.status.upper()}</span>')
         parts = [f"<p>{badge} <b>{html.escape(self.title)}</b>: "
                  f"{html.escape(self.summary)}</p>"]
-        columns = self._columns()
-        if self.rows:
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(r.get(c)))}</td>" for c in columns) + "</tr>"
-                           for r in self.rows)
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        if self.rows:  # left-aligned, complete, collapsed when long (the auditor's page)
+            from .pages import html_table
+
+            parts.append(html_table(self._columns(), self.rows))
         return "\n".join(parts)
 
 

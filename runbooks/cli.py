@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg2
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     p.add_argument("--run", required=True, metavar="RUN_ID", help="the run whose backup to restore")
     p.add_argument("--yes", action="store_true", help="confirm: the database's contents are replaced")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter (discard_later_writes true: roll back although rows were written "
+                        "since the deployment)")
     _add_records(p)
 
     p = commands.add_parser("maintain", help="the guide's daily, weekly or monthly maintenance tasks")
@@ -76,31 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_target(args) -> connection.Target:
-    if args.service:
-        return connection.from_service(args.service)
-    return connection.from_targets_file(args.target, args.targets_file)
+    target = (connection.from_service(args.service) if args.service
+              else connection.from_targets_file(args.target, args.targets_file))
+    try:  # a transaction-mode pooler is refused (TransactionPoolerError, exit 2) before anything runs
+        connection.refuse_transaction_pooler(target)
+    except psycopg2.OperationalError:
+        pass  # unreachable, or the login failed: the command's own connection reports it
+    return target
 
 
-def parse_value(text: str):
-    """-p values as papermill's CLI reads them: booleans, numbers, null, else text."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+INTEGER = re.compile(r"[+-]?[0-9]+")
+NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def parse_value(name: str, text: str, parameter: runner.Parameter):
+    """A -p value as its notebook's parameters cell types it, or a refusal naming what it accepts."""
+    lowered = text.strip().lower()
+    if parameter.nullable and lowered in ("none", "null"):
         return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    if parameter.kind == "bool" and lowered in BOOLEANS:
+        return BOOLEANS[lowered]
+    if parameter.kind == "int" and INTEGER.fullmatch(text.strip()):
+        return int(text)
+    if parameter.kind == "float" and NUMBER.fullmatch(text.strip()):
+        return float(text)
+    if parameter.kind == "text":
+        return text
+    raise UsageError(f"parameter {name!r} takes {parameter.accepts} (default {parameter.default_text}), "
+                     f"not {text!r}")
 
 
 def parse_parameters(pairs: list[list[str]], steps) -> dict:
-    known: dict[str, object] = {}
+    """-p NAME VALUE pairs, each checked against the notebooks of the command before anything runs."""
+    known: dict[str, runner.Parameter] = {}
     for step in steps:
-        known.update(runner.notebook_parameters(step))
+        for name, parameter in runner.declared_parameters(step).items():
+            known.setdefault(name, parameter)
     reserved = {"run_id", "record_dir", "target_kind", "target_name", "targets_file"}
+    secrets = records.known_secrets()
     values = {}
     for name, raw in pairs:
         if any(word in name.lower() for word in ("password", "secret", "token", "passwd")):
@@ -111,11 +130,44 @@ def parse_parameters(pairs: list[list[str]], steps) -> dict:
         if name not in known:
             raise UsageError(f"unknown parameter {name!r}; the notebooks of this command take: "
                              + ", ".join(sorted(set(known) - reserved)))
-        values[name] = parse_value(raw)
+        if any(secret in raw for secret in secrets):
+            raise UsageError(f"the value of parameter {name!r} holds a password libpq would use (PGPASSWORD or "
+                             ".pgpass): secrets never pass through parameters (they would be written into the "
+                             "record); was it typed in the wrong place?")
+        values[name] = parse_value(name, raw, known[name])
     return values
 
 
+# Commands that read earlier records (a typo in --records would read as "no such run"); the
+# others write a record and create the folder when only the folder itself is new.
+READS_RECORDS = ("records", "rollback")
+
+
+def check_records_folder(args) -> None:
+    """Refuse a --records folder that cannot be meant, before anything runs (it changes nothing)."""
+    folder = getattr(args, "records", None)
+    if folder is None or folder.is_dir():
+        return
+    if folder.exists():
+        raise UsageError(f"--records {folder}: not a folder")
+    if args.command in READS_RECORDS:
+        for run_id in (getattr(args, "run_id", None), getattr(args, "run", None)):
+            if run_id is not None:
+                records.check_run_id(run_id)   # a malformed run id is the more precise refusal
+        raise UsageError(f"no records folder {folder} ({folder.resolve()} does not exist): check --records")
+    if not folder.resolve().parent.is_dir():
+        raise UsageError(f"--records {folder}: its parent folder {folder.resolve().parent} does not exist; "
+                         "create it first if this is the place meant")
+
+
 # -- commands --------------------------------------------------------------------------------
+
+def finished(args, outcome: runner.Outcome) -> int:
+    """A run's exit status; a refusal (nothing of it ran) is also said on stderr, as usage errors are."""
+    if outcome.verdict == "refused":
+        print(f"runbook {args.command}: refused: {outcome.error}", file=sys.stderr)
+    return outcome.exit_code
+
 
 def cmd_rehearse(args) -> int:
     from .rehearsal import rehearse
@@ -129,8 +181,8 @@ def cmd_deploy(args) -> int:
     problems = signoff.problems(params, production=target.production, confirmed=args.yes)
     if problems:
         raise UsageError("refused: " + "; ".join(problems))
-    return runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=args.records,
-                           parameters=params).exit_code
+    return finished(args, runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=args.records,
+                                          parameters=params))
 
 
 def cmd_verify(args) -> int:
@@ -139,23 +191,29 @@ def cmd_verify(args) -> int:
     baseline = records.latest_with_snapshot(args.records, target.describe())
     if baseline:
         params["baseline_dir"] = str(baseline.resolve())
-    return runner.run_plan("verify", ("verification",), target, records_root=args.records,
-                           parameters=params).exit_code
+    return finished(args, runner.run_plan("verify", ("verification",), target, records_root=args.records,
+                                          parameters=params))
 
 
 def cmd_rollback(args) -> int:
+    from .rollback import RollbackRefused, examine_source
+
     target = resolve_target(args)
-    source = records.Record.open(args.records, args.run)
-    manifest = source.manifest()
-    if not manifest.get("backup") or not (source.path / "snapshot.json").is_file():
-        raise UsageError(f"run {args.run} ({manifest.get('command')}) has no preflight backup and snapshot in its "
-                         "record: only a deployment's preflight can be rolled back to")
+    given = parse_parameters(args.parameter, ("rollback",))
+    if {"rollback_run_id", "rollback_record_dir"} & set(given):
+        raise UsageError("the run to roll back is named by --run, not by a parameter")
+    try:  # the record, the backup against its witness, the target's identity, writes since: before anything changes
+        source = examine_source(target, args.records, args.run, bool(given.get("discard_later_writes", False)))
+    except RollbackRefused as exc:
+        raise UsageError(str(exc)) from None
     if not args.yes:
         raise UsageError(f"rollback replaces the contents of {target.name!r} with the backup of run {args.run}: "
                          "pass --yes to confirm")
-    params = {"rollback_run_id": args.run, "rollback_record_dir": str(source.path.resolve())}
-    return runner.run_plan("rollback", ("rollback",), target, records_root=args.records, parameters=params,
-                           manifest_extra={"rolls_back": args.run}).exit_code
+    for warning in source.warnings:
+        print(f"runbook rollback: WARNING: {warning}", file=sys.stderr)
+    params = {**given, "rollback_run_id": args.run, "rollback_record_dir": str(source.folder.resolve())}
+    return finished(args, runner.run_plan("rollback", ("rollback",), target, records_root=args.records,
+                                          parameters=params, manifest_extra=source.manifest_extra))
 
 
 def cmd_maintain(args) -> int:
@@ -164,42 +222,59 @@ def cmd_maintain(args) -> int:
     if params.get("apply_retention") and target.production and not args.yes:
         raise UsageError("apply_retention deletes data on a production target: pass --yes to confirm")
     params["cadence"] = args.cadence
-    return runner.run_plan(f"maintain {args.cadence}", ("maintenance",), target, records_root=args.records,
-                           parameters=params).exit_code
+    return finished(args, runner.run_plan(f"maintain {args.cadence}", ("maintenance",), target,
+                                          records_root=args.records, parameters=params))
 
 
 def cmd_status(args) -> int:
     target = resolve_target(args)
-    conn = connection.connect(target, application_name="runbook status", readonly=True)
+    try:
+        conn = connection.connect(target, application_name="runbook status", readonly=True)
+    except psycopg2.OperationalError as exc:
+        raise UsageError(runner.connect_refusal(target, exc)) from None
     try:
         history = engine.read_history(conn)
         states = engine.phase_states(conn, history)
         facts = connection.server_facts(conn)
     finally:
         conn.close()
-    print(f"{target.kind} {target.name}: database {facts['database']} on {facts['server_address']}:"
-          f"{facts['server_port']}, PostgreSQL {facts['server_version']}")
+    print(_fit(f"{target.kind} {target.name}" + (" (production)" if target.production else "")
+               + f": database {facts['database']} on {facts['server_address']}:{facts['server_port']}, "
+               f"PostgreSQL {facts['server_version']}"))
+    print(f"{'phase':<6} {'file':<32} {'state':<8} {'applied at (UTC)':<20} by")
     drift = 0
-    print(f"{'phase':<6} {'file':<36} {'state':<9} {'applied at':<25} {'by':<12} {'run':<24} files")
     for phase in states:
         row, on_disk = phase.applied, phase.on_disk
         if row is None:
-            print(f"{phase.version:<6} {phase.path.name:<36} {'pending':<9} {'-':<25} {'-':<12} {'-':<24} "
-                  f"sha256 {(on_disk or 'missing')[:12]}")
+            print(f"{phase.version:<6} {phase.path.name:<32} {'pending':<8}")
+            print(f"{'':<6} sha256 of the file {(on_disk or 'missing')[:12]}")
             continue
         same = phase.state == "applied, file matches"
         drift += not same
-        print(f"{phase.version:<6} {row['file_name']:<36} {'applied':<9} {row['applied_at']:%Y-%m-%d %H:%M:%S %Z}  "
-              f"{row['applied_by']:<12} {row['run_id']:<24} sha256 {row['sha256'][:12]} "
-              + ("matches" if same else f"CHANGED on disk ({(on_disk or 'missing')[:12]})"))
+        print(_fit(f"{phase.version:<6} {row['file_name']:<32} {'applied':<8} {_utc(row['applied_at']):<20} "
+                   f"{row['applied_by']}"))
+        print(f"{'':<6} run {row['run_id']}, sha256 {row['sha256'][:12]}: "
+              + ("the file matches" if same else f"CHANGED on disk (now {(on_disk or 'missing')[:12]})"))
     rollbacks = [r for r in history if r["action"] == "rollback"]
     if rollbacks:
         last = rollbacks[-1]
-        print(f"last rollback: {last['applied_at']:%Y-%m-%d %H:%M:%S %Z} by {last['applied_by']} "
-              f"(run {last['run_id']}), restored to {last['restored_to']:%Y-%m-%d %H:%M:%S %Z}")
+        print(_fit(f"last rollback: {_utc(last['applied_at'])} UTC by {last['applied_by']} (run {last['run_id']})"))
+        print(f"{'':<15}restored the database as it was at {_utc(last['restored_to'])} UTC")
     print(f"history: {len(history)} row(s); " + ("files on disk match what was applied" if not drift
                                                  else f"{drift} applied phase(s) changed on disk"))
     return EXIT_FAILED if drift else EXIT_OK
+
+
+WIDTH = 100   # what `status` and `records list` print fits a terminal this wide
+
+
+def _fit(line: str, width: int = WIDTH) -> str:
+    """A line cut to the width (names can be long), with … where it was cut."""
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def _utc(moment) -> str:
+    return f"{moment.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}" if moment else "-"
 
 
 def cmd_records(args) -> int:
@@ -207,8 +282,12 @@ def cmd_records(args) -> int:
         rows = records.list_records(args.records)
         if not rows:
             print(f"no records in {args.records}")
+            return EXIT_OK
+        print(f"{'run id':<23}  {'command':<16} {'target':<20} {'started (UTC)':<19}  verdict")
         for r in rows:
-            print(f"{r['run_id']}  {r['command'] or '?':<16} {r['target'] or '?':<20} {r['verdict']}")
+            started = _utc(datetime.fromisoformat(r["started_at"])) if r.get("started_at") else "?"
+            print(_fit(f"{r['run_id']}  {r['command'] or '?':<16} {r['target'] or '?':<20} {started:<19}  "
+                       f"{r['verdict']}"))
         return EXIT_OK
     record = records.Record.open(args.records, args.run_id)
     if args.action == "show":
@@ -234,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
     try:
+        check_records_folder(args)
         return COMMANDS[args.command](args)
     except (UsageError, connection.TargetError, records.RecordError, signoff.SignoffError, EngineError) as exc:
         print(f"runbook {args.command}: {exc}", file=sys.stderr)

@@ -273,6 +273,14 @@ class EmbeddedPostgres:
         self._write_client_files()
         return self
 
+    def crash_and_recover(self) -> None:
+        """Stop at once, as a power cut would (no shutdown checkpoint), then start again on the same
+        port: the server recovers from its WAL, as after a crash (for fault tests)."""
+        pg_ctl, data = str(self.binary("pg_ctl")), str(self.data_dir)
+        self._run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], timeout=300)
+        self._run([pg_ctl, "-D", data, "-l", str(self.log_file), "-w", "-t", "300", "-o", f"-p {self.port}", "start"],
+                  timeout=600)
+
     def _write_client_files(self) -> None:
         assert self.client is not None
         self.client.service_file.write_text("# services of a throwaway server (runbooks.embedded)\n")

@@ -9,8 +9,9 @@
   rolled back and retried with backoff, so the phase never queues behind a long transaction
   while blocking everyone else.
 - A history table in the project's own schema records every applied phase: version, file,
-  sha256, when, by whom, how long, which run. A phase whose file changed since it was applied
-  is refused unless forced; an unchanged one is skipped unless re-applying is asked for.
+  sha256, when, by whom (the operator named, the OS user and the database role), how long, which
+  run. A phase whose file changed since it was applied is refused unless forced; an unchanged one
+  is skipped unless re-applying is asked for.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from pglast import ast
 from pglast.parser import ParseError
 
 from . import connection
+from .contract import HISTORY_SCHEMA
 from .paths import PHASES
 from .records import sha256_of
 
-HISTORY_SCHEMA = "truthsource"
 HISTORY_TABLE = f"{HISTORY_SCHEMA}.deployment_history"
 LOCK_CLASS = 0x54525554  # 'TRUT': our advisory locks never collide with an application's
 RUN_LOCK = 1             # held for a whole run (preflight .. verification, rollback)
@@ -40,6 +41,8 @@ APPLY_LOCK = 2           # held while one phase file is applied
 NO_TRANSACTION_MARKER = re.compile(r"^\s*--\s*runbook:\s*no-transaction\s*$", re.MULTILINE)
 RETRYABLE = (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected)
 
+OS_USER_COMMENT = (f"comment on column {HISTORY_TABLE}.os_user is 'the operating-system user that ran runbook "
+                   "(NULL in rows written before it was recorded)';")
 HISTORY_DDL = f"""
 create schema if not exists {HISTORY_SCHEMA};
 comment on schema {HISTORY_SCHEMA} is 'TruthSource runbooks: deployment history (kept across rollbacks)';
@@ -52,6 +55,7 @@ create table if not exists {HISTORY_TABLE} (
   applied_at timestamptz not null default now(),
   applied_by text not null,
   db_role text not null default current_user,
+  os_user text,
   duration_ms bigint not null,
   statements integer not null,
   run_id text not null,
@@ -60,8 +64,17 @@ create table if not exists {HISTORY_TABLE} (
   check ((action = 'rollback') = (restored_to is not null))
 );
 comment on column {HISTORY_TABLE}.restored_to is 'for a rollback: when the restored backup was taken';
+comment on column {HISTORY_TABLE}.applied_by is 'the operator the run names (-p operator), else the OS user';
+comment on column {HISTORY_TABLE}.db_role is 'the database role that applied it (current_user)';
+{OS_USER_COMMENT}
 create index if not exists deployment_history_version_idx on {HISTORY_TABLE} (version, applied_at);
 revoke all on schema {HISTORY_SCHEMA} from public;
+"""
+
+# A history table made by older runbooks gains the columns added since; its old rows keep NULL there.
+HISTORY_UPGRADE_DDL = f"""
+alter table {HISTORY_TABLE} add column if not exists os_user text;
+{OS_USER_COMMENT}
 """
 
 
@@ -92,6 +105,10 @@ class StatementFailed(EngineError):
         super().__init__(message)
         self.statement = statement
         self.pgcode = pgcode
+
+
+class ConnectionLost(StatementFailed):
+    """The server ended the session during a statement (backend terminated, server shut down)."""
 
 
 @dataclass(frozen=True)
@@ -178,11 +195,23 @@ def _line_of(text: str, offset: int) -> int:
 # -- history ---------------------------------------------------------------------------------
 
 def ensure_history(conn) -> None:
-    """Create the history schema and table if missing (in the caller's transaction)."""
+    """Create the history schema and table if missing, or give a table of older runbooks the columns
+    added since when this role may alter it (in the caller's transaction)."""
     with conn.cursor() as cur:
         cur.execute(f"select to_regclass('{HISTORY_TABLE}') is not null")
         if not cur.fetchone()[0]:
             cur.execute(HISTORY_DDL)
+            return
+        # altered only when a column is missing: ALTER TABLE takes its lock even when it adds nothing
+        cur.execute(f"select pg_has_role(relowner, 'USAGE') from pg_class where oid = '{HISTORY_TABLE}'::regclass")
+        if cur.fetchone()[0] and not _has_os_user(cur):
+            cur.execute(HISTORY_UPGRADE_DDL)
+
+
+def _has_os_user(cur) -> bool:
+    cur.execute(f"""select exists (select 1 from pg_attribute where attrelid = '{HISTORY_TABLE}'::regclass
+                                     and attname = 'os_user' and not attisdropped)""")
+    return cur.fetchone()[0]
 
 
 def read_history(conn) -> list[dict]:
@@ -191,11 +220,10 @@ def read_history(conn) -> list[dict]:
         cur.execute(f"select to_regclass('{HISTORY_TABLE}') is not null")
         if not cur.fetchone()[0]:
             return []
-        cur.execute(f"""select id, version, file_name, sha256, action, applied_at, applied_by, db_role,
-                               duration_ms, statements, run_id, restored_to, note
-                        from {HISTORY_TABLE} order by applied_at, id""")
+        # every column: a table of older runbooks lacks the newer ones, which then read as None
+        cur.execute(f"select * from {HISTORY_TABLE} order by applied_at, id")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [{"os_user": None, **dict(zip(names, row))} for row in cur.fetchall()]
 
 
 def latest_applied(history: list[dict]) -> dict[str, dict]:
@@ -215,13 +243,16 @@ def latest_applied(history: list[dict]) -> dict[str, dict]:
 def record_history(conn, *, version: str, file_name: str, sha256: str, action: str, operator: str,
                    seconds: float, statements: int, run_id: str, restored_to=None,
                    note: str | None = None) -> None:
+    """One history row: who, each named: the operator the run names (applied_by), the OS user
+    (os_user) and the database role (db_role, current_user by the column's default)."""
+    row = {"version": version, "file_name": file_name, "sha256": sha256, "action": action, "applied_by": operator,
+           "duration_ms": int(seconds * 1000), "statements": statements, "run_id": run_id,
+           "restored_to": restored_to, "note": note, "os_user": getpass.getuser()}
     with conn.cursor() as cur:
-        cur.execute(
-            f"""insert into {HISTORY_TABLE} (version, file_name, sha256, action, applied_by, duration_ms,
-                                             statements, run_id, restored_to, note)
-                values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-            (version, file_name, sha256, action, operator, int(seconds * 1000), statements, run_id,
-             restored_to, note))
+        if not _has_os_user(cur):
+            del row["os_user"]   # a table of older runbooks that this role may not alter
+        cur.execute(f"insert into {HISTORY_TABLE} ({', '.join(row)}) values ({', '.join(['%s'] * len(row))})",
+                    list(row.values()))
 
 
 @dataclass(frozen=True)
@@ -333,7 +364,7 @@ class ApplyEngine:
     target: connection.Target
     run_id: str
     operator: str = field(default_factory=getpass.getuser)
-    lock_timeout: str = "2s"
+    lock_timeout: str = "500ms"    # below deadlock_timeout (1 s): the phase gives up a wait before the app sees a deadlock
     statement_timeout: str = "15min"
     lock_retries: int = 5
     retry_backoff: float = 1.0      # seconds, doubled per retry
@@ -341,8 +372,13 @@ class ApplyEngine:
     progress: callable = None        # progress(Timing) after each statement
     on_retry: callable = None        # on_retry(attempt, delay, reason) before each pause for a retry
 
+    @property
+    def application_name(self) -> str:
+        """How the server names this run's connection (pg_stat_activity), for the heartbeat."""
+        return f"runbook run {self.run_id}"
+
     def _connect(self):
-        conn = connection.connect(self.target, application_name=f"runbook run {self.run_id}")
+        conn = connection.connect(self.target, application_name=self.application_name)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
@@ -444,20 +480,13 @@ class ApplyEngine:
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
+            if conn.closed:
+                # The server ended the session: a rollback would only fail ("connection already
+                # closed") and hide what the server said; the server rolled the transaction back itself.
+                raise ConnectionLost(_failure(result, statement, exc, lost_from=conn), statement,
+                                     exc.pgcode) from None
             conn.rollback()
-            diag = exc.diag
-            detail = "".join(f"\n  {label}: {value}" for label, value in
-                             (("detail", diag.message_detail), ("hint", diag.message_hint),
-                              ("context", diag.context)) if value)
-            raise StatementFailed(
-                f"phase {result.version} ({result.file_name}) statement {statement.index} at line "
-                f"{statement.line} failed: [{exc.pgcode}] {diag.message_primary or exc}{detail}\n"
-                f"  statement: {statement.summary}\n"
-                + ("The transaction was rolled back: nothing of this phase was changed."
-                   if statement.transactional else
-                   "The phase's transactional part was committed; re-run the phase to resume "
-                   "(its statements are idempotent)."),
-                statement, exc.pgcode) from None
+            raise StatementFailed(_failure(result, statement, exc), statement, exc.pgcode) from None
         timing = Timing(statement.index, statement.line, statement.summary, time.perf_counter() - started,
                         rowcount, statement.transactional, [n.strip() for n in conn.notices])
         result.timings.append(timing)
@@ -497,6 +526,37 @@ def _drop_invalid_index(conn, schema: str, name: str) -> None:
                        where n.nspname = %s and c.relname = %s and not i.indisvalid""", (schema, name))
         if cur.fetchone():
             cur.execute(f'drop index concurrently if exists "{schema}"."{name}"')
+
+
+def _failure(result: ApplyResult, statement: Statement, exc: psycopg2.Error, lost_from=None) -> str:
+    """What the server said about a failed statement, where it was, and what is left of the phase
+    (`lost_from`: the connection the server closed)."""
+    diag = exc.diag
+    said = _last_words(lost_from, exc) if lost_from is not None else diag.message_primary or str(exc).strip()
+    detail = "".join(f"\n  {label}: {value}" for label, value in
+                     (("detail", diag.message_detail), ("hint", diag.message_hint),
+                      ("context", diag.context)) if value)
+    return (f"phase {result.version} ({result.file_name}) statement {statement.index} at line "
+            f"{statement.line} failed: " + (f"[{exc.pgcode}] " if exc.pgcode else "") + f"{said}{detail}\n"
+            f"  statement: {statement.summary}\n"
+            + ("The connection to the server was lost (the server ended the session). "
+               if lost_from is not None else "")
+            + ("The transaction was rolled back: nothing of this phase was changed."
+               if statement.transactional else
+               "The phase's transactional part was committed; re-run the phase to resume "
+               "(its statements are idempotent)."))
+
+
+def _last_words(conn, exc: psycopg2.Error) -> str:
+    """Everything the server said before it closed the session ("FATAL: terminating connection due
+    to administrator command"): libpq keeps it on the connection, psycopg2's exception only the end."""
+    try:
+        text = conn.info.error_message or str(exc)
+    except psycopg2.Error:
+        text = str(exc)
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    # the statement is named apart: drop libpq's "LINE 1: ..." and its caret
+    return " ".join(line for line in lines if line and line != "^" and not line.startswith("LINE "))
 
 
 def _waiting_on(exc: psycopg2.Error, statement: Statement) -> str:

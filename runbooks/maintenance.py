@@ -31,7 +31,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
-from . import backup, connection, pgtools, troubleshooting
+from . import backup, connection, contract, pgtools, troubleshooting
 from .checks import Check, fetch, sql_check
 from .troubleshooting import APP_SCHEMAS_SQL
 
@@ -317,21 +317,22 @@ def dead_rows(conn, *, max_share: float = 0.2, min_dead: int = 1000) -> Check:
                  "hour and look at what holds old snapshots (long transactions, replication slots)", rows=rows)
 
 
-INTEGRITY_SQL = """
+# verify_data_integrity() as contract.INTEGRITY_SQL asks it, errors first: maintenance reads the worst first
+INTEGRITY_BY_SEVERITY_SQL = """
 select check_name, status, affected_rows, details
 from public.verify_data_integrity()
 order by case status when 'error' then 1 when 'warning' then 2 else 3 end, check_name
 """
 
 
-@sql_check(INTEGRITY_SQL, "data integrity (verify_data_integrity())")
+@sql_check(INTEGRITY_BY_SEVERITY_SQL, "data integrity (verify_data_integrity())")
 def integrity(conn, *, full: bool = False) -> Check:
     name = "full_integrity" if full else "integrity"
     title = "full data integrity check" if full else "data integrity"
     if fetch(conn, "select to_regprocedure('public.verify_data_integrity()') is null as missing")[0]["missing"]:
         return Check(name, "error", "verify_data_integrity() does not exist: phase 3 is not applied", title=title)
     try:
-        rows = fetch(conn, INTEGRITY_SQL)
+        rows = fetch(conn, INTEGRITY_BY_SEVERITY_SQL)
     except psycopg2.errors.InsufficientPrivilege:
         return Check(name, "error", "the connecting role may not execute verify_data_integrity(): connect as the "
                      "owner (the DBA) or grant execute on it to this role", title=title)
@@ -813,7 +814,7 @@ order by 1, 3
 def table_exposure(conn) -> Check:
     rows = fetch(conn, TABLE_EXPOSURE_SQL)
     needed = troubleshooting.NEEDED_TABLE_PRIVILEGES["authenticated"]
-    known = set(troubleshooting.CONTRACT_TABLES) | set(troubleshooting.PHASE3_TABLES)
+    known = set(contract.TABLES)
     findings = []
     for r in rows:
         have = [p for p in r["privileges"].split(", ") if p]

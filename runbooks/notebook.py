@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import connection, records
 from .checks import Check, CheckFailed
+from .pages import html_table
 from .paths import PROJECT_ROOT
 
 VERDICT_MIME = "application/vnd.truthsource.verdict+json"
@@ -45,11 +46,21 @@ def sql_block(sql: str, title: str | None = None) -> None:
 
 
 def table(rows: list[dict], columns: list[str] | None = None):
-    """A DataFrame for display (deterministic text form for nbval)."""
+    """A DataFrame for display (deterministic text form for nbval) whose HTML has no index column,
+    text left-aligned and every cell whole, a long table collapsed (pages.html_table)."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame
+    class Table(pd.DataFrame):
+        runbook_table = True
+
+        @property
+        def _constructor(self):
+            return Table
+
+        def _repr_html_(self) -> str:
+            return html_table(list(self.columns), self.to_dict("records"))
+
+    return Table(rows, columns=columns)
 
 
 def configure_ipython_sql(conn_factory) -> None:
@@ -71,6 +82,25 @@ def configure_ipython_sql(conn_factory) -> None:
         shell.run_line_magic("config", setting)
     # Made here, so a connection failure raises instead of being printed and ignored.
     Connection("postgresql+psycopg2://", creator=conn_factory)
+    show_frames_as_tables(shell)
+
+
+FRAME_ROWS_SHOWN = 500   # a DBA's query may return millions of rows: the page shows this many
+
+
+def show_frames_as_tables(shell) -> None:
+    """Every DataFrame in the notebook (%sql results too) shown as the runbook's own tables are:
+    no index column, text left-aligned, cells whole, long ones collapsed, at most FRAME_ROWS_SHOWN rows."""
+    import pandas as pd
+
+    def as_html(frame) -> str:
+        if getattr(frame, "runbook_table", False):   # the runbook's own (table()): always complete
+            return frame._repr_html_()
+        shown = html_table(list(frame.columns), frame.head(FRAME_ROWS_SHOWN).to_dict("records"))
+        hidden = len(frame) - FRAME_ROWS_SHOWN
+        return shown + (f"<p>… and {hidden} more row(s), not shown</p>" if hidden > 0 else "")
+
+    shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, as_html)
 
 
 class Verdict(dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import engine, lint, records, snapshot
+from . import engine, estimate, lint, records, snapshot, watch
 from .checks import Check
 from .notebook import Run, details, table
 from .paths import PHASES
@@ -56,9 +56,14 @@ class Phase:
         display(table(rows))
         details(f"Full text of sql/{self.path.name} (sha256 {self.sha256})", self.path.read_text())
 
-    def apply(self, *, force: bool = False, reapply: bool = False, lock_timeout: str = "2s",
-              statement_timeout: str = "15min", lock_retries: int = 5, lock_wait: float = 60) -> engine.ApplyResult:
-        """Apply through the engine; raises (stopping the notebook) on any failure."""
+    def apply(self, *, force: bool = False, reapply: bool = False, lock_timeout: str = "500ms",
+              statement_timeout: str = "auto", lock_retries: int = 5, lock_wait: float = 60) -> engine.ApplyResult:
+        """Apply through the engine; raises (stopping the notebook) on any failure. A statement_timeout
+        of "auto" grows with the target's data (estimate.statement_timeout)."""
+        if statement_timeout == "auto":
+            statement_timeout = estimate.statement_timeout(self.run.conn, self.version)
+            print(f"statement_timeout {statement_timeout} (auto: {estimate.TIMEOUT_FACTOR}x this phase's estimate, "
+                  f"at least {estimate.TIMEOUT_FLOOR // 60} min)", flush=True)
         def progress(t: engine.Timing) -> None:
             print(f"  [{t.index:>3}/{len(self.statements)}] line {t.line:>4}  {t.seconds:8.3f}s  {t.summary}",
                   flush=True)
@@ -72,7 +77,10 @@ class Phase:
                                           lock_timeout=lock_timeout, statement_timeout=statement_timeout,
                                           lock_retries=lock_retries, lock_wait=lock_wait, progress=progress,
                                           on_retry=on_retry)
-        self.result = apply_engine.apply(self.version, self.path, force=force, reapply=reapply)
+        # a line at least every 10 s while the phase runs: long statements and lock waits are not silence
+        with watch.Heartbeat(self.run.target, what=f"phase {self.version}",
+                             applications=(apply_engine.application_name,)):
+            self.result = apply_engine.apply(self.version, self.path, force=force, reapply=reapply)
         self.after = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
         r = self.result
         print(f"phase {self.version}: {r.status}"
@@ -101,5 +109,6 @@ class Phase:
         status = "ok" if comparison.ok_for_deploy else "error"
         if not comparison.ok_for_deploy:
             summary += "; " + "; ".join(p for p in comparison.problems() if "LOST" in p or "gone" in p)
+        summary += "".join(f"; {p}" for p in comparison.problems() if "drained" in p)  # work queues: facts
         return Check("phase_changes", status, summary, title=f"phase {self.version}: catalog changes", rows=rows,
                      columns=["kind", "change", "object"])

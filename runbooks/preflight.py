@@ -2,19 +2,21 @@
 
 Every check is a function of a (read-only) connection that returns a ``Check``; ``@sql_check``
 gives it the SQL it runs, for the notebook to show first. Thresholds come from the notebook's
-parameters. The only things the preflight writes are files in the run's record: the
-``pg_dump -Fc`` backup (``backup/``, verified) and the snapshot (``snapshot.json``) that
-verification and a rollback are later proven against.
+parameters. What the preflight writes: in the run's record, the ``pg_dump -Fc`` backup
+(``backup/``, verified) and the snapshot (``snapshot.json``) that verification and a rollback are
+later proven against; in the database, only into the project's own schema ``truthsource``, the
+database's identity (once) and the run's backup as its second witness (see `identity`).
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import backup as backup_module
-from . import engine, pgtools, restore, signoff
+from . import connection, engine, identity, pgtools, restore, signoff
 from . import snapshot as snapshot_module
 from .checks import Check, fetch, sql_check
 
@@ -332,6 +334,23 @@ def applied_phases(conn) -> Check:
                  rows=rows)
 
 
+@sql_check(identity.UNFINISHED_SQL.replace("%(run_id)s", "<this run>"), "unfinished runs")
+def unfinished_runs(conn, run_id: str = "") -> Check:
+    """Runs that took their backup and never finished (their runner died): reported with how to
+    resume or roll back. This deployment goes on: an interrupted phase left nothing behind (one
+    transaction), applied ones are skipped, and the earlier run's backup stays usable."""
+    rows = identity.unfinished_runs(conn, run_id)
+    if not rows:
+        return Check("unfinished_runs", "ok", "no earlier run was left unfinished")
+    shown = [{"run": r["run_id"], "step": r["step"], "backup taken at": r["backup_taken_at"],
+              "by": r["operator"], "what to do": identity.how_to_continue(r)} for r in rows]
+    return Check("unfinished_runs", "warning",
+                 f"{len(rows)} earlier run(s) never finished ({', '.join(r['run_id'] for r in rows)}): roll back with "
+                 f"runbook rollback --run RUN_ID --yes, or let this deployment go on (applied phases are skipped, "
+                 "an interrupted one is applied again)", rows=shown,
+                 columns=["run", "step", "backup taken at", "by", "what to do"])
+
+
 # -- sign-off -------------------------------------------------------------------------------------
 
 # The guide's pre-deployment checklist, and how each item is met.
@@ -586,39 +605,306 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
                  f"pg_restore --list, sha256 {info.sha256[:16]}…", rows=rows, columns=["fact", "value"])
 
 
+# -- the database's identity and the backup's second witness ------------------------------------------
+
+def _writable(target, run_id: str):
+    return connection.connect(target, application_name=f"runbook {run_id} identity"[:63])
+
+
+@sql_check(identity.ENSURE_SQL, "the database's identity")
+def database_identity(conn, target, run_id: str) -> Check:
+    """The identity a backup records and a rollback compares (written once into truthsource, in a
+    transaction of its own: the checks' connection is read-only)."""
+    writer = _writable(target, run_id)
+    try:
+        found, created = identity.ensure_identity(writer)
+        writer.commit()
+    finally:
+        writer.close()
+    rows = [{"fact": "database", "value": found.database},
+            {"fact": "system identifier (pg_control_system)",
+             "value": found.system_identifier or "unknown: this role may not execute pg_control_system()"},
+            {"fact": "database oid", "value": found.database_oid},
+            {"fact": f"identity ({identity.IDENTITY_TABLE})", "value": found.database_uuid
+             + (" (created now)" if created else "")}]
+    return Check("database_identity", "ok" if found.system_identifier else "warning",
+                 ("identity written now" if created else "identity as written by an earlier preflight")
+                 + ": a rollback will refuse any database but this one"
+                 + ("" if found.system_identifier else " (without the system identifier: the oid and the "
+                    "identity decide)"), rows=rows, columns=["fact", "value"])
+
+
+@sql_check(identity.RECORD_RUN_SQL, "the backup's second witness, in the database")
+def witness_backup(conn, target, record_dir, run_id: str, operator: str, step: str = "00_preflight") -> Check:
+    """The backup's file name and sha256, written into truthsource.deployment_runs: a rollback
+    checks the file against this too (and accepts an unsealed record only with it)."""
+    info_path = Path(record_dir) / BACKUP_DIR / backup_module.INFO_FILE
+    if not info_path.is_file():
+        return Check("witness_backup", "warning", "no backup was taken: nothing to witness")
+    info = backup_module.BackupInfo.load(info_path)
+    writer = _writable(target, run_id)
+    try:
+        identity.record_run(writer, run_id=run_id, step=step, backup_file=info.file_name, backup_sha256=info.sha256,
+                            backup_taken_at=info.taken_at, operator=operator)
+        writer.commit()
+    finally:
+        writer.close()
+    return Check("witness_backup", "ok", f"run {run_id}: {info.file_name}, sha256 {info.sha256[:16]}… written into "
+                 f"{identity.RUNS_TABLE}", rows=[{"run": run_id, "backup": info.file_name, "sha256": info.sha256}])
+
+
 # -- snapshot ----------------------------------------------------------------------------------------
 
 SNAPSHOT_SQL = """-- one repeatable-read, read-only transaction (snapshot.take_snapshot), row_security off:
 begin isolation level repeatable read, read only;
--- for every table outside PostgreSQL's own schemas and truthsource:
+-- for every table of the app schemas, whatever its size: one read, in parallel where the server allows,
+-- for its row count and a checksum of its rows as a multiset (no sort: a sum of 64-bit md5 slices):
+""" + snapshot_module.CHECKSUM_SQL.replace("{}", "<schema>.<table>") + """;
+-- for every other table outside PostgreSQL's own schemas and truthsource:
 select count(*) from <schema>.<table>;
--- for every table of the app schemas with at most checksum_row_limit rows:
-select md5(coalesce(string_agg(md5(snapshot_row::text), '' order by snapshot_row::text collate "C"), ''))
-from <schema>.<table> as snapshot_row;
 -- and the catalog of the app schemas, normalised and hashed per kind into the fingerprint:
 -- """ + ", ".join(snapshot_module.OBJECT_KINDS) + """
 rollback;"""
 
 
-def snapshot(conn, record_dir, *, checksum_row_limit: int = 1_000_000, moment=None) -> Check:
-    """Row counts, schema fingerprint and per-table content checksums, kept as record_dir/snapshot.json
-    (as of `moment`, an exported snapshot, when given)."""
-    snap = snapshot_module.take_snapshot(conn, checksum_row_limit=checksum_row_limit,
-                                         snapshot_id=moment.snapshot_id if moment else None)
+def snapshot(conn, record_dir, *, moment=None) -> Check:
+    """Row counts, schema fingerprint and per-table content checksums of every app table, kept as
+    record_dir/snapshot.json (as of `moment`, an exported snapshot, when given)."""
+    snap = snapshot_module.take_snapshot(conn, snapshot_id=moment.snapshot_id if moment else None)
     path = snapshot_module.save_snapshot(snap, Path(record_dir) / SNAPSHOT_FILE)
-    rows = [{"table": table, "rows": count, "content sha": (snap["content"].get(table) or "")[:12]
-             if not str(snap["content"].get(table, "")).startswith("skipped") else snap["content"][table],
+    rows = [{"table": table, "rows": count, "content sha": (snap["content"].get(table) or "")[:12],
              "schema": "app" if snapshot_module.is_app_schema(table.split(".")[0].strip('"')) else "platform (counted)"}
             for table, count in snap["row_counts"].items()]
-    skipped = [t for t, v in snap["content"].items() if str(v).startswith("skipped")]
-    checksummed = [t for t, v in snap["content"].items() if not str(v).startswith(("skipped", "sequence"))]
+    checksummed = [t for t, v in snap["content"].items() if not str(v).startswith("sequence")]
     summary = (f"{len(snap['row_counts'])} tables, {sum(snap['row_counts'].values())} rows; schema fingerprint "
                f"{snap['fingerprint'][:16]}… over {', '.join(snap['app_schemas'])}; content checksums of "
-               f"{len(checksummed)} tables" + (f" ({len(skipped)} larger than {checksum_row_limit} rows skipped)"
-                                               if skipped else "") + f"; saved as {path.name}")
-    return Check("snapshot", "warning" if skipped else "ok", summary, rows=rows,
-                 columns=["table", "rows", "content sha", "schema"])
+               f"{len(checksummed)} tables (every app table); saved as {path.name}")
+    return Check("snapshot", "ok", summary, rows=rows, columns=["table", "rows", "content sha", "schema"])
 
 
 snapshot.sql = SNAPSHOT_SQL
 snapshot.title = "snapshot: row counts, schema fingerprint, content checksums"
+
+
+# -- what the phases will refuse, found before anything changes -------------------------------------------
+#
+# Each phase refuses some data and shapes only when it runs: a refusal of phase 2 after phase 1 has
+# committed leaves the deployment half done. The phases' own rules are read from their files (one source
+# of truth) and asked of the data here, each a scan linear in its table. What the phase files raise on
+# that depends on data or shape, and where it is asked:
+#   001 p2_ensure_unique   "cannot enforce ... duplicated values"           -> duplicates under a unique rule
+#   001 p2_converge_table  "key columns are not converted automatically"     -> key column of another type
+#   001 p2_ensure_pk       "cannot make id the primary key"                  -> NULL or duplicated ids
+#   002 shape check        "existing tables are in another shape"            -> phase 3's tables in another shape
+# Not predicted here (they depend on function bodies, not on rows; phase 1 stops on them before it changes
+# anything): 000 "cannot retire function", 000 "updated-at consolidation stopped", 001 "the old helper
+# ... answers for any user". The prerequisite checks (server version, auth.uid(), roles, earlier phases)
+# are the server, privileges and applied-phases checks above.
+
+_SPEC_LINE = re.compile(r"^\s*\('(\w+)', '(\w+)', '([^']+)', .*, (true|false), (true|false), '\{([^}]*)\}'", re.M)
+_UNIQUE_RULE = re.compile(r"p2_ensure_unique\('(\w+)', '(\w+)', array\[([^\]]+)\]\)")
+_PHASE3_SHAPE = re.compile(r"(select array_agg\(format\('%s\.%s is %s \(expected %s\)'.*?is distinct from x\.typ);", re.S)
+
+
+def _phase_text(version: str) -> str:
+    from .paths import PHASES
+    return dict(PHASES)[version].read_text()
+
+
+def phase2_spec() -> list[dict]:
+    """Phase 2's column spec (pg_temp.p2_spec() in 001_core_schema.sql): table, column, type, key, synonyms."""
+    text = _phase_text("001")
+    body = text[text.index("create or replace function pg_temp.p2_spec()"):]
+    body = body[:body.index("$fn$;")]
+    return [{"table": t, "column": c, "type": typ, "is_key": key == "true",
+             "synonyms": [s for s in syn.split(",") if s]}
+            for t, c, typ, _nn, key, syn in _SPEC_LINE.findall(body)]
+
+
+def phase2_unique_rules() -> list[tuple[str, str, list[str]]]:
+    """Phase 2's unique rules (its "unique rules" section): (table, constraint, columns)."""
+    return [(t, name, [c.strip().strip("'") for c in cols.split(",")])
+            for t, name, cols in _UNIQUE_RULE.findall(_phase_text("001"))]
+
+
+def phase3_shape_sql() -> str:
+    """Phase 3's own check that its tables are absent or in its shape, as a query."""
+    found = _PHASE3_SHAPE.search(_phase_text("002")).group(1).replace("\n    into v_problems", "")
+    return found.replace("select array_agg(", "select coalesce(array_agg(", 1).replace(
+        "order by x.tbl, x.col)", "order by x.tbl, x.col), '{}') as problems", 1)
+
+
+TABLE_COLUMNS_SQL = """
+select c.relname as table_name, a.attname as column_name, format_type(a.atttypid, a.atttypmod) as type
+from pg_class c join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
+order by 1, a.attnum
+"""
+REFERENCED_SQL = """
+select distinct c.confrelid::regclass::text as referenced from pg_constraint c
+where c.contype = 'f' and c.confrelid <> 0
+"""
+PK_ON_ID_SQL = """
+select c.conrelid::regclass::text as tbl from pg_constraint c
+where c.contype = 'p' and c.connamespace = 'public'::regnamespace
+  and (select array_agg(a.attname::text) from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any (c.conkey))
+      = array['id']
+"""
+UNIQUE_INDEXES_SQL = """
+select c.relname as table_name,
+       array(select a.attname::text from unnest(i.indkey::smallint[]) with ordinality k(attnum, n)
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum order by k.n) as columns
+from pg_index i join pg_class c on c.oid = i.indrelid
+where c.relnamespace = 'public'::regnamespace and i.indisunique and i.indisvalid
+  and i.indpred is null and i.indexprs is null
+"""
+PLAINTEXT_TYPES = ("text", "character varying", "character")
+PRECONDITIONS_COLUMNS = ["phase", "refuses", "table", "rows", "which"]
+
+
+def _shown_value(text: str | None) -> str:
+    return _sample(text, 200)
+
+
+def _effective_column(columns: dict[str, str], spec: dict) -> str | None:
+    """The value a column holds once phase 2 has converged it: the column, else the legacy synonyms it
+    carries from (as text, the way the unique rule compares), or None (a new column: NULL or a default)."""
+    present = [c for c in [spec["column"], *spec["synonyms"]] if c in columns]
+    if not present:
+        return None
+    return "coalesce(" + ", ".join(f'"{c}"::text' for c in present) + ")"
+
+
+def _duplicates(conn, table: str, name: str, cols: list[str], columns: dict[str, str], spec: dict) -> dict | None:
+    exprs = []
+    for col in cols:
+        found = spec.get((table, col))
+        expr = _effective_column(columns, found) if found else (f'"{col}"::text' if col in columns else None)
+        if table == "api_keys" and col == "key_hash":
+            plain = [c for c in PLAINTEXT_KEY_COLUMNS if columns.get(c) in PLAINTEXT_TYPES]
+            hashes = [f"encode(sha256(convert_to(\"{c}\", 'UTF8')), 'hex')" for c in plain]
+            expr = "coalesce(" + ", ".join(([expr] if expr else []) + hashes) + ")" if (expr or hashes) else None
+        if expr is None:
+            return None     # a new column: NULL in every row, no duplicates
+        exprs.append(expr)
+    secret = table == "api_keys"
+    key = "concat_ws(', ', " + ", ".join(exprs) + ")"
+    ident = '"id"::text' if "id" in columns else "ctid::text"
+    where = " and ".join(f"({e}) is not null" for e in exprs)
+    query = (f"select count(*), coalesce(sum(n), 0)::bigint, string_agg(shown, '; ' order by shown) from ("
+             f"select {key} as k, count(*) as n, "
+             + (f"'rows ' || string_agg({ident}, ', ' order by {ident})" if secret
+                else f"{key} || ' (' || count(*) || ' rows)'")
+             + f" as shown from public.\"{table}\" where {where} group by {', '.join(exprs)} having count(*) > 1) d")
+    groups, rows, shown = _fetch_tuple(conn, query)[0]
+    if not groups:
+        return None
+    return {"phase": "001", "refuses": f"duplicates under the unique rule {name} ({', '.join(cols)})",
+            "table": table, "rows": rows,
+            "which": f"{groups} duplicated value(s){' (key hashes not shown; row ids)' if secret else ''}: "
+                     + _shown_value(shown)}
+
+
+def _unique_refusals(conn, columns_of: dict[str, dict[str, str]], by_column: dict, skip: set[str]) -> list[dict]:
+    """Duplicates under each unique rule of phase 2, on tables whose key columns it would not refuse first."""
+    # a unique index on exactly those columns holds already (no scan), unless values are carried or keys hashed
+    enforced = {(r["table_name"], tuple(r["columns"])) for r in fetch(conn, UNIQUE_INDEXES_SQL)}
+    found = []
+    for table, name, cols in phase2_unique_rules():
+        present = columns_of.get(table)
+        if not present or table in skip:
+            continue
+        carried = [c for col in cols for c in by_column.get((table, col), {}).get("synonyms", []) if c in present]
+        hashed = table == "api_keys" and any(c in present for c in PLAINTEXT_KEY_COLUMNS)
+        if (table, tuple(cols)) in enforced and not hashed and not carried:
+            continue
+        duplicate = _duplicates(conn, table, name, cols, present, by_column)
+        if duplicate:
+            found.append(duplicate)
+    return found
+
+
+def _key_type_refusals(columns_of: dict[str, dict[str, str]], referenced: set[str], spec: list[dict]) -> list[dict]:
+    found = []
+    for s in spec:
+        actual = columns_of.get(s["table"], {}).get(s["column"])
+        if not s["is_key"] or s["type"] == "any" or actual is None or actual == s["type"]:
+            continue
+        if (s["column"] == "id" and actual in ("bigint", "integer", "smallint")
+                and f"public.{s['table']}" not in referenced and s["table"] not in referenced):
+            continue    # a numeric id nothing references: phase 2 keeps it as legacy_id
+        found.append({"phase": "001", "refuses": "a key column of another type (key columns are not converted "
+                      "automatically)", "table": s["table"], "rows": None,
+                      "which": f"{s['table']}.{s['column']} is {actual}, the contract needs {s['type']}"})
+    return found
+
+
+def _primary_key_refusals(conn, columns_of, pk_on_id: set[str], spec: list[dict]) -> list[dict]:
+    found = []
+    for table in dict.fromkeys(s["table"] for s in spec if s["column"] == "id"):
+        columns = columns_of.get(table)
+        id_spec = next(s for s in spec if s["table"] == table and s["column"] == "id")
+        if not columns or "id" not in columns or table in pk_on_id or f"public.{table}" in pk_on_id:
+            continue
+        if id_spec["type"] != "any" and columns["id"] != id_spec["type"]:
+            continue    # converted or refused above
+        bad, sample = _fetch_tuple(conn, f"select count(*), string_agg(coalesce(id::text, 'NULL'), ', ') from ("
+                                         f"select id from public.\"{table}\" group by id having count(*) > 1 "
+                                         f"or id is null limit 20) d")[0]
+        if bad:
+            found.append({"phase": "001", "refuses": "id cannot become the primary key (NULL or duplicated ids)",
+                          "table": table, "rows": bad, "which": "ids " + _shown_value(sample)})
+    return found
+
+
+def _phase3_shape_refusals(conn) -> list[dict]:
+    problems = _fetch_tuple(conn, phase3_shape_sql())[0][0]
+    return [{"phase": "002", "refuses": "an existing table in another shape than phase 3's", "table": p.split(".")[0],
+             "rows": None, "which": p} for p in problems]
+
+
+PRECONDITIONS_SQL = ("""-- every refusal of the phases that depends on the data or the shape, asked before anything changes
+-- (the rules are read from the phase files themselves):
+-- 001 unique rules, on the values each column holds once converged (legacy synonyms carried, keys hashed):
+""" + "\n".join(f"select {', '.join(cols)}, count(*) from public.{t} group by {', '.join(cols)} having count(*) > 1;  -- {n}"
+                for t, n, cols in phase2_unique_rules()) + """
+-- 001 key columns of another type (key columns are not converted automatically):
+""" + TABLE_COLUMNS_SQL.strip() + """;
+-- 001 ids that cannot become the primary key, per core table without one on id:
+select id from public.<table> group by id having count(*) > 1 or id is null;
+-- 002 its tables absent or in its shape:
+""" + phase3_shape_sql())
+
+
+def _refusals_text(found: list[dict]) -> str:
+    """Each refusal once, with the rows it names."""
+    grouped: dict[str, list[str]] = {}
+    for f in found:
+        grouped.setdefault(f"{f['table']}: {f['refuses']}", []).append(f["which"])
+    return "; ".join(f"{what} ({_sample(' / '.join(which), 240)})" for what, which in grouped.items())
+
+
+@sql_check(PRECONDITIONS_SQL, "what the phases would refuse")
+def phase_preconditions(conn) -> Check:
+    """Every phase's refusals that depend on data or shape, asked now: a deployment the phases would stop
+    half way is refused before the backup and before phase 1, naming the rows (never a key)."""
+    rows_of = fetch(conn, TABLE_COLUMNS_SQL)
+    columns_of: dict[str, dict[str, str]] = {}
+    for r in rows_of:
+        columns_of.setdefault(r["table_name"], {})[r["column_name"]] = r["type"]
+    spec = phase2_spec()
+    by_column = {(s["table"], s["column"]): s for s in spec}
+    referenced = {r["referenced"] for r in fetch(conn, REFERENCED_SQL)}
+    pk_on_id = {r["tbl"] for r in fetch(conn, PK_ON_ID_SQL)}
+    found = _key_type_refusals(columns_of, referenced, spec)
+    found += _unique_refusals(conn, columns_of, by_column, skip={f["table"] for f in found})
+    found += _primary_key_refusals(conn, columns_of, pk_on_id, spec)
+    found += _phase3_shape_refusals(conn)
+    if found:
+        return Check("phase_preconditions", "error",
+                     f"the phases would stop on {len(found)} problem(s), after earlier phases had committed: "
+                     "resolve them first (nothing has changed). " + _refusals_text(found), rows=found,
+                     columns=PRECONDITIONS_COLUMNS)
+    return Check("phase_preconditions", "ok", "no phase would refuse this database: no duplicates under the unique "
+                 f"rules ({len(phase2_unique_rules())}), no key column of another type, ids fit a primary key, "
+                 "phase 3's tables absent or in its shape")

@@ -3,14 +3,17 @@
 ``records/<run id>/`` holds the executed notebooks and their HTML, the backup and snapshot a
 preflight took, and ``manifest.json``: who, when, which target (without secrets), which
 project version and commit, the sha256 of every SQL file, of the backup and of every file in
-the folder, each notebook's status and duration, and the verdict. ``verify`` re-hashes every
-file against the manifest, so any later change to the folder is detected.
+the folder, each notebook's status and duration, and the verdict. Sealing also writes
+``index.html``, the run's front page for an auditor (see pages.py), which the manifest hashes
+like any other file. ``verify`` re-hashes every file against the manifest, so any later change
+to the folder is detected.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import html
 import json
 import os
 import re
@@ -109,16 +112,62 @@ def known_secrets() -> list[str]:
     return sorted({s for s in found if len(s) >= 6})
 
 
+REDACTED = "[REDACTED]"
+
+
+def secret_forms(secrets: list[str]) -> list[bytes]:
+    """Each secret as a file may hold it: as typed, escaped in JSON (notebooks, manifest) and in
+    HTML (exported notebooks); longest first, so a longer form is replaced before a part of it."""
+    forms = set()
+    for secret in secrets:
+        for text in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                     html.escape(secret), html.escape(secret, quote=False)):
+            forms.add(text.encode())
+    return sorted(forms, key=len, reverse=True)
+
+
 def find_secrets(folder: Path, secrets: list[str]) -> list[str]:
     """Files under `folder` that contain any of `secrets` (names only, never the secret)."""
     hits = []
-    needles = [s.encode() for s in secrets]
+    needles = secret_forms(secrets)
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             data = path.read_bytes()
             if any(n in data for n in needles):
                 hits.append(str(path.relative_to(folder)))
     return hits
+
+
+def redact_files(folder: Path, secrets: list[str]) -> list[str]:
+    """Replace every secret in every file under `folder`; the names of the files that held one."""
+    leaked = find_secrets(folder, secrets)
+    for name in leaked:
+        path = folder / name
+        data = path.read_bytes()
+        for form in secret_forms(secrets):
+            data = data.replace(form, REDACTED.encode())
+        path.write_bytes(data)
+    return leaked
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_data(value, secrets: list[str]):
+    """A JSON-able value with every secret redacted: inside text, and a number or other scalar
+    whose printed form holds one is replaced whole (a password of digits given as a number)."""
+    if isinstance(value, dict):
+        return {redact_data(k, secrets): redact_data(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_data(v, secrets) for v in value)
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    if value is not None and any(secret in str(value) for secret in secrets):
+        return REDACTED
+    return value
 
 
 # -- one record ------------------------------------------------------------------------------
@@ -161,7 +210,11 @@ class Record:
         return sha256_of(self.manifest_path)
 
     def write_manifest(self, manifest: dict) -> None:
-        """Seal the record: hash every file in the folder into the manifest."""
+        """Seal the record: write its index.html (the auditor's front page), then hash every file
+        in the folder, the index included, into the manifest."""
+        from .pages import write_index   # pages renders records' facts: imported late, no cycle
+
+        write_index(self.path, manifest)
         manifest = dict(manifest, format=FORMAT, files=self.file_hashes())
         tmp = self.manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
@@ -227,6 +280,37 @@ def latest_with_snapshot(root: Path, target: dict) -> Path | None:
     return None
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def check_counts(entry: dict) -> tuple[int, int]:
+    """A notebook's (warnings, errors) among the checks its verdict listed."""
+    statuses = [check.get("status") for check in entry.get("checks") or []]
+    return statuses.count("warning"), statuses.count("error")
+
+
+def outcome_text(entry: dict) -> str:
+    """A notebook's result in words: passed, passed with 2 warnings, skipped (already applied),
+    failed, not run. The manifest's `status` stays passed/failed/not run for programs."""
+    status = entry.get("status") or "not run"
+    if status != "passed":
+        return status
+    warnings, _ = check_counts(entry)
+    text = "skipped (already applied)" if entry.get("skipped") else "passed"
+    return text + (f" with {plural(warnings, 'warning')}" if warnings else "")
+
+
+def outcome_kind(entry: dict) -> str:
+    """passed | warnings | skipped | failed | not run: what colour a result is shown in."""
+    status = entry.get("status") or "not run"
+    if status != "passed":
+        return status
+    if check_counts(entry)[0]:
+        return "warnings"
+    return "skipped" if entry.get("skipped") else "passed"
+
+
 def describe(record: Record) -> str:
     """A record's manifest, readably (what `runbook records show` prints)."""
     m = record.manifest()
@@ -245,6 +329,8 @@ def describe(record: Record) -> str:
         f"  project: {project.get('version')} at {project.get('git_commit') or 'no git commit'}"
         + (" (with uncommitted changes)" if project.get("git_dirty") else ""),
     ]
+    if (record.path / "index.html").is_file():
+        lines.append(f"  page:    {(record.path / 'index.html').resolve()} (open it in a browser, offline)")
     if m.get("rolls_back"):
         lines.append(f"  rolls back: run {m['rolls_back']}")
     if m.get("error"):
@@ -260,5 +346,5 @@ def describe(record: Record) -> str:
     for nb in m.get("notebooks", []):
         extra = f"  cell {nb.get('failed_cell')}: {nb.get('error')}" if nb.get("status") == "failed" else ""
         seconds = f"{nb['seconds']:.1f}s" if nb.get("seconds") is not None else ""
-        lines.append(f"    {nb.get('name'):<16} {nb.get('status'):<8} {seconds:>7}  {nb.get('file') or ''}{extra}")
+        lines.append(f"    {nb.get('name'):<16} {outcome_text(nb):<26} {seconds:>7}  {nb.get('file') or ''}{extra}")
     return "\n".join(lines)

@@ -15,7 +15,9 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
 1. Before anything changes (a refusal changes nothing):
 
    - the backup: sha256, table of contents and a full read (`backup.verify_backup`); the target
-     is PostgreSQL 15+, the backup's database, and has every role the backup names as an owner;
+     is PostgreSQL 15+, the backup's database -- by name, and by the identity its ``backup.json``
+     records (system identifier, oid, the uuid in ``truthsource``: see `identity`) -- and has
+     every role the backup names as an owner;
    - `rollback_blockers`, the check the preflight also runs before a deployment starts: objects
      outside the managed schemas that emptying them would take along and the backup cannot put
      back (a view over an app table elsewhere; triggers, policies, foreign keys and indexes
@@ -23,6 +25,10 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
      superuser: extensions in them (re-creating one needs a superuser), objects in them owned by
      roles it cannot act for (member with inherited privileges, and SET from 16), kept schemas
      it may not create in, what re-creating the outside objects needs, INSERT on the history;
+     and for a superuser: an extension in them owned by a role that could not create it itself
+     (not a superuser, and the extension untrusted or no CREATE on the database) -- extensions are
+     re-created by their owner (``SET ROLE`` around pg_restore's ``CREATE EXTENSION``), so that
+     their members keep their owner and their grants their grantor;
    - the *kept entries* -- each kept schema's own SCHEMA/owner, COMMENT, ACL, and the DEFAULT
      ACL entries of roles other than the connecting one, global or in a kept schema -- are
      compared with what a fresh ``pg_dump --schema-only`` of the kept schemas writes for them.
@@ -38,8 +44,11 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
 2. The deployment history is read (`engine.read_history`); ``truthsource`` is never dropped or
    restored, so its rows survive; the script checks at the end that they are all still there.
 
-3. One script, run by the server's own ``psql -X -v ON_ERROR_STOP=1 --single-transaction
-   --no-password`` (a failure anywhere rolls back all of it):
+3. One script between its own ``BEGIN`` and ``COMMIT``, run by the server's own ``psql -X -v
+   ON_ERROR_STOP=1 --no-password`` (a failure anywhere rolls back all of it). Not psql's
+   ``--single-transaction``: that sends COMMIT when its input ends, so a script cut short (its
+   feeder killed with the runner and its kernel) would commit half a restore; this one's COMMIT is
+   its last line, and a script that never reaches it is rolled back by the server:
 
    - the default privileges of the connecting role (global, and in the kept schemas; and of any
      role reset above) go back to the built-in ones. An object gets the default privileges of
@@ -56,7 +65,8 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
      that -- an ``ALTER SCHEMA public OWNER``, a comment, an ACL relative to ``pg_init_privs``;
    - the SQL of ``pg_restore -f - -L <list>``, in the archive's order: everything in the managed
      schemas (definitions, data, sequence positions, constraints, indexes, triggers, RLS,
-     policies, comments, ACLs), the created schemas' own entries, their extensions, the outside
+     policies, comments, ACLs), the created schemas' own entries, their extensions (each by its
+     owner of now, when another role owns it: ``SET ROLE``, ``CREATE EXTENSION``, ``RESET ROLE``), the outside
      objects put back, and the reset roles' DEFAULT ACL entries. Owners and ACLs are kept (no
      ``--no-owner``): RLS, SECURITY DEFINER functions and grants depend on them;
    - the history check and a ``rollback`` history row (version ``rollback``, the backup's file
@@ -64,7 +74,8 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
      writes it.
 
    pg_restore streams into psql (no copy of the data on disk); if it fails halfway, psql is
-   killed before its input ends, so the server aborts the transaction. A pg_restore newer than
+   killed before its input ends (and would not commit if it read the end), so the server aborts
+   the transaction. A pg_restore newer than
    the server writes ``SET transaction_timeout``, which servers before 17 do not know: that line
    is left out for them. ``lock_timeout`` bounds the wait for the drops' locks.
 
@@ -97,6 +108,7 @@ import psycopg2
 from . import connection, engine, pgtools
 from .backup import (INFO_FILE, ArchiveListing, BackupError, TocEntry, describe_exit, read_listing,
                      redact, verify_backup)
+from .identity import Identity, read_identity
 from .snapshot import SYSTEM_SCHEMA_SQL, is_app_schema
 
 DEFAULT_PUBLIC_INIT_PRIVS = ["=U/pg_database_owner"]   # initdb's, besides the owner's own
@@ -194,6 +206,7 @@ class RestorePlan:
     operator: str
     restored_to: str
     warnings: list[str] = field(default_factory=list)
+    extension_owners: dict[str, str] = field(default_factory=dict)  # re-created as their owner (SET ROLE)
 
     def describe(self) -> dict:
         """What the notebook shows (and the record keeps) before the restore runs."""
@@ -205,7 +218,8 @@ class RestorePlan:
             "replaced_schemas": self.replaced_schemas, "restored_schemas": self.restored_schemas,
             "default_privileges_reset": self.default_privileges_reset, "kept_as_they_are": self.kept_as_they_are,
             "archive_entries_restored": len(self.entries), "archive_entries_by_type": self.toc_summary,
-            "extensions_recreated": self.extensions,
+            "extensions_recreated": [f"{x} (as its owner {self.extension_owners[x]})" if x in self.extension_owners
+                                     else x for x in self.extensions],
             "outside_objects_restored": [o.identity for o in self.outside_restored],
             "outside_objects_dropped": [o.identity for o in self.outside_dropped],
             "outside_objects_recreated": self.outside_recreated,
@@ -621,7 +635,7 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
                         + "; ".join(o.identity for o in unrestorable)
                         + " (move or drop them first, or name the schemas to restore)")
     if superuser:
-        return blockers
+        return blockers + _extension_owner_blockers(cur, user, [*schemas, *drop_schemas])
     me = f"role {user}"
     cur.execute("select x.extname, n.nspname from pg_catalog.pg_extension x join pg_catalog.pg_namespace n "
                 "on n.oid = x.extnamespace where n.nspname = any (%s::text[]) order by 1",
@@ -681,6 +695,37 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     if row is not None and not row[0]:
         blockers.append(f"no INSERT privilege on {engine.HISTORY_TABLE} (the rollback records itself)")
     return blockers
+
+
+# An extension is re-created by its owner (SET ROLE around CREATE EXTENSION): created by another
+# role, its members get another owner and their grants another grantor, and the proof fails. A
+# superuser may SET ROLE to anyone; the owner itself must be able to create it: a superuser, or the
+# extension trusted and CREATE on the database granted to the owner.
+EXTENSION_OWNERS_SQL = """
+select x.extname, pg_catalog.pg_get_userbyid(x.extowner), n.nspname,
+       r.rolsuper
+       or (coalesce((select v.trusted from pg_catalog.pg_available_extension_versions v
+                     where v.name = x.extname and v.version = x.extversion), false)
+           and pg_catalog.has_database_privilege(x.extowner, pg_catalog.current_database(), 'CREATE')) as may_create
+from pg_catalog.pg_extension x
+join pg_catalog.pg_namespace n on n.oid = x.extnamespace
+join pg_catalog.pg_roles r on r.oid = x.extowner
+where n.nspname = any (%s::text[]) and x.extowner <> (select oid from pg_catalog.pg_roles where rolname = current_user)
+order by 1"""
+
+
+def _extension_owners(cur, schemas: list[str]) -> dict[str, tuple[str, str, bool]]:
+    """{extension: (owner, schema, whether the owner may create it)} of the extensions in `schemas`
+    that another role than the connecting one owns."""
+    cur.execute(EXTENSION_OWNERS_SQL, (list(schemas),))
+    return {name: (owner, schema, bool(may)) for name, owner, schema, may in cur.fetchall()}
+
+
+def _extension_owner_blockers(cur, user: str, schemas: list[str]) -> list[str]:
+    return [f"extension {name} (in {schema}) is owned by {owner}, which may not create it (not a superuser, and the "
+            f"extension is not trusted or {owner} has no CREATE on the database): a rollback by {user} would re-create "
+            f"it under another owner, and its members' grants under another grantor"
+            for name, (owner, schema, may) in _extension_owners(cur, schemas).items() if not may]
 
 
 # -- what the archive keeps that the live database also has --------------------------------------
@@ -876,6 +921,15 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
         warnings += [w for w in (pg_restore.warning,) if w]
         sha = verification.sha256
 
+        # the very database the backup was taken from, where backup.json says which (see `identity`)
+        recorded_identity = _backup_info(backup_path, sha).get("identity")
+        if recorded_identity and not allow_other_database:
+            then, now = Identity.from_dict(recorded_identity), read_identity(conn)
+            differences = then.differences(now)
+            if differences:
+                raise RestoreRefused(f"{backup_path.name} is a backup of {then.describe()}; the target is "
+                                     f"{now.describe()} ({'; '.join(differences)}): refusing to restore it there. "
+                                     "Nothing was changed.")
         archive_db = listing.header.get("dbname")
         if archive_db and archive_db != facts["database"] and not allow_other_database:
             raise RestoreRefused(f"{backup_path.name} is a backup of database {archive_db!r}, the target is "
@@ -933,6 +987,7 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             else:
                 public_init = None if row is None else (row[0] or [])
             outside = _outside_objects(cur, here) if here else []
+            owners_now = _extension_owners(cur, here) if superuser else {}
         conn.rollback()
 
         ext_entries = [e for e in listing.entries if e.type == "EXTENSION"]
@@ -1093,12 +1148,15 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
         outside_dropped=outside_dropped, outside_recreated=outside_recreated, history_rows=history_rows,
         history_exists=history_exists,
         prelude_sql=prelude, postlude_sql=postlude, pg_restore=pg_restore, psql=psql, run_id=run_id,
-        operator=operator, restored_to=restored_to, warnings=warnings)
+        operator=operator, restored_to=restored_to, warnings=warnings,
+        extension_owners={x: owners_now[x][0] for x in extensions if x in owners_now})
 
 
 def _prelude(database, file_name, sha, run_id, lock_timeout, reset_roles, kept, dropped, create_public,
              public_init) -> str:
     lines = [f"-- TruthSource rollback of database {database} to {file_name} (sha256 {sha}), run {run_id}",
+             "-- one transaction, committed by the script's last line only: input cut short is rolled back",
+             "BEGIN;",
              f"SET lock_timeout = {_literal(lock_timeout)};",
              "SELECT pg_catalog.set_config('truthsource.rollback_started', pg_catalog.clock_timestamp()::text, false);",
              _reset_default_privileges_sql(reset_roles, kept)]
@@ -1136,10 +1194,23 @@ $history_check$;""")
         f"'rollback', {_literal(operator)}, (extract(epoch FROM pg_catalog.clock_timestamp() - "
         f"pg_catalog.current_setting('truthsource.rollback_started')::timestamptz) * 1000)::bigint, {entries}, "
         f"{_literal(run_id)}, {_literal(restored_to)}::timestamptz, {_literal(note)});")
+    lines.append("COMMIT;")
     return "\n".join(lines) + "\n"
 
 
 # -- running it --------------------------------------------------------------------------------
+
+CREATE_EXTENSION = re.compile(rb'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")+"|\S+) WITH SCHEMA ')
+
+
+def _as_extension_owner(line: bytes, owners: dict[str, str]) -> bytes:
+    """pg_restore's CREATE EXTENSION line, run as the extension's owner when another role owns it."""
+    match = CREATE_EXTENSION.match(line) if owners else None
+    owner = match and owners.get(_unquote(match.group(1).decode()))
+    if not owner:
+        return line
+    return (f"SET ROLE {_quote_ident(owner)};\n".encode() + line.rstrip(b"\n") + b"\nRESET ROLE;\n")
+
 
 def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
     """Run the plan's script in one transaction; RestoreFailed leaves the database as it was."""
@@ -1155,7 +1226,7 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
         out_path, err_path, restore_err_path = (Path(tmp) / n for n in ("psql.out", "psql.err", "pg_restore.err"))
         with open(out_path, "w") as out, open(err_path, "w") as err, open(restore_err_path, "w") as rerr:
             psql = subprocess.Popen(
-                [str(plan.psql.path), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password",
+                [str(plan.psql.path), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
                  "-d", target.conninfo(application_name=f"runbook rollback {plan.run_id}"), "-f", "-"],
                 stdin=subprocess.PIPE, stdout=out, stderr=err, env=env)
             restore = None
@@ -1173,7 +1244,7 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
                                 in_header = False
                             elif line.rstrip(b"\n").decode(errors="replace") in drop_lines:
                                 continue
-                        psql.stdin.write(line)
+                        psql.stdin.write(_as_extension_owner(line, plan.extension_owners))
                     restore.stdout.close()
                     if restore.wait() == 0:
                         psql.stdin.write(plan.postlude_sql.encode())

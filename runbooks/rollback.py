@@ -4,7 +4,22 @@ Given the run whose preflight backup to restore: find its backup through its rec
 again (sha256, table of contents, a full read), dump the current state first (so this rollback
 can itself be undone), show the restore plan before anything changes, restore in one
 transaction, then prove the result: a fresh snapshot compared with that run's preflight
-``snapshot.json`` must be identical (schema fingerprint, row counts, content checksums).
+``snapshot.json`` must be identical (schema fingerprint, row counts, content checksums) in what
+the rollback restores -- the app schemas; rows that changed elsewhere (a user signing up in
+``auth``) are reported apart, as facts, never failures.
+
+Before anything changes, the writes made since the deployment are counted (`later_writes`:
+per table, rows inserted, updated and deleted since the state the deployment's verification
+recorded); when there are any, the rollback keeps them in its record as ``later_writes.sql`` (to
+re-apply) and refuses unless ``discard_later_writes`` is set (`runbook rollback -p
+discard_later_writes true`; without it, exit 2 from the command line, before the notebook runs).
+
+Before anything changes, the target must be the database the backup was taken from (its
+identity, see `identity`), and the backup must match the database's own witness of it
+(``truthsource.deployment_runs``). A record that was never sealed (its runner was killed before
+it wrote ``manifest.json``) is accepted when that witness vouches for its backup, loudly.
+`examine_source` does these checks for the command line (a refusal is exit 2) and `locate` for
+the notebook.
 
 The runner holds the database's run lock for the whole plan; this module does not take it again.
 """
@@ -15,8 +30,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg2
+
 from . import backup as backup_module
-from . import engine, preflight, records, restore, snapshot
+from . import connection, engine, identity, later_writes, preflight, records, restore, snapshot
 from .checks import Check
 from .notebook import Run, details, sql_block
 from .paths import PROJECT_ROOT
@@ -24,6 +41,117 @@ from .paths import PROJECT_ROOT
 
 class RollbackError(RuntimeError):
     """A step could not run because an earlier one did not succeed."""
+
+
+class RollbackRefused(RollbackError):
+    """The run's backup cannot be restored into this target; nothing was changed."""
+
+
+UNSEALED = ("UNSEALED RECORD: run {run} never wrote its manifest.json (its runner died, or it was stepped through by "
+            "hand): its backup is vouched for by backup.json and the database's own witness of it")
+
+LATER_WRITES_REFUSED = ("refused, nothing was changed: {what} since the deployment of run {run} (against the state "
+                        "its verification recorded at {since}) would be lost by this rollback: {tables}. To roll back "
+                        "anyway, set discard_later_writes (runbook rollback ... -p discard_later_writes true); the "
+                        "rollback keeps those rows in its record as " + later_writes.SQL_FILE + ", to re-apply")
+
+NO_WITNESS = ("the database holds no witness of run {run}'s backup (taken before the runbooks wrote one): its sealed "
+              "manifest alone vouches for it")
+
+
+def identity_problem(info: backup_module.BackupInfo, now: identity.Identity, target_name: str) -> str | None:
+    """Why the target is not the database the backup was taken from (None: it is), naming both."""
+    if not info.identity:
+        return (f"the backup of run {info.run_id} records no identity of its database (taken by an older version of "
+                f"the runbooks): nothing proves that target {target_name!r} is the database it was taken from")
+    then = identity.Identity.from_dict(info.identity)
+    differences = then.differences(now)
+    if not differences:
+        return None
+    where = info.target or {}
+    source = f"{where.get('kind', '?')} {where.get('name', '?')}" + (
+        f" ({where['host']}:{where.get('port', '')})" if where.get("host") else "")
+    return (f"refused: target {target_name!r} is not the database the backup of run {info.run_id} was taken from. "
+            f"The backup is of {then.describe()}, taken through {source}; the target is {now.describe()}. They "
+            f"differ in: {'; '.join(differences)}. Nothing was changed")
+
+
+def witness_problem(witness: dict | None, sha256: str, run_id: str, sealed: bool) -> str | None:
+    """The backup's sha256 against the database's witness of it; an unsealed record needs one."""
+    if witness is None:
+        if sealed:
+            return None
+        return (f"run {run_id} has no manifest.json (unsealed) and the database holds no witness of its backup "
+                f"({identity.RUNS_TABLE}): nothing vouches for backup.json. Nothing was changed")
+    if witness["backup_sha256"] != sha256:
+        return (f"the backup of run {run_id} does not match the database's witness of it: {identity.RUNS_TABLE} "
+                f"says {witness['backup_file']} had sha256 {witness['backup_sha256']}, the record has "
+                f"{sha256}. It was altered or replaced: do not restore it. Nothing was changed")
+    return None
+
+
+@dataclass
+class Source:
+    """A run's record as a rollback finds it, checked before anything changes."""
+
+    folder: Path
+    info: backup_module.BackupInfo
+    sealed: bool
+    warnings: list[str]
+
+    @property
+    def manifest_extra(self) -> dict:
+        return {"rolls_back": self.info.run_id, "rolls_back_unsealed": not self.sealed,
+                **({"warnings": self.warnings} if self.warnings else {})}
+
+
+def _what_would_be_lost(writes: later_writes.LaterWrites) -> str:
+    return f"{writes.total} row(s) written" if writes.total else "tables created or dropped"
+
+
+def examine_source(target: connection.Target, records_root, run_id: str, discard_later_writes: bool = False) -> Source:
+    """What `runbook rollback` checks before it runs anything: the record has a backup and a
+    snapshot, the backup file's sha256 matches backup.json and the database's witness, the
+    target is the database it was taken from, and no write since the deployment would be lost
+    unless `discard_later_writes`. RollbackRefused (exit 2) otherwise."""
+    folder = Path(records_root) / records.check_run_id(run_id)
+    if not folder.is_dir():
+        raise RollbackRefused(f"no record {run_id} in {Path(records_root).resolve()}")
+    info_path = folder / preflight.BACKUP_DIR / backup_module.INFO_FILE
+    if not info_path.is_file() or not (folder / preflight.SNAPSHOT_FILE).is_file():
+        raise RollbackRefused(f"run {run_id} has no preflight backup and snapshot in its record: only a run whose "
+                              "preflight took them can be rolled back to")
+    info = backup_module.BackupInfo.load(info_path)
+    sealed = (folder / records.MANIFEST).is_file()
+    dump = info_path.parent / info.file_name
+    if not dump.is_file():
+        raise RollbackRefused(f"the backup {dump} of run {run_id} is missing")
+    actual = records.sha256_of(dump)
+    if actual != info.sha256:
+        raise RollbackRefused(f"the backup {dump.name} does not match its recorded sha256 (backup.json says "
+                              f"{info.sha256}, the file is {actual}): do not restore it. Nothing was changed")
+    try:
+        conn = connection.connect(target, application_name=f"runbook rollback check {run_id}"[:63], readonly=True,
+                                  autocommit=True)
+    except psycopg2.Error as exc:
+        raise RollbackRefused(f"cannot connect to {target.name!r}: {backup_module.redact(str(exc).strip())}") from None
+    try:
+        now, witness = identity.read_identity(conn), identity.run_witness(conn, run_id)
+        problem = identity_problem(info, now, target.name) or witness_problem(witness, actual, run_id, sealed)
+        state = folder / later_writes.ROW_STATE_FILE
+        if not problem and not discard_later_writes and state.is_file():
+            writes = later_writes.compare(conn, later_writes.load_row_state(state))
+            if writes.any:
+                problem = LATER_WRITES_REFUSED.format(what=_what_would_be_lost(writes), run=run_id,
+                                                      since=writes.since, tables=writes.describe())
+    finally:
+        conn.close()
+    if problem:
+        raise RollbackRefused(problem)
+    warnings = [] if sealed else [UNSEALED.format(run=run_id)]
+    if witness is None:
+        warnings.append(NO_WITNESS.format(run=run_id))
+    return Source(folder, info, sealed, warnings)
 
 
 @dataclass
@@ -38,6 +166,8 @@ class Rollback:
     plan: restore.RestorePlan | None = None
     result: restore.RestoreResult | None = None
     history_before: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)          # the source record's, shown loudly
+    outside_changes: list[tuple] = field(default_factory=list)  # (table, rows then, rows now) not restored
 
     def __post_init__(self):
         if not self.rollback_run_id:
@@ -79,8 +209,15 @@ class Rollback:
             self.pre_snapshot = snapshot.load_snapshot(snap_path)
         else:
             problems.append(f"no {preflight.SNAPSHOT_FILE}: the result could not be proven")
-        if self.info.database != self.run.facts["database"]:
-            problems.append(f"the backup is of database {self.info.database!r}, this is {self.run.facts['database']!r}")
+        # the target must be the very database the backup was taken from, and agree with its witness
+        now = identity.read_identity(self.run.conn)
+        witness = identity.run_witness(self.run.conn, self.rollback_run_id)
+        sealed = self.manifest is not None
+        problems += [p for p in (identity_problem(self.info, now, self.run.target.name),
+                                 witness_problem(witness, self.info.sha256, self.rollback_run_id, sealed)) if p]
+        self.warnings = [] if sealed else [UNSEALED.format(run=self.rollback_run_id)]
+        if witness is None and sealed:
+            self.warnings.append(NO_WITNESS.format(run=self.rollback_run_id))
         rows += [
             {"fact": "backup", "value": f"{preflight.BACKUP_DIR}/{self.info.file_name}"},
             {"fact": "sha256 (recorded)", "value": self.info.sha256},
@@ -89,7 +226,13 @@ class Rollback:
             {"fact": "of database", "value": f"{self.info.database} (PostgreSQL {self.info.server_version})"},
             {"fact": "pg_dump", "value": self.info.pg_dump.get("version")},
             {"fact": "manifest", "value": f"verdict {self.manifest.get('verdict')}, command {self.manifest.get('command')}"
-             if self.manifest else "none (the run's record was not sealed): backup.json alone"},
+             if self.manifest else "NONE: the record was never sealed (its runner died, or it was stepped through by "
+             "hand)"},
+            {"fact": "the database's witness", "value": f"{identity.RUNS_TABLE}: {witness['backup_file']}, sha256 "
+             f"{witness['backup_sha256'][:16]}…, recorded {witness['recorded_at']}" if witness else "none"},
+            {"fact": "target identity", "value": now.describe()},
+            {"fact": "backup's identity", "value": identity.Identity.from_dict(self.info.identity).describe()
+             if self.info.identity else "not recorded"},
             {"fact": "snapshot", "value": f"taken {self.pre_snapshot.get('taken_at')}, fingerprint "
              f"{self.pre_snapshot['fingerprint'][:16]}…, {len(self.pre_snapshot['row_counts'])} tables"
              if self.pre_snapshot else "missing"},
@@ -99,8 +242,12 @@ class Rollback:
         if problems:
             return Check("locate_backup", "error", "; ".join(problems), title=title, rows=rows,
                          columns=["fact", "value"])
-        return Check("locate_backup", "ok", f"{self.info.file_name}, taken {self.info.taken_at}, with its snapshot",
-                     title=title, rows=rows, columns=["fact", "value"])
+        rows += [{"fact": "WARNING", "value": w} for w in self.warnings]
+        found = f"{self.info.file_name}, taken {self.info.taken_at} of this very database, with its snapshot"
+        if self.warnings:
+            return Check("locate_backup", "warning", "; ".join(self.warnings) + f". Found {found}", title=title,
+                         rows=rows, columns=["fact", "value"])
+        return Check("locate_backup", "ok", found, title=title, rows=rows, columns=["fact", "value"])
 
     @property
     def backup_path(self) -> Path:
@@ -126,6 +273,37 @@ class Rollback:
         return Check("verify_backup", "ok", f"sha256 matches, {v.toc_entries} archive entries readable, every data "
                      "block reads", title=title, rows=rows, columns=["check", "result"])
 
+    # -- 2b. what the rollback would discard ------------------------------------------------------------
+    def later_writes(self, discard: bool = False) -> Check:
+        """Rows written since the deployment (against the state its verification recorded), per table;
+        kept in this run's record as a script to re-apply; refused unless `discard`."""
+        title = "writes since the deployment, which the rollback discards"
+        path = self.folder / later_writes.ROW_STATE_FILE
+        if not path.is_file():
+            return Check("later_writes", "warning", f"run {self.rollback_run_id}'s record holds no post-deployment "
+                         f"state ({path.name}: its verification did not run): writes made since its deployment "
+                         "cannot be told apart from the deployment's own changes. The safety backup keeps the current "
+                         "state whole", title=title)
+        writes = later_writes.compare(self.run.conn, later_writes.load_row_state(path))
+        rows = [{"table": t.table, "inserted": len(t.inserted), "updated": len(t.updated), "deleted": len(t.deleted),
+                 "note": t.note} for t in writes.tables if t.total or t.note]
+        columns = ["table", "inserted", "updated", "deleted", "note"]
+        if not writes.any:
+            return Check("later_writes", "ok", f"none: every app table is as the verification recorded it at "
+                         f"{writes.since}", title=title)
+        record = Path(self.run.record_dir)
+        (record / later_writes.SQL_FILE).write_text(later_writes.later_writes_sql(self.run.conn, writes,
+                                                                                  self.rollback_run_id))
+        (record / later_writes.SUMMARY_FILE).write_text(json.dumps(writes.as_dict(), indent=1) + "\n")
+        if not discard:
+            return Check("later_writes", "error", LATER_WRITES_REFUSED.format(
+                what=_what_would_be_lost(writes), run=self.rollback_run_id, since=writes.since,
+                tables=writes.describe()), title=title, rows=rows, columns=columns)
+        return Check("later_writes", "warning", f"discarding {_what_would_be_lost(writes)} since the deployment "
+                     f"(discard_later_writes): {writes.describe()}. Kept in this run's record as "
+                     f"{later_writes.SQL_FILE}: re-apply with psql -X -v ON_ERROR_STOP=1 -f {later_writes.SQL_FILE}",
+                     title=title, rows=rows, columns=columns)
+
     def show_verify_command(self) -> None:
         path = self.backup_path if self.info else "<backup>"
         preflight.show_command(f"sha256sum {path}    # must equal {self.info.sha256 if self.info else 'the recorded sha256'}\n"
@@ -145,6 +323,10 @@ class Rollback:
             if check.status == "error":
                 return check
             snap = preflight.snapshot(self.run.conn, self.run.record_dir, moment=moment)
+        # the database's witness of this backup too: `runbook rollback --run <this run>` checks it
+        witnessed = preflight.witness_backup(self.run.conn, self.run.target, self.run.record_dir, self.run.run_id,
+                                             self.run.operator, step="05_rollback")
+        check.rows = check.rows + [{"fact": "witness", "value": witnessed.summary}]
         check.summary += (f"; snapshot kept ({snap.summary.split(';')[0]}). To undo this rollback: runbook rollback "
                           f"--run {self.run.run_id}")
         return check
@@ -184,8 +366,9 @@ class Rollback:
             {"step": "never touched", "what": "roles, database settings, and the Supabase platform schemas (auth, "
              "storage, ...) beyond the objects outside listed above"},
             {"step": "restored to", "what": f"{d['restored_to']} (when the backup was taken)"},
-            {"step": "how", "what": f"one transaction: psql {d['psql']['version']} --single-transaction "
-             f"-v ON_ERROR_STOP=1 fed by pg_restore {d['pg_restore']['version']} -L <list>; lock_timeout {lock_timeout}"},
+            {"step": "how", "what": f"one transaction (BEGIN ... COMMIT in the script: input cut short is rolled "
+             f"back): psql {d['psql']['version']} -v ON_ERROR_STOP=1 fed by pg_restore {d['pg_restore']['version']} "
+             f"-L <list>; lock_timeout {lock_timeout}"},
         ]
         rows += [{"step": "warning", "what": w} for w in d["warnings"]]
         return Check("restore_plan", "warning" if d["warnings"] else "ok",
@@ -229,7 +412,9 @@ class Rollback:
 
     # -- 6. prove it ---------------------------------------------------------------------------------
     def prove(self) -> Check:
-        """A fresh snapshot against the run's preflight snapshot: everything must be identical."""
+        """A fresh snapshot against the run's preflight snapshot: what the rollback restores (the app
+        schemas: catalog, row counts, contents) must be identical; row counts elsewhere (the platform
+        schemas it leaves alone, where users keep signing up) are reported as facts."""
         title = "the database equals the pre-deployment snapshot"
         if self.pre_snapshot is None:
             return Check("rollback_proof", "error", "no preflight snapshot to prove against", title=title)
@@ -238,29 +423,39 @@ class Rollback:
         after = snapshot.take_snapshot(self.run.conn, checksum_row_limit=self.pre_snapshot.get("checksum_row_limit",
                                                                                                1_000_000))
         snapshot.save_snapshot(after, Path(self.run.record_dir) / "snapshot-after-rollback.json")
-        comparison = snapshot.compare_snapshots(self.pre_snapshot, after)
-        before_parts, after_parts = self.pre_snapshot["fingerprint_parts"], after["fingerprint_parts"]
-        rows = [{"what": "schema fingerprint", "snapshot": self.pre_snapshot["fingerprint"][:16],
-                 "now": after["fingerprint"][:16], "same": _yes(comparison.fingerprint_equal)}]
+        (before, before_outside), (now, now_outside) = _split_restored(self.pre_snapshot), _split_restored(after)
+        comparison = snapshot.compare_snapshots(before, now)
+        outside = [(t, before_outside.get(t), now_outside.get(t)) for t in sorted(set(before_outside) | set(now_outside))]
+        self.outside_changes = [(t, b, a) for t, b, a in outside if b != a]
+        before_parts, after_parts = before["fingerprint_parts"], now["fingerprint_parts"]
+        rows = [{"what": "schema fingerprint", "snapshot": before["fingerprint"][:16],
+                 "now": now["fingerprint"][:16], "same": _yes(comparison.fingerprint_equal)}]
         rows += [{"what": f"  {kind}", "snapshot": (before_parts.get(kind) or "")[:16],
                   "now": (after_parts.get(kind) or "")[:16], "same": _yes(before_parts.get(kind) == after_parts.get(kind))}
                  for kind in sorted(set(before_parts) | set(after_parts))]
         rows += [{"what": f"rows {r.table}", "snapshot": r.before, "now": r.after, "same": _yes(r.status == "same")}
                  for r in comparison.counts]
-        for t in sorted(set(self.pre_snapshot["content"]) | set(after["content"])):
-            b, a = self.pre_snapshot["content"].get(t), after["content"].get(t)
+        for t in sorted(set(before["content"]) | set(now["content"])):
+            b, a = before["content"].get(t), now["content"].get(t)
             rows.append({"what": f"content {t}", "snapshot": (b or "")[:16], "now": (a or "")[:16], "same": _yes(a == b)})
+        rows += [{"what": f"rows {t} (not restored)", "snapshot": b, "now": a,
+                  "same": "yes" if b == a else "changed: a fact, not a failure"} for t, b, a in outside]
         self.comparison = comparison
+        facts = ""
+        if self.outside_changes:
+            facts = ("; outside what the rollback restores, changed since the snapshot (reported, not restored, not a "
+                     "failure): " + ", ".join(_count_change(t, b, a) for t, b, a in self.outside_changes))
+        columns = ["what", "snapshot", "now", "same"]
         if comparison.identical:
             unverified = f" ({len(comparison.content_unverified)} tables too large to checksum)" \
                 if comparison.content_unverified else ""
-            return Check("rollback_proof", "ok", f"identical: fingerprint, {len(comparison.counts)} row counts and "
-                         f"{len(self.pre_snapshot['content'])} content checksums match the snapshot of run "
-                         f"{self.rollback_run_id}{unverified}", title=title, rows=rows,
-                         columns=["what", "snapshot", "now", "same"])
+            return Check("rollback_proof", "ok", f"identical in what the rollback restores ({', '.join(before['app_schemas'])}): "
+                         f"fingerprint, {len(comparison.counts)} row counts and {len(before['content'])} content "
+                         f"checksums match the snapshot of run {self.rollback_run_id}{unverified}{facts}",
+                         title=title, rows=rows, columns=columns)
         self.show_differences()
-        return Check("rollback_proof", "error", "NOT identical to the snapshot: " + "; ".join(comparison.problems()),
-                     title=title, rows=rows, columns=["what", "snapshot", "now", "same"])
+        return Check("rollback_proof", "error", "NOT identical to the snapshot: " + "; ".join(comparison.problems())
+                     + facts, title=title, rows=rows, columns=columns)
 
     def show_differences(self) -> None:
         """Every differing catalog line, when the proof failed (nothing to show when identical)."""
@@ -307,4 +502,32 @@ class Rollback:
 
 def _yes(value: bool) -> str:
     return "yes" if value else "NO"
+
+
+def _schema_of_table(key: str) -> str:
+    """The schema of a snapshot's table key (``quote_ident(schema) || '.' || quote_ident(table)``)."""
+    if not key.startswith('"'):
+        return key.split(".", 1)[0]
+    end = 1
+    while True:
+        end = key.index('"', end)
+        if key[end + 1:end + 2] != '"':
+            return key[1:end].replace('""', '"')
+        end += 2
+
+
+def _split_restored(snap: dict) -> tuple[dict, dict[str, int]]:
+    """(the snapshot limited to what a rollback restores, the row counts of the tables outside it).
+    The fingerprint and contents cover the app schemas only already; row counts cover every schema."""
+    inside = {t: n for t, n in snap["row_counts"].items() if snapshot.is_app_schema(_schema_of_table(t))}
+    outside = {t: n for t, n in snap["row_counts"].items() if t not in inside}
+    return dict(snap, row_counts=inside), outside
+
+
+def _count_change(table: str, before: int | None, after: int | None) -> str:
+    if before is None:
+        return f"{table}: new table ({after} rows)"
+    if after is None:
+        return f"{table}: table gone (had {before} rows)"
+    return f"{table}: {before} -> {after} rows ({after - before:+d})"
 

@@ -8,10 +8,12 @@ holds the database's run lock, so two runs against one database never interleave
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import nbformat
 import papermill
+import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import connection, engine, records
+from . import connection, engine, identity, kernel_guard, pages, records, watch
 from .notebook import VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -56,6 +59,7 @@ class IPCKernelManager(AsyncKernelManager):
         self.ip = str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
+        kernel_cmd = kernel_guard.command(kernel_cmd)   # the kernel dies with this process, never outlives it
         if self.kernel_log is None:
             return await super()._async_launch_kernel(kernel_cmd, **kw)
         # The kernel's chatter (shutdown noise, warnings) belongs in the record, not on the terminal.
@@ -67,13 +71,13 @@ class IPCKernelManager(AsyncKernelManager):
 class Outcome:
     run_id: str
     record: records.Record
-    verdict: str                       # passed | failed
+    verdict: str                       # passed | failed | refused (nothing of the plan ran)
     notebooks: list[dict] = field(default_factory=list)
     error: str | None = None
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.verdict == "passed" else 1
+        return {"passed": 0, "refused": 2}.get(self.verdict, 1)
 
 
 def notebook_path(step: str) -> Path:
@@ -83,7 +87,63 @@ def notebook_path(step: str) -> Path:
 
 def notebook_parameters(step: str) -> dict:
     """The parameters a notebook declares (name -> default as written)."""
-    return {name: spec["default"] for name, spec in papermill.inspect_notebook(str(notebook_path(step))).items()}
+    return {name: spec.default_text for name, spec in declared_parameters(step).items()}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A notebook parameter as its parameters cell declares it: the type a value must have."""
+
+    name: str
+    kind: str            # bool | int | float | text
+    nullable: bool       # None is a meaningful value (the default, or the comment says "None: ...")
+    default_text: str    # the default as written
+    help: str
+
+    @property
+    def accepts(self) -> str:
+        """What a value may be, in words (for refusals)."""
+        words = {"bool": "true/false (also yes/no, on/off, 1/0)", "int": "an integer",
+                 "float": "a number", "text": "text"}[self.kind]
+        return words + (" or none" if self.nullable and self.kind != "text" else "")
+
+
+def declared_parameters(step: str) -> dict[str, Parameter]:
+    """Each parameter of a notebook with its type: the cell's annotation or `# type:` comment when it
+    has one, else the type of its default (a default of None takes text)."""
+    found = {}
+    for name, spec in papermill.inspect_notebook(str(notebook_path(step))).items():
+        default_text, help_text = spec["default"], spec["help"] or ""
+        annotation = spec["inferred_type_name"]
+        kind, nullable = _kind_of_annotation(annotation) if annotation != "None" else _kind_of_default(default_text)
+        # a number whose comment gives None a meaning ("None: no limit") takes none too
+        nullable = nullable or bool(re.search(r"\bNone\b", help_text))
+        found[name] = Parameter(name, kind, nullable, default_text, help_text)
+    return found
+
+
+_KINDS = {"bool": "bool", "int": "int", "float": "float", "str": "text"}
+
+
+def _kind_of_annotation(annotation: str) -> tuple[str, bool]:
+    inner = re.fullmatch(r"Optional\[(\w+)\]", annotation.strip())
+    parts = [inner.group(1)] if inner else [p.strip() for p in annotation.split("|")]
+    nullable = bool(inner) or "None" in parts
+    named = [p for p in parts if p != "None"]
+    return (_KINDS.get(named[0], "text") if len(named) == 1 else "text"), nullable
+
+
+def _kind_of_default(default_text: str) -> tuple[str, bool]:
+    try:
+        default = ast.literal_eval(default_text)
+    except (ValueError, SyntaxError):
+        return "text", False   # an expression: whatever it is, a value arrives as text
+    if default is None:
+        return "text", True
+    for python_type, kind in ((bool, "bool"), (int, "int"), (float, "float")):
+        if isinstance(default, python_type):
+            return kind, False
+    return "text", False
 
 
 @contextlib.contextmanager
@@ -110,13 +170,19 @@ def _verdict_of(nb) -> dict | None:
     return None
 
 
-def _export_html(nb_path: Path) -> Path:
-    from nbconvert import HTMLExporter
+# What a phase notebook prints when its phase was already applied with the same sha256 (phases.Phase.apply).
+SKIPPED_PHASE = re.compile(r"^phase \d+: skipped\b", re.MULTILINE)
 
-    body, _ = HTMLExporter().from_filename(str(nb_path))
-    html_path = nb_path.with_suffix(".html")
-    html_path.write_text(body)
-    return html_path
+
+def _skipped_phase(nb) -> bool:
+    return any(output.get("output_type") == "stream" and SKIPPED_PHASE.search("".join(output.get("text", "")))
+               for cell in nb.cells for output in cell.get("outputs", []))
+
+
+def _export_html(nb_path: Path, manifest: dict, entry: dict, step: str) -> Path:
+    """The HTML beside the notebook, opening with its header card, fetching nothing (pages.py).
+    The card is added at export, not as a cell: the executed notebook stays what ran."""
+    return pages.export_notebook(nb_path, pages.notebook_card(manifest, entry, step))
 
 
 def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connection.Target, *,
@@ -126,8 +192,9 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
     failed notebook (the outcome says so), only for refusals made before anything ran."""
     logging.getLogger("papermill").setLevel(logging.WARNING)
     run_id = run_id or records.new_run_id()
+    new_folder = not Path(records_root).exists()
     record = records.Record.create(Path(records_root), run_id)
-    who = records.operator_facts(operator)
+    who = records.operator_facts(operator or (parameters or {}).get("operator"))
     manifest = {
         "run_id": run_id, "command": command, "plan": list(steps), **(manifest_extra or {}),
         "operator": who, "started_at": records.utc_now(), "finished_at": None,
@@ -135,28 +202,58 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
         "sql_files": records.sql_checksums(), "parameters": dict(parameters or {}),
         "backup": None, "notebooks": [], "verdict": "failed", "error": None,
     }
-    progress(f"runbook {command}: run {run_id} on {target.kind} {target.name!r}; record {record.path}")
+    progress(f"runbook {command}: run {run_id} on {target.kind} {target.name!r}; record {record.path}"
+             + (f" (records folder {records_root} created)" if new_folder else ""))
     common = {"run_id": run_id, "record_dir": str(record.path.resolve()), "operator": who["operator"],
               **target.as_parameters()}
     outcome = Outcome(run_id=run_id, record=record, verdict="failed")
     manifest["notebooks"] = [{"name": step if step in NOTEBOOKS else notebook_path(step).stem,
                               "source": _relative(notebook_path(step)), "status": "not run"} for step in steps]
+    connected = False
     try:
         with engine.run_lock(target, run_id, float(os.environ.get(LOCK_WAIT_ENV, "30"))) as lock_conn:
+            connected = True
             manifest["server"] = connection.server_facts(lock_conn)
+            if "preflight" in steps:
+                _report_unfinished(lock_conn, run_id, progress)
             failed = False
             for number, (step, entry) in enumerate(zip(steps, manifest["notebooks"]), start=1):
                 if not failed:
-                    failed = not _run_notebook(step, number, len(steps), record, common, parameters or {},
-                                               manifest, entry, progress)
+                    # a line at least every 10 s while a notebook runs: what the server is doing for it
+                    with watch.Heartbeat(target, what=notebook_path(step).stem, say=progress):
+                        failed = not _run_notebook(step, number, len(steps), record, common, parameters or {},
+                                                   manifest, entry, progress)
             outcome.verdict = "failed" if failed else "passed"
-    except Exception as exc:  # connection refused, run lock busy: nothing of the plan ran
-        outcome.error = manifest["error"] = f"{type(exc).__name__}: {exc}"
-        progress(f"  refused: {manifest['error']}")
+            _mark_finished(lock_conn, run_id, outcome.verdict, progress)
+    except Exception as exc:  # connection refused, login failed, run lock busy: nothing of the plan ran
+        refusal = _refusal(exc, target, connected)
+        if refusal and all(entry["status"] == "not run" for entry in manifest["notebooks"]):
+            outcome.verdict = "refused"
+        outcome.error = manifest["error"] = refusal or f"{type(exc).__name__}: {exc}"
+        progress(f"  {'refused' if outcome.verdict == 'refused' else 'failed'}: {manifest['error']}")
     _seal(record, manifest, outcome)
     progress(f"record: {record.path}\nseal: sha256 of manifest.json {record.seal()} (note it in the change ticket)"
              f"\nverdict: {outcome.verdict.upper()}")
     return outcome
+
+
+def _refusal(exc: Exception, target: connection.Target, connected: bool) -> str | None:
+    """Why nothing could start, when it is a refusal (exit 2) rather than a failure; None otherwise."""
+    if isinstance(exc, engine.LockBusy):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, psycopg2.OperationalError) and not connected:
+        return connect_refusal(target, exc)
+    return None
+
+
+def connect_refusal(target: connection.Target, exc: psycopg2.OperationalError) -> str:
+    """A server that cannot be reached or a login that failed, naming the target (libpq's message
+    never holds the password; known secrets are redacted all the same)."""
+    where = ", ".join(f"{key} {value}" for key, value in target.describe().items()
+                      if key in connection.CONNINFO_KEYS)
+    said = " ".join(str(exc).split())
+    return records.redact_text(f"cannot connect to {target.kind} {target.name!r}"
+                               + (f" ({where})" if where else "") + f": {said}", records.known_secrets())
 
 
 def _run_notebook(step, number, total, record, common, parameters, manifest, entry, progress) -> bool:
@@ -166,6 +263,7 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     output = record.path / "notebooks" / f"{number:02d}-{source.stem}.ipynb"
     entry.update(file=str(output.relative_to(record.path)), parameters=sorted(values))
     started = time.monotonic()
+    entry["started_at"] = records.utc_now()
     progress(f"[{number}/{total}] {source.stem} ...")
     try:
         papermill.execute_notebook(str(source), str(output), parameters=values, kernel_name="python3",
@@ -177,6 +275,7 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     except Exception as exc:  # the kernel died, the notebook could not be read...
         entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     entry["seconds"] = round(time.monotonic() - started, 2)
+    entry["finished_at"] = records.utc_now()
     if output.exists():
         nb = nbformat.read(output, as_version=4)
         verdict = _verdict_of(nb)
@@ -184,6 +283,8 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
             entry["checks"] = verdict.get("checks", [])
             if verdict.get("status") == "failed":
                 entry["status"] = "failed"
+        if _skipped_phase(nb):
+            entry["skipped"] = True
         nb.metadata["truthsource"] = {
             "run_id": manifest["run_id"], "command": manifest["command"], "step": step,
             "operator": manifest["operator"], "target": manifest["target"],
@@ -191,11 +292,26 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
             "project": manifest["project"],
         }
         nbformat.write(nb, output)
-        entry["html"] = str(_export_html(output).relative_to(record.path))
-    status = entry["status"]
-    progress(f"[{number}/{total}] {source.stem}: {status} ({entry['seconds']:.1f}s)"
-             + (f"\n      cell {entry.get('failed_cell')}: {entry.get('error')}" if status == "failed" else ""))
-    return status == "passed"
+        entry["html"] = str(_export_html(output, manifest, entry, step).relative_to(record.path))
+    progress(f"[{number}/{total}] {source.stem}: {records.outcome_text(entry)} ({entry['seconds']:.1f}s)"
+             + (f"\n      cell {entry.get('failed_cell')}: {entry.get('error')}" if entry["status"] == "failed" else ""))
+    return entry["status"] == "passed"
+
+
+def _report_unfinished(conn, run_id: str, progress) -> None:
+    """Earlier runs on this database that never finished (their runner died): say so, and how to
+    roll back or resume. The deployment goes on (see identity.how_to_continue)."""
+    for row in identity.unfinished_runs(conn, run_id):
+        progress(f"  WARNING: {identity.how_to_continue(row)}")
+
+
+def _mark_finished(conn, run_id: str, verdict: str, progress) -> None:
+    """The database's witness of this run's backup learns that the run ended (no row: no backup)."""
+    try:
+        identity.finish_run(conn, run_id, verdict)
+    except psycopg2.Error as exc:
+        progress(f"  warning: could not mark run {run_id} finished in {identity.RUNS_TABLE}: "
+                 f"{(exc.diag.message_primary or str(exc)).strip()}")
 
 
 def _kernel_manager_for(record: records.Record) -> type:
@@ -204,18 +320,10 @@ def _kernel_manager_for(record: records.Record) -> type:
 
 
 def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
-    # A secret that reached any file is redacted and fails the run: a record never keeps one.
+    # A secret that reached any file, or the manifest itself (a password typed as a parameter), is
+    # redacted and fails the run: a record never keeps one. Files first, so their hashes are of what stays.
     secrets = records.known_secrets()
-    leaked = records.find_secrets(record.path, secrets)
-    for name in leaked:
-        path = record.path / name
-        data = path.read_bytes()
-        for secret in secrets:
-            data = data.replace(secret.encode(), b"[REDACTED]")
-        path.write_bytes(data)
-    if leaked:
-        outcome.verdict = "failed"
-        manifest["error"] = f"a secret appeared in {', '.join(leaked)}; redacted there"
+    leaked = records.redact_files(record.path, secrets)
     backup_json = record.path / "backup" / "backup.json"
     if backup_json.is_file():
         info = json.loads(backup_json.read_text())
@@ -229,6 +337,13 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
             if entry.get(key):
                 entry[digest] = records.sha256_of(record.path / entry[key])
     manifest["finished_at"] = records.utc_now()
+    redacted = records.redact_data(manifest, secrets)
+    if redacted != manifest:
+        manifest = redacted
+        leaked.append(records.MANIFEST)
+    if leaked:
+        outcome.verdict = "failed"
+        manifest["error"] = f"a secret appeared in {', '.join(leaked)}; redacted there"
     manifest["verdict"] = outcome.verdict
     outcome.notebooks = manifest["notebooks"]
     record.write_manifest(manifest)

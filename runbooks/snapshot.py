@@ -13,10 +13,29 @@ A snapshot holds, read in one repeatable-read, read-only transaction:
   databases with the same objects have the same fingerprint even when one was rebuilt from a
   dump. ``fingerprint_parts`` has one hash per kind, and ``objects`` the normalised lines
   themselves, so a mismatch says which kind differs and a diff shows the lines.
-- ``content``: per app-schema table, an md5 over the md5 of each row's text form, in the order
-  of that text form (``collate "C"``, with date, time zone, float and bytea output fixed), for
-  tables up to ``checksum_row_limit`` rows; larger tables say ``skipped: N rows``. Sequence
-  positions are part of the content too.
+- ``content``: per app-schema table, a checksum of its rows as a multiset (``checksum_method``
+  ``rowsum-md5``): the first 64 bits of the md5 of each row's text form (date, time zone, float
+  and bytea output fixed), read as a signed integer, are summed over the table (exactly: the
+  sum is a numeric), and the row count and the sum are hashed into the table's checksum. A sum
+  does not depend on the order of the rows, so nothing is sorted, and it counts duplicates
+  ({a, a, b} and {a, b, b} differ, which an xor would not see). Sequence positions are part of
+  the content too.
+
+**What it costs.** One read of each table, nothing sorted, nothing skipped by size: for an app
+table one sequential scan yields both its ``count(*)`` and its checksum, in parallel where the
+server allows (the sum is a parallel aggregate); a platform table costs one ``count(*)``. The
+work per row is writing its text form and an md5 of it, so the checksum takes longer than a bare
+``count(*)`` (which reads no column) but grows linearly with the table; the benchmark measures
+both. ``checksum_row_limit`` (default: none) is for callers that want counts alone (the phases'
+and verification's change checks pass 0); what it leaves out says ``skipped: N rows``.
+
+Snapshots of format 1 (older records) hold checksums of another method (``md5-sorted``: an md5 of
+the rows' md5s in text order, which sorted the whole table). They still load and compare: counts
+and fingerprint as ever, and a table's content checksums taken by different methods are reported
+as not comparable (``content_incomparable``) rather than as a difference.
+
+Tables in ``WORK_QUEUES`` are the deployment's own transient queues: fewer rows there is the
+queue draining (status ``drained``, a fact), never rows lost.
 
 Counting with ``row_security = off`` makes a role that is subject to RLS fail loudly rather
 than count only the rows it may see.
@@ -34,18 +53,21 @@ from pathlib import Path
 import psycopg2.extensions
 from psycopg2 import sql
 
-from .engine import HISTORY_SCHEMA
+from .contract import HISTORY_SCHEMA, PLATFORM_SCHEMAS, is_app_schema  # noqa: F401 (is_app_schema: read here by others)
 
-SNAPSHOT_FORMAT = 1
-# Supabase's own schemas: the platform manages them, a deployment of the product does not.
-PLATFORM_SCHEMAS = (
-    "auth", "storage", "realtime", "_realtime", "extensions", "graphql", "graphql_public", "vault",
-    "pgsodium", "pgsodium_masks", "supabase_functions", "supabase_migrations", "net", "cron",
-    "pgbouncer", "_analytics", "pgtle",
-)
+SNAPSHOT_FORMAT = 2
+# How "content" checksums a table (module docstring). Format 1 snapshots carry no method: theirs
+# was LEGACY_CHECKSUM_METHOD, whose values cannot be compared with this one's.
+CHECKSUM_METHOD = "rowsum-md5"
+LEGACY_CHECKSUM_METHOD = "md5-sorted"
+# The deployment's own transient work queues, schema-qualified as in row_counts. A phase fills one
+# and a later step of it empties it (private.pending_rewrites: the tables 001_core_schema.sql
+# rewrites after its commit, emptied as each is done), so a re-run after an interruption finds it
+# drained: fewer rows in a queue is work done, not data lost. Add a queue here when a phase adds one.
+WORK_QUEUES = frozenset({"private.pending_rewrites"})
 SYSTEM_SCHEMA_SQL = ("n.nspname not in ('pg_catalog', 'information_schema') "
                      "and n.nspname !~ '^pg_(toast|temp_|toast_temp_)'")
-COUNT_STATUSES = ("same", "more", "FEWER", "MISSING", "new")
+COUNT_STATUSES = ("same", "more", "FEWER", "MISSING", "new", "drained")
 
 
 class SnapshotError(RuntimeError):
@@ -67,11 +89,6 @@ def data_schemas(cur) -> list[str]:
 def app_schemas(cur) -> list[str]:
     """The schemas the product owns: non-system, not the history schema, not Supabase's."""
     return [s for s in data_schemas(cur) if s not in PLATFORM_SCHEMAS]
-
-
-def is_app_schema(name: str) -> bool:
-    return not (name in PLATFORM_SCHEMAS or name == HISTORY_SCHEMA
-                or name in ("pg_catalog", "information_schema") or name.startswith("pg_"))
 
 
 @contextmanager
@@ -296,10 +313,32 @@ def fingerprint_of(objects: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
 
 # -- taking one ------------------------------------------------------------------------------
 
-def take_snapshot(conn, *, checksum_row_limit: int = 1_000_000, lock_timeout: str = "30s",
+# One read of a table: its row count and checksum (module docstring). No ORDER BY, no sort: the
+# sum is a parallel aggregate (over an int128 state where the server has one), and the row count
+# comes from the same scan. One 64-bit half of each md5 is enough: a changed row moves the sum by
+# the difference of two random 64-bit numbers; taking both halves would compute each md5 twice.
+CHECKSUM_SQL = """select count(*),
+       md5(format('%s:%s', count(*), coalesce(sum(('x' || left(md5(snapshot_row::text), 16))::bit(64)::bigint), 0)))
+from {} as snapshot_row"""
+
+
+def _count(cur, ident) -> int:
+    cur.execute(sql.SQL("select count(*) from {}").format(ident))
+    return cur.fetchone()[0]
+
+
+def _count_and_checksum(cur, ident) -> tuple[int, str]:
+    cur.execute(sql.SQL(CHECKSUM_SQL).format(ident))
+    return cur.fetchone()
+
+
+def take_snapshot(conn, *, checksum_row_limit: int | None = None, lock_timeout: str = "30s",
                   snapshot_id: str | None = None) -> dict:
     """Row counts, schema fingerprint and content checksums of the database `conn` is on
-    (as of an exported snapshot, `pg_export_snapshot()`, when one is given)."""
+    (as of an exported snapshot, `pg_export_snapshot()`, when one is given).
+
+    Every app table is checksummed unless `checksum_row_limit` is given: then tables of more rows
+    are only counted (0: counts alone, for a change check that compares nothing else)."""
     with _consistent_read(conn, lock_timeout, snapshot_id) as cur:
         database, server_version, taken_at = _all(cur, """
             select current_database(), current_setting('server_version'),
@@ -315,19 +354,14 @@ def take_snapshot(conn, *, checksum_row_limit: int = 1_000_000, lock_timeout: st
         content: dict[str, str] = {}
         for schema, name, key in tables:
             ident = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
-            cur.execute(sql.SQL("select count(*) from {}").format(ident))
-            row_counts[key] = count = cur.fetchone()[0]
             if schema not in apps:
-                continue
-            if count > checksum_row_limit:
-                content[key] = f"skipped: {count} rows"
-                continue
-            # md5 of the rows' md5s, in the order of the rows' text form: independent of
-            # physical order, OIDs and how the table was rebuilt.
-            cur.execute(sql.SQL("""select md5(coalesce(string_agg(md5(snapshot_row::text), ''
-                                                                  order by snapshot_row::text collate "C"), ''))
-                                   from {} as snapshot_row""").format(ident))
-            content[key] = cur.fetchone()[0]
+                row_counts[key] = _count(cur, ident)
+            elif checksum_row_limit is None:
+                row_counts[key], content[key] = _count_and_checksum(cur, ident)
+            else:
+                row_counts[key] = count = _count(cur, ident)
+                content[key] = (f"skipped: {count} rows" if count > checksum_row_limit
+                                else _count_and_checksum(cur, ident)[1])
         for key, last_value, is_called in _all(cur, """
                 select quote_ident(schemaname) || '.' || quote_ident(sequencename), last_value,
                        last_value is not null
@@ -342,6 +376,7 @@ def take_snapshot(conn, *, checksum_row_limit: int = 1_000_000, lock_timeout: st
         "server_version": server_version,
         "app_schemas": apps,
         "counted_schemas": counted,
+        "checksum_method": CHECKSUM_METHOD,
         "checksum_row_limit": checksum_row_limit,
         "row_counts": dict(sorted(row_counts.items())),
         "fingerprint": fingerprint,
@@ -377,7 +412,7 @@ class CountRow:
     table: str
     before: int | None
     after: int | None
-    status: str          # same | more | FEWER (rows lost) | MISSING (table gone) | new
+    status: str          # same | more | FEWER (rows lost) | MISSING (table gone) | new | drained (a work queue)
 
     @property
     def delta(self) -> int | None:
@@ -393,11 +428,17 @@ class Comparison:
     differing_kinds: list[str]
     differences: dict[str, dict[str, list[str]]]      # kind -> {"added": [...], "removed": [...]}
     content_differences: dict[str, tuple[str | None, str | None]]
-    content_unverified: list[str] = field(default_factory=list)   # skipped on both sides
+    content_unverified: list[str] = field(default_factory=list)   # skipped (over a row limit) on a side
+    content_incomparable: list[str] = field(default_factory=list)  # checksummed by different methods
+    checksum_methods: tuple[str, str] = (CHECKSUM_METHOD, CHECKSUM_METHOD)   # before, after
 
     @property
     def lost_rows(self) -> list[CountRow]:
         return [r for r in self.counts if r.status == "FEWER"]
+
+    @property
+    def drained_queues(self) -> list[CountRow]:
+        return [r for r in self.counts if r.status == "drained"]
 
     @property
     def missing_tables(self) -> list[CountRow]:
@@ -423,10 +464,24 @@ class Comparison:
         out += [f"{r.table}: table is gone (had {r.before} rows)" for r in self.missing_tables]
         out += [f"{r.table}: new table ({r.after} rows)" for r in self.counts if r.status == "new"]
         out += [f"{r.table}: {r.before} -> {r.after} rows ({r.delta:+d})" for r in self.counts if r.status == "more"]
+        out += [f"{r.table}: {r.before} -> {r.after} rows ({r.delta:+d}): work queue drained (not a loss)"
+                for r in self.drained_queues]
         for kind in self.differing_kinds:
             diff = self.differences[kind]
             out.append(f"{kind} differ: {len(diff['added'])} added, {len(diff['removed'])} removed")
         out += [f"{table}: content differs" for table in self.content_differences]
+        return out
+
+    def notes(self) -> list[str]:
+        """What the comparison could not check, in sentences (not differences)."""
+        out = []
+        if self.content_incomparable:
+            before, after = self.checksum_methods
+            out.append(f"content of {len(self.content_incomparable)} tables not compared: their checksums were "
+                       f"taken by different methods ({before} before, {after} after); counts and schema are compared")
+        if self.content_unverified:
+            out.append(f"content of {len(self.content_unverified)} tables not compared: not checksummed "
+                       f"(over a row limit): {', '.join(self.content_unverified)}")
         return out
 
     def count_table(self) -> list[dict]:
@@ -440,21 +495,38 @@ class Comparison:
             "fingerprint_equal": self.fingerprint_equal, "differing_kinds": self.differing_kinds,
             "counts": self.count_table(), "differences": self.differences,
             "content_differences": {k: list(v) for k, v in self.content_differences.items()},
-            "content_unverified": self.content_unverified, "problems": self.problems(),
+            "content_unverified": self.content_unverified, "content_incomparable": self.content_incomparable,
+            "checksum_methods": list(self.checksum_methods), "problems": self.problems(), "notes": self.notes(),
         }
 
 
+def checksum_method(snap: dict) -> str:
+    """How a snapshot's content checksums were taken (format 1 snapshots do not say: theirs)."""
+    return snap.get("checksum_method", LEGACY_CHECKSUM_METHOD)
+
+
+def _count_status(table: str, before: int | None, after: int | None) -> str:
+    if after is None:
+        return "MISSING"
+    if before is None:
+        return "new"
+    if after < before:
+        return "drained" if table in WORK_QUEUES else "FEWER"
+    return "same" if after == before else "more"
+
+
+def _is_skipped(value: str | None) -> bool:
+    return value is not None and value.startswith("skipped:")
+
+
+def _is_table_checksum(value: str | None) -> bool:
+    return value is not None and not value.startswith(("skipped:", "sequence "))
+
+
 def compare_snapshots(before: dict, after: dict) -> Comparison:
-    counts = []
-    for table in sorted(set(before["row_counts"]) | set(after["row_counts"])):
-        b, a = before["row_counts"].get(table), after["row_counts"].get(table)
-        if a is None:
-            status = "MISSING"
-        elif b is None:
-            status = "new"
-        else:
-            status = "same" if a == b else ("more" if a > b else "FEWER")
-        counts.append(CountRow(table, b, a, status))
+    counts = [CountRow(table, before["row_counts"].get(table), after["row_counts"].get(table),
+                       _count_status(table, before["row_counts"].get(table), after["row_counts"].get(table)))
+              for table in sorted(set(before["row_counts"]) | set(after["row_counts"]))]
 
     differences: dict[str, dict[str, list[str]]] = {}
     for kind in sorted(set(before["objects"]) | set(after["objects"])):
@@ -464,13 +536,16 @@ def compare_snapshots(before: dict, after: dict) -> Comparison:
     differing = sorted(k for k in set(before["fingerprint_parts"]) | set(after["fingerprint_parts"])
                        if before["fingerprint_parts"].get(k) != after["fingerprint_parts"].get(k))
 
+    methods = (checksum_method(before), checksum_method(after))
     content_diff: dict[str, tuple[str | None, str | None]] = {}
-    unverified = []
+    unverified, incomparable = [], []
     for table in sorted(set(before["content"]) | set(after["content"])):
         b, a = before["content"].get(table), after["content"].get(table)
-        if b != a:
+        if _is_skipped(b) or _is_skipped(a):
+            unverified.append(table)      # a changed row count is reported by the counts
+        elif methods[0] != methods[1] and _is_table_checksum(b) and _is_table_checksum(a):
+            incomparable.append(table)
+        elif b != a:
             content_diff[table] = (b, a)
-        elif b is not None and b.startswith("skipped:"):
-            unverified.append(table)
     return Comparison(counts, before["fingerprint"] == after["fingerprint"], differing, differences,
-                      content_diff, unverified)
+                      content_diff, unverified, incomparable, methods)

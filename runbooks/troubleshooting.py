@@ -37,18 +37,13 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from . import connection
+from . import connection, contract
+from .contract import API_ROLES, PLAINTEXT_KEY_COLUMNS
 from .checks import Check, fetch, sql_check
-from .engine import HISTORY_SCHEMA
 from .notebook import sql_block
 from .paths import PHASES
-from .snapshot import PLATFORM_SCHEMAS
 
-# Schemas the product owns: not PostgreSQL's, not the runbooks' history, not Supabase's platform.
-_EXCLUDED = ("pg_catalog", "information_schema", HISTORY_SCHEMA, *PLATFORM_SCHEMAS)
-APP_SCHEMAS_SQL = ("n.nspname not in (" + ", ".join(f"'{s}'" for s in _EXCLUDED) + ")"
-                   " and n.nspname !~ '^pg_'")
-API_ROLES = ("anon", "authenticated", "service_role")
+APP_SCHEMAS_SQL = contract.app_schema_condition()
 
 
 def _literals(values) -> str:
@@ -57,68 +52,7 @@ def _literals(values) -> str:
 
 CANONICAL = "public.update_updated_at_column()"
 
-# The contract's functions in public: name -> (argument names and types, result).
-CONTRACT_FUNCTIONS = {
-    "update_updated_at_column": ("", "trigger"),
-    "get_user_organization_id": ("user_uuid uuid", "uuid"),
-    "is_org_member": ("user_uuid uuid, org_uuid uuid", "boolean"),
-    "is_org_admin": ("user_uuid uuid, org_uuid uuid", "boolean"),
-    "validate_sku": ("sku text", "boolean"),
-    "validate_org_slug": ("slug text", "boolean"),
-    "verify_data_integrity": ("", "TABLE(check_name text, status text, affected_rows bigint, details text)"),
-    "get_database_stats": ("", "TABLE(table_name text, row_count bigint, total_bytes bigint, index_bytes bigint, "
-                               "seq_scans bigint, index_scans bigint, dead_rows bigint, "
-                               "last_vacuum timestamp with time zone, last_analyze timestamp with time zone)"),
-    "detect_suspicious_activity": ("p_org_id uuid, p_ip_address inet, p_user_id uuid",
-                                   "TABLE(is_suspicious boolean, risk_score integer, reasons text[])"),
-    "log_security_event": ("p_event_type text, p_severity text, p_org_id uuid, p_user_id uuid, "
-                           "p_ip_address inet, p_details jsonb", "uuid"),
-    "check_rate_limit": ("p_key text, p_max_requests integer, p_window interval", "boolean"),
-    "apply_data_retention": ("p_dry_run boolean", "TABLE(table_name text, rows_affected bigint)"),
-    "export_user_data": ("p_user_id uuid", "jsonb"),
-    "anonymize_user": ("p_user_id uuid", "void"),
-}
-
-# The contract's tables as phase 2 and phase 3 shape them: column -> accepted types.
-_TSTZ = ("timestamp with time zone",)
-_UUID = ("uuid",)
-_TEXT = ("text",)
-CONTRACT_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
-    "organizations": {"id": _UUID, "name": _TEXT, "slug": _TEXT, "settings": ("jsonb",),
-                      "created_at": _TSTZ, "updated_at": _TSTZ},
-    "profiles": {"id": _UUID, "email": _TEXT, "full_name": _TEXT, "organization_id": _UUID,
-                 "created_at": _TSTZ, "updated_at": _TSTZ},
-    "organization_members": {"organization_id": _UUID, "user_id": _UUID, "role": _TEXT,
-                             "created_at": _TSTZ, "updated_at": _TSTZ},
-    "products": {"id": _UUID, "organization_id": _UUID, "sku": _TEXT, "name": _TEXT,
-                 "price": ("numeric(12,2)",), "currency": _TEXT, "created_at": _TSTZ, "updated_at": _TSTZ},
-    "inventory": {"id": _UUID, "organization_id": _UUID, "product_id": _UUID, "location": _TEXT,
-                  "quantity": ("integer", "bigint"), "reserved_quantity": ("integer", "bigint"),
-                  "updated_at": _TSTZ},
-    # the logs' ids: uuid when created by phase 2, a legacy bigint id is kept (nothing references it)
-    "audit_logs": {"id": ("uuid", "bigint"), "organization_id": _UUID, "user_id": _UUID, "action": _TEXT,
-                   "table_name": _TEXT, "record_id": _UUID, "old_data": ("jsonb",), "new_data": ("jsonb",),
-                   "ip_address": ("inet",), "user_agent": _TEXT, "created_at": _TSTZ},
-    "api_keys": {"id": _UUID, "organization_id": _UUID, "name": _TEXT, "key_prefix": _TEXT, "key_hash": _TEXT,
-                 "scopes": ("text[]",), "created_by": _UUID, "last_used_at": _TSTZ, "expires_at": _TSTZ,
-                 "revoked_at": _TSTZ, "created_at": _TSTZ, "updated_at": _TSTZ},
-    "security_events": {"id": ("uuid", "bigint"), "organization_id": _UUID, "user_id": _UUID, "event_type": _TEXT,
-                        "severity": _TEXT, "ip_address": ("inet",), "details": ("jsonb",), "created_at": _TSTZ},
-}
-# Phase 3's tables: checked when present (phase 3 stops on one in another shape).
-PHASE3_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
-    "rate_limits": {"key": _TEXT, "window_start": _TSTZ, "window_length": ("interval",),
-                    "max_requests": ("bigint",), "request_count": ("bigint",), "last_request_at": _TSTZ},
-    "threat_intelligence": {"id": _UUID, "ip_address": ("inet",), "threat_type": _TEXT, "severity": _TEXT,
-                            "first_seen_at": _TSTZ, "last_seen_at": _TSTZ, "expires_at": _TSTZ},
-    "data_retention_policies": {"table_name": _TEXT, "timestamp_column": _TEXT, "retention_period": ("interval",),
-                                "is_enabled": ("boolean",)},
-    "backup_verifications": {"id": _UUID, "run_id": _TEXT, "backup_label": _TEXT, "backup_sha256": _TEXT,
-                             "status": _TEXT, "details": ("jsonb",), "verified_at": _TSTZ},
-}
 # Columns that mean the legacy shape is still there (phase 2 converges each of them).
-PLAINTEXT_KEY_COLUMNS = ("key", "api_key", "secret", "secret_key", "token", "plaintext_key", "plain_key",
-                         "raw_key", "key_value")
 LEGACY_COLUMNS = {
     "api_keys": {"permissions": "legacy scopes (jsonb): phase 2 carries it into scopes",
                  "is_active": "legacy flag: phase 2 carries it into revoked_at",
@@ -133,7 +67,7 @@ LEGACY_COLUMNS = {
 # The least privileges the product needs (phases 1-3 grant exactly these).
 CORE_WRITABLE = ("organizations", "profiles", "organization_members", "products", "inventory", "api_keys")
 LOGS = ("audit_logs", "security_events")
-PHASE3 = tuple(PHASE3_TABLES)
+PHASE3 = contract.PHASE3_TABLES
 NEEDED_TABLE_PRIVILEGES: dict[str, dict[str, tuple[str, ...]]] = {
     "authenticated": {**{t: ("select", "insert", "update", "delete") for t in CORE_WRITABLE},
                       **{t: ("select",) for t in LOGS}},
@@ -142,7 +76,7 @@ NEEDED_TABLE_PRIVILEGES: dict[str, dict[str, tuple[str, ...]]] = {
                      **{t: ("select", "insert", "update", "delete") for t in PHASE3}},
 }
 NEEDED_SCHEMA_USAGE = {"anon": ("public",), "authenticated": ("public",), "service_role": ("public",)}
-CLIENT_FUNCTIONS = ("public.export_user_data(uuid)", "public.validate_sku(text)", "public.validate_org_slug(text)")
+CLIENT_FUNCTIONS = tuple(contract.FUNCTIONS_BY_NAME[n].signature for n in contract.CLIENT_FUNCTION_NAMES)
 SERVICE_FUNCTIONS = ("public.get_user_organization_id(uuid)", "public.is_org_member(uuid,uuid)",
                      "public.is_org_admin(uuid,uuid)", "public.log_security_event(text,text,uuid,uuid,inet,jsonb)",
                      "public.check_rate_limit(text,integer,interval)",
@@ -200,8 +134,8 @@ def redo_command(target: connection.Target | None, what: str) -> str:
     return f"runbook deploy {where} -p reapply true   # {what}"
 
 
-CONTRACT_NAMES_SQL = _literals(CONTRACT_FUNCTIONS)
-SPEC_TABLES = (*CONTRACT_TABLES, *PHASE3_TABLES)
+CONTRACT_NAMES_SQL = _literals(contract.FUNCTIONS_BY_NAME)
+SPEC_TABLES = contract.TABLES
 
 
 # -- 1. function conflicts -------------------------------------------------------------------
@@ -266,11 +200,6 @@ def canonical_definition() -> str:
     return create.group(0) + "\n" + revoke.group(0)
 
 
-def _types_of(arguments: str) -> str:
-    """'user_uuid uuid, org_uuid uuid' -> 'uuid, uuid' (the contract's argument types)."""
-    return ", ".join(part.strip().split(" ", 1)[1] for part in arguments.split(",") if part.strip())
-
-
 _STAMP = re.compile(r"^(declare .*?)?begin (if .*? then )?new\.\"?updated_at\"? ?:?= ?"
                     r"(now\(\)|current_timestamp|localtimestamp|clock_timestamp\(\)|statement_timestamp\(\)|"
                     r"transaction_timestamp\(\)|timezone\(.*?\));? (end if; )?return new; end;?$")
@@ -312,9 +241,10 @@ def function_conflicts(conn, target: connection.Target | None = None) -> Check:
                        "triggers would lose the rest; decide by hand (phase 1 stops on it too)")
             fixes.append(Fix("function conflicts", r["function"], f"read {r['function']} and decide",
                              command=f"select pg_get_functiondef('{r['function']}'::regprocedure);"))
-        elif r["schema"] == "public" and r["name"] in CONTRACT_FUNCTIONS:
-            arguments, result = CONTRACT_FUNCTIONS[r["name"]]
-            if r["argument_types"] != _types_of(arguments):
+        elif r["schema"] == "public" and r["name"] in contract.FUNCTIONS_BY_NAME:
+            function = contract.FUNCTIONS_BY_NAME[r["name"]]
+            arguments, result = function.identity_arguments, function.result
+            if r["argument_types"] != function.argument_types:
                 problem = f"overload of the contract's {r['name']}({arguments})"
             elif r["arguments"] != arguments or r["result"] != result:
                 problem = (f"clashes with the contract's {r['name']}({arguments}) returns {result}: "
@@ -424,7 +354,7 @@ order by 1
 
 @diagnosis(TABLE_COLUMNS_SQL + ";\n" + DUPLICATE_TABLES_SQL, "table conflicts")
 def table_conflicts(conn, target: connection.Target | None = None) -> Check:
-    specs = {**CONTRACT_TABLES, **PHASE3_TABLES}
+    specs = {**contract.CORE_TABLE_COLUMNS, **contract.PHASE3_TABLE_COLUMNS}
     columns: dict[str, dict[str, str]] = {}
     for r in fetch(conn, TABLE_COLUMNS_SQL):
         columns.setdefault(r["table_name"], {})[r["column_name"]] = r["type"]
@@ -435,7 +365,7 @@ def table_conflicts(conn, target: connection.Target | None = None) -> Check:
         if serious:
             findings.append(f"public.{table}.{column}" if column else f"public.{table}")
 
-    for table, spec in CONTRACT_TABLES.items():
+    for table, spec in contract.CORE_TABLE_COLUMNS.items():
         if table not in columns:
             add(table, "", "missing", "the contract's table is missing: phase 2 is not applied")
     for table, spec in specs.items():

@@ -34,8 +34,9 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
-from . import preflight, snapshot
+from . import later_writes, preflight, snapshot
 from .checks import Check, fetch
+from .contract import HISTORY_SCHEMA, PLATFORM_SCHEMAS
 
 # -- the synthetic world -----------------------------------------------------------------------------
 # Fixed, recognisable ids ("5e1f7e57": self-test) so that outputs are deterministic; they only ever
@@ -532,8 +533,34 @@ COMPLIANCE_CASES = (
 )
 PLAINTEXT_SQL = f"""select count(*) from pg_attribute where attrelid = to_regclass('public.api_keys') and attnum > 0
   and not attisdropped and attname = any(array{list(preflight.PLAINTEXT_KEY_COLUMNS)})"""
-COMPLIANCE_SQL = (SEED_REF + "\n\n-- each case in a savepoint, as the role named:\n"
+# The verification's own log rows only (its synthetic organizations and users): a live app writes logs of its
+# own all along, so the logs' totals say nothing about what the refused writes and the dry run did.
+_SYNTHETIC_ORGS = f"array['{ORG_A}', '{ORG_B}']::uuid[]"
+_SYNTHETIC_USERS = "array[" + ", ".join(f"'{u}'" for u in USERS.values()) + "]::uuid[]"
+SYNTHETIC_LOGS_SQL = "\nunion all\n".join(
+    f"select '{t}' as log, count(*) as n, md5(coalesce(string_agg(l::text, ',' order by l::text), '')) as content "
+    f"from public.{t} l where l.organization_id = any ({_SYNTHETIC_ORGS}) or l.user_id = any ({_SYNTHETIC_USERS})"
+    for t in ("audit_logs", "security_events"))
+# synthetic log rows older than any retention period: a dry run that deleted would take them
+EXPIRED_LOGS_SQL = f"""insert into public.audit_logs (organization_id, user_id, action, table_name, created_at)
+values ('{ORG_A}', '{USERS['admin']}', 'runbook.verification.expired', 'products', '{STAMP}');
+insert into public.security_events (organization_id, user_id, event_type, severity, created_at)
+values ('{ORG_A}', '{USERS['admin']}', 'runbook.verification.expired', 'low', '{STAMP}')"""
+COMPLIANCE_SQL = (SEED_REF + "\n" + EXPIRED_LOGS_SQL + ";\n\n-- the verification's own log rows, before the cases "
+                  "and just after the dry run (in its savepoint):\n"
+                  + SYNTHETIC_LOGS_SQL + ";\n\n-- each case in a savepoint, as the role named:\n"
                   + ";\n".join(sql for *_, sql, _ in COMPLIANCE_CASES) + ";\n" + PLAINTEXT_SQL + ";\n-- then: rollback")
+
+
+def _synthetic_logs(cur) -> dict[str, tuple[int, str]]:
+    """The verification's own rows in the logs: per log, (count, hash of their content)."""
+    cur.execute(SYNTHETIC_LOGS_SQL)
+    return {log: (n, content) for log, n, content in cur.fetchall()}
+
+
+def _logs_text(logs: dict, before: dict | None = None) -> str:
+    return ", ".join(f"{n} synthetic {log} rows" + ("" if before is None or before.get(log) == (n, content)
+                                                    else " (CHANGED)") for log, (n, content) in logs.items())
 
 
 @verification_check(COMPLIANCE_SQL, "compliance: GDPR export, append-only logs, retention, no plaintext keys",
@@ -542,14 +569,17 @@ def compliance(conn) -> Check:
     rows = []
     with rolled_back(conn) as cur:
         seed(cur)
-        cur.execute("select (select count(*) from public.audit_logs), (select count(*) from public.security_events)")
-        logs_before = cur.fetchone()
+        cur.execute(EXPIRED_LOGS_SQL)
+        logs_before = _synthetic_logs(cur)
+        logs_after = logs_before
         for who, what, sql, expected in COMPLIANCE_CASES:
             if who == "dba":
                 try:
                     with savepoint(cur, "compliance_case"):
                         cur.execute(sql)
                         value, error = cur.fetchone()[0], None
+                        if "(changes nothing)" in what:   # measured before the savepoint undoes it
+                            logs_after = _synthetic_logs(cur)
                 except psycopg2.Error as exc:
                     value, error = None, f"refused: {(exc.diag.message_primary or str(exc)).strip()}"
             else:
@@ -558,11 +588,11 @@ def compliance(conn) -> Check:
             rows.append({"as": "the deploying role (DBA)" if who == "dba" else who, "does": what,
                          "expected": "refused" if expected == "refused" else "works",
                          "actual": error or ("works" if value is True else f"{value}"), "ok": "yes" if ok else "NO"})
-        cur.execute("select (select count(*) from public.audit_logs), (select count(*) from public.security_events)")
-        logs_after = cur.fetchone()
-        rows.append({"as": "", "does": "logs unchanged by the refused writes and the dry run",
-                     "expected": f"{logs_before[0]} audit rows, {logs_before[1]} events",
-                     "actual": f"{logs_after[0]} audit rows, {logs_after[1]} events",
+        if logs_after == logs_before:
+            logs_after = _synthetic_logs(cur)
+        rows.append({"as": "", "does": "its own log rows unchanged by the refused writes and the dry run "
+                                       "(the app's are not counted)",
+                     "expected": _logs_text(logs_before), "actual": _logs_text(logs_after, logs_before),
                      "ok": "yes" if logs_before == logs_after else "NO"})
         cur.execute(PLAINTEXT_SQL)
         plaintext = cur.fetchone()[0]
@@ -719,9 +749,53 @@ def duplicate_tables(conn) -> Check:
 
 _CONTRACT_NAMES = "array[" + ", ".join(f"'{n}'" for n, _, _ in CONTRACT_FUNCTIONS) + "]"
 _CLIENT_NAMES = "array[" + ", ".join(f"'{n}'" for n in CLIENT_FUNCTIONS) + "]"
-_AUTH_CALL = r"auth\.(uid|jwt|role|email)\(\)"
+_AUTH_CALL = r"(auth\.(uid|jwt|role|email)\(\)|current_setting\()"   # splinter's list: auth.*() and current_setting()
 
 _CONTRACT_TABLES_ARRAY = "array[" + ", ".join(f"'{t}'" for t in CONTRACT_TABLES) + "]"
+
+# The scope of Supabase's advisor (splinter), in the project's own words: every schema but PostgreSQL's, the
+# platform's and those extensions keep to themselves; objects that belong to an extension are its own.
+# A finding on the deployment's objects (the contract's tables and functions in public, everything in private
+# and in the history schema) is an error at any level; elsewhere it keeps the advisor's level (pre-existing
+# objects: a warning or a note for the DBA, not the deployment's failure).
+_ADVISOR_SKIPPED = "array[" + ", ".join(f"'{s}'" for s in (
+    "information_schema", "pgbouncer", "pgmq", "pgroonga", "repack", "tiger", "topology", *PLATFORM_SCHEMAS)) + "]"
+_OURS_SCHEMAS = f"array['private', '{HISTORY_SCHEMA}']"
+# the schemas PostgREST serves (its db_schemas setting where the database has it, else public)
+_EXPOSED = ("array(select btrim(s) from unnest(string_to_array(coalesce(nullif(current_setting('pgrst.db_schemas', true), ''), "
+            "'public'), ',')) as s)")
+
+
+def _advised(n: str) -> str:
+    """A schema (column n.nspname) in the advisor's scope."""
+    return f"not ({n}.nspname = any({_ADVISOR_SKIPPED}) or {n}.nspname ~ '^(pg_|_timescaledb)')"
+
+
+def _no_extension(oid: str) -> str:
+    return f"not exists (select 1 from pg_depend e where e.objid = {oid} and e.deptype = 'e')"
+
+
+def _ours_relation(c: str, n: str) -> str:
+    return f"({n}.nspname = any({_OURS_SCHEMAS}) or ({n}.nspname = 'public' and {c}.relname = any({_CONTRACT_TABLES_ARRAY})))"
+
+
+def _level(ours: str, otherwise: str) -> str:
+    """error on the deployment's objects, the advisor's own level elsewhere."""
+    return f"case when {ours} then 'error' else '{otherwise}' end"
+
+
+def _readable_by_api(c: str) -> str:
+    return f"(has_table_privilege('anon', {c}.oid, 'SELECT') or has_table_privilege('authenticated', {c}.oid, 'SELECT'))"
+
+
+_SECURITY_INVOKER = "exists (select 1 from unnest(coalesce({c}.reloptions, '{{}}')) o where lower(o) in " \
+                    "('security_invoker=1', 'security_invoker=true', 'security_invoker=yes', 'security_invoker=on'))"
+# column names that hold credentials or personal identifiers (the project's own list)
+_SENSITIVE_COLUMN = (r"^(pass(word|wd|phrase)?|pwd|secret(_key)?|private_key|api_?key|auth_key|jwt|otp"
+                     r"|(access|refresh|oauth|session|bearer)?_?token|session_(id|key|secret)|(recovery|backup|verification)_code"
+                     r"|ssn|social_security(_number)?|(drivers?_)?licen[cs]e(_number)?|passport_(number|id)|national_id|tax_id"
+                     r"|credit_card|card_number|cv[vcn]|bank_account|account_number|routing_number|iban|swift_code|bic"
+                     r"|(health|medical)_record|patient_id|mac_address|imei|(pgp|gpg|ssh|license|activation)_key)$")
 
 # The project's own advisor lints (tests/test_sql_lints.py asserts that the phases leave none of the
 # errors below on any end state), plus a few warnings worth a DBA's look.
@@ -746,11 +820,12 @@ SECURITY_LINTS = (
         where n.nspname in ('public', 'private') and p.prosecdef
           and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search\\_path=%')
           and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')"""),
-    ("function_search_path_mutable", "error", "every function in public and private pins search_path",
-     """select p.oid::regprocedure::text, 'search_path not set on the function'
+    ("function_search_path_mutable", "error", "every function in public and private pins search_path (elsewhere: a warning)",
+     f"""select p.oid::regprocedure::text, 'search_path not set on the function',
+               {_level(f"n.nspname in ('public', 'private', '{HISTORY_SCHEMA}')", 'warning')}
         from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-        where n.nspname in ('public', 'private') and not p.prosecdef
-          and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search\\_path=%')
+        where {_advised('n')} and not p.prosecdef
+          and not exists (select 1 from unnest(coalesce(p.proconfig, '{{}}')) s where s like 'search\\_path=%')
           and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')"""),
     ("security_definer_function_executable_by_api_users", "error",
      "no SECURITY DEFINER function in public is executable by anon or authenticated",
@@ -805,36 +880,102 @@ SECURITY_LINTS = (
           and not coalesce('security_invoker=true' = any(c.reloptions) or 'security_invoker=on' = any(c.reloptions), false)"""),
     ("extension_in_public", "warning", "extensions live outside public",
      """select x.extname::text, 'installed in public' from pg_extension x where x.extnamespace = 'public'::regnamespace"""),
-    ("rls_enabled_no_policy", "info", "tables with RLS and no policy are closed to the API roles",
-     """select c.oid::regclass::text, 'RLS on, no policy: only service_role and the owner reach it'
-        from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p') and c.relrowsecurity
+    # -- Supabase's advisor (splinter), rule by rule, written for this project: third column the row's level
+    ("rls_enabled_no_policy", "info", "a table with RLS on says who may reach it: the deployment's tables have policies",
+     f"""select c.oid::regclass::text, 'RLS on, no policy: only roles that bypass RLS and the owner reach it',
+               {_level(_ours_relation('c', 'n'), 'info')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'r' and c.relrowsecurity and {_advised('n')} and {_no_extension('c.oid')}
           and not exists (select 1 from pg_policy p where p.polrelid = c.oid)"""),
+    ("policy_exists_rls_disabled", "error", "no table has policies while its row level security is off",
+     f"""select c.oid::regclass::text, 'policies ' || string_agg(p.polname, ', ' order by p.polname) || ' do nothing: RLS is off',
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'r' and not c.relrowsecurity and {_advised('n')} and {_no_extension('c.oid')}
+        group by c.oid, n.nspname, c.relname"""),
+    ("auth_users_exposed", "error", "no view the API serves shows auth.users to anon or authenticated",
+     f"""select distinct v.oid::regclass::text, 'reads auth.users and is readable by the API roles',
+               {_level(_ours_relation('v', 'n'), 'warning')}
+        from pg_depend d join pg_rewrite w on w.oid = d.objid join pg_class v on v.oid = w.ev_class
+             join pg_namespace n on n.oid = v.relnamespace
+        where d.classid = 'pg_rewrite'::regclass and d.refobjid = to_regclass('auth.users') and d.deptype = 'n'
+          and v.oid <> d.refobjid and n.nspname = any({_EXPOSED}) and {_readable_by_api('v')}
+          and (v.relkind = 'm' or not {_SECURITY_INVOKER.format(c='v')}
+               or not (select a.relrowsecurity from pg_class a where a.oid = d.refobjid))"""),
+    ("rls_references_user_metadata", "error", "no policy trusts user_metadata (users edit it themselves)",
+     f"""select format('%s on %s', p.polname, c.oid::regclass), 'reads user_metadata from the JWT',
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace
+        where {_advised('n')}
+          and coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
+              ~ '(auth\\.jwt\\(\\)|request\\.jwt\\.claims).*user_metadata'"""),
+    ("materialized_view_in_api", "warning", "no materialized view (it has no RLS) is readable through the API",
+     f"""select c.oid::regclass::text, 'materialized view readable by anon or authenticated', {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'm' and n.nspname = any({_EXPOSED}) and {_readable_by_api('c')} and {_no_extension('c.oid')}"""),
+    ("foreign_table_in_api", "warning", "no foreign table (it has no RLS) is readable through the API",
+     f"""select c.oid::regclass::text, 'foreign table readable by anon or authenticated', {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'f' and n.nspname = any({_EXPOSED}) and {_readable_by_api('c')} and {_no_extension('c.oid')}"""),
+    ("unsupported_reg_types", "warning", "no column stores an oid alias type that pg_upgrade cannot carry",
+     f"""select format('%s.%s', c.oid::regclass, a.attname), 'column of type ' || format_type(a.atttypid, null),
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace
+        where a.attnum > 0 and not a.attisdropped and n.nspname not in ('pg_catalog', 'information_schema', 'pgsodium')
+          and n.nspname !~ '^pg_toast'
+          and a.atttypid in ('regcollation'::regtype, 'regconfig'::regtype, 'regdictionary'::regtype, 'regnamespace'::regtype,
+                             'regoper'::regtype, 'regoperator'::regtype, 'regproc'::regtype, 'regprocedure'::regtype)"""),
+    ("fkey_to_auth_unique", "error", "no foreign key points at a unique constraint of auth (only at its primary keys)",
+     f"""select format('%s on %s', k.conname, k.conrelid::regclass), 'references ' || k.confrelid::regclass || ' through a unique index',
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_constraint k join pg_class c on c.oid = k.conrelid join pg_namespace n on n.oid = c.relnamespace
+             join pg_index i on i.indexrelid = k.conindid
+        where k.contype = 'f' and k.confrelid in (select r.oid from pg_class r where r.relnamespace = to_regnamespace('auth'))
+          and i.indisunique and not i.indisprimary"""),
+    ("sensitive_columns_exposed", "error", "no table the API serves without RLS has credential or identity columns",
+     f"""select c.oid::regclass::text, 'columns ' || string_agg(a.attname, ', ' order by a.attname) || ' readable without RLS',
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+        where c.relkind = 'r' and not c.relrowsecurity and n.nspname = any({_EXPOSED}) and {_readable_by_api('c')}
+          and replace(lower(a.attname), '-', '_') ~ '{_SENSITIVE_COLUMN}'
+        group by c.oid, n.nspname, c.relname"""),
+    ("pg_graphql_anon_table_exposed", "warning", "with pg_graphql, anon cannot discover the deployment's tables",
+     f"""select c.oid::regclass::text, 'anon may select a column: pg_graphql shows it to anyone with the anon key',
+               {_level(_ours_relation('c', 'n'), 'warning')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where exists (select 1 from pg_extension x where x.extname = 'pg_graphql')
+          and c.relkind in ('r', 'v', 'm', 'f') and {_advised('n')}
+          and exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+                        and has_column_privilege('anon', c.oid, a.attnum, 'SELECT'))"""),
 )
 PERFORMANCE_LINTS = (
-    ("unindexed_foreign_key", "error", "every foreign key is covered by an index",
-     """select format('%s on %s', c.conname, c.conrelid::regclass), 'columns ' || (
+    ("unindexed_foreign_key", "error", "every foreign key is covered by an index that starts with its columns, in order",
+     f"""select format('%s on %s', c.conname, c.conrelid::regclass), 'columns ' || (
                select string_agg(a.attname, ', ' order by k.n) from unnest(c.conkey) with ordinality k(attnum, n)
-               join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.attnum)
-        from pg_constraint c join pg_class t on t.oid = c.conrelid
-        where c.contype = 'f' and t.relnamespace = 'public'::regnamespace
+               join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.attnum),
+               {_level(_ours_relation('t', 'n') + " or n.nspname = 'public'", 'info')}
+        from pg_constraint c join pg_class t on t.oid = c.conrelid join pg_namespace n on n.oid = t.relnamespace
+        where c.contype = 'f' and {_advised('n')} and {_no_extension('t.oid')}
           and not exists (select 1 from pg_index i where i.indrelid = c.conrelid and i.indisvalid
-                            and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] @> c.conkey
-                            and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey)"""),
+                            and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] = c.conkey)"""),
     ("invalid_index", "error", "no invalid index (a failed concurrent build)",
      """select i.indexrelid::regclass::text, 'INVALID: drop and rebuild it'
         from pg_index i join pg_class c on c.oid = i.indexrelid join pg_namespace n on n.oid = c.relnamespace
         where n.nspname in ('public', 'private') and not i.indisvalid"""),
-    ("auth_rls_initplan", "error", "policies call auth functions as (select auth.uid()), once per query",
-     f"""select format('%s on %s', p.polname, p.polrelid::regclass), 'auth.<function>() called once per row'
-        from pg_policy p join pg_class c on c.oid = p.polrelid
-        where c.relnamespace = 'public'::regnamespace
+    ("auth_rls_initplan", "error", "policies call auth functions and current_setting() as (select ...), once per query",
+     f"""select format('%s on %s', p.polname, p.polrelid::regclass), 'auth.<function>() or current_setting() called once per row',
+               {_level(_ours_relation('c', 'n') + " or n.nspname = 'public'", 'warning')}
+        from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace
+        where c.relrowsecurity and {_advised('n')}
           and regexp_count(coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), ''), '{_AUTH_CALL}')
             > regexp_count(coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), ''), 'SELECT {_AUTH_CALL}')"""),
     ("duplicate_index", "error", "no two indexes are the same",
-     """select string_agg(i.indexrelid::regclass::text, ' = ' order by i.indexrelid::regclass::text), 'identical indexes on ' || i.indrelid::regclass
-        from pg_index i join pg_class c on c.oid = i.indrelid
-        where c.relnamespace = 'public'::regnamespace
-        group by i.indrelid, i.indkey::text, i.indclass::text, i.indcollation::text, i.indoption::text,
+     f"""select string_agg(i.indexrelid::regclass::text, ' = ' order by i.indexrelid::regclass::text), 'identical indexes on ' || i.indrelid::regclass,
+               {_level(_ours_relation('c', 'n') + " or n.nspname = 'public'", 'warning')}
+        from pg_index i join pg_class c on c.oid = i.indrelid join pg_namespace n on n.oid = c.relnamespace
+        where {_advised('n')} and {_no_extension('c.oid')}
+        group by n.nspname, c.relname, i.indrelid, i.indkey::text, i.indclass::text, i.indcollation::text, i.indoption::text,
                  coalesce(pg_get_expr(i.indexprs, i.indrelid), ''), coalesce(pg_get_expr(i.indpred, i.indrelid), '')
         having count(*) > 1"""),
     ("multiple_permissive_policies", "error", "one permissive policy per table, role and command",
@@ -848,9 +989,10 @@ PERFORMANCE_LINTS = (
                                         when 'w' then array['update'] else array['delete'] end) as cmd
               where c.relnamespace = 'public'::regnamespace and p.polpermissive) x
         group by t, r, cmd having count(*) > 1"""),
-    ("no_primary_key", "error", "every table in public has a primary key",
-     """select c.oid::regclass::text, 'no primary key'
-        from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p') and not c.relispartition
+    ("no_primary_key", "error", "every table in public, and every table of the deployment, has a primary key",
+     f"""select c.oid::regclass::text, 'no primary key', {_level(_ours_relation('c', 'n') + " or n.nspname = 'public'", 'info')}
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind in ('r', 'p') and not c.relispartition and {_advised('n')} and {_no_extension('c.oid')}
           and not exists (select 1 from pg_constraint k where k.conrelid = c.oid and k.contype = 'p')"""),
 )
 
@@ -863,11 +1005,12 @@ def _lint_sql(lints) -> str:
 def _run_lints(conn, name: str, lints) -> Check:
     rows = []
     for lint, level, rule, query in lints:
-        found = sorted(tuple(r.values()) for r in fetch(conn, query))
+        # (object, detail) rows, or (object, detail, level) where the level depends on whose the object is
+        found = sorted(tuple(r.values()) + (level,) for r in fetch(conn, query))
         if not found:
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: {rule}"})
-        for obj, detail in found:
-            rows.append({"lint": lint, "level": level, "object": obj, "detail": detail})
+        for obj, detail, row_level, *_ in found:
+            rows.append({"lint": lint, "level": row_level, "object": obj, "detail": detail})
     failing = [r for r in rows if r["object"] and r["level"] == "error"]
     warned = [r for r in rows if r["object"] and r["level"] == "warning"]
     columns = ["lint", "level", "object", "detail"]
@@ -940,7 +1083,10 @@ def baseline_path(record_dir, baseline_dir=None) -> Path | None:
     return None
 
 
-@verification_check("-- every table's count(*) (snapshot.take_snapshot), compared with the preflight's snapshot.json",
+@verification_check("-- every table's count(*) (snapshot.take_snapshot), compared with the preflight's snapshot.json;\n"
+                    "-- then, kept for a rollback to tell writes made since (later_writes.take_row_state), per app "
+                    "table:\n" + later_writes.ROWS_SQL.format(key="json_build_object(<primary key columns>)::text",
+                                                              table="<table>"),
                     "row counts against the snapshot", "row_counts")
 def row_counts(conn, record_dir, baseline_dir=None) -> Check:
     """Row counts now against the preflight snapshot: no table lost a row, no table is gone."""
@@ -959,8 +1105,10 @@ def row_counts(conn, record_dir, baseline_dir=None) -> Check:
         return Check("row_counts", "error", "ROWS LOST against " + source + ": " + "; ".join(problems),
                      rows=rows, title="row counts against the snapshot")
     grown = [r for r in comparison.counts if r.status in ("more", "new")]
+    # the post-deployment state: a rollback tells from it what writes since then it would discard
+    kept = f"; {later_writes.record_row_state(conn, record_dir)}" if record_dir else ""
     return Check("row_counts", "ok", f"no table lost a row against {source}: {len(comparison.counts)} tables, "
-                 f"{len(grown)} grew or are new", rows=rows, title="row counts against the snapshot")
+                 f"{len(grown)} grew or are new{kept}", rows=rows, title="row counts against the snapshot")
 
 
 

@@ -1,8 +1,9 @@
 -- 001_core_schema.sql: consolidated core tables, legacy shapes converged without losing a row, RLS and policies, constraints, indexes
 -- Deploys: tables public.organizations, profiles, organization_members, products, inventory, audit_logs,
 --          api_keys, security_events (their constraints, indexes, updated_at triggers, RLS policies and
---          grants); private.member_org_ids(uuid), private.admin_org_ids(uuid), private.owner_org_ids(uuid),
---          private.colleague_ids(uuid) (what the policies call); private.append_only() (the logs' trigger);
+--          grants); private.member_org_ids(), private.admin_org_ids(), private.owner_org_ids(),
+--          private.colleague_ids() (what the policies call: for the caller, auth.uid(), never another user);
+--          private.append_only() (the logs' trigger);
 --          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end).
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
@@ -103,7 +104,7 @@ declare
   v_table text;
 begin
   foreach v_table in array array['organizations', 'profiles', 'organization_members', 'products', 'inventory',
-                                 'api_keys', 'audit_logs', 'security_events'] loop
+                                 'audit_logs', 'api_keys', 'security_events'] loop
     if to_regclass(format('public.%I', v_table)) is not null then
       execute format('lock table public.%I in access exclusive mode', v_table);
     end if;
@@ -726,12 +727,12 @@ begin
 end
 $fn$;
 
--- a query of (tid, secrets): the rows of p_rel whose column p_col holds a copy of a plaintext key, with
--- the keys it holds. Linear in the data, not rows x keys: every copy of a key lies inside a maximal run
+-- a query of (tid, secrets): the rows of p_rel whose text p_text (an expression over t) holds a copy of a
+-- plaintext key, with the keys it holds. Linear in the data, not rows x keys: every copy of a key lies inside a maximal run
 -- of the characters keys are made of, so each value is cut into such runs (one regular-expression pass),
 -- each run into its substrings of the keys' lengths, and those are looked up in the key set's index.
 -- Values without the prefix all keys share (often a scheme like sk_live_) are skipped by strpos first.
-create or replace function pg_temp.p2_find_secret_copies(p_rel regclass, p_col text) returns text
+create or replace function pg_temp.p2_find_secret_copies(p_rel regclass, p_text text) returns text
 language plpgsql stable
 as $fn$
 declare
@@ -753,13 +754,13 @@ begin
   return format(
     'select t.ctid as tid, array_agg(distinct k.secret order by k.secret) as secrets
        from %1$s as t
-      cross join lateral regexp_matches(t.%2$I::text, %3$L, ''g'') as m (run)
+      cross join lateral regexp_matches(%2$s, %3$L, ''g'') as m (run)
       cross join lateral unnest(%4$L::int[]) as l (len)
       cross join lateral generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
        join pg_temp.p2_secrets as k on k.secret = substr(m.run[1], p.pos, l.len)
-      where strpos(t.%2$I::text, %5$L) > 0
+      where strpos(%2$s, %5$L) > 0
       group by t.ctid',
-    p_rel, p_col, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths,
+    p_rel, p_text, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths,
     v_prefix);
 end
 $fn$;
@@ -1060,31 +1061,35 @@ begin
                      where key_prefix is null and %1$I is not null', v_col);
     perform pg_temp.p2_triggers_on('public.api_keys', v_quiet);
     -- copies of the plaintext in any text or jsonb column of any public table, found in time linear in
-    -- the data whatever the number of keys (pg_temp.p2_find_secret_copies)
+    -- the data whatever the number of keys (pg_temp.p2_find_secret_copies), one pass per table
     if cardinality(v_secrets) > 0 then
       perform pg_temp.p2_load_secrets(v_secrets);
       for r in
-        select c.oid::regclass as rel, a.attname, a.atttypid
+        select c.oid::regclass as rel,
+               string_agg(format('t.%I::text', a.attname), ', ' order by a.attname) as texts,
+               string_agg(format('%1$I = case when %2$s then %3$s else t.%1$I end', a.attname,
+                                 format('exists (select 1 from unnest(f.secrets) as s where strpos(t.%I::text, s) > 0)', a.attname),
+                                 case a.atttypid
+                                   when 'jsonb'::regtype then format('pg_temp.p2_redact_jsonb(t.%I, f.secrets)', a.attname)
+                                   when 'json'::regtype then format('pg_temp.p2_redact_jsonb(t.%I::jsonb, f.secrets)::json', a.attname)
+                                   else format('pg_temp.p2_redact_text(t.%I, f.secrets)', a.attname)
+                                 end), ', ' order by a.attname) as redactions
           from pg_catalog.pg_class c
           join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
          where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
            and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'json'::regtype, 'jsonb'::regtype)
            and not (c.oid = 'public.api_keys'::regclass and a.attname = v_col)
-         order by c.oid::regclass::text, a.attname
+         group by c.oid
+         order by c.oid::regclass::text
       loop
         v_quiet := pg_temp.p2_triggers_off(r.rel);
-        execute format('update %1$s as t set %2$I = %3$s from (%4$s) as f where t.ctid = f.tid',
-                       r.rel, r.attname,
-                       case r.atttypid
-                         when 'jsonb'::regtype then format('pg_temp.p2_redact_jsonb(t.%I, f.secrets)', r.attname)
-                         when 'json'::regtype then format('pg_temp.p2_redact_jsonb(t.%I::jsonb, f.secrets)::json', r.attname)
-                         else format('pg_temp.p2_redact_text(t.%I, f.secrets)', r.attname)
-                       end,
-                       pg_temp.p2_find_secret_copies(r.rel, r.attname));
+        -- a column is rewritten only where it holds a key (a json column keeps its text as it is)
+        execute format('update %1$s as t set %2$s from (%3$s) as f where t.ctid = f.tid', r.rel, r.redactions,
+                       pg_temp.p2_find_secret_copies(r.rel, format('concat_ws(chr(1), %s)', r.texts)));
         get diagnostics v_count = row_count;
         perform pg_temp.p2_triggers_on(r.rel, v_quiet);
         if v_count > 0 then
-          raise notice '%.%: plaintext api key(s) redacted in % row(s)', r.rel, r.attname, v_count;
+          raise notice '%: plaintext api key(s) redacted in % row(s)', r.rel, v_count;
           v_changed := v_changed || r.rel;
         end if;
       end loop;
@@ -1271,31 +1276,21 @@ $$;
 -- 8. Policy helpers, append-only logs, updated_at triggers
 -- ====================================================================================================
 
--- what the policies call: SECURITY DEFINER, search_path pinned, in private (not exposed by the API)
-create or replace function private.member_org_ids(p_user uuid)
+-- what the policies call: SECURITY DEFINER, search_path pinned, in private (not exposed by the API).
+-- They answer for the caller only (auth.uid() inside, no user argument): asked by anyone, they never
+-- tell one user's organizations or colleagues to another. Policies call them as (select ...): once per query.
+create or replace function private.member_org_ids()
 returns setof uuid
 language sql
 stable
 security definer
 set search_path = ''
 as $$
-  select m.organization_id from public.organization_members as m where m.user_id = p_user
+  select m.organization_id from public.organization_members as m where m.user_id = (select auth.uid())
 $$;
 
--- organizations the user administers (owner or admin)
-create or replace function private.admin_org_ids(p_user uuid)
-returns setof uuid
-language sql
-stable
-security definer
-set search_path = ''
-as $$
-  select m.organization_id from public.organization_members as m
-   where m.user_id = p_user and m.role in ('owner', 'admin')
-$$;
-
--- organizations the user owns
-create or replace function private.owner_org_ids(p_user uuid)
+-- organizations the caller administers (owner or admin)
+create or replace function private.admin_org_ids()
 returns setof uuid
 language sql
 stable
@@ -1303,11 +1298,23 @@ security definer
 set search_path = ''
 as $$
   select m.organization_id from public.organization_members as m
-   where m.user_id = p_user and m.role = 'owner'
+   where m.user_id = (select auth.uid()) and m.role in ('owner', 'admin')
 $$;
 
--- users who share an organization with the user
-create or replace function private.colleague_ids(p_user uuid)
+-- organizations the caller owns
+create or replace function private.owner_org_ids()
+returns setof uuid
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select m.organization_id from public.organization_members as m
+   where m.user_id = (select auth.uid()) and m.role = 'owner'
+$$;
+
+-- users who share an organization with the caller
+create or replace function private.colleague_ids()
 returns setof uuid
 language sql
 stable
@@ -1317,24 +1324,24 @@ as $$
   select distinct other.user_id
     from public.organization_members as mine
     join public.organization_members as other on other.organization_id = mine.organization_id
-   where mine.user_id = p_user
+   where mine.user_id = (select auth.uid())
 $$;
 
 -- what they are for
-comment on function private.member_org_ids(uuid) is 'Organizations the user belongs to (any role); called by RLS policies.';
-comment on function private.admin_org_ids(uuid) is 'Organizations the user is an owner or admin of; called by RLS policies.';
-comment on function private.owner_org_ids(uuid) is 'Organizations the user owns; called by RLS policies.';
-comment on function private.colleague_ids(uuid) is 'Users who share an organization with the user (the user included); called by RLS policies.';
+comment on function private.member_org_ids() is 'Organizations the calling user (auth.uid()) belongs to (any role); called by RLS policies.';
+comment on function private.admin_org_ids() is 'Organizations the calling user (auth.uid()) is an owner or admin of; called by RLS policies.';
+comment on function private.owner_org_ids() is 'Organizations the calling user (auth.uid()) owns; called by RLS policies.';
+comment on function private.colleague_ids() is 'Users who share an organization with the calling user (auth.uid(), included); called by RLS policies.';
 
--- who may call them: authenticated (policies run as the caller) and service_role
-revoke all on function private.member_org_ids(uuid) from public, anon;
-revoke all on function private.admin_org_ids(uuid) from public, anon;
-revoke all on function private.owner_org_ids(uuid) from public, anon;
-revoke all on function private.colleague_ids(uuid) from public, anon;
-grant execute on function private.member_org_ids(uuid) to authenticated, service_role;
-grant execute on function private.admin_org_ids(uuid) to authenticated, service_role;
-grant execute on function private.owner_org_ids(uuid) to authenticated, service_role;
-grant execute on function private.colleague_ids(uuid) to authenticated, service_role;
+-- who may call them: authenticated (policies run as the caller) and service_role (which has no auth.uid(): nothing)
+revoke all on function private.member_org_ids() from public, anon;
+revoke all on function private.admin_org_ids() from public, anon;
+revoke all on function private.owner_org_ids() from public, anon;
+revoke all on function private.colleague_ids() from public, anon;
+grant execute on function private.member_org_ids() to authenticated, service_role;
+grant execute on function private.admin_org_ids() to authenticated, service_role;
+grant execute on function private.owner_org_ids() to authenticated, service_role;
+grant execute on function private.colleague_ids() to authenticated, service_role;
 
 -- audit_logs and security_events are append-only for every role but the table owner
 create or replace function private.append_only()
@@ -1401,19 +1408,19 @@ $$;
 -- policies: organizations (created by service_role; deleted by owners)
 drop policy if exists organizations_select_members on public.organizations;
 create policy organizations_select_members on public.organizations for select to authenticated
-  using (id in (select private.member_org_ids((select auth.uid()))));
+  using (id in (select private.member_org_ids()));
 drop policy if exists organizations_update_admins on public.organizations;
 create policy organizations_update_admins on public.organizations for update to authenticated
-  using (id in (select private.admin_org_ids((select auth.uid()))))
-  with check (id in (select private.admin_org_ids((select auth.uid()))));
+  using (id in (select private.admin_org_ids()))
+  with check (id in (select private.admin_org_ids()));
 drop policy if exists organizations_delete_owners on public.organizations;
 create policy organizations_delete_owners on public.organizations for delete to authenticated
-  using (id in (select private.owner_org_ids((select auth.uid()))));
+  using (id in (select private.owner_org_ids()));
 
 -- policies: profiles (read by the user and colleagues, written by the user)
 drop policy if exists profiles_select_self_and_colleagues on public.profiles;
 create policy profiles_select_self_and_colleagues on public.profiles for select to authenticated
-  using (id = (select auth.uid()) or id in (select private.colleague_ids((select auth.uid()))));
+  using (id = (select auth.uid()) or id in (select private.colleague_ids()));
 drop policy if exists profiles_insert_self on public.profiles;
 create policy profiles_insert_self on public.profiles for insert to authenticated
   with check (id = (select auth.uid()));
@@ -1425,72 +1432,72 @@ create policy profiles_update_self on public.profiles for update to authenticate
 -- policies: organization_members
 drop policy if exists organization_members_select_members on public.organization_members;
 create policy organization_members_select_members on public.organization_members for select to authenticated
-  using (organization_id in (select private.member_org_ids((select auth.uid()))));
+  using (organization_id in (select private.member_org_ids()));
 drop policy if exists organization_members_insert_admins on public.organization_members;
 create policy organization_members_insert_admins on public.organization_members for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists organization_members_update_admins on public.organization_members;
 create policy organization_members_update_admins on public.organization_members for update to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))))
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()))
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists organization_members_delete_admins on public.organization_members;
 create policy organization_members_delete_admins on public.organization_members for delete to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- policies: products
 drop policy if exists products_select_members on public.products;
 create policy products_select_members on public.products for select to authenticated
-  using (organization_id in (select private.member_org_ids((select auth.uid()))));
+  using (organization_id in (select private.member_org_ids()));
 drop policy if exists products_insert_admins on public.products;
 create policy products_insert_admins on public.products for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists products_update_admins on public.products;
 create policy products_update_admins on public.products for update to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))))
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()))
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists products_delete_admins on public.products;
 create policy products_delete_admins on public.products for delete to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- policies: inventory
 drop policy if exists inventory_select_members on public.inventory;
 create policy inventory_select_members on public.inventory for select to authenticated
-  using (organization_id in (select private.member_org_ids((select auth.uid()))));
+  using (organization_id in (select private.member_org_ids()));
 drop policy if exists inventory_insert_admins on public.inventory;
 create policy inventory_insert_admins on public.inventory for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists inventory_update_admins on public.inventory;
 create policy inventory_update_admins on public.inventory for update to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))))
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()))
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists inventory_delete_admins on public.inventory;
 create policy inventory_delete_admins on public.inventory for delete to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- policies: audit_logs (read by admins and owners; written by triggers and service_role only)
 drop policy if exists audit_logs_select_admins on public.audit_logs;
 create policy audit_logs_select_admins on public.audit_logs for select to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- policies: api_keys (admins and owners only)
 drop policy if exists api_keys_select_admins on public.api_keys;
 create policy api_keys_select_admins on public.api_keys for select to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 drop policy if exists api_keys_insert_admins on public.api_keys;
 create policy api_keys_insert_admins on public.api_keys for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists api_keys_update_admins on public.api_keys;
 create policy api_keys_update_admins on public.api_keys for update to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))))
-  with check (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()))
+  with check (organization_id in (select private.admin_org_ids()));
 drop policy if exists api_keys_delete_admins on public.api_keys;
 create policy api_keys_delete_admins on public.api_keys for delete to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- policies: security_events (read by admins and owners; written by log_security_event() and service_role)
 drop policy if exists security_events_select_admins on public.security_events;
 create policy security_events_select_admins on public.security_events for select to authenticated
-  using (organization_id in (select private.admin_org_ids((select auth.uid()))));
+  using (organization_id in (select private.admin_org_ids()));
 
 -- grants: anon nothing; authenticated what RLS then narrows (never TRUNCATE, nor MAINTAIN on 17+); the logs append-only
 revoke all on table public.organizations, public.profiles, public.organization_members, public.products,
@@ -1503,6 +1510,37 @@ revoke insert, update, delete on table public.audit_logs, public.security_events
 grant select on table public.audit_logs, public.security_events to authenticated;
 revoke update, delete, truncate on table public.audit_logs, public.security_events from service_role;
 grant select, insert on table public.audit_logs, public.security_events to service_role;
+
+-- the helpers of earlier releases took a user argument and answered for anyone: dropped now that the
+-- policies above call the caller-only ones. Never CASCADE: an object of someone else's that still calls
+-- one stops the phase, named, so that it is re-pointed rather than silently dropped.
+do $$
+declare
+  r record;
+  v_users text;
+begin
+  for r in
+    select p.oid::regprocedure as fn from pg_catalog.pg_proc as p
+     where p.pronamespace = 'private'::regnamespace
+       and p.proname in ('member_org_ids', 'admin_org_ids', 'owner_org_ids', 'colleague_ids')
+       and p.pronargs = 1 and p.proargtypes[0] = 'uuid'::regtype
+     order by 1::text
+  loop
+    select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
+      into v_users
+      from pg_catalog.pg_depend as d
+     where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.fn and d.deptype = 'n';
+    if v_users is not null then
+      raise exception 'the old helper % answers for any user it is asked about, and % still call(s) it', r.fn, v_users
+        using errcode = 'dependent_objects_still_exist',
+              hint = format('Make them call %s (the caller''s own answer, from auth.uid()), then re-run this phase.',
+                            replace(r.fn::text, '(uuid)', '()'));
+    end if;
+    execute format('drop function %s', r.fn);
+    raise notice 'dropped the old policy helper % (it answered for any user)', r.fn;
+  end loop;
+end
+$$;
 
 -- ====================================================================================================
 -- 10. Legacy triggers named, documentation in the catalog

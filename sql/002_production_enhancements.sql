@@ -46,9 +46,11 @@
 --   A legacy row that breaks a NOT VALID rule would make any UPDATE of it fail, erasure included: for
 --   the erasure alone such a rule steps aside (dropped and re-added NOT VALID, same definition, in the
 --   same transaction, so no other session ever sees it missing); the row's other values are untouched.
--- * The four tables here have RLS enabled and no policy: the API roles get nothing on them, only
---   service_role and the owner use them. A legacy table of the same name in another shape stops the
---   phase (named in the error): this file does not guess at them.
+-- * The four tables here are closed to clients: RLS enabled, no grant to anon or authenticated, and one
+--   policy saying so (<table>_no_client_access: to authenticated, using (false), with check (false)),
+--   so that Supabase's advisor sees an explicit decision rather than a table without policies. Only
+--   service_role (which bypasses RLS) and the owner use them. A legacy table of the same name in another
+--   shape stops the phase (named in the error): this file does not guess at them.
 
 -- prerequisites: phases 1 and 2
 do $$
@@ -57,7 +59,7 @@ begin
     raise exception '002_production_enhancements.sql requires 000_core_functions.sql and 001_core_schema.sql: apply them first'
       using errcode = 'object_not_in_prerequisite_state';
   end if;
-  if to_regprocedure('private.member_org_ids(uuid)') is null or to_regclass('public.security_events') is null
+  if to_regprocedure('private.member_org_ids()') is null or to_regclass('public.security_events') is null
      or to_regclass('private.pending_rewrites') is null
      or to_regclass('public.audit_logs') is null or to_regclass('public.api_keys') is null
      or to_regclass('public.organization_members') is null or to_regclass('public.inventory') is null then
@@ -225,7 +227,7 @@ create table if not exists public.backup_verifications (
 );
 comment on table public.backup_verifications is 'One row per verified backup: its sha256, size, pg_restore --list entries and verdict (never a path with secrets).';
 
--- row-level security: on everywhere; no policy on these tables (the API roles get nothing), legacy ones go
+-- row-level security: on everywhere; on these tables only this phase's deny-all policies (below), legacy ones go
 do $$
 declare
   r record;
@@ -233,8 +235,10 @@ begin
   for r in
     select p.polname, p.polrelid::regclass as tbl
       from pg_catalog.pg_policy p
+      join pg_catalog.pg_class c on c.oid = p.polrelid
      where p.polrelid in ('public.rate_limits'::regclass, 'public.threat_intelligence'::regclass,
                           'public.data_retention_policies'::regclass, 'public.backup_verifications'::regclass)
+       and p.polname <> c.relname || '_no_client_access'
      order by p.polrelid::regclass::text, p.polname
   loop
     raise notice 'legacy policy % on % dropped: only service_role and the owner use this table', quote_ident(r.polname), r.tbl;
@@ -254,6 +258,21 @@ revoke all on table public.rate_limits, public.threat_intelligence, public.data_
   public.backup_verifications from anon, authenticated, service_role;
 grant select, insert, update, delete on table public.rate_limits, public.threat_intelligence,
   public.data_retention_policies, public.backup_verifications to service_role;
+
+-- closed to clients, said explicitly: no row for authenticated, whatever it asks (anon has no policy and
+-- no grant; service_role bypasses RLS). One permissive policy per table: nothing else to combine with.
+drop policy if exists rate_limits_no_client_access on public.rate_limits;
+create policy rate_limits_no_client_access on public.rate_limits for all to authenticated
+  using (false) with check (false);
+drop policy if exists threat_intelligence_no_client_access on public.threat_intelligence;
+create policy threat_intelligence_no_client_access on public.threat_intelligence for all to authenticated
+  using (false) with check (false);
+drop policy if exists data_retention_policies_no_client_access on public.data_retention_policies;
+create policy data_retention_policies_no_client_access on public.data_retention_policies for all to authenticated
+  using (false) with check (false);
+drop policy if exists backup_verifications_no_client_access on public.backup_verifications;
+create policy backup_verifications_no_client_access on public.backup_verifications for all to authenticated
+  using (false) with check (false);
 
 -- updated_at triggers of this phase's tables
 create or replace trigger update_threat_intelligence_updated_at before update on public.threat_intelligence

@@ -18,6 +18,7 @@ import pytest
 from psycopg2.sql import SQL, Identifier
 
 from runbooks import verification
+from runbooks.contract import CORE_TABLES, PHASE3_TABLES
 from runbooks.paths import PHASES
 from runbooks.verification import savepoint
 
@@ -35,9 +36,6 @@ def query_once(conn, sql: str, params=None) -> list[tuple]:
     finally:
         conn.close()
 
-CORE_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory",
-               "audit_logs", "api_keys", "security_events")
-PHASE3_TABLES = ("rate_limits", "threat_intelligence", "data_retention_policies", "backup_verifications")
 CONTRACT_TABLES = CORE_TABLES + PHASE3_TABLES
 
 # the plaintext keys the fixtures hold (legacy_fixture.sql, legacy_variant.sql)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runbooks import backup
+from runbooks import backup, identity
 from runbooks.backup import BackupError, take_backup, verify_backup
 
 DATA = """
@@ -45,6 +45,23 @@ def test_backup_json_beside_the_dump_holds_the_same_facts_and_no_secret(db, tmp_
     assert recorded == info.as_dict()
     assert backup.BackupInfo.load(tmp_path) == info
     assert "password" not in (tmp_path / backup.INFO_FILE).read_text().lower()
+
+
+def test_the_backup_records_which_database_it_is_of_beyond_its_name(db, tmp_path):
+    [(oid, system_identifier)] = db.query("select (select oid from pg_database where datname = current_database()), "
+                                          "(select system_identifier::text from pg_control_system())")
+    before = take_backup(db.target, tmp_path / "before", "run-8").identity
+    conn = db.connect()
+    try:
+        written, created = identity.ensure_identity(conn)
+        conn.commit()
+    finally:
+        conn.close()
+    after = take_backup(db.target, tmp_path / "after", "run-9").identity
+    assert before == {"database": db.name, "database_oid": oid, "system_identifier": system_identifier,
+                      "database_uuid": None}       # no preflight wrote an identity yet: the oid and the server's
+    assert created and after == dict(before, database_uuid=written.database_uuid)
+    assert backup.BackupInfo.load(tmp_path / "after").identity == after
 
 
 def test_the_dump_holds_every_row_so_only_its_owner_may_read_it(db, tmp_path):

@@ -1,8 +1,10 @@
 """`runbook` from the outside: exit codes 0/1/2, refusals before anything changes."""
 
+import socket
+
 import pytest
 
-from runbooks import engine, records
+from runbooks import cli, engine, records, runner
 
 from runhelpers import runbook, sign_off_window, target_entry
 
@@ -32,13 +34,25 @@ SIGNOFF = ["-p", "approver", "Dana DBA", "-p", "change_ticket", "CHG-1", "-p", "
     (["deploy", "--target", "staging", "-p", "no_such_parameter", "1"], "unknown parameter 'no_such_parameter'"),
     (["deploy", "--target", "staging", "-p", "db_password", "x"], "looks like a secret"),
     (["deploy", "--target", "staging", "-p", "run_id", "x"], "set by runbook itself"),
+    (["deploy", "--target", "staging", "-p", "lock_retries", "lots"],
+     "parameter 'lock_retries' takes an integer (default 5), not 'lots'"),
+    (["deploy", "--target", "staging", "-p", "max_transaction_seconds", "abc"],
+     "parameter 'max_transaction_seconds' takes an integer"),
+    (["deploy", "--target", "staging", "-p", "max_connection_share", "most"], "'max_connection_share' takes a number"),
+    (["deploy", "--target", "staging", "-p", "force", "maybe"],
+     "parameter 'force' takes true/false (also yes/no, on/off, 1/0)"),
+    (["deploy", "--target", "staging", "-p", "lock_retries", "none"], "'lock_retries' takes an integer"),
+    (["maintain", "weekly", "--target", "staging", "-p", "retention_max_rows", "1e5"],
+     "'retention_max_rows' takes an integer or none"),
     (["deploy", "--target", "prod"], "pass --yes"),
     (["deploy", "--target", "prod", "--yes"], "production needs -p approver"),
     (["deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", "tonight"],
      "not START/END in ISO 8601"),
     (["deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", sign_off_window(2, 4)],
      "outside the maintenance window"),
-    (["rollback", "--target", "staging", "--run", "20260101T000000Z-abcdef"], "no record 20260101T000000Z-abcdef"),
+    (["rollback", "--target", "staging", "--run", "20260101T000000Z-abcdef"], "no records folder"),
+    (["records", "list"], "no records folder"),
+    (["records", "verify", "20260101T000000Z-abcdef"], "no records folder"),
     (["records", "show", "not-a-run"], "is not a run id"),
     (["maintain", "hourly", "--target", "staging"], "invalid choice"),
 ])
@@ -51,6 +65,70 @@ def test_bad_usage_or_input_is_refused_with_exit_2_before_anything_changes(
     assert message in capsys.readouterr().err
     assert empty_db.query("select count(*) from pg_class") == before
     assert not (tmp_path / "records").exists() or not any((tmp_path / "records").iterdir())
+
+
+def test_parameters_take_their_type_from_the_notebooks_parameters_cell():
+    given = [["force", "no"], ["reapply", "OFF"], ["take_backup", "0"], ["stakeholders_notified", "Yes"],
+             ["rollback_plan_confirmed", "on"], ["lock_retries", "3"], ["max_connection_share", "0.5"],
+             ["max_transaction_seconds", "600"], ["lock_timeout", "100ms"], ["approver", "Dana DBA"],
+             ["change_ticket", "none"]]
+    assert cli.parse_parameters(given, runner.DEPLOY_PLAN) == {
+        "force": False, "reapply": False, "take_backup": False, "stakeholders_notified": True,
+        "rollback_plan_confirmed": True, "lock_retries": 3, "max_connection_share": 0.5,
+        "max_transaction_seconds": 600, "lock_timeout": "100ms", "approver": "Dana DBA", "change_ticket": None}
+    assert cli.parse_parameters([["retention_max_rows", "None"], ["apply_retention", "1"]], ("maintenance",)) == {
+        "retention_max_rows": None, "apply_retention": True}
+
+
+def test_a_password_typed_as_a_parameter_value_is_refused_with_exit_2_and_never_echoed(
+        targets_file, tmp_path, capsys):
+    secret = records.known_secrets()[0]   # the test server's own password, from .pgpass
+    code = runbook("deploy", "--target", "staging", "-p", "approver", secret, "--records", tmp_path / "records",
+                   "--targets-file", targets_file)
+    printed = capsys.readouterr()
+    assert code == 2
+    assert "the value of parameter 'approver' holds a password" in printed.err
+    assert secret not in printed.out + printed.err
+    assert not (tmp_path / "records").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["deploy", "status"])
+@pytest.mark.parametrize("case", ["no server listens", "no such role", "wrong password"])
+def test_an_unreachable_server_or_a_failed_login_is_refused_with_exit_2_naming_the_target(
+        command, case, server, empty_db, tmp_path, monkeypatch, capsys):
+    port, user, password = server.pg.port, "postgres", None
+    if case == "no server listens":
+        port = free_port()
+    elif case == "no such role":
+        user = "no_such_role"
+    else:
+        password = "Wrong-Pa55word-typed-here"
+    targets = tmp_path / "targets.toml"
+    targets.write_text(f'[targets.there]\nhost = "127.0.0.1"\nport = {port}\ndbname = "{empty_db.name}"\n'
+                       f'user = "{user}"\nsslmode = "disable"\n')
+    before = empty_db.query("select count(*) from pg_class")
+    with monkeypatch.context() as patched:
+        if password:
+            patched.setenv("PGPASSWORD", password)   # libpq prefers it to .pgpass
+        code = runbook(command, "--target", "there", "--targets-file", targets,
+                       *(["--records", tmp_path / "records"] if command == "deploy" else []))
+    printed = capsys.readouterr()
+    assert code == 2, printed
+    assert f"cannot connect to target 'there' (host 127.0.0.1, port {port}, dbname {empty_db.name}, user {user}," \
+        in printed.err
+    assert password is None or password not in printed.out + printed.err
+    assert empty_db.query("select count(*) from pg_class") == before
+    if command == "deploy":   # the attempt is on record, as refused
+        [manifest] = [records.Record.open(tmp_path / "records", p.name).manifest()
+                      for p in (tmp_path / "records").iterdir()]
+        assert manifest["verdict"] == "refused" and "cannot connect to target 'there'" in manifest["error"]
+        assert {n["status"] for n in manifest["notebooks"]} == {"not run"}
 
 
 def test_status_lists_pending_phases_on_a_fresh_database(empty_db, capsys):
@@ -74,6 +152,38 @@ def test_status_says_when_an_applied_file_changed_on_disk(empty_db, capsys):
 def test_records_list_on_an_empty_folder_says_so(tmp_path, capsys):
     assert runbook("records", "list", "--records", tmp_path) == 0
     assert "no records" in capsys.readouterr().out
+
+
+def test_status_fits_100_columns_and_names_the_run_and_checksum_of_each_applied_phase(migrated_db, capsys):
+    assert runbook("status", "--service", migrated_db.name) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= cli.WIDTH
+    assert out.count("applied  ") == 3 and out.count(": the file matches") == 3
+    assert out.splitlines()[1].split() == ["phase", "file", "state", "applied", "at", "(UTC)", "by"]
+
+
+def test_a_records_folder_that_is_not_there_is_refused_by_the_commands_that_read_records(tmp_path, capsys):
+    missing = tmp_path / "recrods"
+    for args in (["records", "list"], ["records", "show", "20260101T000000Z-abcdef"],
+                 ["records", "verify", "20260101T000000Z-abcdef"]):
+        assert runbook(*args, "--records", missing) == 2
+        assert f"no records folder {missing}" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_a_command_that_writes_a_record_creates_a_new_records_folder_and_says_so_but_not_its_parents(
+        tmp_path, capsys):
+    targets = tmp_path / "targets.toml"
+    targets.write_text(f'[targets.nowhere]\nhost = "127.0.0.1"\nport = {free_port()}\ndbname = "x"\n'
+                       'user = "postgres"\nsslmode = "disable"\n')
+    new = tmp_path / "records"
+    # nothing listens there: refused, and the attempt is on record in the new folder
+    assert runbook("verify", "--target", "nowhere", "--targets-file", targets, "--records", new) == 2
+    assert f"(records folder {new} created)" in capsys.readouterr().out
+    assert [r["verdict"] for r in records.list_records(new)] == ["refused"]
+    deeper = tmp_path / "no-such-parent" / "records"
+    assert runbook("verify", "--target", "nowhere", "--targets-file", targets, "--records", deeper) == 2
+    assert "its parent folder" in capsys.readouterr().err and not deeper.parent.exists()
 
 
 @pytest.mark.slow

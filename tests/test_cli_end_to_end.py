@@ -1,14 +1,16 @@
 """`runbook` end to end on real servers: rehearse, deploy, status, verify, records, concurrency."""
 
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from runbooks import engine, records
+from runbooks import engine, records, runner
 from runbooks.paths import PHASES
 
 from runhelpers import runbook
@@ -63,6 +65,19 @@ def test_no_file_of_the_record_holds_the_password_not_even_papermills_metadata(d
     assert nb.metadata.truthsource["target"]["name"] == deployed["service"]
 
 
+def test_a_password_given_as_a_parameter_value_is_redacted_from_the_manifest_and_fails_the_run(empty_db, tmp_path):
+    secret = records.known_secrets()[0]   # refused by the CLI (test_cli); a caller of the runner is caught here
+    notebook = Path(__file__).parent / "notebooks" / "sql_inspection.ipynb"
+    outcome = runner.run_plan("test", [str(notebook)], empty_db.target, records_root=tmp_path,
+                              parameters={"approver": secret}, progress=lambda *_: None)
+    assert outcome.exit_code == 1
+    manifest = outcome.record.manifest()
+    assert manifest["parameters"] == {"approver": "[REDACTED]"}
+    assert manifest["error"] == "a secret appeared in manifest.json; redacted there"
+    assert secret.encode() not in all_record_bytes(outcome.record.path)
+    assert outcome.record.verify() == []
+
+
 def test_the_history_records_each_phase_with_its_checksum_and_run(deployed):
     conn = deployed["db"].connect()
     history = engine.read_history(conn)
@@ -100,8 +115,13 @@ def test_records_verify_detects_a_tampered_notebook(deployed, capsys, tmp_path):
     assert f"altered: notebooks/{notebook.name}" in capsys.readouterr().out
 
 
-def test_a_second_deploy_skips_applied_phases_and_passes(deployed):
-    assert runbook("deploy", "--service", deployed["service"], "--records", deployed["root"]) == 0
+def test_a_second_deploy_skips_applied_phases_and_passes_and_no_means_no(deployed, capsys):
+    assert runbook("deploy", "--service", deployed["service"], "--records", deployed["root"],
+                   "-p", "reapply", "no", "-p", "force", "off") == 0
+    out = capsys.readouterr().out   # the terminal says skipped, not passed, for each phase
+    for stem in ("01_phase1_core_functions", "02_phase2_core_schema", "03_phase3_production_enhancements"):
+        assert re.search(rf"^\[\d/5\] {stem}: skipped \(already applied\)", out, re.MULTILINE), out
+    assert re.search(r"^\[1/5\] 00_preflight: passed( with \d+ warnings?)? \(", out, re.MULTILINE), out
     conn = deployed["db"].connect()
     assert len(engine.read_history(conn)) == 3  # unchanged phases are skipped, not re-run
     conn.close()
@@ -151,7 +171,7 @@ def test_a_failing_phase_stops_the_run_with_exit_1_and_the_record_shows_where(ma
     conn.close()
 
 
-def test_two_deploys_at_once_never_interleave_the_second_gives_up_naming_the_first(make_db, tmp_path, capsys):
+def test_two_deploys_at_once_never_interleave_the_second_gives_up_naming_the_first_with_exit_2(make_db, tmp_path, capsys):
     db = make_db("legacy")
     first = subprocess.Popen([sys.executable, "-m", "runbooks.cli", "deploy", "--service", db.name,
                               "--records", str(tmp_path / "first")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -166,8 +186,8 @@ def test_two_deploys_at_once_never_interleave_the_second_gives_up_naming_the_fir
         code = runbook("deploy", "--service", db.name, "--records", tmp_path / "second")
     finally:
         del os.environ["RUNBOOK_LOCK_WAIT"]
-    out = capsys.readouterr().out
-    assert code == 1 and "locked by another runner" in out and "runbook run" in out
+    printed = capsys.readouterr()
+    assert code == 2 and "locked by another runner" in printed.err and "runbook run" in printed.out
     assert first.wait(timeout=300) == 0
     [first_run] = [p.name for p in (tmp_path / "first").iterdir()]
     conn = db.connect()
@@ -175,5 +195,5 @@ def test_two_deploys_at_once_never_interleave_the_second_gives_up_naming_the_fir
     conn.close()
     [second_run] = [p.name for p in (tmp_path / "second").iterdir()]
     second = records.Record.open(tmp_path / "second", second_run).manifest()
-    assert second["verdict"] == "failed" and {n["status"] for n in second["notebooks"]} == {"not run"}
+    assert second["verdict"] == "refused" and {n["status"] for n in second["notebooks"]} == {"not run"}
     assert "locked by another runner" in second["error"]

@@ -1,5 +1,6 @@
 """The apply engine, against a real server: history, checksums, locks, atomicity, CONCURRENTLY."""
 
+import getpass
 import threading
 import time
 import textwrap
@@ -9,8 +10,9 @@ import pytest
 
 from runbooks import engine, records
 from runbooks.engine import ApplyEngine
+from runbooks.paths import PHASES
 
-from runhelpers import history
+from runhelpers import history, runbook
 
 
 def write(tmp_path, name, sql):
@@ -142,6 +144,50 @@ def test_a_lock_released_during_the_retries_lets_the_phase_through(empty_db, pha
     assert attempt == 1 and reason.startswith("statement 2 at line 3 (insert into demo") and "lock timeout" in reason
 
 
+def waiting_backend(db, application_name: str, timeout: float = 60) -> int:
+    """The pid of the session named so, once pg_locks shows it waiting for a lock (observed, not timed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = db.query("""select a.pid from pg_stat_activity a join pg_locks l using (pid)
+                           where a.application_name = %s and not l.granted""", (application_name,))
+        if rows:
+            return rows[0][0]
+        assert time.monotonic() < deadline, f"{application_name!r} never waited on a lock"
+        time.sleep(0.05)
+
+
+def test_a_backend_terminated_mid_phase_reports_what_the_server_said_and_that_the_connection_was_lost(
+        empty_db, phase):
+    empty_db.execute("create table demo (id int primary key, note text)")
+    blocker = empty_db.connect(application_name="holds demo")
+    with blocker.cursor() as cur:
+        cur.execute("lock table demo in access exclusive mode")
+    raised = []
+
+    def apply_and_keep_the_error():
+        try:
+            make_engine(empty_db, lock_timeout="5min").apply("100", phase)
+        except Exception as exc:  # noqa: BLE001 - the test inspects whatever was raised
+            raised.append(exc)
+
+    worker = threading.Thread(target=apply_and_keep_the_error)
+    worker.start()
+    try:
+        pid = waiting_backend(empty_db, "runbook run test-run")
+        empty_db.query("select pg_terminate_backend(%s)", (pid,))
+        worker.join(timeout=60)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    [error] = raised
+    assert isinstance(error, engine.ConnectionLost), repr(error)
+    message = str(error)
+    assert "terminating connection due to administrator command" in message
+    assert "connection to the server was lost" in message and "statement 2 at line 3" in message
+    assert "connection already closed" not in message
+    assert history(empty_db) == [] and empty_db.query("select count(*) from demo") == [(0,)]
+
+
 def test_a_concurrently_statement_runs_after_the_transaction_and_the_file_still_works_in_psql(empty_db, tmp_path):
     path = write(tmp_path, "102_index.sql", """
         create table if not exists big (id int primary key, owner int);
@@ -193,3 +239,33 @@ def test_a_rollback_in_history_undoes_what_was_applied_after_its_backup():
             row("rollback", 30, "rollback", restored_to=t0 + timedelta(minutes=5)), row("001", 40)]
     assert sorted(engine.latest_applied(rows)) == ["000", "001"]
     assert engine.latest_applied(rows)["001"]["applied_at"] == t0 + timedelta(minutes=40)
+
+
+def test_the_history_names_the_operator_the_os_user_and_the_database_role_each_in_its_own_field(empty_db, phase):
+    make_engine(empty_db, operator="Dana DBA").apply("100", phase)
+    [row] = history(empty_db)
+    assert (row["applied_by"], row["os_user"], row["db_role"]) == (
+        "Dana DBA", getpass.getuser(), empty_db.query("select current_user")[0][0])
+
+
+def test_a_history_table_of_older_runbooks_gains_the_os_user_column_and_its_old_rows_still_read(empty_db, phase):
+    older_ddl = engine.HISTORY_DDL.replace("  os_user text,\n", "").replace(engine.OS_USER_COMMENT, "")
+    empty_db.execute(older_ddl + f"""
+        insert into {engine.HISTORY_TABLE} (version, file_name, sha256, action, applied_by, duration_ms,
+                                            statements, run_id)
+        values ('099', '099_old.sql', repeat('a', 64), 'apply', 'root', 5, 1, 'old-run')""")
+    make_engine(empty_db, operator="Dana DBA").apply("100", phase)
+    old, new = history(empty_db)
+    assert (old["applied_by"], old["os_user"], old["run_id"]) == ("root", None, "old-run")
+    assert (new["applied_by"], new["os_user"]) == ("Dana DBA", getpass.getuser())
+
+
+@pytest.mark.slow
+def test_a_deploy_with_an_operator_records_dana_the_os_user_and_the_database_role_each_in_its_field(
+        empty_db, tmp_path, capsys):
+    code = runbook("deploy", "--service", empty_db.name, "-p", "operator", "Dana DBA", "--records", tmp_path)
+    assert code == 0, capsys.readouterr()
+    rows = history(empty_db)
+    assert [r["version"] for r in rows] == [version for version, _ in PHASES]
+    role = empty_db.query("select current_user")[0][0]
+    assert {(r["applied_by"], r["os_user"], r["db_role"]) for r in rows} == {("Dana DBA", getpass.getuser(), role)}

@@ -64,3 +64,12 @@ def test_a_migrated_database_has_nothing_left_to_estimate(migrated_db):
         check = estimate.duration(conn, production=True, maintenance_window="2026-01-01T00:00Z/2026-01-01T00:00:01Z",
                                   now=WINDOW_START)
     assert check.status == "info" and check.summary.startswith("about 0s")
+
+
+def test_the_statement_timeout_grows_with_the_data_and_never_falls_below_the_floor(legacy_db):
+    with legacy_db.connect(readonly=True) as conn:
+        small = estimate.statement_timeout(conn, "001")
+    assert small == f"{estimate.TIMEOUT_FLOOR}s"
+    huge = estimate.estimate_phases(sizes(100), set())[1]   # 800 GiB of converged tables
+    assert estimate.timeout_for(huge) == f"{round(estimate.TIMEOUT_FACTOR * huge.seconds)}s"
+    assert round(estimate.TIMEOUT_FACTOR * huge.seconds) > estimate.TIMEOUT_FLOOR

@@ -46,13 +46,14 @@ def test_percent_sql_inspection_works_on_todays_prettytable_and_returns_a_datafr
     assert outcome.notebooks[0]["status"] == "passed"
 
 
-def test_a_connection_failure_in_setup_fails_the_run(tmp_path, server):
+def test_a_database_that_cannot_be_reached_refuses_the_run_before_anything_runs(tmp_path, server):
     from runbooks import connection
     server.pg.add_service("nowhere", "no_such_database")
     outcome = runner.run_plan("test", [str(FIXTURES / "sql_inspection.ipynb")], connection.from_service("nowhere"),
                               records_root=tmp_path, progress=lambda *_: None)
-    assert outcome.exit_code == 1
+    assert outcome.verdict == "refused" and outcome.exit_code == 2   # the contract: refused before any change
     assert "no_such_database" in outcome.error
+    assert outcome.notebooks[0]["status"] == "not run"
 
 
 def test_a_records_folder_given_relative_to_the_working_directory_works(empty_db, tmp_path, monkeypatch):

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from runbooks import pgtools, preflight, records, runner
+from runbooks import connection, identity, pgtools, preflight, records, runner
 from runbooks.records import sha256_of
 
-from runhelpers import readonly, run_check, sign_off_window, target_entry
+from runbooks import engine, paths
+from runhelpers import assert_identical, readonly, run_check, sign_off_window, snapshot_of, target_entry
 
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
                   "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
@@ -270,3 +271,200 @@ def test_the_preflight_notebook_refuses_production_without_sign_off_before_any_b
     nb = nbformat.read(record / entry["file"], as_version=4)
     failing = next(c for c in nb.cells if c.get("execution_count") == entry["failed_cell"])
     assert "signoff_check" in failing.source
+
+
+# -- the database's identity, the backup's witness, unfinished runs ----------------------------------
+
+def test_the_identity_is_written_once_and_read_back_the_same_by_every_later_preflight(empty_db):
+    first = run_check(empty_db, preflight.database_identity, empty_db.target, records.new_run_id())
+    again = run_check(empty_db, preflight.database_identity, empty_db.target, records.new_run_id())
+    facts = [{r["fact"]: r["value"] for r in c.rows} for c in (first, again)]
+    assert first.status == again.status == "ok"
+    assert "written now" in first.summary and "earlier preflight" in again.summary
+    uuid = facts[1][f"identity ({identity.IDENTITY_TABLE})"]
+    assert facts[0][f"identity ({identity.IDENTITY_TABLE})"] == uuid + " (created now)"
+    [(oid, system_identifier)] = empty_db.query("select (select oid from pg_database where datname = current_database()),"
+                                                " (select system_identifier::text from pg_control_system())")
+    assert facts[1]["database oid"] == oid and facts[1]["system identifier (pg_control_system)"] == system_identifier
+    assert empty_db.query(f"select database_uuid::text from {identity.IDENTITY_TABLE}") == [(uuid,)]
+
+
+def test_pg_control_system_needs_no_superuser_and_the_backup_records_the_identity(empty_db, tmp_path, server):
+    # a plain role reads the system identifier too (PUBLIC may execute pg_control_system on 15 to 18)
+    server.admin_execute("do $$ begin create role plain_reader login password 'plain-reader-pw'; "
+                         "exception when duplicate_object then null; end $$")
+    server.pg.add_pgpass("plain_reader", "plain-reader-pw")
+    server.pg.add_service(f"{empty_db.name}_plain", empty_db.name, user="plain_reader")
+    plain = connection.connect(connection.from_service(f"{empty_db.name}_plain"), readonly=True, autocommit=True)
+    try:
+        seen = identity.read_identity(plain)
+    finally:
+        plain.close()
+    run_id = records.new_run_id()
+    run_check(empty_db, preflight.database_identity, empty_db.target, run_id)
+    assert run_check(empty_db, preflight.backup, empty_db.target, tmp_path, run_id).status == "ok"
+    recorded = json.loads((tmp_path / "backup" / "backup.json").read_text())["identity"]
+    assert recorded["system_identifier"] == seen.system_identifier is not None
+    assert recorded["database_oid"] == seen.database_oid and recorded["database"] == empty_db.name
+    assert recorded["database_uuid"] and seen.database_uuid is None   # truthsource is not for PUBLIC to read
+
+
+def test_the_backups_sha256_is_witnessed_in_the_database_and_an_unfinished_run_is_reported(empty_db, tmp_path):
+    run_id = records.new_run_id()
+    run_check(empty_db, preflight.database_identity, empty_db.target, run_id)
+    assert run_check(empty_db, preflight.backup, empty_db.target, tmp_path, run_id).status == "ok"
+    witnessed = run_check(empty_db, preflight.witness_backup, empty_db.target, tmp_path, run_id, "dana")
+    info = json.loads((tmp_path / "backup" / "backup.json").read_text())
+    assert witnessed.status == "ok"
+    assert empty_db.query(f"select backup_file, backup_sha256, operator, finished_at from {identity.RUNS_TABLE} "
+                          "where run_id = %s", (run_id,)) == [(info["file_name"], info["sha256"], "dana", None)]
+
+    # the runner never marked it finished (it died): the next preflight says so, and what to do
+    later = run_check(empty_db, preflight.unfinished_runs, records.new_run_id())
+    assert later.status == "warning" and run_id in later.summary
+    assert f"runbook rollback --run {run_id} --yes" in later.rows[0]["what to do"]
+    assert "runbook deploy again" in later.rows[0]["what to do"]
+    assert run_check(empty_db, preflight.unfinished_runs, run_id).status == "ok"   # not itself
+
+    # a later run that finished resumed it: no longer reported
+    later_run = records.new_run_id()
+    conn = empty_db.connect(autocommit=True)
+    try:
+        identity.record_run(conn, run_id=later_run, step="00_preflight", backup_file="later.dump",
+                            backup_sha256="ab" * 32, backup_taken_at=info["taken_at"], operator="dana")
+        assert identity.finish_run(conn, later_run, "passed") and not identity.finish_run(conn, later_run, "failed")
+    finally:
+        conn.close()
+    assert run_check(empty_db, preflight.unfinished_runs, records.new_run_id()).status == "ok"
+
+
+@pytest.mark.slow
+def test_a_deploy_reports_an_unfinished_run_goes_on_and_marks_its_own_run_finished(legacy_db, tmp_path):
+    died = records.new_run_id()
+    conn = legacy_db.connect()
+    try:
+        identity.ensure_identity(conn)
+        identity.record_run(conn, run_id=died, step="00_preflight", backup_file="died.dump", backup_sha256="cd" * 32,
+                            backup_taken_at="2026-01-01T00:00:00+00:00", operator="dana")
+        conn.commit()
+    finally:
+        conn.close()
+    said = []
+    outcome = runner.run_plan("deploy", ("preflight",), legacy_db.target, records_root=tmp_path, progress=said.append)
+    assert outcome.verdict == "passed", outcome.notebooks
+    warning = next(line for line in said if "WARNING" in line)
+    assert f"run {died}" in warning and f"runbook rollback --run {died} --yes" in warning
+    checks = {c["name"]: c["status"] for c in outcome.notebooks[0]["checks"]}
+    assert checks["database_identity"] == checks["witness_backup"] == "ok" and checks["unfinished_runs"] == "warning"
+    assert legacy_db.query(f"select verdict, finished_at is not null from {identity.RUNS_TABLE} where run_id = %s",
+                           (outcome.run_id,)) == [("passed", True)]
+
+
+# -- what the phases would refuse, asked before anything changes ------------------------------------------
+
+def refused_by_the_preflight(db) -> preflight.Check:
+    """phase_preconditions on db, which must refuse and leave the database exactly as it was."""
+    before = snapshot_of(db)
+    check = run_check(db, preflight.phase_preconditions)
+    assert_identical(before, snapshot_of(db))
+    assert check.status == "error" and "nothing has changed" in check.summary
+    return check
+
+
+def test_the_phases_would_refuse_nothing_on_the_databases_they_deploy_to(legacy_db, empty_db, migrated_db, make_db):
+    for db in (legacy_db, empty_db, migrated_db, make_db("variant")):
+        check = run_check(db, preflight.phase_preconditions)
+        assert check.status == "ok" and "unique rules (5)" in check.summary, (db.name, check)
+
+
+def test_duplicate_skus_as_phase_2_sees_them_are_refused_by_name_before_phase_1_as_phase_2_would(legacy_db):
+    # GAD-100 twice; TPS-REPORT twice once char(20) becomes text (blank-padded values compare equal);
+    # WID-001 and wid-001 differ in case: phase 2's unique rule allows them (reported by legacy_rule_breakers)
+    legacy_db.execute("drop index if exists public.idx_products_sku; "
+                      "alter table public.products alter column sku type char(20); "
+                      "insert into public.products (organization_id, sku, name) values "
+                      "('0a000000-0000-4000-8000-000000000001', 'GAD-100', 'Gadget again'), "
+                      "('0a000000-0000-4000-8000-000000000003', 'TPS-REPORT  ', 'TPS report, padded')")
+    check = refused_by_the_preflight(legacy_db)
+    [row] = [r for r in check.rows if r["table"] == "products"]
+    assert "products_organization_id_sku_key" in row["refuses"] and row["rows"] == 4
+    assert "GAD-100 (2 rows)" in row["which"] and "TPS-REPORT (2 rows)" in row["which"]
+    assert "wid" not in row["which"].lower()
+    # what phase 2 itself says, once phase 1 is applied (the half-done deployment the preflight prevents)
+    for version, path in paths.PHASES[:2]:
+        if version == "001":
+            with pytest.raises(Exception, match="products_organization_id_sku_key.*duplicated values"):
+                engine.ApplyEngine(legacy_db.target, run_id=records.new_run_id(), operator="t").apply(version, path)
+        else:
+            engine.ApplyEngine(legacy_db.target, run_id=records.new_run_id(), operator="t").apply(version, path)
+
+
+@pytest.mark.parametrize("table, rule, legacy_change, named", [
+    ("organizations", "organizations_slug_key",
+     "alter table public.organizations drop constraint organizations_slug_key; "
+     "insert into public.organizations (name, slug) select 'Copy', slug from public.organizations where slug = 'acme'",
+     "acme (2 rows)"),
+    ("organization_members", "organization_members_organization_id_user_id_key",
+     "alter table public.organization_members drop constraint organization_members_organization_id_user_id_key; "
+     "insert into public.organization_members (organization_id, user_id, role) select organization_id, user_id, 'member' "
+     f"from public.organization_members where user_id = '{HEIDI}'", HEIDI),
+    ("inventory", "inventory_product_id_location_key",
+     "alter table public.inventory drop constraint inventory_product_id_location_key; "
+     "insert into public.inventory (organization_id, product_id, location) select organization_id, product_id, location "
+     "from public.inventory where id = '0d000000-0000-4000-8000-000000000001'",
+     "0c000000-0000-4000-8000-000000000001, main (2 rows)"),
+    # a legacy column name phase 2 renames (or carries) into sku
+    ("products", "products_organization_id_sku_key",
+     "alter table public.products rename column sku to product_code; "
+     "insert into public.products (organization_id, product_code, name) values "
+     "('0a000000-0000-4000-8000-000000000002', 'GLX-COG-12', 'Cog again')", "GLX-COG-12 (2 rows)"),
+])
+def test_duplicates_under_each_unique_rule_of_phase_2_are_refused_naming_them(legacy_db, table, rule, legacy_change,
+                                                                              named):
+    legacy_db.execute(legacy_change)
+    [row] = refused_by_the_preflight(legacy_db).rows
+    assert row["table"] == table and rule in row["refuses"] and named in row["which"]
+
+
+def test_duplicated_plaintext_api_keys_are_refused_by_their_row_ids_and_no_key_or_hash_is_shown(legacy_db):
+    [(key,)] = legacy_db.query("select key from public.api_keys where key is not null order by id limit 1")
+    legacy_db.execute("alter table public.api_keys drop constraint api_keys_key_key; "
+                      "update public.api_keys set key = %s where key is not null and key <> %s and id = "
+                      "(select min(id::text)::uuid from public.api_keys where key is not null and key <> %s)",
+                      (key, key, key))
+    check = refused_by_the_preflight(legacy_db)
+    [row] = check.rows
+    assert row["table"] == "api_keys" and "api_keys_key_hash_key" in row["refuses"] and row["rows"] == 2
+    ids = [i for (i,) in legacy_db.query("select id::text from public.api_keys where key = %s order by 1", (key,))]
+    assert all(i in row["which"] for i in ids)
+    shown = repr(check) + check._repr_html_() + (preflight.phase_preconditions.sql or "")
+    assert not any(k in shown for k in PLAINTEXT_KEYS)
+
+
+def test_a_key_column_of_another_type_duplicated_ids_and_a_legacy_table_of_phase_3_are_refused_by_name(legacy_db):
+    legacy_db.execute("alter table public.api_keys alter column created_by type text; "
+                      "insert into public.audit_logs (id, action) select id, 'copy' from public.audit_logs limit 1; "
+                      "create table public.rate_limits (key text primary key, hits integer)")
+    check = refused_by_the_preflight(legacy_db)
+    which = {r["table"]: r["which"] for r in check.rows}
+    assert which["api_keys"] == "api_keys.created_by is text, the contract needs uuid"
+    [(duplicated_id,)] = legacy_db.query("select id::text from public.audit_logs group by id having count(*) > 1")
+    assert which["audit_logs"] == f"ids {duplicated_id}" and any("primary key" in r["refuses"] for r in check.rows)
+    assert any(r["which"] == "rate_limits.window_start is missing (expected timestamp with time zone)"
+               for r in check.rows)
+
+
+@pytest.mark.slow
+def test_a_deploy_on_duplicate_skus_stops_in_the_preflight_before_the_backup_and_before_phase_1(legacy_db, tmp_path):
+    legacy_db.execute("insert into public.products (organization_id, sku, name) values "
+                      "('0a000000-0000-4000-8000-000000000001', 'GAD-100', 'Gadget again')")
+    before = snapshot_of(legacy_db)
+    outcome = runner.run_plan("deploy", ("preflight", "phase1", "phase2", "phase3"), legacy_db.target,
+                              records_root=tmp_path, progress=lambda *_: None)
+    assert outcome.verdict == "failed"
+    entry, *later = outcome.notebooks
+    assert entry["status"] == "failed" and {n["status"] for n in later} == {"not run"}
+    assert "products_organization_id_sku_key" in entry["error"] and "GAD-100" in entry["error"]
+    assert not (outcome.record.path / "backup").exists()
+    assert_identical(before, snapshot_of(legacy_db))
+    assert legacy_db.query("select to_regclass('truthsource.deployment_history')") == [(None,)]   # no phase ran

@@ -72,3 +72,24 @@ def test_secrets_are_found_by_file_name_only(tmp_path):
     (tmp_path / "a.html").write_text("nothing here")
     (tmp_path / "b.ipynb").write_text('{"x": "hunter2-long"}')
     assert records.find_secrets(tmp_path, ["hunter2-long"]) == ["b.ipynb"]
+
+
+def test_a_secret_is_redacted_from_every_file_as_typed_or_escaped_for_json_and_html(tmp_path):
+    secret = 'pa"ss<&>word-42'
+    (tmp_path / "plain.log").write_text(f"connected with {secret}\n")
+    (tmp_path / "nb.ipynb").write_text(json.dumps({"text": secret}))
+    (tmp_path / "nb.html").write_text("<pre>pa&quot;ss&lt;&amp;&gt;word-42</pre>")
+    (tmp_path / "clean.txt").write_text("nothing here")
+    assert records.redact_files(tmp_path, [secret]) == ["nb.html", "nb.ipynb", "plain.log"]
+    assert records.find_secrets(tmp_path, [secret]) == []
+    assert json.loads((tmp_path / "nb.ipynb").read_text()) == {"text": "[REDACTED]"}
+    assert (tmp_path / "nb.html").read_text() == "<pre>[REDACTED]</pre>"
+
+
+def test_a_secret_in_manifest_data_is_redacted_in_text_and_a_number_that_holds_it_is_replaced_whole():
+    manifest = {"parameters": {"approver": "Dana s3cret-123456", "max_transaction_seconds": 123456789,
+                               "take_backup": True},
+                "notebooks": [{"error": "s3cret-123456 seen"}], "plan": ("preflight",)}
+    assert records.redact_data(manifest, ["s3cret-123456", "23456789"]) == {
+        "parameters": {"approver": "Dana [REDACTED]", "max_transaction_seconds": "[REDACTED]", "take_backup": True},
+        "notebooks": [{"error": "[REDACTED] seen"}], "plan": ("preflight",)}

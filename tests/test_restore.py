@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from runbooks import engine, paths
+from pathlib import Path
+
+from runbooks import engine, identity, paths
 from runbooks.backup import take_backup
 from runbooks.records import sha256_of
 from runbooks.pgtools import find_tool
@@ -347,3 +349,80 @@ def test_a_session_holding_a_lock_makes_the_rollback_fail_fast_and_change_nothin
         blocker.rollback()
         blocker.close()
     assert_identical(deployed_state, snapshot_of(db))
+
+
+def test_a_restore_script_cut_short_is_rolled_back_never_committed(deployed):
+    # psql --single-transaction would COMMIT when its input ends: a feeder killed with the runner and
+    # its kernel would leave half a restore. The script commits in its last line, or not at all.
+    db, info, _ = deployed
+    plan = plan_restore(db.target, info.path, info.sha256, run_id="run-1", operator="alice")
+    assert plan.prelude_sql.count("BEGIN;") == 1 and plan.postlude_sql.rstrip().endswith("COMMIT;")
+    deployed_state, rows = snapshot_of(db), history(db)
+    psql = subprocess.run([str(plan.psql.path), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
+                           "-d", db.target.conninfo(), "-f", "-"],
+                          input=plan.prelude_sql, capture_output=True, text=True)   # the drops, then the end
+    assert psql.returncode == 0, psql.stderr
+    assert_identical(deployed_state, snapshot_of(db))
+    assert history(db) == rows
+
+
+def test_a_backup_of_another_database_with_the_same_identity_row_is_refused(deployed, server):
+    db, info, _ = deployed
+    conn = db.connect()
+    try:
+        identity.ensure_identity(conn)
+        conn.commit()
+    finally:
+        conn.close()
+    again = take_backup(db.target, Path(info.path).parent / "again", "run-7")   # records the identity row too
+    copy = server.create_database("empty")
+    try:   # a database that merely resembles it: the identity row copied along, as a dump and restore would
+        copy.execute(f"create schema truthsource; create table {identity.IDENTITY_TABLE} as "
+                     f"select true as singleton, '{again.identity['database_uuid']}'::uuid as database_uuid")
+        before = snapshot_of(copy)
+        with pytest.raises(RestoreRefused, match=f"is a backup of database {db.name} .*database oid"):
+            restore_backup(copy.target, again.path, again.sha256, run_id="run-7", operator="alice")
+        assert_identical(before, snapshot_of(copy))
+    finally:
+        server.drop_database(copy)
+
+
+def another_superuser(db, server, name: str):
+    """A second superuser of the server, logging in through .pgpass, as the target of a libpq service."""
+    from runbooks.connection import from_service
+    role, password = f"{name}_{db.name}", secrets.token_urlsafe(16)
+    server.admin_execute(f"create role {role} login superuser password '{password}'")
+    server.pg.add_pgpass(role, password)
+    server.pg.add_service(f"{db.name}_{name}", db.name, user=role)
+    return role, from_service(f"{db.name}_{name}")
+
+
+def test_a_superuser_other_than_the_extensions_owner_re_creates_it_as_its_owner_and_the_proof_holds(deployed, server):
+    db, info, before = deployed
+    owner = db.query("select extowner::regrole::text from pg_extension where extname = 'citext'")[0][0]
+    role, target = another_superuser(db, server, "second_su")
+    assert role != owner
+    plan = plan_restore(target, info.path, info.sha256, run_id="run-1", operator="carol")
+    assert plan.describe()["extensions_recreated"] == [f"citext (as its owner {owner})"]
+    execute_plan(plan, target)
+    assert_identical(before, snapshot_of(db))
+    assert db.query("select extowner::regrole::text from pg_extension where extname = 'citext'") == [(owner,)]
+
+
+def test_an_extension_whose_owner_could_not_re_create_it_is_a_rollback_blocker_before_the_deployment(empty_db, server):
+    from runbooks.connection import connect
+    from runbooks.restore import rollback_blockers
+    db = empty_db
+    role, target = another_superuser(db, server, "ext_owner")
+    conn = connect(target, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("create extension pg_buffercache with schema public")   # not trusted: a superuser's
+    conn.close()
+    server.admin_execute(f"alter role {role} nosuperuser")
+    conn = connect(db.target, readonly=True)
+    try:
+        blockers = rollback_blockers(conn)
+    finally:
+        conn.close()
+    assert any(f"extension pg_buffercache (in public) is owned by {role}, which may not create it" in b
+               for b in blockers), blockers

@@ -1,4 +1,5 @@
-"""Snapshots: row counts, an OID-free schema fingerprint, content checksums, and what differs."""
+"""Snapshots: row counts, an OID-free schema fingerprint, content checksums (every table, order-independent,
+duplicates counted, older formats still comparable), and what differs (a work queue draining is no loss)."""
 
 import json
 
@@ -6,8 +7,8 @@ import psycopg2
 import pytest
 
 from runbooks import engine
-from runbooks.snapshot import (SnapshotError, compare_snapshots, load_snapshot, save_snapshot,
-                               take_snapshot)
+from runbooks.snapshot import (CHECKSUM_METHOD, LEGACY_CHECKSUM_METHOD, WORK_QUEUES, SnapshotError,
+                               compare_snapshots, load_snapshot, save_snapshot, take_snapshot)
 
 from runhelpers import snapshot_of
 
@@ -141,12 +142,106 @@ def test_the_content_checksum_does_not_depend_on_physical_row_order(db):
     assert compare_snapshots(before, snapshot_of(db)).identical
 
 
-def test_tables_above_the_row_limit_are_counted_but_not_checksummed(db):
+def test_every_table_is_checksummed_by_default_whatever_its_size(db):
+    snap = snapshot_of(db)
+    assert snap["checksum_row_limit"] is None and snap["checksum_method"] == CHECKSUM_METHOD
+    tables = [t for t in snap["row_counts"] if t.startswith("public.")]
+    assert tables and all(len(snap["content"][t]) == 32 for t in tables)
+    assert not any(v.startswith("skipped") for v in snap["content"].values())
+
+
+def test_one_changed_row_is_found_in_a_table_larger_than_a_limit_would_have_checksummed(db):
+    # the old default skipped tables over 1M rows; a limit of 2 stands for it on a 3-row table
+    db.execute("create table public.items (id int, label text); insert into public.items values (1, 'a'), (2, 'b'), (3, 'c')")
+    assert snapshot_of(db, checksum_row_limit=2)["content"]["public.items"] == "skipped: 3 rows"
+    before = snapshot_of(db)
+    db.execute("update public.items set label = 'B' where id = 2")
+    comparison = compare_snapshots(before, snapshot_of(db))
+    assert comparison.counts_equal and list(comparison.content_differences) == ["public.items"]
+
+
+def test_the_content_checksum_is_the_same_for_the_same_rows_inserted_in_another_order(db):
+    db.execute("""create table public.first (id int, label text); create table public.second (id int, label text);
+                  insert into public.first select i, 'row ' || i from generate_series(1, 500) i order by i;
+                  insert into public.second select i, 'row ' || i from generate_series(1, 500) i order by i desc""")
+    content = snapshot_of(db)["content"]
+    assert content["public.first"] == content["public.second"]
+
+
+def test_duplicate_rows_count_in_the_content_checksum(db):
+    db.execute("""create table public.aab (v text); create table public.abb (v text);
+                  insert into public.aab values ('a'), ('a'), ('b'); insert into public.abb values ('a'), ('b'), ('b')""")
+    snap = snapshot_of(db)
+    assert snap["row_counts"]["public.aab"] == snap["row_counts"]["public.abb"] == 3
+    assert snap["content"]["public.aab"] != snap["content"]["public.abb"]
+
+
+def test_tables_above_an_explicit_row_limit_are_counted_but_not_checksummed(db):
     limited = snapshot_of(db, checksum_row_limit=50)
     assert limited["content"]["public.members"] == "skipped: 100 rows"
     assert len(limited["content"]["public.organizations"]) == 32
     comparison = compare_snapshots(limited, snapshot_of(db, checksum_row_limit=50))
     assert comparison.identical and comparison.content_unverified == ["public.members"]
+
+
+def test_a_table_counted_only_on_one_side_is_unverified_not_a_content_difference(db):
+    comparison = compare_snapshots(snapshot_of(db), snapshot_of(db, checksum_row_limit=0))
+    assert comparison.identical and comparison.content_differences == {}
+    assert comparison.content_unverified == ["public.members", "public.organizations"]
+
+
+def _as_format_1(snap: dict, db) -> dict:
+    """The snapshot as an older version wrote it: no method named, md5-sorted checksums."""
+    old = {k: v for k, v in snap.items() if k != "checksum_method"} | {"format": 1, "checksum_row_limit": 1_000_000}
+    old["content"] = dict(snap["content"])
+    for table in ("public.members", "public.organizations"):
+        [(old["content"][table],)] = db.query(f"""select md5(coalesce(string_agg(md5(snapshot_row::text), ''
+                                                  order by snapshot_row::text collate "C"), ''))
+                                                  from {table} as snapshot_row""")
+    return old
+
+
+def test_a_snapshot_of_the_older_format_loads_and_compares_without_false_content_differences(db, tmp_path):
+    before = load_snapshot(save_snapshot(_as_format_1(snapshot_of(db), db), tmp_path / "snapshot.json"))
+    comparison = compare_snapshots(before, snapshot_of(db))
+    assert comparison.identical and comparison.content_differences == {}
+    assert comparison.content_incomparable == ["public.members", "public.organizations"]
+    assert comparison.checksum_methods == (LEGACY_CHECKSUM_METHOD, CHECKSUM_METHOD)
+    assert "different methods (md5-sorted before, rowsum-md5 after)" in comparison.notes()[0]
+
+
+def test_a_snapshot_of_the_older_format_still_shows_lost_rows_and_changed_sequences(db):
+    db.execute("create sequence public.counter")
+    before = _as_format_1(snapshot_of(db), db)
+    db.execute("delete from public.members where user_name = 'user 7'; select nextval('public.counter')")
+    comparison = compare_snapshots(before, snapshot_of(db))
+    assert [r.table for r in comparison.lost_rows] == ["public.members"]
+    assert list(comparison.content_differences) == ["public.counter"]
+
+
+def test_a_work_queue_that_drained_is_a_fact_not_lost_rows(db):
+    # phase 2 interrupted at its post-commit rewrite: its re-run finds private.pending_rewrites emptied
+    db.execute("""create schema private;
+                  create table private.pending_rewrites (table_name text primary key, reason text not null);
+                  insert into private.pending_rewrites values ('public.members', 'plaintext api keys removed')""")
+    before = snapshot_of(db)
+    db.execute("delete from private.pending_rewrites")
+    comparison = compare_snapshots(before, snapshot_of(db))
+    assert "private.pending_rewrites" in WORK_QUEUES
+    assert comparison.ok_for_deploy and comparison.lost_rows == [] and not comparison.identical
+    [drained] = comparison.drained_queues
+    assert (drained.table, drained.before, drained.after, drained.status) == ("private.pending_rewrites", 1, 0, "drained")
+    assert comparison.problems() == ["private.pending_rewrites: 1 -> 0 rows (-1): work queue drained (not a loss)",
+                                     "private.pending_rewrites: content differs"]
+
+
+def test_the_same_rows_gone_from_a_table_that_is_not_a_work_queue_are_lost(db):
+    db.execute("""create schema private; create table private.other_queue (table_name text primary key);
+                  insert into private.other_queue values ('x')""")
+    before = snapshot_of(db)
+    db.execute("delete from private.other_queue")
+    comparison = compare_snapshots(before, snapshot_of(db))
+    assert [r.table for r in comparison.lost_rows] == ["private.other_queue"] and not comparison.ok_for_deploy
 
 
 def test_the_history_schema_is_left_out_and_platform_schemas_are_counted_but_not_fingerprinted(db):

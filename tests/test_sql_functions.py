@@ -12,8 +12,8 @@ import uuid
 import psycopg2
 import pytest
 
-from sqlhelpers import (HASH_A, INVENTORY_A1, KEY_A, ORG_A, ORG_B, PRODUCT_A1, PRODUCT_A2, PRODUCT_B1, SEED_SQL, USERS,
-                        act_as, error_of, module_cursor, savepoint)
+from sqlhelpers import (HASH_A, INVENTORY_A1, KEY_A, ORG_A, ORG_B, PHASE_FILES, PRODUCT_A1, PRODUCT_A2, PRODUCT_B1,
+                        SEED_SQL, USERS, act_as, apply_psql, error_of, module_cursor, psql_error, savepoint)
 
 OTHER = str(uuid.UUID(int=42))
 
@@ -542,3 +542,61 @@ def test_valid_writes_pass_every_rule(cur):
     cur.execute(f"update public.organization_members set role = 'owner' where user_id = '{USERS['admin']}'")
     cur.execute(f"update public.organization_members set role = 'member' where user_id = '{USERS['owner']}'")
     assert cur.rowcount == 1
+
+
+# -- a database the previous release migrated: policy helpers that took a user argument ----------------------
+
+OLD_HELPERS_SQL = """
+create function private.member_org_ids(p_user uuid) returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select m.organization_id from public.organization_members as m where m.user_id = p_user $$;
+create function private.admin_org_ids(p_user uuid) returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select m.organization_id from public.organization_members as m
+                              where m.user_id = p_user and m.role in ('owner', 'admin') $$;
+create function private.owner_org_ids(p_user uuid) returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select m.organization_id from public.organization_members as m
+                              where m.user_id = p_user and m.role = 'owner' $$;
+create function private.colleague_ids(p_user uuid) returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select o.user_id from public.organization_members as mine
+                              join public.organization_members as o using (organization_id) where mine.user_id = p_user $$;
+grant execute on function private.member_org_ids(uuid), private.admin_org_ids(uuid), private.owner_org_ids(uuid),
+  private.colleague_ids(uuid) to authenticated, service_role;
+drop policy products_select_members on public.products;
+create policy products_select_members on public.products for select to authenticated
+  using (organization_id in (select private.member_org_ids((select auth.uid()))));
+drop policy profiles_select_self_and_colleagues on public.profiles;
+create policy profiles_select_self_and_colleagues on public.profiles for select to authenticated
+  using (id = (select auth.uid()) or id in (select private.colleague_ids((select auth.uid()))));
+"""
+OLD_SIGNATURES_SQL = """
+select p.oid::regprocedure::text from pg_proc p
+ where p.pronamespace = 'private'::regnamespace and p.proname ~ '_ids$' order by 1"""
+NEW_SIGNATURES = [("private.admin_org_ids()",), ("private.colleague_ids()",), ("private.member_org_ids()",),
+                  ("private.owner_org_ids()",)]
+
+
+def test_re_applying_the_phases_replaces_the_helpers_that_answered_for_anyone(make_db):
+    db = make_db("legacy@3")
+    db.execute(OLD_HELPERS_SQL)
+    for path in PHASE_FILES[1:]:
+        apply_psql(db, path)
+    assert db.query(OLD_SIGNATURES_SQL) == NEW_SIGNATURES
+    assert db.query("""select count(*) from pg_policies where schemaname = 'public'
+                        and coalesce(qual, '') || coalesce(with_check, '') ~ '_ids\\(\\( SELECT'""") == [(0,)]
+    # and again: nothing left to replace
+    apply_psql(db, PHASE_FILES[1])
+    assert db.query(OLD_SIGNATURES_SQL) == NEW_SIGNATURES
+
+
+def test_an_old_helper_that_another_object_still_calls_stops_phase_2_naming_it_and_is_never_cascaded(make_db):
+    db = make_db("legacy@3")
+    db.execute(OLD_HELPERS_SQL + """
+        create table public.team_notes (id int primary key, organization_id uuid);
+        alter table public.team_notes enable row level security;
+        create policy team_notes_members on public.team_notes for select to authenticated
+          using (organization_id in (select private.member_org_ids((select auth.uid()))));""")
+    error = psql_error(db, PHASE_FILES[1])
+    assert "the old helper private.member_org_ids(uuid) answers for any user it is asked about" in error
+    assert "policy team_notes_members on table team_notes" in error
+    assert "private.member_org_ids()" in error                      # the hint: what to call instead
+    assert db.query("select count(*) from pg_policies where policyname = 'team_notes_members'") == [(1,)]
+    assert ("private.member_org_ids(uuid)",) in db.query(OLD_SIGNATURES_SQL)

@@ -133,9 +133,14 @@ def test_copies_of_keys_of_any_characters_are_redacted_wherever_they_stand_in_a_
         ('b', jsonb_build_object(%(k3)s, 'as an object key', 'list', jsonb_build_array('x', %(k4)s)), 'xx' || %(k5)s || 'yy'),
         ('c', jsonb_build_object('clean', 'ts_bulk_ but no key, and a uuid ' || gen_random_uuid()), 'clean')""",
                {f"k{i}": k for i, k in enumerate(keys)})
+    db.execute("create table public.notes (id int primary key, doc json, body text); "
+               "insert into public.notes values (1, '{\"b\": 1,   \"a\": 2}', 'see ' || %s)", (keys[0],))
     apply_phases(db, count=2, start=2)
     assert find_text(db, keys) == []
     assert db.query("select count(*) from public.audit_logs where user_agent like '%[redacted api key %'") == [(2,)]
+    # a column is rewritten only where it holds a key: the json beside it keeps its text to the letter
+    assert db.query("select doc::text, body like 'see [redacted api key %' from public.notes") == [
+        ('{"b": 1,   "a": 2}', True)]
     assert db.query("select new_data ->> 'clean' like 'ts_bulk_ but no key%' from public.audit_logs where action = 'c'") == [(True,)]
 
 

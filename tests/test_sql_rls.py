@@ -212,3 +212,76 @@ def test_the_audit_trail_is_append_only_even_for_service_role_but_not_for_its_ow
     with savepoint(cursor):
         cursor.execute("delete from public.audit_logs where organization_id = %s", (ORG_B,))
         assert cursor.rowcount > 0
+
+
+# -- the helpers the policies call -----------------------------------------------------------------------------
+
+HELPERS = ("member_org_ids", "admin_org_ids", "owner_org_ids", "colleague_ids")
+
+
+def helper_answer(cur, who: str, helper: str) -> set[str]:
+    with savepoint(cur, "helper"):
+        act_as(cur, who)
+        cur.execute(f"select * from private.{helper}()")
+        return {str(value) for (value,) in cur.fetchall()}
+
+
+def test_the_policy_helpers_answer_for_the_caller_and_nobody_else(cursor):
+    assert helper_answer(cursor, "member", "member_org_ids") == {ORG_A, ORG_B}
+    assert helper_answer(cursor, "viewer", "member_org_ids") == {ORG_A}
+    assert helper_answer(cursor, "other_admin", "admin_org_ids") == {ORG_B}
+    assert helper_answer(cursor, "owner", "owner_org_ids") == {ORG_A}
+    assert helper_answer(cursor, "viewer", "colleague_ids") == {USERS[w] for w in ("owner", "admin", "member", "viewer")}
+    assert helper_answer(cursor, "spare", "member_org_ids") == set()
+    # service_role has no user of its own: the helpers tell it nothing (it bypasses RLS anyway)
+    assert helper_answer(cursor, "service_role", "colleague_ids") == set()
+
+
+@pytest.mark.parametrize("helper", HELPERS)
+def test_asking_a_policy_helper_about_another_user_is_refused(cursor, helper):
+    with savepoint(cursor):
+        act_as(cursor, "viewer")
+        with pytest.raises(psycopg2.errors.UndefinedFunction):
+            cursor.execute(f"select * from private.{helper}(%s::uuid)", (USERS["other_admin"],))
+
+
+def plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def helper_scans(cur, sql: str) -> list[tuple[str, int]]:
+    """(helper, loops) of every plan node that calls a private helper (a function scan, or the ProjectSet of
+    the hashed SubPlan or InitPlan that `in (select private.helper())` becomes) in the executed plan of sql."""
+    cur.execute("explain (analyze, verbose, costs off, format json) " + sql)
+    [[document]] = cur.fetchall()
+    found = []
+    for node in plan_nodes(document[0]["Plan"]):
+        called = " ".join(node.get("Output", [])) + " " + node.get("Function Call", "")
+        found += [(helper, node["Actual Loops"]) for helper in HELPERS if f"private.{helper}()" in called]
+    return found
+
+
+def helper_calls(cur, helper: str) -> int:
+    cur.execute("select coalesce(pg_stat_get_xact_function_calls(%s::regprocedure), 0)", (f"private.{helper}()",))
+    return cur.fetchone()[0]
+
+
+@pytest.mark.parametrize("who,helper,sql", [
+    ("member", "member_org_ids", "select * from public.products"),
+    ("admin", "admin_org_ids", f"update public.products set name = name where organization_id = '{ORG_A}'"),
+    ("viewer", "colleague_ids", "select * from public.profiles"),
+], ids=["select", "update", "profiles"])
+def test_the_policies_run_each_helper_once_per_query_however_many_rows_it_reads(cursor, who, helper, sql):
+    with savepoint(cursor):
+        cursor.execute(f"""insert into public.products (organization_id, sku, name, price)
+                           select '{ORG_A}', 'BULK-' || g, 'Bulk ' || g, 1 from generate_series(1, 300) g""")
+        cursor.execute("analyze public.products")
+        cursor.execute("set local track_functions = 'all'")
+        act_as(cursor, who)
+        scans = helper_scans(cursor, sql)
+        assert scans and {loops for _, loops in scans} == {1}, scans
+        before = helper_calls(cursor, helper)
+        cursor.execute(sql)
+        assert helper_calls(cursor, helper) - before == len([s for s in scans if s[0] == helper]), scans

@@ -32,7 +32,7 @@ alter table public.products alter column currency type varchar(3);
 # 3. a role without the privileges it needs: authenticated cannot read products, nor run a policy's helper
 PERMISSION_PROBLEM = """
 revoke select on public.products from authenticated;
-revoke execute on function private.member_org_ids(uuid) from authenticated;
+revoke execute on function private.member_org_ids() from authenticated;
 """
 # 4. a foreign key without an index (a service_role-only table, RLS on, no API grants)
 UNINDEXED_FOREIGN_KEY = """
@@ -113,7 +113,7 @@ def test_the_diagnoses_find_each_issue_with_the_objects_that_depend_on_it_and_th
     permissions = found["permission_problems"]
     assert permissions.status == "warning"
     assert sorted(f.sql for f in permissions.fixes) == [
-        "grant execute on function private.member_org_ids(uuid) to authenticated;",
+        "grant execute on function private.member_org_ids() to authenticated;",
         "grant select on table public.products to authenticated;"]
     assert "GRANT ALL" not in " ".join(f.sql for f in permissions.fixes).upper()
     policy_row = next(r for r in permissions.rows if "member_org_ids" in r["lacks"])
@@ -224,7 +224,7 @@ def test_troubleshooting_finds_the_four_issues_and_changes_nothing_by_default(ma
                   "drop function public.touch_updated_at();",
                   f"runbook deploy --service {db.name} -p reapply true",
                   "grant select on table public.products to authenticated;",
-                  "grant execute on function private.member_org_ids(uuid) to authenticated;",
+                  "grant execute on function private.member_org_ids() to authenticated;",
                   "create index concurrently if not exists order_lines_product_id_idx on public.order_lines (product_id);"):
         assert shown in text, shown
     assert (outcome.record.path / outcome.notebooks[0]["html"]).is_file()
@@ -253,7 +253,7 @@ def test_with_apply_fixes_the_sql_fixes_take_and_re_running_phase_2_fixes_the_ta
                        and tgfoid = 'public.update_updated_at_column()'::regprocedure""") == [("update_products_updated_at",)]
     # 3. the least grants are back
     assert db.query("""select has_table_privilege('authenticated', 'public.products', 'select'),
-                              has_function_privilege('authenticated', 'private.member_org_ids(uuid)', 'execute'),
+                              has_function_privilege('authenticated', 'private.member_org_ids()', 'execute'),
                               has_table_privilege('authenticated', 'public.products', 'truncate')""") == [(True, True, False)]
     # 4. the index exists and is valid
     assert db.query("""select i.indisvalid from pg_index i

@@ -1,6 +1,8 @@
 """Verification: every check passes on a fully migrated database, leaves nothing behind, and fails
 when something is broken on purpose (a policy dropped, a second updated-at function, rows deleted)."""
 
+import threading
+
 import pytest
 
 from runbooks import preflight, runner, snapshot, verification
@@ -214,3 +216,128 @@ def test_the_checks_work_on_any_database_the_phases_converged_not_only_the_fixtu
     finally:
         conn.close()
     assert {c.name: c.summary for c in checks if c.status == "error"} == {}
+
+
+# Supabase's advisor rules (splinter), as the verification writes them: (lint, SQL that breaks the rule once,
+# the object reported, its level: error on the deployment's objects, the advisor's own level elsewhere)
+ADVISOR_BREAKAGE = (
+    ("rls_enabled_no_policy", "drop policy rate_limits_no_client_access on public.rate_limits", "rate_limits", "error"),
+    ("rls_enabled_no_policy", "create table private.notes (id int primary key); alter table private.notes enable row level security",
+     "private.notes", "error"),
+    ("policy_exists_rls_disabled", "alter table public.inventory disable row level security", "inventory", "error"),
+    ("auth_users_exposed", "create view public.user_emails as select id, email from auth.users; "
+                           "grant select on public.user_emails to authenticated", "user_emails", "warning"),
+    ("rls_references_user_metadata", "create policy p_meta on public.products for select to authenticated "
+                                     "using (((select auth.jwt()) -> 'user_metadata' ->> 'org') = organization_id::text)",
+     "p_meta on products", "error"),
+    ("materialized_view_in_api", "create materialized view public.product_names as select name from public.products; "
+                                 "grant select on public.product_names to anon", "product_names", "warning"),
+    ("unsupported_reg_types", "alter table public.products add column kind regproc", "products.kind", "error"),
+    ("fkey_to_auth_unique", "create unique index users_email_once on auth.users (email); "
+                            "create table public.invites (id int primary key, email varchar(255) references auth.users (email)); "
+                            "create index on public.invites (email)", "invites_email_fkey on invites", "warning"),
+    ("sensitive_columns_exposed", "create table public.leaky (id int primary key, password text); "
+                                  "grant select on public.leaky to anon", "leaky", "warning"),
+    ("auth_rls_initplan", "create policy p_setting on public.threat_intelligence for select to authenticated "
+                          "using (current_setting('app.team', true) = 'red')", "p_setting on threat_intelligence", "error"),
+    ("unindexed_foreign_key", "create table private.pairs (a uuid, b uuid, primary key (b, a), "
+                              "foreign key (a, b) references private.pairs (b, a))", "pairs_a_b_fkey on private.pairs", "error"),
+    ("no_primary_key", "create table private.scratch (x int)", "private.scratch", "error"),
+)
+
+
+def test_each_advisor_rule_finds_what_it_looks_for_at_the_level_of_whose_object_it_is(make_db):
+    db = make_db("empty@3")
+    for _, breakage, _, _ in ADVISOR_BREAKAGE:
+        db.execute(breakage)
+    conn = readonly(db)
+    try:
+        rows = verification.security_lints(conn).rows + verification.performance_lints(conn).rows
+    finally:
+        conn.close()
+    found = {(r["lint"], r["object"]): r["level"] for r in rows if r["object"]}
+    for lint, _, obj, level in ADVISOR_BREAKAGE:
+        assert found.get((lint, obj)) == level, (lint, obj, found)
+
+
+# -- a live app writing all along ------------------------------------------------------------------------------
+
+class AppClient(threading.Thread):
+    """An app client committing audited writes one request after another until told to stop: as an
+    authenticated admin of the fixture's organization (claims set, as PostgREST does), or as service_role."""
+
+    def __init__(self, db, who: str, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.db, self.who, self.stop, self.writes, self.error = db, who, stop, 0, None
+        self.wrote = threading.Event()
+
+    def run(self):
+        conn = self.db.connect(application_name=f"app client {self.who}")
+        try:
+            while not self.stop.is_set():
+                self.request(conn)
+                self.writes += 1
+                self.wrote.set()
+        except Exception as exc:   # the test asserts none happened
+            self.error = exc
+            self.wrote.set()
+        finally:
+            conn.close()
+
+    def request(self, conn):
+        sku = f"APP-{self.who.upper()[:5]}-{self.writes}"
+        with conn.cursor() as cur:
+            if self.who == "service_role":
+                verification.act_as(cur, "service_role")
+                cur.execute("select public.log_security_event('app.request', 'low', %s, %s, '198.51.100.7', '{}')",
+                            (APP_ORG, APP_ADMIN))
+            else:
+                verification.act_as(cur, "app_admin", {"app_admin": APP_ADMIN})
+            cur.execute("insert into public.products (organization_id, sku, name) values (%s, %s, 'written by the app')",
+                        (APP_ORG, sku))    # audited by its trigger
+        conn.commit()
+
+
+APP_ORG = "0a000000-0000-4000-8000-000000000001"     # the fixture's organization and one of its admins
+APP_ADMIN = "0b000000-0000-4000-8000-000000000002"
+
+
+def test_the_verification_passes_while_app_clients_write_audited_rows_all_along(migrated_db, conn, tmp_path):
+    preflight.snapshot(conn, tmp_path)
+    stop = threading.Event()
+    clients = [AppClient(migrated_db, who, stop) for who in ("authenticated", "service_role")]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.wrote.wait()
+    try:
+        audit_before = migrated_db.query("select count(*) from public.audit_logs")[0][0]
+        checks = [check(conn) for check in ALL_CHECKS] + [verification.row_counts(conn, tmp_path)]
+        audit_after = migrated_db.query("select count(*) from public.audit_logs")[0][0]
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert [c.error for c in clients] == [None, None]
+    assert audit_after > audit_before        # the app wrote audited rows while the checks ran
+    failed = {c.name: c.summary for c in checks if c.status == "error"}
+    assert failed == {}
+    compliance = next(c for c in checks if c.name == "compliance")
+    own = next(r for r in compliance.rows if r["does"].startswith("its own log rows"))
+    assert own["ok"] == "yes" and own["expected"] == own["actual"]
+    assert verification.success_criteria(checks).status == "ok"
+
+
+def test_a_dry_run_that_deletes_the_verifications_own_expired_log_rows_fails_the_compliance_check(migrated_db, conn):
+    # a broken retention: its "dry run" deletes the expired audit rows (only its own synthetic ones are expired)
+    migrated_db.execute("""
+        create or replace function public.apply_data_retention(p_dry_run boolean default true)
+        returns table (table_name text, rows_affected bigint) language plpgsql security definer set search_path = ''
+        as $$ begin
+          delete from public.audit_logs where created_at < now() - interval '7 years';
+          return query select 'audit_logs'::text, 1::bigint;
+        end $$""")
+    check = verification.compliance(conn)
+    assert check.status == "error" and "its own log rows unchanged" in check.summary
+    own = next(r for r in check.rows if r["does"].startswith("its own log rows"))
+    assert "audit_logs rows (CHANGED)" in own["actual"]
