@@ -23,8 +23,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nbformat
+import psycopg2
 
-from . import records
+from . import connection, identity, records
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
 RECORDS_ENV = "RUNBOOK_RECORDS"     # where by-hand runs keep their records (default records/ in the project)
@@ -176,6 +177,8 @@ def seal(root: Path, run_id: str, notebooks_dir: Path = NOTEBOOK_DIR, progress=p
                              verdict="passed" if all(e["status"] == "passed" for e in manifest["notebooks"])
                              and manifest["notebooks"] else "failed")
     runner._seal(record, manifest, outcome)
+    if journal.get("target", {}).get("kind") in ("service", "target"):
+        _mark_finished(journal, run_id, outcome.verdict, progress)
     progress(f"record: {record.path}\nseal: sha256 of manifest.json {record.seal()} (note it in the change ticket)"
              f"\nverdict: {outcome.verdict.upper()}")
     return outcome
@@ -193,13 +196,36 @@ def _manifest(journal: dict, run_id: str) -> dict:
                           "status": status if status in ("passed", "failed") else "failed",
                           **({} if status in ("passed", "failed") else
                              {"error": "stopped before its verdict (a cell raised, or the kernel was stopped)"}),
-                          "started_at": entry.get("started_at"), "finished_at": entry.get("finished_at")})
+                          "started_at": entry.get("started_at"), "finished_at": entry.get("finished_at"),
+                          "seconds": _seconds(entry.get("started_at"), entry.get("finished_at"))})
     return {"run_id": run_id, "command": "by hand", "plan": [n["name"] for n in notebooks],
             "operator": journal.get("operator"), "started_at": journal.get("started_at"),
             "finished_at": None, "target": journal.get("target"), "server": journal.get("server"),
             "project": records.project_facts(), "sql_files": records.sql_checksums(), "parameters": {},
             "backup": None, "notebooks": notebooks, "verdict": "failed", "error": None,
             "sealed_by": records.operator_facts(), "sealed_at": records.utc_now()}
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not (start and end):
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 2)
+
+
+def _mark_finished(journal: dict, run_id: str, verdict: str, say) -> None:
+    """The database's witness of the run's backup learns it ended (a later deploy then no longer
+    names it as unfinished); best effort: the target may be out of reach from where the DBA seals."""
+    target = journal.get("target") or {}
+    try:
+        conn = connection.connect(connection.resolve(target.get("kind"), target.get("name")),
+                                  application_name=f"runbook seal {run_id}"[:63], autocommit=True)
+        try:
+            identity.finish_run(conn, run_id, verdict)
+        finally:
+            conn.close()
+    except (connection.TargetError, psycopg2.Error) as exc:
+        say(f"  note: could not mark run {run_id} finished on {target.get('kind')} {target.get('name')!r} "
+            f"({' '.join(str(exc).split())[:200]}); a later deploy will name it as unfinished")
 
 
 def _keep_notebook(record, manifest: dict, entry: dict, source: Path, number: int, runner) -> None:

@@ -14,7 +14,7 @@ import nbformat
 import papermill
 import pytest
 
-from runbooks import by_hand, connection, preflight, records, runner, verification
+from runbooks import by_hand, connection, identity, preflight, records, runner, verification
 from runbooks.paths import NOTEBOOK_DIR
 
 from runhelpers import history, runbook
@@ -60,6 +60,7 @@ def test_a_deployment_stepped_through_by_hand_is_one_run_that_seals_verifies_and
     verdict = runner._verdict_of(executed["04_verification"])
     assert {c["name"]: c["status"] for c in verdict["checks"]}["row_counts"] == "ok"
 
+    assert run_id in unfinished(legacy_db)   # the preflight's witness row, not finished yet
     assert runbook("records", "seal", run_id, "--records", by_hand_records, "--notebooks", saved) == 0
     manifest = records.Record.open(by_hand_records, run_id).manifest()
     assert manifest["command"] == "by hand" and manifest["verdict"] == "passed"
@@ -69,6 +70,7 @@ def test_a_deployment_stepped_through_by_hand_is_one_run_that_seals_verifies_and
     kept = nbformat.read(by_hand_records / run_id / manifest["notebooks"][2]["file"], as_version=4)
     assert kept.metadata["truthsource"]["run_id"] == run_id
     assert runbook("records", "verify", run_id, "--records", by_hand_records) == 0
+    assert run_id not in unfinished(legacy_db)   # sealing told the witness: a later deploy does not name it
     assert runbook("records", "seal", run_id, "--records", by_hand_records) == 2   # sealed already
 
     assert runbook("rollback", "--service", legacy_db.name, "--run", run_id, "--yes",
@@ -76,6 +78,14 @@ def test_a_deployment_stepped_through_by_hand_is_one_run_that_seals_verifies_and
     columns = {name for (name,) in legacy_db.query(
         "select column_name from information_schema.columns where table_schema = 'public' and table_name = 'api_keys'")}
     assert "key" in columns and "key_prefix" not in columns   # the legacy shape, plaintext keys and all, back
+
+
+def unfinished(db) -> set[str]:
+    conn = db.connect(readonly=True, autocommit=True)
+    try:
+        return {row["run_id"] for row in identity.unfinished_runs(conn)}
+    finally:
+        conn.close()
 
 
 def test_a_phase_by_hand_without_a_preflight_is_refused_naming_what_to_do(legacy_db, by_hand_records, tmp_path):

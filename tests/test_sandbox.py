@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,23 @@ def test_a_targets_file_at_the_project_root_is_found_from_the_notebooks_folder(m
     finally:
         root_file.unlink()
     assert target.targets_file == str(root_file) and target.params["host"] == "127.0.0.1"
+
+
+def test_runbook_lab_starts_jupyterlab_on_localhost_as_any_user_root_included(tmp_path):
+    with socket.socket() as s:   # a port free now (JupyterLab moves on to the next if it is taken since)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, sandbox.FILE_ENV: str(tmp_path / "none.env")}
+    proc = subprocess.Popen([sys.executable, "-m", "runbooks.cli", "lab", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if "http://127.0.0.1:" in line:
+                break
+        assert any("http://127.0.0.1:" in line for line in said), "".join(said)
+        assert not any("Running as root is not" in line for line in said)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=HANG)
