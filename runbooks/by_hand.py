@@ -94,7 +94,7 @@ def _preflight_problem(state: dict | None, target, max_age_hours: float) -> str 
     return None
 
 
-def start(run, joined: dict | None) -> None:
+def start(run) -> None:
     """Note this notebook in its run's journal; a preflight also names its run in the state file."""
     journal = _journal(run.record_dir)
     if not journal:

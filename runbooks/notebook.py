@@ -213,7 +213,7 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
               facts=connection.server_facts(conn), stop_on_error=stop_on_error, by_hand=by_hand,
               joined=joined)
     if by_hand:
-        by_hand_runs.start(run, joined)
+        by_hand_runs.start(run)
     configure_ipython_sql(factory)
     if show_header:
         run.header()
