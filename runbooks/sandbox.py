@@ -57,6 +57,9 @@ def serve(source: connection.Target | None = None, say=print) -> int:
     """Start the sandbox, say how to use it, wait for Ctrl-C or SIGTERM, stop it: exit 0."""
     pg = EmbeddedPostgres()
     signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C, even when started with SIGINT ignored (&)
+    # A PGSERVICE exported earlier (an old sandbox's) would be applied by libpq to every connection made
+    # here; the sandbox and its source are named explicitly.
+    os.environ.pop("PGSERVICE", None)
     try:
         pg.start()   # SIGTERM now raises SystemExit, so the `finally` below stops the server
         _create_database(pg)

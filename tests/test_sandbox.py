@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 HANG = 300   # bounds a hang of the stopping sandbox, not a duration
 
 
-def start_sandbox(tmp_path: Path, *args: str):
+def start_sandbox(tmp_path: Path, *args: str, env: dict | None = None):
     """`runbook sandbox` as a subprocess, read line by line until it says how to stop it: the
     process, what it printed, and the exports it gave."""
-    env = {**os.environ, sandbox.FILE_ENV: str(tmp_path / "sandbox.env")}
+    env = {**os.environ, sandbox.FILE_ENV: str(tmp_path / "sandbox.env"), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "runbooks.cli", "sandbox", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
@@ -63,7 +63,7 @@ def sandbox_rows(exports: dict, sql: str):
 
 
 def test_the_sandbox_serves_the_legacy_fixture_through_its_service_until_ctrl_c_then_leaves_nothing(tmp_path):
-    proc, lines, exports = start_sandbox(tmp_path)
+    proc, lines, exports = start_sandbox(tmp_path, env={"PGSERVICE": "an_old_sandbox"})   # exported earlier
     try:
         assert "service: sandbox" in lines and exports["PGSERVICE"] == "sandbox"
         assert set(exports) == {"PGSERVICEFILE", "PGPASSFILE", "PGSERVICE"}
