@@ -104,6 +104,17 @@ def fetch(conn, sql: str, params=None) -> list[dict]:
     return rows
 
 
+def human_bytes(n: int | None) -> str:
+    """512 bytes, 3.2 MB: sizes as an operator reads them."""
+    if n is None:
+        return ""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def human_duration(seconds: float | None) -> str:
     """12s, 3m05s, 1h20m: durations as an operator reads them."""
     seconds = max(0, round(seconds or 0))

@@ -113,6 +113,9 @@ PLATFORM_SCHEMAS = (
 )
 
 
+PLATFORM_SCHEMAS_SQL = "array[" + ", ".join(f"'{s}'" for s in PLATFORM_SCHEMAS) + "]"
+
+
 def is_app_schema(name: str) -> bool:
     """A schema the product owns: not PostgreSQL's, not the runbooks' history, not Supabase's platform."""
     return not (name in ("pg_catalog", "information_schema") or name.startswith("pg_") or name == HISTORY_SCHEMA

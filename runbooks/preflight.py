@@ -16,9 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import backup as backup_module
-from . import connection, engine, identity, pgtools, restore, signoff
+from . import connection, contract, engine, identity, pgtools, restore, signoff
 from . import snapshot as snapshot_module
-from .checks import Check, fetch, sql_check
+from .checks import Check, fetch, human_bytes, sql_check
+from .contract import INTEGRITY_SQL, PLAINTEXT_KEY_COLUMNS
 
 MIN_SERVER_VERSION = 150000
 SNAPSHOT_FILE = "snapshot.json"
@@ -26,19 +27,7 @@ BACKUP_DIR = "backup"
 
 # The app schemas (as the snapshot and the restore see them): not PostgreSQL's, not Supabase's
 # platform schemas, not the deployment history's.
-PLATFORM_ARRAY = "array[" + ", ".join(f"'{s}'" for s in snapshot_module.PLATFORM_SCHEMAS) + "]"
-APP_SCHEMA_FILTER = ("n.nspname not in ('pg_catalog', 'information_schema') and n.nspname !~ '^pg_' "
-                     f"and n.nspname <> '{engine.HISTORY_SCHEMA}' and n.nspname <> all ({PLATFORM_ARRAY})")
-
-
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+APP_SCHEMA_FILTER = contract.app_schema_condition()
 
 
 # -- server ------------------------------------------------------------------------------------
@@ -422,8 +411,6 @@ def signoff_check(*, production: bool, approver=None, change_ticket=None, mainte
 SKU_RULE = "^[A-Z0-9][A-Z0-9_-]{2,63}$"
 SLUG_RULE = "^[a-z0-9]+(-[a-z0-9]+)*$"
 CONTRACT_ROLES = ("owner", "admin", "member", "viewer")
-PLAINTEXT_KEY_COLUMNS = ("key", "api_key", "secret", "secret_key", "token", "plaintext_key", "plain_key", "raw_key",
-                         "key_value")
 
 # (rule, table, columns it needs, query returning (affected, sample), what happens to such rows)
 # Samples never hold a secret: keys are counted, never shown.
@@ -463,7 +450,6 @@ AUTH_USERS_READABLE_SQL = """
 select coalesce((select has_schema_privilege(n.oid, 'USAGE') and has_table_privilege(c.oid, 'SELECT')
                    from pg_class c join pg_namespace n on n.oid = c.relnamespace
                   where n.nspname = 'auth' and c.relname = 'users'), false) as readable"""
-INTEGRITY_SQL = "select check_name, status, affected_rows, details from public.verify_data_integrity() order by check_name"
 LEGACY_SQL = ("-- when phase 3 is applied:\n" + INTEGRITY_SQL + ";\n\n-- otherwise, for each rule whose table and columns exist:\n"
               + ";\n".join(q for *_, q in LEGACY_RULES)
               + ";\n-- plaintext api keys: count of non-null values in api_keys."
@@ -587,7 +573,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
         Path(record_dir).resolve()) else Path(info.path)
     rows = [
         {"fact": "file", "value": str(relative)},
-        {"fact": "size", "value": f"{info.size_bytes} bytes ({_human_bytes(info.size_bytes)})"},
+        {"fact": "size", "value": f"{info.size_bytes} bytes ({human_bytes(info.size_bytes)})"},
         {"fact": "sha256", "value": info.sha256},
         {"fact": "format", "value": f"{info.format} (pg_dump -Fc)"},
         {"fact": "pg_dump", "value": f"{info.pg_dump['version']} ({info.pg_dump['origin']}) for server "
@@ -601,7 +587,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
     ]
     rows += [{"fact": "warning", "value": w} for w in info.warnings]
     return Check("backup", "warning" if info.warnings else "ok",
-                 f"{info.file_name}: {_human_bytes(info.size_bytes)}, {info.toc_entries} archive entries readable by "
+                 f"{info.file_name}: {human_bytes(info.size_bytes)}, {info.toc_entries} archive entries readable by "
                  f"pg_restore --list, sha256 {info.sha256[:16]}…", rows=rows, columns=["fact", "value"])
 
 

@@ -34,7 +34,7 @@ import psycopg2
 
 from . import backup as backup_module
 from . import connection, engine, identity, later_writes, preflight, records, restore, snapshot
-from .checks import Check
+from .checks import Check, human_bytes
 from .notebook import Run, details, sql_block
 from .paths import PROJECT_ROOT
 
@@ -221,7 +221,7 @@ class Rollback:
         rows += [
             {"fact": "backup", "value": f"{preflight.BACKUP_DIR}/{self.info.file_name}"},
             {"fact": "sha256 (recorded)", "value": self.info.sha256},
-            {"fact": "size", "value": f"{self.info.size_bytes} bytes ({preflight._human_bytes(self.info.size_bytes)})"},
+            {"fact": "size", "value": f"{self.info.size_bytes} bytes ({human_bytes(self.info.size_bytes)})"},
             {"fact": "taken at (server clock)", "value": self.info.taken_at},
             {"fact": "of database", "value": f"{self.info.database} (PostgreSQL {self.info.server_version})"},
             {"fact": "pg_dump", "value": self.info.pg_dump.get("version")},

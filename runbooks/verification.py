@@ -35,8 +35,9 @@ import psycopg2
 import psycopg2.extensions
 
 from . import later_writes, preflight, snapshot
-from .checks import Check, fetch
-from .contract import HISTORY_SCHEMA, PLATFORM_SCHEMAS
+from .checks import Check, fetch, human_bytes
+from .contract import (CLIENT_FUNCTION_NAMES, FUNCTIONS, HISTORY_SCHEMA, INTEGRITY_SQL, PLAINTEXT_KEY_COLUMNS,
+                       PLATFORM_SCHEMAS, PLATFORM_SCHEMAS_SQL, TABLES)
 
 # -- the synthetic world -----------------------------------------------------------------------------
 # Fixed, recognisable ids ("5e1f7e57": self-test) so that outputs are deterministic; they only ever
@@ -338,7 +339,6 @@ def helper_functions(conn) -> Check:
 
 # -- 3. the guide's tests 2 and 3: integrity and statistics ---------------------------------------------
 
-INTEGRITY_SQL = "select check_name, status, affected_rows, details from public.verify_data_integrity() order by check_name"
 
 
 @verification_check(INTEGRITY_SQL, "verify_data_integrity()", "data_integrity")
@@ -369,8 +369,8 @@ def database_stats(conn) -> Check:
     seconds = time.perf_counter() - started
     expected = [r["table_name"] for r in fetch(conn, PUBLIC_TABLES_SQL)]
     reported = [r["table_name"] for r in rows]
-    shown = [{"table": r["table_name"], "rows": r["row_count"], "total size": preflight._human_bytes(r["total_bytes"]),
-              "index size": preflight._human_bytes(r["index_bytes"]), "dead rows": r["dead_rows"],
+    shown = [{"table": r["table_name"], "rows": r["row_count"], "total size": human_bytes(r["total_bytes"]),
+              "index size": human_bytes(r["index_bytes"]), "dead rows": r["dead_rows"],
               "seq scans": r["seq_scans"], "index scans": r["index_scans"],
               "last vacuum": r["last_vacuum"], "last analyze": r["last_analyze"]} for r in rows]
     if sorted(reported) != expected:
@@ -532,7 +532,7 @@ COMPLIANCE_CASES = (
      "select count(*) > 0 from public.apply_data_retention(true)", True),
 )
 PLAINTEXT_SQL = f"""select count(*) from pg_attribute where attrelid = to_regclass('public.api_keys') and attnum > 0
-  and not attisdropped and attname = any(array{list(preflight.PLAINTEXT_KEY_COLUMNS)})"""
+  and not attisdropped and attname = any(array{list(PLAINTEXT_KEY_COLUMNS)})"""
 # The verification's own log rows only (its synthetic organizations and users): a live app writes logs of its
 # own all along, so the logs' totals say nothing about what the refused writes and the dry run did.
 _SYNTHETIC_ORGS = f"array['{ORG_A}', '{ORG_B}']::uuid[]"
@@ -607,29 +607,6 @@ def compliance(conn) -> Check:
 
 # -- 7. no duplicate functions or tables ---------------------------------------------------------------------
 
-# The contract's functions in public: (name, arguments, result) as pg_get_function_arguments/result spell them.
-CONTRACT_FUNCTIONS = (
-    ("update_updated_at_column", "", "trigger"),
-    ("get_user_organization_id", "user_uuid uuid", "uuid"),
-    ("is_org_member", "user_uuid uuid, org_uuid uuid", "boolean"),
-    ("is_org_admin", "user_uuid uuid, org_uuid uuid", "boolean"),
-    ("validate_sku", "sku text", "boolean"),
-    ("validate_org_slug", "slug text", "boolean"),
-    ("verify_data_integrity", "", "TABLE(check_name text, status text, affected_rows bigint, details text)"),
-    ("get_database_stats", "", "TABLE(table_name text, row_count bigint, total_bytes bigint, index_bytes bigint, "
-                               "seq_scans bigint, index_scans bigint, dead_rows bigint, last_vacuum timestamp with time "
-                               "zone, last_analyze timestamp with time zone)"),
-    ("detect_suspicious_activity", "p_org_id uuid, p_ip_address inet, p_user_id uuid",
-     "TABLE(is_suspicious boolean, risk_score integer, reasons text[])"),
-    ("log_security_event", "p_event_type text, p_severity text, p_org_id uuid, p_user_id uuid, p_ip_address inet, "
-                           "p_details jsonb", "uuid"),
-    ("check_rate_limit", "p_key text, p_max_requests integer, p_window interval", "boolean"),
-    ("apply_data_retention", "p_dry_run boolean DEFAULT true", "TABLE(table_name text, rows_affected bigint)"),
-    ("export_user_data", "p_user_id uuid", "jsonb"),
-    ("anonymize_user", "p_user_id uuid", "void"),
-)
-# Functions clients (authenticated) may call; anon may call none of the contract's.
-CLIENT_FUNCTIONS = ("export_user_data", "validate_sku", "validate_org_slug")
 
 OVERLOADS_SQL = """
 select p.proname as name, pg_get_function_arguments(p.oid) as arguments,
@@ -649,7 +626,7 @@ where p.prorettype = 'trigger'::regtype
   and (p.prosrc ~* 'new\\s*\\.\\s*"?updated_at"?\\s*:?='
        or p.proname ~ '^(update|set|handle|touch|trigger_set|bump|refresh)_([a-z0-9_]*_)?(updated_at|modified_at|modified|timestamp|timestamps|updated|update_time|modtime|mod_time)(_[a-z0-9_]+)?$'
        or p.proname = 'moddatetime')
-order by 1""".replace("%(platform)s", preflight.PLATFORM_ARRAY)
+order by 1""".replace("%(platform)s", PLATFORM_SCHEMAS_SQL)
 
 
 @verification_check(UPDATED_AT_FUNCTIONS_SQL + ";\n" + OVERLOADS_SQL, "no duplicate functions", "duplicate_functions")
@@ -669,8 +646,8 @@ def duplicate_functions(conn) -> Check:
     if not canonical:
         rows.append({"function": "public.update_updated_at_column()", "finding": "missing", "detail": "",
                      "status": "error"})
-    present = fetch(conn, OVERLOADS_SQL, {"names": [n for n, _, _ in CONTRACT_FUNCTIONS]})
-    for name, arguments, result in CONTRACT_FUNCTIONS:
+    present = fetch(conn, OVERLOADS_SQL, {"names": [n for n, _, _ in FUNCTIONS]})
+    for name, arguments, result in FUNCTIONS:
         mine = [p for p in present if p["name"] == name]
         exact = [p for p in mine if p["arguments"] == arguments and p["result"] == result and p["kind"] == "f"]
         others = [p for p in mine if p not in exact]
@@ -694,19 +671,16 @@ def duplicate_functions(conn) -> Check:
     if warnings:
         return Check("duplicate_functions", "warning", "an extension's updated-at function is installed (unused): "
                      + ", ".join(r["function"] for r in warnings), rows=rows, columns=columns)
-    return Check("duplicate_functions", "ok", f"one updated-at function; each of the contract's {len(CONTRACT_FUNCTIONS)} "
+    return Check("duplicate_functions", "ok", f"one updated-at function; each of the contract's {len(FUNCTIONS)} "
                  "functions exists once, with its signature", rows=rows, columns=columns)
 
 
-CONTRACT_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory", "audit_logs",
-                   "api_keys", "security_events", "rate_limits", "threat_intelligence", "data_retention_policies",
-                   "backup_verifications")
 TABLES_SQL = f"""
 select n.nspname as schema, c.relname as table_name, c.relkind as kind
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where c.relkind in ('r', 'p', 'v', 'm', 'f') and not c.relispartition
   and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname !~ '^pg_'
-  and n.nspname <> all ({preflight.PLATFORM_ARRAY}) and n.nspname <> 'truthsource'
+  and n.nspname <> all ({PLATFORM_SCHEMAS_SQL}) and n.nspname <> 'truthsource'
 order by 1, 2"""
 
 
@@ -714,8 +688,8 @@ order by 1, 2"""
 def duplicate_tables(conn) -> Check:
     tables = fetch(conn, TABLES_SQL)
     rows = []
-    copy_pattern = re.compile(r"^(%s)(_old|_legacy|_backup|_bak|_copy|_new|_tmp|_v\d+|\d+)$" % "|".join(CONTRACT_TABLES))
-    for name in CONTRACT_TABLES:
+    copy_pattern = re.compile(r"^(%s)(_old|_legacy|_backup|_bak|_copy|_new|_tmp|_v\d+|\d+)$" % "|".join(TABLES))
+    for name in TABLES:
         where = sorted(f"{t['schema']}.{t['table_name']}" for t in tables if t["table_name"] == name)
         status = "ok" if where == [f"public.{name}"] else "error"
         rows.append({"table": name, "defined in": ", ".join(where) or "nowhere",
@@ -739,7 +713,7 @@ def duplicate_tables(conn) -> Check:
     if warnings:
         return Check("duplicate_tables", "warning", "copies of contract tables: " + ", ".join(r["table"] for r in warnings),
                      rows=rows)
-    return Check("duplicate_tables", "ok", f"each of the contract's {len(CONTRACT_TABLES)} tables exists once, in public",
+    return Check("duplicate_tables", "ok", f"each of the contract's {len(TABLES)} tables exists once, in public",
                  rows=rows)
 
 
@@ -747,11 +721,11 @@ def duplicate_tables(conn) -> Check:
 # (lint, level, query returning (object, detail) rows). Levels: error fails the check, warning is shown, info is
 # context. Modelled on Supabase's database advisors (splinter), with the contract's rules made errors.
 
-_CONTRACT_NAMES = "array[" + ", ".join(f"'{n}'" for n, _, _ in CONTRACT_FUNCTIONS) + "]"
-_CLIENT_NAMES = "array[" + ", ".join(f"'{n}'" for n in CLIENT_FUNCTIONS) + "]"
+_CONTRACT_NAMES = "array[" + ", ".join(f"'{n}'" for n, _, _ in FUNCTIONS) + "]"
+_CLIENT_NAMES = "array[" + ", ".join(f"'{n}'" for n in CLIENT_FUNCTION_NAMES) + "]"
 _AUTH_CALL = r"(auth\.(uid|jwt|role|email)\(\)|current_setting\()"   # splinter's list: auth.*() and current_setting()
 
-_CONTRACT_TABLES_ARRAY = "array[" + ", ".join(f"'{t}'" for t in CONTRACT_TABLES) + "]"
+_TABLES_ARRAY = "array[" + ", ".join(f"'{t}'" for t in TABLES) + "]"
 
 # The scope of Supabase's advisor (splinter), in the project's own words: every schema but PostgreSQL's, the
 # platform's and those extensions keep to themselves; objects that belong to an extension are its own.
@@ -776,7 +750,7 @@ def _no_extension(oid: str) -> str:
 
 
 def _ours_relation(c: str, n: str) -> str:
-    return f"({n}.nspname = any({_OURS_SCHEMAS}) or ({n}.nspname = 'public' and {c}.relname = any({_CONTRACT_TABLES_ARRAY})))"
+    return f"({n}.nspname = any({_OURS_SCHEMAS}) or ({n}.nspname = 'public' and {c}.relname = any({_TABLES_ARRAY})))"
 
 
 def _level(ours: str, otherwise: str) -> str:
@@ -835,7 +809,7 @@ SECURITY_LINTS = (
         from pg_proc p where p.pronamespace = 'public'::regnamespace and p.prosecdef
           and (has_function_privilege('anon', p.oid, 'EXECUTE') or has_function_privilege('authenticated', p.oid, 'EXECUTE'))"""),
     ("contract_function_executable_by_clients", "error",
-     "anon executes none of the contract's functions; authenticated only " + ", ".join(CLIENT_FUNCTIONS),
+     "anon executes none of the contract's functions; authenticated only " + ", ".join(CLIENT_FUNCTION_NAMES),
      f"""select p.oid::regprocedure::text,
                concat_ws(', ', case when has_function_privilege('anon', p.oid, 'EXECUTE') then 'anon may execute' end,
                          case when has_function_privilege('authenticated', p.oid, 'EXECUTE') and not p.proname = any({_CLIENT_NAMES})
@@ -850,17 +824,17 @@ SECURITY_LINTS = (
     ("anon_table_privileges", "error", "anon has no privilege on the contract's tables",
      f"""select c.relname::text, 'anon has privileges'
         from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
-          and c.relname = any({_CONTRACT_TABLES_ARRAY})
+          and c.relname = any({_TABLES_ARRAY})
           and has_table_privilege('anon', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')"""),
     ("api_role_may_truncate", "error", "no API role may TRUNCATE a contract table (TRUNCATE bypasses RLS)",
      f"""select c.relname::text, r.rolname || ' may TRUNCATE'
         from pg_class c cross join (values ('anon'), ('authenticated'), ('service_role')) as r (rolname)
         where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
-          and c.relname = any({_CONTRACT_TABLES_ARRAY}) and has_table_privilege(r.rolname, c.oid, 'TRUNCATE')"""),
+          and c.relname = any({_TABLES_ARRAY}) and has_table_privilege(r.rolname, c.oid, 'TRUNCATE')"""),
     ("rls_enabled_no_policy_but_granted", "error", "a contract table without policies grants nothing to anon or authenticated",
      f"""select c.relname::text, 'RLS on, no policy, yet granted to an API role'
         from pg_class c where c.relnamespace = 'public'::regnamespace and c.relrowsecurity
-          and c.relname = any({_CONTRACT_TABLES_ARRAY})
+          and c.relname = any({_TABLES_ARRAY})
           and not exists (select 1 from pg_policy p where p.polrelid = c.oid)
           and (has_table_privilege('authenticated', c.oid, 'SELECT, INSERT, UPDATE, DELETE')
                or has_table_privilege('anon', c.oid, 'SELECT, INSERT, UPDATE, DELETE'))"""),
@@ -872,7 +846,7 @@ SECURITY_LINTS = (
     ("anon_privileges_on_other_tables", "warning", "anon has no privilege on other public tables either",
      f"""select c.relname::text, 'anon has privileges (RLS is the only barrier)'
         from pg_class c where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
-          and not c.relname = any({_CONTRACT_TABLES_ARRAY})
+          and not c.relname = any({_TABLES_ARRAY})
           and has_table_privilege('anon', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')"""),
     ("security_definer_view", "warning", "views in public run with the caller's rights (security_invoker)",
      """select c.oid::regclass::text, 'view without security_invoker: it bypasses the caller''s RLS'

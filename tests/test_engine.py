@@ -2,7 +2,6 @@
 
 import getpass
 import threading
-import time
 import textwrap
 
 import psycopg2
@@ -13,6 +12,7 @@ from runbooks.engine import ApplyEngine
 from runbooks.paths import PHASES
 
 from runhelpers import history, runbook
+from sqlhelpers import waiting_backend
 
 
 def write(tmp_path, name, sql):
@@ -92,10 +92,9 @@ def test_a_second_runner_is_kept_out_by_the_advisory_lock_and_told_who_holds_it(
     holder = empty_db.connect(application_name="runbook run other-run", autocommit=True)
     engine.acquire_advisory_lock(holder, engine.APPLY_LOCK, 1, "test")
     try:
-        started = time.monotonic()
+        # the message says how long it waited: no wall-clock bound here (a busy machine is slow)
         with pytest.raises(engine.LockBusy, match=r"runbook run other-run.*waited 0.5s"):
             make_engine(empty_db, lock_wait=0.5).apply("100", phase)
-        assert time.monotonic() - started < 5
     finally:
         holder.close()
     assert history(empty_db) == []
@@ -142,18 +141,6 @@ def test_a_lock_released_during_the_retries_lets_the_phase_through(empty_db, pha
     assert result.status == "applied" and result.attempts == 2
     [(attempt, reason)] = retries
     assert attempt == 1 and reason.startswith("statement 2 at line 3 (insert into demo") and "lock timeout" in reason
-
-
-def waiting_backend(db, application_name: str, timeout: float = 60) -> int:
-    """The pid of the session named so, once pg_locks shows it waiting for a lock (observed, not timed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = db.query("""select a.pid from pg_stat_activity a join pg_locks l using (pid)
-                           where a.application_name = %s and not l.granted""", (application_name,))
-        if rows:
-            return rows[0][0]
-        assert time.monotonic() < deadline, f"{application_name!r} never waited on a lock"
-        time.sleep(0.05)
 
 
 def test_a_backend_terminated_mid_phase_reports_what_the_server_said_and_that_the_connection_was_lost(

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from runbooks import engine, paths, verification
+from runbooks import contract, engine, paths, verification
 from runbooks.contract import HISTORY_SCHEMA, TABLES
 
 from supabase_project import OWNER, supabase_db  # noqa: F401 (the fixture)
 
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
-CONTRACT_FUNCTIONS = {name for name, _, _ in verification.CONTRACT_FUNCTIONS}
+CONTRACT_FUNCTIONS = {f.name for f in contract.FUNCTIONS}
 RUN_ID = "20260101T000000Z-5b5b5b"
 
 
