@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: rehearse test env clean
+.PHONY: rehearse test env clean sandbox lab
 
 # The environment is (re)built when missing or when the dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,13 @@ env: $(VENV)/.installed
 
 rehearse: $(VENV)/.installed
 	$(BIN)/runbook rehearse
+
+# Practice by hand: `make sandbox` in one terminal (stays up until Ctrl-C), `make lab` in another.
+sandbox: $(VENV)/.installed
+	$(BIN)/runbook sandbox
+
+lab: $(VENV)/.installed
+	$(BIN)/runbook lab
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -25,7 +25,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
     group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
     parser.add_argument("--targets-file", metavar="PATH",
-                        help=f"the targets file (default ${connection.TARGETS_ENV} or ./{connection.DEFAULT_TARGETS_FILE})")
+                        help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
 
 
 def _add_records(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_records(sub.add_parser("list", help="every record, oldest first"))
-    for name, text in (("show", "a record's manifest, readably"), ("verify", "re-hash every file against the manifest")):
+    for name, text in (("show", "a record's manifest, readably"), ("verify", "re-hash every file against the manifest"),
+                       ("seal", "make a run stepped through by hand in JupyterLab a sealed record")):
         q = sub.add_parser(name, help=text)
         q.add_argument("run_id", metavar="RUN_ID")
         _add_records(q)
+        if name == "seal":
+            q.add_argument("--notebooks", metavar="DIR", type=Path, default=None,
+                           help="where JupyterLab saved the executed notebooks (default: the project's notebooks/)")
+
+    p = commands.add_parser("sandbox", help="a throwaway embedded PostgreSQL that stays up, for practice by hand")
+    p.add_argument("--from", dest="source", metavar="NAME",
+                   help="a fresh copy of this target's database (a service, or a targets-file entry; "
+                        "service:NAME or target:NAME when both exist) instead of the legacy fixture")
+    p.add_argument("--targets-file", metavar="PATH", help="the targets file for --from")
+
+    p = commands.add_parser("lab", help="JupyterLab on the notebooks, on the running sandbox (127.0.0.1, no browser)")
+    p.add_argument("--port", type=int, default=None, help="JupyterLab's port (default: its own choice)")
     return parser
 
 
@@ -289,6 +302,11 @@ def cmd_records(args) -> int:
             print(_fit(f"{r['run_id']}  {r['command'] or '?':<16} {r['target'] or '?':<20} {started:<19}  "
                        f"{r['verdict']}"))
         return EXIT_OK
+    if args.action == "seal":
+        from .by_hand import seal
+        from .paths import NOTEBOOK_DIR
+
+        return seal(args.records, args.run_id, args.notebooks or NOTEBOOK_DIR).exit_code
     record = records.Record.open(args.records, args.run_id)
     if args.action == "show":
         print(records.describe(record))
@@ -302,7 +320,23 @@ def cmd_records(args) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
-COMMANDS = {"rehearse": cmd_rehearse, "deploy": cmd_deploy, "verify": cmd_verify, "rollback": cmd_rollback,
+def cmd_sandbox(args) -> int:
+    from . import sandbox
+
+    try:
+        source = sandbox.source_target(args.source, args.targets_file) if args.source else None
+        return sandbox.serve(source, say=lambda line: print(line, flush=True))
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_lab(args) -> int:
+    from . import sandbox
+
+    return sandbox.lab(args.port)
+
+
+COMMANDS = {"rehearse": cmd_rehearse, "sandbox": cmd_sandbox, "lab": cmd_lab, "deploy": cmd_deploy, "verify": cmd_verify, "rollback": cmd_rollback,
             "maintain": cmd_maintain, "status": cmd_status, "records": cmd_records}
 
 

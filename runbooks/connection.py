@@ -25,6 +25,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+from .paths import PROJECT_ROOT
+
 TARGETS_ENV = "RUNBOOK_TARGETS"
 DEFAULT_TARGETS_FILE = "targets.toml"
 CONNINFO_KEYS = ("host", "port", "dbname", "user", "sslmode")
@@ -97,7 +99,13 @@ def from_service(name: str) -> Target:
 
 
 def targets_file_path(path: str | os.PathLike | None = None) -> Path:
-    return Path(path or os.environ.get(TARGETS_ENV) or DEFAULT_TARGETS_FILE)
+    """The file given, else $RUNBOOK_TARGETS, else ./targets.toml, else the project root's
+    (a notebook runs in notebooks/, the file sits at the root)."""
+    named = path or os.environ.get(TARGETS_ENV)
+    if named:
+        return Path(named)
+    here, root = Path(DEFAULT_TARGETS_FILE), PROJECT_ROOT / DEFAULT_TARGETS_FILE
+    return root if not here.is_file() and root.is_file() else here
 
 
 def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Target:

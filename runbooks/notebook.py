@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import connection, records
+from . import by_hand as by_hand_runs, connection, records
 from .checks import Check, CheckFailed
 from .pages import html_table
 from .paths import PROJECT_ROOT
@@ -126,10 +126,14 @@ class Run:
     # False: a failed check is shown and counted, and the notebook carries on to its verdict, which
     # then fails (verification: nothing it does stays, so the whole picture is worth more than a stop).
     stop_on_error: bool = True
+    by_hand: bool = False             # no runbook command gave a run id: by_hand.py keeps the run's journal
+    joined: dict | None = None        # the by-hand preflight whose run this notebook joined
 
     # -- display -------------------------------------------------------------------------
     def header(self) -> None:
-        rows = [("notebook", self.notebook), ("run id", self.run_id), ("operator", self.operator),
+        run = self.run_id + (f" (the by-hand run of the preflight passed at {self.joined['finished_at']})"
+                             if self.joined else " (by hand: a new run)" if self.by_hand else "")
+        rows = [("notebook", self.notebook), ("run id", run), ("operator", self.operator),
                 ("target", f"{self.target.kind} {self.target.name}"
                  + (" (PRODUCTION)" if self.target.production else "")),
                 ("database", f"{self.facts['database']} on {self.facts['server_address']}:{self.facts['server_port']}"),
@@ -166,6 +170,8 @@ class Run:
                    "checks": [{"name": c.name, "status": c.status, "summary": c.summary} for c in self.checks]}
         _display(table(verdict["checks"], columns=["name", "status", "summary"]))
         _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True)
+        if self.by_hand:
+            by_hand_runs.finish(self, verdict["status"])
         if failed:
             raise CheckFailed(f"{len(failed)} check(s) failed: " + ", ".join(c.name for c in failed))
         return Verdict(verdict)
@@ -177,13 +183,23 @@ class Run:
 
 def setup(*, notebook: str, target_kind: str | None = None, target_name: str | None = None,
           targets_file: str | None = None, run_id: str | None = None, record_dir: str | None = None,
-          operator: str | None = None, show_header: bool = True, stop_on_error: bool = True) -> Run:
-    """Resolve the target, connect read-only, make %sql safe, and show who/what/where."""
+          operator: str | None = None, show_header: bool = True, stop_on_error: bool = True,
+          require_preflight: bool = True, preflight_max_age_hours: float = 12) -> Run:
+    """Resolve the target, connect read-only, make %sql safe, and show who/what/where.
+    Without a run id (stepped through by hand) a phase or the verification joins the run of the
+    target's last by-hand preflight, and a phase refuses without a passed, recent one (by_hand.py)."""
     target = connection.resolve(target_kind, target_name, targets_file)
-    if run_id is None:  # stepped through by hand: no runbook command checked the target for a pooler
+    by_hand = run_id is None
+    joined = None
+    if by_hand:  # no runbook command checked the target for a pooler, nor gave a run
         connection.refuse_transaction_pooler(target)
+        joined = by_hand_runs.joined_run(notebook, target, require_preflight=require_preflight,
+                                         max_age_hours=preflight_max_age_hours)
+        if joined:
+            run_id, record_dir = joined["run_id"], record_dir or joined["record_dir"]
     run_id = run_id or records.new_run_id()
-    folder = Path(record_dir) if record_dir else PROJECT_ROOT / "records" / run_id
+    folder = Path(record_dir) if record_dir else (by_hand_runs.records_root() if by_hand
+                                                 else PROJECT_ROOT / "records") / run_id
     folder.mkdir(parents=True, exist_ok=True)
     app = f"runbook {run_id} {notebook}"[:63]  # PostgreSQL keeps 63 bytes of application_name
 
@@ -194,7 +210,10 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
     conn.autocommit = True
     run = Run(notebook=notebook, target=target, run_id=run_id,
               operator=operator or records.operator_facts()["operator"], record_dir=folder, conn=conn,
-              facts=connection.server_facts(conn), stop_on_error=stop_on_error)
+              facts=connection.server_facts(conn), stop_on_error=stop_on_error, by_hand=by_hand,
+              joined=joined)
+    if by_hand:
+        by_hand_runs.start(run)
     configure_ipython_sql(factory)
     if show_header:
         run.header()

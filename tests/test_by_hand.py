@@ -1,0 +1,147 @@
+"""Runs stepped through by hand are runs: the notebooks executed as JupyterLab runs them (no run id),
+one run id and one record folder from the preflight on, phases refused without a passed preflight,
+"not proven" without a snapshot, and `runbook records seal` making a record that `records verify`
+and `runbook rollback` accept."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from runbooks import by_hand, connection, identity, preflight, records, runner, verification
+from runbooks.paths import NOTEBOOK_DIR
+
+from runhelpers import history, runbook
+
+pytestmark = pytest.mark.slow
+
+STEPS = ("00_preflight", "01_phase1_core_functions", "02_phase2_core_schema",
+         "03_phase3_production_enhancements", "04_verification")
+
+
+def by_hand_run(name: str, db, saved: Path, **parameters) -> nbformat.NotebookNode:
+    """A notebook run as JupyterLab runs it: only the target named, no run id; saved where the DBA saves it."""
+    saved.mkdir(exist_ok=True)
+    out = saved / f"{name}.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), kernel_name="python3",
+                               parameters={"target_kind": "service", "target_name": db.name, **parameters},
+                               progress_bar=False, cwd=str(NOTEBOOK_DIR),
+                               kernel_manager_class=runner.IPCKernelManager)
+    return nbformat.read(out, as_version=4)
+
+
+@pytest.fixture
+def by_hand_records(tmp_path):
+    root = tmp_path / "records"
+    root.mkdir()
+    with runner.environment({by_hand.RECORDS_ENV: str(root)}):
+        yield root
+
+
+def test_a_deployment_stepped_through_by_hand_is_one_run_that_seals_verifies_and_rolls_back(
+        legacy_db, by_hand_records, tmp_path):
+    saved = tmp_path / "saved"
+    executed = {name: by_hand_run(name, legacy_db, saved) for name in STEPS}
+    state = json.loads(by_hand.state_path(legacy_db.target, by_hand_records).read_text())
+    run_id = state["run_id"]
+    assert state["status"] == "passed"
+    # one run: one folder, every notebook showing its id, the history naming it alone
+    assert [p.name for p in by_hand_records.iterdir() if p.is_dir()] == [run_id]
+    for name, nb in executed.items():
+        assert by_hand.belongs_to(nb, run_id), name
+    assert {row["run_id"] for row in history(legacy_db)} == {run_id}
+    # the verification compared with the preflight's snapshot: "No data loss" passed, proven
+    verdict = runner._verdict_of(executed["04_verification"])
+    assert {c["name"]: c["status"] for c in verdict["checks"]}["row_counts"] == "ok"
+
+    assert run_id in unfinished(legacy_db)   # the preflight's witness row, not finished yet
+    assert runbook("records", "seal", run_id, "--records", by_hand_records, "--notebooks", saved) == 0
+    manifest = records.Record.open(by_hand_records, run_id).manifest()
+    assert manifest["command"] == "by hand" and manifest["verdict"] == "passed"
+    assert [(n["name"], n["status"]) for n in manifest["notebooks"]] == [(name, "passed") for name in STEPS]
+    assert all((by_hand_records / run_id / n["html"]).is_file() for n in manifest["notebooks"])
+    assert manifest["backup"]["file"].startswith("backup/")
+    kept = nbformat.read(by_hand_records / run_id / manifest["notebooks"][2]["file"], as_version=4)
+    assert kept.metadata["truthsource"]["run_id"] == run_id
+    assert runbook("records", "verify", run_id, "--records", by_hand_records) == 0
+    assert run_id not in unfinished(legacy_db)   # sealing told the witness: a later deploy does not name it
+    assert runbook("records", "seal", run_id, "--records", by_hand_records) == 2   # sealed already
+
+    assert runbook("rollback", "--service", legacy_db.name, "--run", run_id, "--yes",
+                   "--records", by_hand_records) == 0
+    columns = {name for (name,) in legacy_db.query(
+        "select column_name from information_schema.columns where table_schema = 'public' and table_name = 'api_keys'")}
+    assert "key" in columns and "key_prefix" not in columns   # the legacy shape, plaintext keys and all, back
+
+
+def unfinished(db) -> set[str]:
+    conn = db.connect(readonly=True, autocommit=True)
+    try:
+        return {row["run_id"] for row in identity.unfinished_runs(conn)}
+    finally:
+        conn.close()
+
+
+def test_a_phase_by_hand_without_a_preflight_is_refused_naming_what_to_do(legacy_db, by_hand_records, tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError) as refused:
+        by_hand_run("01_phase1_core_functions", legacy_db, tmp_path / "saved")
+    assert refused.value.ename == "PreflightRequired"
+    assert "Run 00_preflight" in refused.value.evalue and "require_preflight = False" in refused.value.evalue
+    assert history(legacy_db) == []
+
+
+def write_state(target, root: Path, status: str, hours_ago: float) -> None:
+    finished = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+    by_hand.state_path(target, root).write_text(json.dumps({
+        "run_id": "20260101T000000Z-abcdef", "record_dir": str(root / "20260101T000000Z-abcdef"),
+        "status": status, "finished_at": finished.isoformat()}))
+
+
+@pytest.mark.parametrize("status, hours_ago, said", [
+    ("passed", 13, "more than 12 hours ago"),
+    ("failed", 1, "did not pass (failed)"),
+    ("running", 1, "did not pass (running)"),
+])
+def test_a_phase_refuses_a_stale_or_unpassed_preflight_unless_told_and_then_runs_on_its_own(
+        by_hand_records, status, hours_ago, said):
+    target = connection.Target(name="practice", kind="service")
+    write_state(target, by_hand_records, status, hours_ago)
+    with pytest.raises(by_hand.PreflightRequired, match=re.escape(said)):
+        by_hand.joined_run("02_phase2_core_schema", target)
+    assert by_hand.joined_run("02_phase2_core_schema", target, require_preflight=False) is None
+    assert by_hand.joined_run("04_verification", target) is None   # read-only: its own run, no refusal
+
+
+def test_a_recent_passed_preflight_is_joined_by_the_phases_and_the_verification(by_hand_records):
+    target = connection.Target(name="practice", kind="service")
+    write_state(target, by_hand_records, "passed", 11)
+    for name in ("01_phase1_core_functions", "04_verification"):
+        assert by_hand.joined_run(name, target)["run_id"] == "20260101T000000Z-abcdef"
+    assert by_hand.joined_run("06_maintenance", target) is None   # a run of its own
+    with pytest.raises(by_hand.PreflightRequired, match="more than 10 hours ago"):
+        by_hand.joined_run("01_phase1_core_functions", target, max_age_hours=10)
+
+
+def test_without_a_snapshot_no_data_loss_is_not_proven_rather_than_passed(migrated_db, tmp_path):
+    conn = migrated_db.connect(readonly=True, autocommit=True)
+    try:
+        counts = verification.row_counts(conn, tmp_path)
+    finally:
+        conn.close()
+    criteria = verification.success_criteria([counts])
+    result = {row["criterion"]: row for row in criteria.rows}["No data loss"]
+    assert result["result"] == "not proven" and "no preflight snapshot" in result["notes"]
+    assert not (tmp_path / preflight.SNAPSHOT_FILE).exists()
+
+
+def test_sealing_refuses_a_folder_that_is_not_a_by_hand_run(by_hand_records):
+    assert runbook("records", "seal", "20260101T000000Z-abcdef", "--records", by_hand_records) == 2
+    (by_hand_records / "20260101T000000Z-abcdef").mkdir()
+    assert runbook("records", "seal", "20260101T000000Z-abcdef", "--records", by_hand_records) == 2
+    assert runbook("records", "seal", "not-a-run", "--records", by_hand_records) == 2
