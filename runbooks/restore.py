@@ -25,7 +25,9 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
      superuser: extensions in them it could not drop and re-create (untrusted ones; trusted ones
      whose owner lacks CREATE on the database or is a role it cannot act for), objects in them owned by
      roles it cannot act for (member with inherited privileges, and SET from 16), kept schemas
-     it may not create in, what re-creating the outside objects needs, INSERT on the history;
+     it may not create in, what re-creating the outside objects needs, tables in a publication
+     whose owner it cannot act for (dropped, they leave it; only its owner adds them back), INSERT
+     on the history;
      and for a superuser: an extension in them owned by a role that could not create it itself
      (not a superuser, and the extension untrusted or no CREATE on the database) -- extensions are
      re-created by their owner (``SET ROLE`` around pg_restore's ``CREATE EXTENSION``), so that
@@ -683,6 +685,10 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
                    order by 1""", {"schemas": schemas})
     blockers += [f"foreign key {fk} references {table}: re-creating it needs the REFERENCES privilege on {table} "
                  f"({me} has none)" for fk, table in cur.fetchall()]
+    cur.execute(PUBLICATIONS_SQL, {"schemas": [*schemas, *drop_schemas]})
+    blockers += [f"{what} is in publication {pub}, owned by {owner}, which {me} cannot act for: a rollback drops and "
+                 f"re-creates it, and only the publication's owner may add it back (make {user} its owner, or roll "
+                 "back as a superuser)" for what, pub, owner in cur.fetchall()]
     cur.execute("""select pg_catalog.has_table_privilege(c.oid, 'INSERT') from pg_catalog.pg_class c
                    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
                    where n.nspname = %s and c.relname = 'deployment_history'""", (engine.HISTORY_SCHEMA,))
@@ -690,6 +696,25 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     if row is not None and not row[0]:
         blockers.append(f"no INSERT privilege on {engine.HISTORY_TABLE} (the rollback records itself)")
     return blockers
+
+
+# Tables (and schemas) of the managed schemas in a publication (Supabase's supabase_realtime): a rollback
+# drops them, which takes them out of it, and pg_restore's ALTER PUBLICATION ... ADD puts them back, which
+# only the publication's owner may do.
+PUBLICATIONS_SQL = f"""
+select 'table ' || r.oid::regclass::text, p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
+from pg_catalog.pg_publication_rel pr
+join pg_catalog.pg_publication p on p.oid = pr.prpubid
+join pg_catalog.pg_class r on r.oid = pr.prrelid
+join pg_catalog.pg_namespace n on n.oid = r.relnamespace
+where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
+union all
+select 'schema ' || pg_catalog.quote_ident(n.nspname), p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
+from pg_catalog.pg_publication_namespace pn
+join pg_catalog.pg_publication p on p.oid = pn.pnpubid
+join pg_catalog.pg_namespace n on n.oid = pn.pnnspid
+where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
+order by 1, 2"""
 
 
 # An extension is re-created by its owner (SET ROLE around CREATE EXTENSION): created by another
@@ -1171,6 +1196,11 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             foreign_owners = sorted({e.owner for e in entries if e.owner and e.type in OWNED_ENTRY_TYPES
                                      and not acts.get(e.owner, False)})
             blockers += [f"the backup has objects owned by {r}, which role {user} cannot act for" for r in foreign_owners]
+            # ALTER PUBLICATION ... ADD: the publication's owner's to do (the entry's owner)
+            blockers += [f"the backup puts {e.tag} back into a publication owned by {e.owner}, which role {user} "
+                         "cannot act for" for e in entries
+                         if e.type in ("PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA") and e.owner
+                         and not acts.get(e.owner, False)]
             if created and not create_in_database:
                 blockers.append(f"no CREATE privilege on the database (schema(s) {', '.join(created)} are created)")
             with _Reading(conn) as cur:

@@ -312,3 +312,23 @@ def test_an_untrusted_extension_and_a_trusted_one_the_role_could_not_put_back_ar
     assert (f"extension pg_trgm (in public) is trusted, but its owner {db.owner} has no CREATE privilege on the "
             "database, which re-creating it needs") in blockers
     assert "extension pg_buffercache (in public) is not trusted: dropping and re-creating it needs a superuser" in blockers
+
+
+def test_a_table_in_a_publication_another_role_owns_is_a_rollback_blocker(owned_db):
+    db = owned_db(LEGACY)
+    # the rollback drops public.products, which takes it out of the publication; only its owner may add it back
+    db.as_superuser("create publication app_changes for table public.products")
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        blockers = restore.rollback_blockers(conn)
+    finally:
+        conn.close()
+    assert (f"table products is in publication app_changes, owned by postgres, which role {db.owner} cannot act for: "
+            "a rollback drops and re-creates it, and only the publication's owner may add it back "
+            f"(make {db.owner} its owner, or roll back as a superuser)") in blockers
+    db.as_superuser(f"alter publication app_changes owner to {db.owner}")
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        assert restore.rollback_blockers(conn) == []
+    finally:
+        conn.close()

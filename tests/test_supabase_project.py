@@ -172,3 +172,28 @@ def test_a_finding_the_deployment_introduced_fails_the_verification_and_without_
     assert alone.status == "warning" and "no advisor baseline" in alone.summary
     assert "grant_me_admin() (fix: revoke execute on function public.grant_me_admin() from public, anon, " \
            "authenticated;)" in alone.summary
+
+
+@pytest.mark.slow
+def test_a_rollback_as_supabases_postgres_re_creates_pg_trgm_as_its_owner_and_puts_back_what_the_platform_held(
+        supabase_db, tmp_path):
+    db = supabase_db(paths.LEGACY_FIXTURE_FILE)
+    platform = ("select tgname from pg_trigger where tgrelid = 'auth.users'::regclass and not tgisinternal",
+                "select policyname from pg_policies where schemaname = 'storage'",
+                "select tablename from pg_publication_tables where pubname = 'supabase_realtime'",
+                "select extname, extowner::regrole::text, extnamespace::regnamespace::text from pg_extension "
+                "where extname = 'pg_trgm'")
+    before = [db.as_superuser(sql) for sql in platform]
+    assert before[3] == [("pg_trgm", OWNER, "public")]
+    trgm = "select oid from pg_extension where extname = 'pg_trgm'"
+    [(created,)] = db.as_superuser(trgm)
+    root = tmp_path / "records"
+    code, run = runbook_deploy(db, root)
+    assert code == 0
+    # the rollback proves the app schemas equal the preflight's snapshot (its notebook fails otherwise)
+    assert cli.main(["rollback", "--service", db.name, "--run", run, "--yes", "--records", str(root)]) == 0
+    [(re_created,)] = db.as_superuser(trgm)
+    assert re_created != created          # dropped with public's content, and created again
+    # dropped with public and put back: the trigger on auth.users, the storage policy calling public, the
+    # realtime table; pg_trgm re-created by postgres, so postgres owns it again
+    assert [db.as_superuser(sql) for sql in platform] == before
