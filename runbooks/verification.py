@@ -1069,7 +1069,9 @@ def is_deployments(lint: str, obj: str, detail: str = "") -> bool:
 
 
 def advisor_fix(lint: str, obj: str, detail: str = "") -> str:
-    qualified = obj if _QUALIFIED.match(obj) and _QUALIFIED.match(obj).group(1) else f"public.{obj}"
+    """The fix of a finding, as SQL where one statement does it (an unqualified object is in public)."""
+    match = _QUALIFIED.match(obj)
+    qualified = obj if match and match.group(1) else f"public.{obj}"
     template = ADVISOR_FIXES.get(lint, "see Supabase's database advisor for " + lint)
     return template.format(q=qualified, obj=obj, detail=detail)
 
@@ -1134,8 +1136,8 @@ def _judged(rows: list[dict], baseline) -> list[dict]:
         elif (row["lint"], row["object"]) in baseline[0]:
             note = "pre-existing, not the deployment's (the preflight's baseline has it)"
         else:
-            judged.append(dict(row, detail=row["detail"] + ("; not in the preflight's baseline: the deployment made "
-                                                              "it" if row["level"] == "error" else "")))
+            judged.append(dict(row, detail=row["detail"] + ("; not in the preflight's baseline: made since it "
+                                                              "was taken" if row["level"] == "error" else "")))
             continue
         level = "warning" if row["level"] == "error" else row["level"]
         judged.append(dict(row, level=level, detail=f"{row['detail']}; {note}; fix: {fix}"))

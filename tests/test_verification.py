@@ -111,7 +111,7 @@ def test_a_finding_the_preflight_recorded_on_someone_elses_object_is_a_warning_w
     assert introduced.summary.startswith("1 finding(s) the contract forbids: security_definer_function_executable_by_"
                                          "api_users: grant_me_admin() (against the preflight's advisor baseline")
     row = next(r for r in introduced.rows if r["object"] == "grant_me_admin()")
-    assert "not in the preflight's baseline: the deployment made it" in row["detail"]
+    assert "not in the preflight's baseline: made since it was taken" in row["detail"]
 
 
 def test_a_finding_on_the_deployments_own_objects_fails_even_when_the_preflight_recorded_it(migrated_db, conn, tmp_path):
