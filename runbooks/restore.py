@@ -22,9 +22,12 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
      outside the managed schemas that emptying them would take along and the backup cannot put
      back (a view over an app table elsewhere; triggers, policies, foreign keys and indexes
      outside are put back, or go if the deployment made them); and for a role that is not a
-     superuser: extensions in them (re-creating one needs a superuser), objects in them owned by
+     superuser: extensions in them it could not drop and re-create (untrusted ones; trusted ones
+     whose owner lacks CREATE on the database or is a role it cannot act for), objects in them owned by
      roles it cannot act for (member with inherited privileges, and SET from 16), kept schemas
-     it may not create in, what re-creating the outside objects needs, INSERT on the history;
+     it may not create in, what re-creating the outside objects needs, tables in a publication
+     whose owner it cannot act for (dropped, they leave it; only its owner adds them back), INSERT
+     on the history;
      and for a superuser: an extension in them owned by a role that could not create it itself
      (not a superuser, and the extension untrusted or no CREATE on the database) -- extensions are
      re-created by their owner (``SET ROLE`` around pg_restore's ``CREATE EXTENSION``), so that
@@ -637,13 +640,7 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     if superuser:
         return blockers + _extension_owner_blockers(cur, user, [*schemas, *drop_schemas])
     me = f"role {user}"
-    cur.execute("select x.extname, n.nspname from pg_catalog.pg_extension x join pg_catalog.pg_namespace n "
-                "on n.oid = x.extnamespace where n.nspname = any (%s::text[]) order by 1",
-                ([*schemas, *drop_schemas],))
-    names = sorted({f"{x} (in {s})" for x, s in cur.fetchall()} | set(archive_extensions))
-    if names:
-        blockers.append(f"extensions live in the managed schemas ({', '.join(names)}): dropping and re-creating "
-                        "them needs a superuser")
+    blockers += _extension_blockers(cur, user, [*schemas, *drop_schemas], archive_extensions)
     cur.execute(FOREIGN_OWNERS_SQL, {"schemas": schemas})
     for owner, count, examples in cur.fetchall():
         blockers.append(f"{count} object(s) in the app schemas are owned by {owner}, which {me} cannot act for ("
@@ -688,6 +685,10 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
                    order by 1""", {"schemas": schemas})
     blockers += [f"foreign key {fk} references {table}: re-creating it needs the REFERENCES privilege on {table} "
                  f"({me} has none)" for fk, table in cur.fetchall()]
+    cur.execute(PUBLICATIONS_SQL, {"schemas": [*schemas, *drop_schemas]})
+    blockers += [f"{what} is in publication {pub}, owned by {owner}, which {me} cannot act for: a rollback drops and "
+                 f"re-creates it, and only the publication's owner may add it back (make {user} its owner, or roll "
+                 "back as a superuser)" for what, pub, owner in cur.fetchall()]
     cur.execute("""select pg_catalog.has_table_privilege(c.oid, 'INSERT') from pg_catalog.pg_class c
                    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
                    where n.nspname = %s and c.relname = 'deployment_history'""", (engine.HISTORY_SCHEMA,))
@@ -697,35 +698,117 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     return blockers
 
 
+# Tables (and schemas) of the managed schemas in a publication (Supabase's supabase_realtime): a rollback
+# drops them, which takes them out of it, and pg_restore's ALTER PUBLICATION ... ADD puts them back, which
+# only the publication's owner may do.
+PUBLICATIONS_SQL = f"""
+select 'table ' || r.oid::regclass::text, p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
+from pg_catalog.pg_publication_rel pr
+join pg_catalog.pg_publication p on p.oid = pr.prpubid
+join pg_catalog.pg_class r on r.oid = pr.prrelid
+join pg_catalog.pg_namespace n on n.oid = r.relnamespace
+where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
+union all
+select 'schema ' || pg_catalog.quote_ident(n.nspname), p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
+from pg_catalog.pg_publication_namespace pn
+join pg_catalog.pg_publication p on p.oid = pn.pnpubid
+join pg_catalog.pg_namespace n on n.oid = pn.pnnspid
+where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
+order by 1, 2"""
+
+
 # An extension is re-created by its owner (SET ROLE around CREATE EXTENSION): created by another
 # role, its members get another owner and their grants another grantor, and the proof fails. A
-# superuser may SET ROLE to anyone; the owner itself must be able to create it: a superuser, or the
-# extension trusted and CREATE on the database granted to the owner.
-EXTENSION_OWNERS_SQL = """
+# superuser may SET ROLE to anyone, another role only to roles it may act for. The owner itself must
+# be able to create it: a superuser, or the extension needs none (its control file's superuser =
+# false), or it is trusted (PostgreSQL 13+: pg_available_extension_versions.trusted) and the owner
+# has CREATE on the database. Judged on the version a re-creation installs: pg_dump's CREATE EXTENSION
+# names none, so the server's default one.
+EXTENSION_OWNERS_SQL = f"""
 select x.extname, pg_catalog.pg_get_userbyid(x.extowner), n.nspname,
        r.rolsuper
-       or (coalesce((select v.trusted from pg_catalog.pg_available_extension_versions v
-                     where v.name = x.extname and v.version = x.extversion), false)
-           and pg_catalog.has_database_privilege(x.extowner, pg_catalog.current_database(), 'CREATE')) as may_create
+       or (coalesce(not v.superuser or v.trusted, false)
+           and (not coalesce(v.superuser, true)
+                or pg_catalog.has_database_privilege(x.extowner, pg_catalog.current_database(), 'CREATE'))) as may_create,
+       x.extowner = (select oid from pg_catalog.pg_roles where rolname = current_user) as mine,
+       {_acts_for('x.extowner')} as acts,
+       coalesce(not v.superuser or v.trusted, false) as trusted
 from pg_catalog.pg_extension x
 join pg_catalog.pg_namespace n on n.oid = x.extnamespace
 join pg_catalog.pg_roles r on r.oid = x.extowner
-where n.nspname = any (%s::text[]) and x.extowner <> (select oid from pg_catalog.pg_roles where rolname = current_user)
+left join pg_catalog.pg_available_extensions a on a.name = x.extname
+left join pg_catalog.pg_available_extension_versions v on v.name = a.name and v.version = a.default_version
+where n.nspname = any (%s::text[])
+order by 1"""
+# What the connecting role would need to create the extensions only the archive has (as itself).
+ARCHIVE_EXTENSIONS_SQL = """
+select x.extname, coalesce(not v.superuser or v.trusted, false) as trusted,
+       coalesce(not v.superuser, false) or pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')
+from unnest(%s::text[]) as x(extname)
+left join pg_catalog.pg_available_extensions a on a.name = x.extname
+left join pg_catalog.pg_available_extension_versions v on v.name = a.name and v.version = a.default_version
 order by 1"""
 
 
-def _extension_owners(cur, schemas: list[str]) -> dict[str, tuple[str, str, bool]]:
-    """{extension: (owner, schema, whether the owner may create it)} of the extensions in `schemas`
-    that another role than the connecting one owns."""
+@dataclass
+class _Extension:
+    name: str
+    owner: str
+    schema: str
+    owner_may_create: bool   # a superuser, or trusted (or needing no superuser) and CREATE on the database
+    mine: bool               # owned by the connecting role
+    acts: bool               # the connecting role may act for its owner (drop it, SET ROLE to it)
+    trusted: bool            # a role without superuser may create it (given CREATE on the database)
+
+
+def _extensions_in(cur, schemas: list[str]) -> list[_Extension]:
     cur.execute(EXTENSION_OWNERS_SQL, (list(schemas),))
-    return {name: (owner, schema, bool(may)) for name, owner, schema, may in cur.fetchall()}
+    return [_Extension(name, owner, schema, bool(may), bool(mine), bool(acts), bool(trusted))
+            for name, owner, schema, may, mine, acts, trusted in cur.fetchall()]
+
+
+def _extension_owners(cur, schemas: list[str], superuser: bool) -> dict[str, tuple[str, str, bool]]:
+    """{extension: (owner, schema, whether the owner may create it)} of the extensions in `schemas`
+    that another role than the connecting one owns and that it may re-create as their owner."""
+    return {x.name: (x.owner, x.schema, x.owner_may_create) for x in _extensions_in(cur, schemas)
+            if not x.mine and (superuser or x.acts)}
 
 
 def _extension_owner_blockers(cur, user: str, schemas: list[str]) -> list[str]:
-    return [f"extension {name} (in {schema}) is owned by {owner}, which may not create it (not a superuser, and the "
-            f"extension is not trusted or {owner} has no CREATE on the database): a rollback by {user} would re-create "
-            f"it under another owner, and its members' grants under another grantor"
-            for name, (owner, schema, may) in _extension_owners(cur, schemas).items() if not may]
+    return [f"extension {x.name} (in {x.schema}) is owned by {x.owner}, which may not create it (not a superuser, and "
+            f"the extension is not trusted or {x.owner} has no CREATE on the database): a rollback by {user} would "
+            f"re-create it under another owner, and its members' grants under another grantor"
+            for x in _extensions_in(cur, schemas) if not x.mine and not x.owner_may_create]
+
+
+def _extension_blockers(cur, user: str, schemas: list[str], archive_extensions=()) -> list[str]:
+    """For a role that is not a superuser: the extensions in `schemas` (and those only the archive
+    has) that it could not drop and re-create as their owner. A trusted extension (pg_trgm, citext,
+    ...) is no blocker when the role owns it (or acts for its owner) and its owner has CREATE on the
+    database: PostgreSQL lets such a role drop and create it."""
+    me = f"role {user}"
+    blockers = []
+    live = _extensions_in(cur, schemas)
+    for x in live:
+        where = f"extension {x.name} (in {x.schema})"
+        if not x.mine and not x.acts:
+            blockers.append(f"{where} is owned by {x.owner}, which {me} cannot act for: a rollback drops and "
+                            "re-creates it")
+        elif not x.trusted:
+            blockers.append(f"{where} is not trusted: dropping and re-creating it needs a superuser")
+        elif not x.owner_may_create:
+            blockers.append(f"{where} is trusted, but its owner {x.owner} has no CREATE privilege on the database, "
+                            "which re-creating it needs")
+    only_archived = sorted(set(archive_extensions) - {x.name for x in live})
+    if only_archived:
+        cur.execute(ARCHIVE_EXTENSIONS_SQL, (only_archived,))
+        for name, trusted, may_create in cur.fetchall():
+            if not trusted:
+                blockers.append(f"extension {name} (from the backup) is not trusted: creating it needs a superuser")
+            elif not may_create:
+                blockers.append(f"extension {name} (from the backup) is trusted, but {me} has no CREATE privilege "
+                                "on the database, which creating it needs")
+    return blockers
 
 
 # -- what the archive keeps that the live database also has --------------------------------------
@@ -987,7 +1070,7 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             else:
                 public_init = None if row is None else (row[0] or [])
             outside = _outside_objects(cur, here) if here else []
-            owners_now = _extension_owners(cur, here) if superuser else {}
+            owners_now = _extension_owners(cur, here, superuser)
         conn.rollback()
 
         ext_entries = [e for e in listing.entries if e.type == "EXTENSION"]
@@ -1013,7 +1096,7 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
         with _Reading(conn) as cur:
             blockers = ([history_problem] if history_problem else []) + _blockers(
                 cur, user, superuser, kept, only_here, [o for o in outside if o.kind == "other" or o.in_backup],
-                [f"{e} (from the backup)" for e in extensions])
+                extensions)
         if blockers:
             raise _refusal(user, superuser, blockers)
 
@@ -1113,6 +1196,11 @@ def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *
             foreign_owners = sorted({e.owner for e in entries if e.owner and e.type in OWNED_ENTRY_TYPES
                                      and not acts.get(e.owner, False)})
             blockers += [f"the backup has objects owned by {r}, which role {user} cannot act for" for r in foreign_owners]
+            # ALTER PUBLICATION ... ADD: the publication's owner's to do (the entry's owner)
+            blockers += [f"the backup puts {e.tag} back into a publication owned by {e.owner}, which role {user} "
+                         "cannot act for" for e in entries
+                         if e.type in ("PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA") and e.owner
+                         and not acts.get(e.owner, False)]
             if created and not create_in_database:
                 blockers.append(f"no CREATE privilege on the database (schema(s) {', '.join(created)} are created)")
             with _Reading(conn) as cur:

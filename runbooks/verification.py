@@ -840,7 +840,7 @@ SECURITY_LINTS = (
                or has_table_privilege('anon', c.oid, 'SELECT, INSERT, UPDATE, DELETE'))"""),
     ("security_definer_search_path_not_empty", "warning", "SECURITY DEFINER functions pin search_path to ''",
      """select p.oid::regprocedure::text, array_to_string(p.proconfig, ', ')
-        from pg_proc p where p.pronamespace in ('public'::regnamespace, 'private'::regnamespace) and p.prosecdef
+        from pg_proc p where p.pronamespace in ('public'::regnamespace, to_regnamespace('private')) and p.prosecdef
           and exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search\\_path=%')
           and not 'search_path=""' = any (coalesce(p.proconfig, '{}'))"""),
     ("anon_privileges_on_other_tables", "warning", "anon has no privilege on other public tables either",
@@ -976,7 +976,9 @@ def _lint_sql(lints) -> str:
                        for name, level, rule, q in lints)
 
 
-def _run_lints(conn, name: str, lints) -> Check:
+def _raw_findings(conn, lints) -> list[dict]:
+    """Every lint's findings at the level its SQL gives ({lint, level, object, detail}), and a row per lint
+    that found nothing (object '')."""
     rows = []
     for lint, level, rule, query in lints:
         # (object, detail) rows, or (object, detail, level) where the level depends on whose the object is
@@ -985,26 +987,166 @@ def _run_lints(conn, name: str, lints) -> Check:
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: {rule}"})
         for obj, detail, row_level, *_ in found:
             rows.append({"lint": lint, "level": row_level, "object": obj, "detail": detail})
+    return rows
+
+
+# -- the advisor's findings before the deployment (the preflight's baseline) ----------------------------------
+# A finding on an object that is not the deployment's and that the preflight's baseline already had is the
+# project's own, older than the deployment: a warning naming its fix, never the deployment's failure. A finding
+# on the deployment's objects fails whatever the baseline says; one the baseline lacks, the deployment made.
+
+ADVISOR_BASELINE_FILE = "advisor_baseline.json"
+_CONTRACT_FUNCTION_NAMES = frozenset(f.name for f in FUNCTIONS)
+# how to fix a finding on someone else's object ({q}: the object, schema-qualified)
+ADVISOR_FIXES = {
+    "security_definer_function_executable_by_api_users": "revoke execute on function {q} from public, anon, authenticated;",
+    "security_definer_search_path": "alter function {q} set search_path = '';",
+    "function_search_path_mutable": "alter function {q} set search_path = '';",
+    "security_definer_search_path_not_empty": "alter function {q} set search_path = ''; (with the names it uses qualified)",
+    "rls_disabled_in_public": "alter table {q} enable row level security; (and a policy for each role that reaches it)",
+    "rls_enabled_no_policy": "create a policy on {q} for the roles that reach it, or revoke their privileges on it",
+    "anon_privileges_on_other_tables": "revoke all on table {q} from anon;",
+    "extension_in_public": "alter extension {obj} set schema extensions; (relocatable extensions)",
+    "no_primary_key": "alter table {q} add primary key (...);",
+    "unindexed_foreign_key": "create an index on the foreign key's columns ({detail})",
+    "policy_always_true": "alter policy {obj} using (<a real condition>);",
+    "policy_for_anon_or_public": "alter policy {obj} to authenticated;",
+    "security_definer_view": "alter view {q} set (security_invoker = true);",
+}
+
+
+def _subject(lint: str, obj: str, detail: str) -> str:
+    """The object a finding is about: the relation of `policy on table`, `index = index` (in the detail) and
+    `table.column`, else the object itself."""
+    if lint == "duplicate_index":
+        return detail.rsplit(" on ", 1)[-1]
+    if lint == "unsupported_reg_types":
+        return obj.rsplit(".", 1)[0]
+    return obj.rsplit(" on ", 1)[-1]
+
+
+_QUALIFIED = re.compile(r'^(?:("(?:[^"]|"")+"|[^".( ]+)\.)?("(?:[^"]|"")+"|[^".( ]+)')
+
+
+def is_deployments(lint: str, obj: str, detail: str = "") -> bool:
+    """Whether a finding is on the deployment's objects: the contract's tables and functions in public (and
+    what is on them), everything in schema private and in the history schema."""
+    if obj == "schema private":
+        return True
+    match = _QUALIFIED.match(_subject(lint, obj, detail).strip())
+    if not match:
+        return False
+    schema, name = (None if g is None else g.strip('"').replace('""', '"') for g in match.groups())
+    if schema in ("private", HISTORY_SCHEMA):
+        return True
+    return schema in (None, "public") and (name in CONTRACT_TABLES or name in _CONTRACT_FUNCTION_NAMES)
+
+
+def advisor_fix(lint: str, obj: str, detail: str = "") -> str:
+    """The fix of a finding, as SQL where one statement does it (an unqualified object is in public)."""
+    match = _QUALIFIED.match(obj)
+    qualified = obj if match and match.group(1) else f"public.{obj}"
+    template = ADVISOR_FIXES.get(lint, "see Supabase's database advisor for " + lint)
+    return template.format(q=qualified, obj=obj, detail=detail)
+
+
+def advisor_findings(conn) -> list[dict]:
+    """The findings of every advisor lint, security and performance, as their SQL levels them."""
+    return [r for r in _raw_findings(conn, SECURITY_LINTS) + _raw_findings(conn, PERFORMANCE_LINTS) if r["object"]]
+
+
+@verification_check("-- every advisor lint of the verification (security_lints and performance_lints, shown there):\n"
+                    + _lint_sql(SECURITY_LINTS + PERFORMANCE_LINTS) + "\n\n-- the updated-at functions phase 1 "
+                    "replaces:" + UPDATED_AT_FUNCTIONS_SQL,
+                    "the advisor's findings before the deployment", "advisor_baseline")
+def advisor_baseline(conn, record_dir) -> Check:
+    """The preflight's baseline: what the verification's advisor lints find before anything changes, kept as
+    advisor_baseline.json in the run's record; the verification reports these as pre-existing."""
+    found = advisor_findings(conn)
+    path = Path(record_dir) / ADVISOR_BASELINE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
+    # legacy updated-at functions: phase 1 re-points their triggers and drops them
+    replaced = {f["function"] for f in fetch(conn, UPDATED_AT_FUNCTIONS_SQL) if not f["extension_member"]}
+
+    def whose(f: dict) -> str:
+        if f["object"] in replaced:
+            return "the deployment's (phase 1 replaces this updated-at function)"
+        return ("the deployment's (the phases converge it)" if is_deployments(f["lint"], f["object"], f["detail"])
+                else "not the deployment's")
+    rows = [{"lint": f["lint"], "level": f["level"], "object": f["object"], "whose": whose(f),
+             "fix": advisor_fix(f["lint"], f["object"], f["detail"]) if whose(f) == "not the deployment's" else ""}
+            for f in found]
+    theirs = [r for r in rows if r["whose"] == "not the deployment's" and r["level"] == "error"]
+    columns = ["lint", "level", "object", "whose", "fix"]
+    if theirs:
+        return Check("advisor_baseline", "warning", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE}; "
+                     f"{len(theirs)} on objects that are not the deployment's would fail a verification, which will "
+                     "report them as pre-existing warnings: " + "; ".join(f"{r['object']} ({r['fix']})" for r in theirs),
+                     rows=rows, columns=columns)
+    return Check("advisor_baseline", "ok", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE} (the verification "
+                 "reports those still there as pre-existing)", rows=rows, columns=columns)
+
+
+def load_advisor_baseline(record_dir=None, baseline_dir=None) -> tuple[set[tuple[str, str]], str] | None:
+    """{(lint, object)} of the preflight's baseline (baseline_dir's, else this run's) and where it came from."""
+    path = baseline_path(record_dir, baseline_dir, ADVISOR_BASELINE_FILE)
+    if path is None:
+        return None
+    findings = json.loads(path.read_text())["findings"]
+    return {(f["lint"], f["object"]) for f in findings}, f"{path.parent.name}/{path.name}"
+
+
+def _judged(rows: list[dict], baseline) -> list[dict]:
+    """Each finding levelled by whose it is and whether the preflight's baseline had it."""
+    judged = []
+    for row in rows:
+        if not row["object"] or is_deployments(row["lint"], row["object"], row["detail"]):
+            judged.append(row)
+            continue
+        fix = advisor_fix(row["lint"], row["object"], row["detail"])
+        if baseline is None:
+            note = "not the deployment's (no baseline tells whether it is older)"
+        elif (row["lint"], row["object"]) in baseline[0]:
+            note = "pre-existing, not the deployment's (the preflight's baseline has it)"
+        else:
+            judged.append(dict(row, detail=row["detail"] + ("; not in the preflight's baseline: made since it "
+                                                              "was taken" if row["level"] == "error" else "")))
+            continue
+        level = "warning" if row["level"] == "error" else row["level"]
+        judged.append(dict(row, level=level, detail=f"{row['detail']}; {note}; fix: {fix}"))
+    return judged
+
+
+def _run_lints(conn, name: str, lints, record_dir=None, baseline_dir=None) -> Check:
+    baseline = load_advisor_baseline(record_dir, baseline_dir)
+    rows = _judged(_raw_findings(conn, lints), baseline)
     failing = [r for r in rows if r["object"] and r["level"] == "error"]
     warned = [r for r in rows if r["object"] and r["level"] == "warning"]
+    older = [r for r in warned if "; fix: " in r["detail"]]
+    source = (f"against the preflight's advisor baseline {baseline[1]}" if baseline else
+              f"no advisor baseline ({ADVISOR_BASELINE_FILE} of a preflight): findings on the deployment's objects "
+              "fail, others are warnings")
     columns = ["lint", "level", "object", "detail"]
     if failing:
         return Check(name, "error", f"{len(failing)} finding(s) the contract forbids: "
-                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing), rows=rows, columns=columns)
+                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing) + f" ({source})",
+                     rows=rows, columns=columns)
     if warned:
-        return Check(name, "warning", f"no error; {len(warned)} warning(s): "
-                     + ", ".join(sorted({r["lint"] for r in warned})), rows=rows, columns=columns)
+        fixes = "".join(f"; {r['lint']}: {r['object']} (fix: {r['detail'].rsplit('; fix: ', 1)[1]})" for r in older)
+        return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s): "
+                     + ", ".join(sorted({r["lint"] for r in warned})) + fixes, rows=rows, columns=columns)
     return Check(name, "ok", f"all {len(lints)} lints pass", rows=rows, columns=columns)
 
 
 @verification_check(_lint_sql(SECURITY_LINTS), "advisor lints: security", "security_lints")
-def security_lints(conn) -> Check:
-    return _run_lints(conn, "security_lints", SECURITY_LINTS)
+def security_lints(conn, record_dir=None, baseline_dir=None) -> Check:
+    return _run_lints(conn, "security_lints", SECURITY_LINTS, record_dir, baseline_dir)
 
 
 @verification_check(_lint_sql(PERFORMANCE_LINTS), "advisor lints: performance", "performance_lints")
-def performance_lints(conn) -> Check:
-    return _run_lints(conn, "performance_lints", PERFORMANCE_LINTS)
+def performance_lints(conn, record_dir=None, baseline_dir=None) -> Check:
+    return _run_lints(conn, "performance_lints", PERFORMANCE_LINTS, record_dir, baseline_dir)
 
 
 # -- 9. query latency through RLS ----------------------------------------------------------------------------
@@ -1049,11 +1191,12 @@ def query_latency(conn, max_query_ms: float = 1000) -> Check:
 
 # -- 10. no data lost ---------------------------------------------------------------------------------------
 
-def baseline_path(record_dir, baseline_dir=None) -> Path | None:
-    """The preflight snapshot to compare with: baseline_dir's if given, else this run's; None if neither."""
+def baseline_path(record_dir, baseline_dir=None, name: str = preflight.SNAPSHOT_FILE) -> Path | None:
+    """The preflight's file `name` (the snapshot, the advisor baseline): baseline_dir's if given, else this
+    run's; None if neither has it."""
     for folder in (baseline_dir, record_dir):
-        if folder and (Path(folder) / preflight.SNAPSHOT_FILE).is_file():
-            return Path(folder) / preflight.SNAPSHOT_FILE
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
     return None
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from runbooks import connection, identity, pgtools, preflight, records, runner
+from runbooks import connection, identity, pgtools, preflight, records, runner, verification
 from runbooks.records import sha256_of
 
 from runbooks import engine, paths
@@ -172,6 +172,58 @@ def test_an_extension_in_an_app_schema_is_pointed_out_as_re_created_by_a_rollbac
     check = preflight.extensions(conn)
     assert check.status == "ok" and "citext" in check.summary
     assert "rollback" in next(r for r in check.rows if r["extension"] == "citext")["note"]
+
+
+def test_a_trusted_extension_the_deploying_owner_made_is_no_rollback_blocker_a_superusers_beside_it_is(legacy_db, server):
+    role, password = f"owner_{legacy_db.name}", "Owner-Pa55word-trgm"
+    server.admin_execute(f"create role {role} login password '{password}'")
+    server.pg.add_pgpass(role, password)
+    server.admin_execute(f"alter database {legacy_db.name} owner to {role}")
+    service = f"{legacy_db.name}_owner"
+    server.pg.add_service(service, legacy_db.name, user=role)
+    target = connection.from_service(service)
+    try:
+        owner = connection.connect(target, autocommit=True)
+        with owner.cursor() as cur:
+            cur.execute("create schema trigrams; create extension pg_trgm with schema trigrams")
+        owner.close()
+        conn = connection.connect(target, readonly=True, autocommit=True)
+        try:
+            rows = [r for r in preflight.privileges(conn).rows if r["needed for"] == "rollback"]
+            legacy_db.execute("create extension pg_buffercache with schema trigrams")   # the superuser's
+            blocked = [r for r in preflight.privileges(conn).rows if r["needed for"] == "rollback"]
+        finally:
+            conn.close()
+    finally:
+        legacy_db.execute(f"drop schema trigrams cascade; alter database {legacy_db.name} owner to postgres")
+        server.admin_execute(f"drop role {role}")
+    assert not any("pg_trgm" in r["detail"] for r in rows)
+    assert any(r["ok"] == "NO" and r["detail"].startswith("extension pg_buffercache (in trigrams) is owned by postgres")
+               for r in blocked)
+
+
+# -- the advisor's findings before the deployment -------------------------------------------------
+
+def test_the_preflight_records_the_advisors_findings_and_counts_the_legacy_objects_the_phases_converge_as_theirs(
+        legacy_db, tmp_path):
+    check = run_check(legacy_db, verification.advisor_baseline, tmp_path)
+    saved = json.loads((tmp_path / verification.ADVISOR_BASELINE_FILE).read_text())["findings"]
+    assert [(f["lint"], f["object"]) for f in saved] == [(r["lint"], r["object"]) for r in check.rows]
+    assert check.status == "ok" and f"{len(saved)} finding(s) recorded" in check.summary
+    whose = {(r["lint"], r["object"]): r["whose"] for r in check.rows}
+    assert whose[("rls_disabled_in_public", "audit_logs")] == "the deployment's (the phases converge it)"
+    assert whose[("function_search_path_mutable", "handle_updated_at()")] == (
+        "the deployment's (phase 1 replaces this updated-at function)")
+
+
+def test_a_finding_on_someone_elses_object_before_the_deployment_is_a_preflight_warning_naming_its_fix(
+        legacy_db, tmp_path):
+    legacy_db.execute("""create function public.handle_new_user() returns trigger language plpgsql security definer
+                         set search_path = '' as $$ begin return new; end $$""")
+    check = run_check(legacy_db, verification.advisor_baseline, tmp_path)
+    assert check.status == "warning"
+    assert "handle_new_user() (revoke execute on function public.handle_new_user() from public, anon, " \
+           "authenticated;)" in check.summary
 
 
 # -- legacy rows ----------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def test_the_preflight_names_each_rollback_blocker_and_the_role_that_owns_it(own
     assert clean.status == "ok" and "least privilege" in clean.summary
     assert {r["requirement"]: r["ok"] for r in clean.rows}[preflight.ROLLBACK_REQUIREMENT] == "yes"
     assert len(blockers) == 2
-    assert blockers[0].startswith("extensions live in the managed schemas (citext (in public))")
+    assert blockers[0] == (f"extension citext (in public) is owned by postgres, which role {db.owner} cannot act for: "
+                           "a rollback drops and re-creates it")
     assert blockers[1].startswith("1 object(s) in the app schemas are owned by postgres, which role "
                                   f"{db.owner} cannot act for (table public.platform_notes)")
     assert blocked.status == "error"
@@ -265,3 +266,69 @@ def test_a_kept_schema_whose_comment_changed_is_refused_when_re_creating_it_woul
     message = refused_rollback(db, info)
     assert "the comment on schema public changed since the backup was taken" in message
     assert "cannot act for postgres, whose objects or default privileges the backup has in it" in message
+
+
+def test_a_trusted_extension_the_owner_created_in_public_is_no_blocker_and_a_rollback_re_creates_it_as_the_owner(
+        owned_db, tmp_path):
+    db = owned_db(LEGACY)
+    # pg_trgm is trusted: the database owner (CREATE on the database) may create it, and drop it again
+    db.as_owner("create extension pg_trgm with schema public; "
+                "create index products_name_trgm on public.products using gin (name public.gin_trgm_ops)")
+    assert db.as_owner("select trusted from pg_available_extension_versions v join pg_available_extensions a "
+                       "on a.name = v.name and a.default_version = v.version where v.name = 'pg_trgm'") == [(True,)]
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        assert restore.rollback_blockers(conn) == []
+        assert preflight.privileges(conn).status == "ok"
+    finally:
+        conn.close()
+    before, info = owner_deployment(db, tmp_path)
+    db.as_owner("drop index public.products_name_trgm")
+    result = restore.restore_backup(db.target, info.path, info.sha256, run_id="run-owner", operator="owner")
+    assert result.extensions_recreated == ["pg_trgm"]
+    assert_identical(before, snapshot_of(db))
+    assert db.as_superuser("select extowner::regrole::text, extnamespace::regnamespace::text from pg_extension "
+                           "where extname = 'pg_trgm'") == [(db.owner, "public")]
+    assert db.as_owner("select count(*) from pg_indexes where indexname = 'products_name_trgm'") == [(1,)]
+
+
+def test_an_untrusted_extension_and_a_trusted_one_the_role_could_not_put_back_are_rollback_blockers(
+        owned_db, server):
+    db = owned_db(LEGACY)
+    db.as_owner("create extension pg_trgm with schema public")
+    # an untrusted extension the owner created while it was a superuser
+    server.admin_execute(f"alter role {db.owner} superuser")
+    db.as_owner("create extension pg_buffercache with schema public")
+    server.admin_execute(f"alter role {db.owner} nosuperuser")
+    server.admin_execute(f"revoke create on database {db.name} from {db.owner}, public")
+    db.as_superuser("create extension citext with schema public")     # the superuser's: trusted, but not the owner's
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        blockers = restore.rollback_blockers(conn)
+    finally:
+        conn.close()
+    assert (f"extension citext (in public) is owned by postgres, which role {db.owner} cannot act for: a rollback "
+            "drops and re-creates it") in blockers
+    assert (f"extension pg_trgm (in public) is trusted, but its owner {db.owner} has no CREATE privilege on the "
+            "database, which re-creating it needs") in blockers
+    assert "extension pg_buffercache (in public) is not trusted: dropping and re-creating it needs a superuser" in blockers
+
+
+def test_a_table_in_a_publication_another_role_owns_is_a_rollback_blocker(owned_db):
+    db = owned_db(LEGACY)
+    # the rollback drops public.products, which takes it out of the publication; only its owner may add it back
+    db.as_superuser("create publication app_changes for table public.products")
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        blockers = restore.rollback_blockers(conn)
+    finally:
+        conn.close()
+    assert (f"table products is in publication app_changes, owned by postgres, which role {db.owner} cannot act for: "
+            "a rollback drops and re-creates it, and only the publication's owner may add it back "
+            f"(make {db.owner} its owner, or roll back as a superuser)") in blockers
+    db.as_superuser(f"alter publication app_changes owner to {db.owner}")
+    conn = connection.connect(db.target, readonly=True, autocommit=True)
+    try:
+        assert restore.rollback_blockers(conn) == []
+    finally:
+        conn.close()

@@ -5,7 +5,10 @@ PostgREST's DDL event triggers, storage, realtime, public's default privileges, 
 by the project's `postgres` (no superuser), then real projects' additions (handle_new_user() on
 auth.users, products in supabase_realtime, a storage policy calling a public function, pg_trgm in
 public). The three phases go through runbooks.engine.ApplyEngine as that `postgres`; then Supabase's
-advisor rules, as the verification writes them, find nothing on the deployment's objects.
+advisor rules, as the verification writes them, find nothing on the deployment's objects. And `runbook
+deploy` end to end as that `postgres`: pg_trgm in public blocks nothing (trusted, and its own), and the
+project's own handle_new_user() is a warning naming its fix (in the preflight's advisor baseline), while
+a finding made after the baseline fails the verification.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runbooks import contract, engine, paths, verification
+from runbooks import cli, contract, engine, paths, records, verification
 from runbooks.contract import HISTORY_SCHEMA, TABLES
 
 from supabase_project import OWNER, supabase_db  # noqa: F401 (the fixture)
@@ -23,6 +26,7 @@ from supabase_project import OWNER, supabase_db  # noqa: F401 (the fixture)
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 CONTRACT_FUNCTIONS = {f.name for f in contract.FUNCTIONS}
 RUN_ID = "20260101T000000Z-5b5b5b"
+HANDLE_NEW_USER_FIX = "revoke execute on function public.handle_new_user() from public, anon, authenticated;"
 
 
 def deploy(db) -> None:
@@ -102,3 +106,94 @@ def test_the_fixture_is_a_supabase_like_project_before_anything_is_deployed(supa
     assert db.as_superuser("""select has_function_privilege('anon', 'public.handle_new_user()', 'execute'),
                                      (select prosecdef from pg_proc where oid = 'public.handle_new_user()'::regprocedure)""") == [
         (True, True)]
+
+
+def checks_of_run(root: Path, run: str) -> dict[str, dict]:
+    """{notebook step (preflight, verification, ...): {check name: check}} of a run's manifest."""
+    manifest = records.Record.open(root, run).manifest()
+    return {n["name"]: {c["name"]: c for c in n.get("checks") or []} for n in manifest["notebooks"]}
+
+
+def runbook_deploy(db, root: Path) -> tuple[int, str]:
+    """`runbook deploy` as the project's postgres: (exit code, run id)."""
+    code = cli.main(["deploy", "--service", db.name, "--records", str(root)])
+    [run] = [p.name for p in root.iterdir()]
+    return code, run
+
+
+@pytest.mark.slow
+def test_a_deployment_as_supabases_postgres_passes_and_reports_the_projects_own_finding_as_a_warning_with_its_fix(
+        supabase_db, tmp_path):
+    db = supabase_db(paths.LEGACY_FIXTURE_FILE)
+    root = tmp_path / "records"
+    code, run = runbook_deploy(db, root)
+    checks = checks_of_run(root, run)
+    assert code == 0, {n: {c: v["summary"] for c, v in cs.items() if v["status"] == "error"} for n, cs in checks.items()}
+    # pg_trgm in public, owned by postgres and trusted: no rollback blocker; the preflight names the pre-existing finding
+    assert checks["preflight"]["privileges"]["status"] == "ok"
+    baseline = checks["preflight"]["advisor_baseline"]
+    assert baseline["status"] == "warning" and HANDLE_NEW_USER_FIX in baseline["summary"]
+    assert (root / run / verification.ADVISOR_BASELINE_FILE).is_file()
+    # the verification: a warning naming the fix, not a failure
+    lints = checks["verification"]["security_lints"]
+    assert lints["status"] == "warning" and f"handle_new_user() (fix: {HANDLE_NEW_USER_FIX})" in lints["summary"]
+    assert f"against the preflight's advisor baseline {run}/{verification.ADVISOR_BASELINE_FILE}" in lints["summary"]
+    assert checks["verification"]["success_criteria"]["status"] == "ok"
+    # the fix named does fix it
+    db.as_owner(HANDLE_NEW_USER_FIX)
+    assert not [f for f in advisor_findings(db) if f["lint"] == "security_definer_function_executable_by_api_users"]
+
+
+@pytest.mark.slow
+def test_a_finding_the_deployment_introduced_fails_the_verification_and_without_a_baseline_only_its_own_objects_fail(
+        supabase_db, tmp_path):
+    db = supabase_db(paths.LEGACY_FIXTURE_FILE)
+    root = tmp_path / "records"
+    code, run = runbook_deploy(db, root)
+    assert code == 0
+    # after the preflight's baseline: a SECURITY DEFINER function in public, executable by the API roles
+    # (public's default privileges grant it to them)
+    db.as_owner("""create function public.grant_me_admin() returns void language sql security definer
+                   set search_path = '' as 'select null'""")
+    # `runbook verify` compares with the newest preflight of the target: the deployment's
+    assert cli.main(["verify", "--service", db.name, "--records", str(root)]) == 1
+    [verify_run] = [p.name for p in root.iterdir() if p.name != run]
+    lints = checks_of_run(root, verify_run)["verification"]["security_lints"]
+    assert lints["status"] == "error"
+    assert "security_definer_function_executable_by_api_users: grant_me_admin()" in lints["summary"]
+    assert "handle_new_user" not in lints["summary"].split("(against")[0]      # the older one is no failure
+
+    # with no preflight to compare with, it says so: the deployment's objects fail, others are warnings
+    conn = db.connect(autocommit=True)
+    try:
+        alone = verification.security_lints(conn)
+    finally:
+        conn.close()
+    assert alone.status == "warning" and "no advisor baseline" in alone.summary
+    assert "grant_me_admin() (fix: revoke execute on function public.grant_me_admin() from public, anon, " \
+           "authenticated;)" in alone.summary
+
+
+@pytest.mark.slow
+def test_a_rollback_as_supabases_postgres_re_creates_pg_trgm_as_its_owner_and_puts_back_what_the_platform_held(
+        supabase_db, tmp_path):
+    db = supabase_db(paths.LEGACY_FIXTURE_FILE)
+    platform = ("select tgname from pg_trigger where tgrelid = 'auth.users'::regclass and not tgisinternal",
+                "select policyname from pg_policies where schemaname = 'storage'",
+                "select tablename from pg_publication_tables where pubname = 'supabase_realtime'",
+                "select extname, extowner::regrole::text, extnamespace::regnamespace::text from pg_extension "
+                "where extname = 'pg_trgm'")
+    before = [db.as_superuser(sql) for sql in platform]
+    assert before[3] == [("pg_trgm", OWNER, "public")]
+    trgm = "select oid from pg_extension where extname = 'pg_trgm'"
+    [(created,)] = db.as_superuser(trgm)
+    root = tmp_path / "records"
+    code, run = runbook_deploy(db, root)
+    assert code == 0
+    # the rollback proves the app schemas equal the preflight's snapshot (its notebook fails otherwise)
+    assert cli.main(["rollback", "--service", db.name, "--run", run, "--yes", "--records", str(root)]) == 0
+    [(re_created,)] = db.as_superuser(trgm)
+    assert re_created != created          # dropped with public's content, and created again
+    # dropped with public and put back: the trigger on auth.users, the storage policy calling public, the
+    # realtime table; pg_trgm re-created by postgres, so postgres owns it again
+    assert [db.as_superuser(sql) for sql in platform] == before

@@ -92,6 +92,48 @@ def test_rls_switched_off_and_a_truncate_grant_fail_the_security_lints(migrated_
     assert "api_role_may_truncate: products" in check.summary
 
 
+def test_a_finding_the_preflight_recorded_on_someone_elses_object_is_a_warning_with_its_fix_a_new_one_fails(
+        migrated_db, conn, tmp_path):
+    migrated_db.execute("""create function public.handle_new_user() returns trigger language plpgsql security definer
+                           set search_path = '' as $$ begin return new; end $$""")
+    verification.advisor_baseline(conn, tmp_path)
+    older = verification.security_lints(conn, tmp_path)
+    assert older.status == "warning"
+    fix = "revoke execute on function public.handle_new_user() from public, anon, authenticated;"
+    assert f"security_definer_function_executable_by_api_users: handle_new_user() (fix: {fix})" in older.summary
+    row = next(r for r in older.rows if r["object"] == "handle_new_user()")
+    assert row["level"] == "warning" and "pre-existing, not the deployment's" in row["detail"]
+
+    migrated_db.execute("""create function public.grant_me_admin() returns void language sql security definer
+                           set search_path = '' as 'select null'""")
+    introduced = verification.security_lints(conn, tmp_path)
+    assert introduced.status == "error"
+    assert introduced.summary.startswith("1 finding(s) the contract forbids: security_definer_function_executable_by_"
+                                         "api_users: grant_me_admin() (against the preflight's advisor baseline")
+    row = next(r for r in introduced.rows if r["object"] == "grant_me_admin()")
+    assert "not in the preflight's baseline: made since it was taken" in row["detail"]
+
+
+def test_a_finding_on_the_deployments_own_objects_fails_even_when_the_preflight_recorded_it(migrated_db, conn, tmp_path):
+    migrated_db.execute("grant execute on function public.is_org_admin(uuid, uuid) to anon; "
+                        "create table private.notes (id int primary key); alter table private.notes enable row level security")
+    verification.advisor_baseline(conn, tmp_path)
+    check = verification.security_lints(conn, baseline_dir=tmp_path)
+    assert check.status == "error"
+    assert "contract_function_executable_by_clients: is_org_admin(uuid,uuid)" in check.summary
+    assert "rls_enabled_no_policy: private.notes" in check.summary
+
+
+def test_without_a_baseline_the_lints_say_so_and_only_the_deployments_objects_fail(migrated_db, conn, tmp_path):
+    migrated_db.execute("""create function public.handle_new_user() returns trigger language plpgsql security definer
+                           set search_path = '' as $$ begin return new; end $$""")
+    check = verification.security_lints(conn, tmp_path / "a run without a preflight")
+    assert check.status == "warning" and "no advisor baseline" in check.summary
+    migrated_db.execute("grant execute on function public.is_org_admin(uuid, uuid) to anon")
+    check = verification.security_lints(conn)
+    assert check.status == "error" and "is_org_admin(uuid,uuid)" in check.summary and "no advisor baseline" in check.summary
+
+
 def test_a_second_updated_at_function_and_an_overload_fail_the_duplicate_check(migrated_db, conn):
     migrated_db.execute("""
         create function public.touch_updated_at() returns trigger language plpgsql set search_path = ''
