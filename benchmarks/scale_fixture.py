@@ -34,7 +34,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg2
 

@@ -294,7 +294,7 @@ def _sql_files(manifest: dict) -> str:
 def _parameters(manifest: dict) -> str:
     parameters = manifest.get("parameters") or {}
     rows = [{"parameter": k, "value": v} for k, v in parameters.items()]
-    return (f"<h2>Parameters</h2>\n" + html_table(["parameter", "value"], rows)) if rows else ""
+    return ("<h2>Parameters</h2>\n" + html_table(["parameter", "value"], rows)) if rows else ""
 
 
 def write_index(folder: Path, manifest: dict) -> Path:

@@ -1039,7 +1039,7 @@ def is_deployments(lint: str, obj: str, detail: str = "") -> bool:
     schema, name = (None if g is None else g.strip('"').replace('""', '"') for g in match.groups())
     if schema in ("private", HISTORY_SCHEMA):
         return True
-    return schema in (None, "public") and (name in CONTRACT_TABLES or name in _CONTRACT_FUNCTION_NAMES)
+    return schema in (None, "public") and (name in TABLES or name in _CONTRACT_FUNCTION_NAMES)
 
 
 def advisor_fix(lint: str, obj: str, detail: str = "") -> str:

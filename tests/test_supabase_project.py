@@ -40,7 +40,7 @@ def deploy(db) -> None:
 def is_deployments(obj: str) -> bool:
     """Whether an advisor finding's object is the deployment's: a contract table (or an index, policy or
     constraint named after one), a contract function, or anything in private or the history schema."""
-    if obj.startswith(("private.", f"{HISTORY_SCHEMA}.")) or f" private." in obj:
+    if obj.startswith(("private.", f"{HISTORY_SCHEMA}.")) or " private." in obj:
         return True
     words = re.findall(r"[a-z_][a-z0-9_]*", obj.replace("public.", ""))
     return any(w in TABLES or w in CONTRACT_FUNCTIONS or any(w.startswith(t + "_") for t in TABLES) for w in words)
