@@ -18,16 +18,19 @@ DATABASE = "truthsource_rehearsal"
 SERVICE = "rehearsal"
 
 
-def prepare_database(pg: EmbeddedPostgres, dbname: str = DATABASE, legacy: bool = True) -> None:
-    """A database with the shim (and the legacy fixture) on an embedded server."""
-    admin = psycopg2.connect(pg.conninfo("postgres"))
+def prepare_database(pg: EmbeddedPostgres, dbname: str = DATABASE, legacy: bool = True, shim: bool = True) -> None:
+    """A database on an embedded server, with the shim and the legacy fixture (each unless told not);
+    the server's own .pgpass logs in, whatever the environment says."""
+    admin = psycopg2.connect(pg.conninfo("postgres"), passfile=str(pg.client.pgpass_file))
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
             cur.execute(f'create database "{dbname}"')
     finally:
         admin.close()
-    conn = psycopg2.connect(pg.conninfo(dbname))
+    if not shim:
+        return
+    conn = psycopg2.connect(pg.conninfo(dbname), passfile=str(pg.client.pgpass_file))
     try:
         fixtures.load_shim(conn)
         if legacy:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, fixtures
+from . import connection, rehearsal
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -62,11 +62,11 @@ def serve(source: connection.Target | None = None, say=print) -> int:
     os.environ.pop("PGSERVICE", None)
     try:
         pg.start()   # SIGTERM now raises SystemExit, so the `finally` below stops the server
-        _create_database(pg)
         if source is None:
             say(f"sandbox: loading the Supabase shim and the legacy fixture into {DATABASE}")
-            _load_fixture(pg)
+            rehearsal.prepare_database(pg, DATABASE)
         else:
+            rehearsal.prepare_database(pg, DATABASE, shim=False)
             say(f"sandbox: copying {source.kind} {source.name!r} into {DATABASE} (pg_dump {pg.version})")
             _copy_from(pg, source, say)
         pg.add_service(SERVICE, DATABASE)
@@ -83,25 +83,6 @@ def serve(source: connection.Target | None = None, say=print) -> int:
             say(f"sandbox: the server stopped on its own ({str(exc).splitlines()[0]})")
     say("sandbox: stopped; its data directory is removed")
     return 0
-
-
-def _create_database(pg: EmbeddedPostgres) -> None:
-    admin = psycopg2.connect(pg.conninfo("postgres"), passfile=str(pg.client.pgpass_file))
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'create database "{DATABASE}"')
-    finally:
-        admin.close()
-
-
-def _load_fixture(pg: EmbeddedPostgres) -> None:
-    conn = psycopg2.connect(pg.conninfo(DATABASE), passfile=str(pg.client.pgpass_file))
-    try:
-        fixtures.load_shim(conn)
-        fixtures.load_legacy_fixture(conn)
-    finally:
-        conn.close()
 
 
 # Role attributes a copy keeps (no password: logins to the sandbox go through its .pgpass as postgres).
