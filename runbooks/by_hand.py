@@ -141,7 +141,7 @@ def saved_notebooks(run_id: str, notebooks_dir: Path, record_dir: Path) -> dict[
     """The executed notebooks of a run, by name: saved by JupyterLab over the notebooks in
     `notebooks_dir`, or as copies in the record's own notebooks/ folder (which win)."""
     found = {}
-    for folder in (Path(notebooks_dir), record_dir / "notebooks"):
+    for folder in (Path(notebooks_dir), record_dir / records.NOTEBOOKS_DIR):
         for path in sorted(folder.glob("*.ipynb")):
             nb = nbformat.read(path, as_version=4)
             if nb.metadata.get("truthsource") is None and belongs_to(nb, run_id):
@@ -165,7 +165,7 @@ def seal(root: Path, run_id: str, notebooks_dir: Path = NOTEBOOK_DIR, progress=p
                                   "(its notebooks' setup writes it)")
     manifest = _manifest(journal, run_id)
     saved = saved_notebooks(run_id, notebooks_dir, record.path)
-    (record.path / "notebooks").mkdir(exist_ok=True)
+    (record.path / records.NOTEBOOKS_DIR).mkdir(exist_ok=True)
     for number, entry in enumerate(manifest["notebooks"], start=1):
         source = saved.get(entry["name"])
         if source is None:
@@ -230,7 +230,7 @@ def _mark_finished(journal: dict, run_id: str, verdict: str, say) -> None:
 
 def _keep_notebook(record, manifest: dict, entry: dict, source: Path, number: int, runner) -> None:
     """A saved notebook copied into the record with the run's facts in its metadata, and its HTML."""
-    output = record.path / "notebooks" / f"{number:02d}-{entry['name']}.ipynb"
+    output = record.path / records.NOTEBOOKS_DIR / f"{number:02d}-{entry['name']}.ipynb"
     nb = nbformat.read(source, as_version=4)
     verdict = runner._verdict_of(nb)
     if verdict is not None:
@@ -244,7 +244,7 @@ def _keep_notebook(record, manifest: dict, entry: dict, source: Path, number: in
         "operator": manifest["operator"], "target": manifest["target"], "status": entry["status"],
         "sql_files": manifest["sql_files"], "project": manifest["project"]}
     nbformat.write(nb, output)
-    if source.resolve() != output.resolve() and source.parent.resolve() == (record.path / "notebooks").resolve():
+    if source.resolve() != output.resolve() and source.parent.resolve() == (record.path / records.NOTEBOOKS_DIR).resolve():
         source.unlink()   # a copy the DBA saved into the record: the numbered one replaces it
     entry["file"] = str(output.relative_to(record.path))
     entry["html"] = str(runner._export_html(output, manifest, entry, entry["name"]).relative_to(record.path))

@@ -17,7 +17,7 @@ from jinja2 import DictLoader
 
 from . import records
 
-INDEX = "index.html"
+INDEX = records.INDEX_FILE
 COLLAPSE_AFTER = 25   # rows: a longer table is collapsed (complete, one click away)
 
 # Colours, not emoji: a record must read the same in any browser, with any fonts.

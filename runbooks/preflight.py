@@ -16,14 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import backup as backup_module
-from . import connection, contract, engine, identity, pgtools, restore, signoff
+from . import connection, contract, engine, identity, pgtools, records, restore, signoff
 from . import snapshot as snapshot_module
 from .checks import Check, fetch, human_bytes, sql_check
 from .contract import INTEGRITY_SQL, PLAINTEXT_KEY_COLUMNS
 
 MIN_SERVER_VERSION = 150000
-SNAPSHOT_FILE = "snapshot.json"
-BACKUP_DIR = "backup"
 
 # The app schemas (as the snapshot and the restore see them): not PostgreSQL's, not Supabase's
 # platform schemas, not the deployment history's.
@@ -527,7 +525,7 @@ def backup_command(target, record_dir, run_id: str, server_major: int | None = N
         tool = str(pgtools.find_tool("pg_dump", server_major).path)
     except pgtools.ToolError as exc:
         tool = f"pg_dump  # {exc}"
-    dest = Path(record_dir) / BACKUP_DIR / f"<database>-{run_id}.dump"
+    dest = Path(record_dir) / records.BACKUP_DIR / f"<database>-{run_id}.dump"
     return (f"{tool} --format=custom --no-password --lock-wait-timeout=60s \\\n"
             f"    --snapshot=<the exported snapshot that snapshot.json was taken on> \\\n"
             f"    --file {shlex.quote(str(dest))} \\\n    --dbname {shlex.quote(target.conninfo())}\n"
@@ -564,7 +562,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
             return Check("backup", "error", "take_backup=False is refused for a production target: without a backup "
                          "there is no rollback")
         return Check("backup", "warning", "no backup taken (take_backup=False): this run cannot be rolled back")
-    dest = Path(record_dir) / BACKUP_DIR
+    dest = Path(record_dir) / records.BACKUP_DIR
     try:
         info = backup_module.take_backup(target, dest, run_id, snapshot=snapshot)
     except (backup_module.BackupError, pgtools.ToolError) as exc:
@@ -583,7 +581,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
         {"fact": "full read (every data block)", "value": "ok" if info.full_read else "skipped"},
         {"fact": "taken at (server clock)", "value": info.taken_at
          + (" — the same moment as snapshot.json (exported snapshot)" if info.snapshot_id else "")},
-        {"fact": "record", "value": f"{BACKUP_DIR}/{backup_module.INFO_FILE}"},
+        {"fact": "record", "value": f"{records.BACKUP_DIR}/{backup_module.INFO_FILE}"},
     ]
     rows += [{"fact": "warning", "value": w} for w in info.warnings]
     return Check("backup", "warning" if info.warnings else "ok",
@@ -624,7 +622,7 @@ def database_identity(conn, target, run_id: str) -> Check:
 def witness_backup(conn, target, record_dir, run_id: str, operator: str, step: str = "00_preflight") -> Check:
     """The backup's file name and sha256, written into truthsource.deployment_runs: a rollback
     checks the file against this too (and accepts an unsealed record only with it)."""
-    info_path = Path(record_dir) / BACKUP_DIR / backup_module.INFO_FILE
+    info_path = Path(record_dir) / records.BACKUP_DIR / backup_module.INFO_FILE
     if not info_path.is_file():
         return Check("witness_backup", "warning", "no backup was taken: nothing to witness")
     info = backup_module.BackupInfo.load(info_path)
@@ -657,7 +655,7 @@ def snapshot(conn, record_dir, *, moment=None) -> Check:
     """Row counts, schema fingerprint and per-table content checksums of every app table, kept as
     record_dir/snapshot.json (as of `moment`, an exported snapshot, when given)."""
     snap = snapshot_module.take_snapshot(conn, snapshot_id=moment.snapshot_id if moment else None)
-    path = snapshot_module.save_snapshot(snap, Path(record_dir) / SNAPSHOT_FILE)
+    path = snapshot_module.save_snapshot(snap, Path(record_dir) / records.SNAPSHOT_FILE)
     rows = [{"table": table, "rows": count, "content sha": (snap["content"].get(table) or "")[:12],
              "schema": "app" if snapshot_module.is_app_schema(table.split(".")[0].strip('"')) else "platform (counted)"}
             for table, count in snap["row_counts"].items()]

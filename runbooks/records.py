@@ -26,7 +26,13 @@ from pathlib import Path
 
 from .paths import PROJECT_ROOT, SQL_DIR
 
-MANIFEST = "manifest.json"
+# The layout of a run's record, named here once (other modules name only the files of their own steps).
+MANIFEST = "manifest.json"          # the sealed list of every file and its sha256
+SNAPSHOT_FILE = "snapshot.json"     # the preflight's snapshot
+BACKUP_DIR = "backup"               # the preflight's verified dump and its backup.json
+NOTEBOOKS_DIR = "notebooks"         # the executed notebooks and their HTML
+INDEX_FILE = "index.html"           # the run's front page for an auditor
+KERNEL_LOG = "kernels.log"          # the kernels' chatter
 FORMAT = "truthsource-record/1"
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 DEFAULT_RECORDS_DIR = Path("records")
@@ -188,7 +194,7 @@ class Record:
     @classmethod
     def create(cls, root: Path, run_id: str) -> "Record":
         record = cls(Path(root), check_run_id(run_id))
-        (record.path / "notebooks").mkdir(parents=True, exist_ok=False)
+        (record.path / NOTEBOOKS_DIR).mkdir(parents=True, exist_ok=False)
         return record
 
     @classmethod
@@ -275,7 +281,7 @@ def latest_with_snapshot(root: Path, target: dict) -> Path | None:
         folder = Path(root) / row["run_id"]
         manifest = json.loads((folder / MANIFEST).read_text())
         same = {k: manifest.get("target", {}).get(k) for k in ("kind", "name")} == {k: target.get(k) for k in ("kind", "name")}
-        if same and (folder / "snapshot.json").is_file():
+        if same and (folder / SNAPSHOT_FILE).is_file():
             return folder
     return None
 
@@ -329,7 +335,7 @@ def describe(record: Record) -> str:
         f"  project: {project.get('version')} at {project.get('git_commit') or 'no git commit'}"
         + (" (with uncommitted changes)" if project.get("git_dirty") else ""),
     ]
-    if (record.path / "index.html").is_file():
+    if (record.path / INDEX_FILE).is_file():
         lines.append(f"  page:    {(record.path / 'index.html').resolve()} (open it in a browser, offline)")
     if m.get("rolls_back"):
         lines.append(f"  rolls back: run {m['rolls_back']}")

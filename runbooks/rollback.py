@@ -117,8 +117,8 @@ def examine_source(target: connection.Target, records_root, run_id: str, discard
     folder = Path(records_root) / records.check_run_id(run_id)
     if not folder.is_dir():
         raise RollbackRefused(f"no record {run_id} in {Path(records_root).resolve()}")
-    info_path = folder / preflight.BACKUP_DIR / backup_module.INFO_FILE
-    if not info_path.is_file() or not (folder / preflight.SNAPSHOT_FILE).is_file():
+    info_path = folder / records.BACKUP_DIR / backup_module.INFO_FILE
+    if not info_path.is_file() or not (folder / records.SNAPSHOT_FILE).is_file():
         raise RollbackRefused(f"run {run_id} has no preflight backup and snapshot in its record: only a run whose "
                               "preflight took them can be rolled back to")
     info = backup_module.BackupInfo.load(info_path)
@@ -182,7 +182,7 @@ class Rollback:
         rows = [{"fact": "record folder", "value": str(self.folder)}]
         if not self.folder.is_dir():
             return Check("locate_backup", "error", f"no record folder {self.folder}", title=title, rows=rows)
-        info_path = self.folder / preflight.BACKUP_DIR / backup_module.INFO_FILE
+        info_path = self.folder / records.BACKUP_DIR / backup_module.INFO_FILE
         if not info_path.is_file():
             return Check("locate_backup", "error", f"run {self.rollback_run_id} has no backup in its record "
                          f"({info_path.relative_to(self.folder)} missing): its preflight did not finish one",
@@ -202,13 +202,13 @@ class Rollback:
                 problems.append(f"the manifest records sha256 {recorded['sha256'][:16]}…, backup.json "
                                 f"{self.info.sha256[:16]}…")
             altered = [p for p in records.Record(self.folder.parent, self.folder.name).verify()
-                       if preflight.BACKUP_DIR + "/" in p or preflight.SNAPSHOT_FILE in p or records.MANIFEST in p]
+                       if records.BACKUP_DIR + "/" in p or records.SNAPSHOT_FILE in p or records.MANIFEST in p]
             problems += [f"record: {p}" for p in altered]
-        snap_path = self.folder / preflight.SNAPSHOT_FILE
+        snap_path = self.folder / records.SNAPSHOT_FILE
         if snap_path.is_file():
             self.pre_snapshot = snapshot.load_snapshot(snap_path)
         else:
-            problems.append(f"no {preflight.SNAPSHOT_FILE}: the result could not be proven")
+            problems.append(f"no {records.SNAPSHOT_FILE}: the result could not be proven")
         # the target must be the very database the backup was taken from, and agree with its witness
         now = identity.read_identity(self.run.conn)
         witness = identity.run_witness(self.run.conn, self.rollback_run_id)
@@ -219,7 +219,7 @@ class Rollback:
         if witness is None and sealed:
             self.warnings.append(NO_WITNESS.format(run=self.rollback_run_id))
         rows += [
-            {"fact": "backup", "value": f"{preflight.BACKUP_DIR}/{self.info.file_name}"},
+            {"fact": "backup", "value": f"{records.BACKUP_DIR}/{self.info.file_name}"},
             {"fact": "sha256 (recorded)", "value": self.info.sha256},
             {"fact": "size", "value": f"{self.info.size_bytes} bytes ({human_bytes(self.info.size_bytes)})"},
             {"fact": "taken at (server clock)", "value": self.info.taken_at},
@@ -253,7 +253,7 @@ class Rollback:
     def backup_path(self) -> Path:
         if self.info is None:
             raise RollbackError("locate the backup first")
-        return self.folder / preflight.BACKUP_DIR / self.info.file_name
+        return self.folder / records.BACKUP_DIR / self.info.file_name
 
     # -- 2. check it again -----------------------------------------------------------------------
     def verify_backup(self) -> Check:

@@ -260,7 +260,7 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     source = notebook_path(step)
     declared = notebook_parameters(step)
     values = {k: v for k, v in {**common, **parameters}.items() if k in declared}
-    output = record.path / "notebooks" / f"{number:02d}-{source.stem}.ipynb"
+    output = record.path / records.NOTEBOOKS_DIR / f"{number:02d}-{source.stem}.ipynb"
     entry.update(file=str(output.relative_to(record.path)), parameters=sorted(values))
     started = time.monotonic()
     entry["started_at"] = records.utc_now()
@@ -316,7 +316,7 @@ def _mark_finished(conn, run_id: str, verdict: str, progress) -> None:
 
 def _kernel_manager_for(record: records.Record) -> type:
     # absolute: papermill changes directory while it runs a notebook, a relative --records would miss
-    return type("RecordKernelManager", (IPCKernelManager,), {"kernel_log": (record.path / "kernels.log").resolve()})
+    return type("RecordKernelManager", (IPCKernelManager,), {"kernel_log": (record.path / records.KERNEL_LOG).resolve()})
 
 
 def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
-from . import later_writes, preflight, snapshot
+from . import later_writes, preflight, records, snapshot
 from .checks import Check, fetch, human_bytes
 from .contract import (CLIENT_FUNCTION_NAMES, FUNCTIONS, HISTORY_SCHEMA, INTEGRITY_SQL, PLAINTEXT_KEY_COLUMNS,
                        PLATFORM_SCHEMAS, PLATFORM_SCHEMAS_SQL, TABLES)
@@ -1191,7 +1191,7 @@ def query_latency(conn, max_query_ms: float = 1000) -> Check:
 
 # -- 10. no data lost ---------------------------------------------------------------------------------------
 
-def baseline_path(record_dir, baseline_dir=None, name: str = preflight.SNAPSHOT_FILE) -> Path | None:
+def baseline_path(record_dir, baseline_dir=None, name: str = records.SNAPSHOT_FILE) -> Path | None:
     """The preflight's file `name` (the snapshot, the advisor baseline): baseline_dir's if given, else this
     run's; None if neither has it."""
     for folder in (baseline_dir, record_dir):
@@ -1212,7 +1212,7 @@ def row_counts(conn, record_dir, baseline_dir=None) -> Check:
     """Row counts now against the preflight snapshot: no table lost a row, no table is gone."""
     path = baseline_path(record_dir, baseline_dir)
     if path is None:
-        where = " or ".join(str(Path(f) / preflight.SNAPSHOT_FILE) for f in (baseline_dir, record_dir) if f)
+        where = " or ".join(str(Path(f) / records.SNAPSHOT_FILE) for f in (baseline_dir, record_dir) if f)
         return Check("row_counts", "warning", f"{NO_SNAPSHOT} ({where}): that no row was lost cannot be "
                      "proven here. Run the preflight first, or pass baseline_dir.", title="row counts against the snapshot")
     before = snapshot.load_snapshot(path)

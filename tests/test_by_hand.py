@@ -137,7 +137,7 @@ def test_without_a_snapshot_no_data_loss_is_not_proven_rather_than_passed(migrat
     criteria = verification.success_criteria([counts])
     result = {row["criterion"]: row for row in criteria.rows}["No data loss"]
     assert result["result"] == "not proven" and "no preflight snapshot" in result["notes"]
-    assert not (tmp_path / preflight.SNAPSHOT_FILE).exists()
+    assert not (tmp_path / records.SNAPSHOT_FILE).exists()
 
 
 def test_sealing_refuses_a_folder_that_is_not_a_by_hand_run(by_hand_records):
