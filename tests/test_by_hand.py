@@ -14,7 +14,7 @@ import nbformat
 import papermill
 import pytest
 
-from runbooks import by_hand, connection, identity, preflight, records, runner, verification
+from runbooks import by_hand, connection, identity, records, runner, verification
 from runbooks.paths import NOTEBOOK_DIR
 
 from runhelpers import history, runbook
