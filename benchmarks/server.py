@@ -28,6 +28,8 @@ BENCH_SETTINGS = {"max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 class PersistentPostgres(EmbeddedPostgres):
     """An embedded server whose cluster lives in `root` and is kept when the server stops."""
 
+    SETTINGS = {**embedded._THROWAWAY_SETTINGS, **BENCH_SETTINGS}
+
     def __init__(self, root: Path | str, bin_dir: Path | str | None = None):
         super().__init__(bin_dir)
         self.persistent_root = Path(root).resolve() / f"pg{self.major}"
@@ -68,22 +70,6 @@ class PersistentPostgres(EmbeddedPostgres):
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(24))
         return stored.read_text().strip()
-
-    def _initdb(self) -> None:
-        pwfile = self._root / "pwfile"
-        pwfile.write_text(self._password + "\n")
-        pwfile.chmod(0o600)
-        if self.account is not None:
-            os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
-        try:
-            self._run([str(self.binary("initdb")), "-D", str(self.data_dir), "-U", embedded.SUPERUSER,
-                       "--pwfile", str(pwfile), "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
-                       "--no-locale", "--encoding=UTF8", "--no-sync"], timeout=300)
-        finally:
-            pwfile.unlink(missing_ok=True)
-        with open(self.data_dir / "postgresql.auto.conf", "a") as conf:
-            for key, value in {**embedded._THROWAWAY_SETTINGS, **BENCH_SETTINGS}.items():
-                conf.write(f"{key} = '{value}'\n")
 
     def _launch(self) -> None:
         client_dir = Path(tempfile.mkdtemp(prefix="truthsource-benchclient-"))  # 0700, ours

@@ -177,6 +177,8 @@ class ClientFiles:
 class EmbeddedPostgres:
     """One throwaway server: ``with EmbeddedPostgres() as pg: ...``."""
 
+    SETTINGS = _THROWAWAY_SETTINGS   # written into a new cluster's postgresql.auto.conf
+
     def __init__(self, bin_dir: Path | str | None = None):
         found = Path(bin_dir) if bin_dir else find_bin_dir()
         self.account = _run_as_user()
@@ -239,21 +241,7 @@ class EmbeddedPostgres:
         client_dir = Path(tempfile.mkdtemp(prefix="truthsource-pgclient-"))  # ours only, 0700
         if self.account is not None:
             os.chown(self._root, self.account.pw_uid, self.account.pw_gid)
-        pwfile = self._root / "pwfile"
-        pwfile.write_text(self._password + "\n")
-        pwfile.chmod(0o600)
-        if self.account is not None:
-            os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
-        try:
-            self._run([str(self.binary("initdb")), "-D", str(self.data_dir), "-U", SUPERUSER,
-                       "--pwfile", str(pwfile), "--auth-local=scram-sha-256",
-                       "--auth-host=scram-sha-256", "--no-locale", "--encoding=UTF8",
-                       "--no-sync"], timeout=600)  # bounds a hang only: a busy machine is slow
-        finally:
-            pwfile.unlink(missing_ok=True)
-        with open(self.data_dir / "postgresql.auto.conf", "a") as conf:
-            for key, value in _THROWAWAY_SETTINGS.items():
-                conf.write(f"{key} = '{value}'\n")
+        self._initdb()
         self.client = ClientFiles(client_dir / "pg_service.conf", client_dir / "pgpass")
         atexit.register(self.stop)
         self._install_sigterm_handler()
@@ -280,6 +268,24 @@ class EmbeddedPostgres:
         self._run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], timeout=300)
         self._run([pg_ctl, "-D", data, "-l", str(self.log_file), "-w", "-t", "300", "-o", f"-p {self.port}", "start"],
                   timeout=600)
+
+    def _initdb(self) -> None:
+        """A new cluster in data_dir whose superuser has this server's password, with SETTINGS."""
+        pwfile = self._root / "pwfile"
+        pwfile.write_text(self._password + "\n")
+        pwfile.chmod(0o600)
+        if self.account is not None:
+            os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
+        try:
+            self._run([str(self.binary("initdb")), "-D", str(self.data_dir), "-U", SUPERUSER,
+                       "--pwfile", str(pwfile), "--auth-local=scram-sha-256",
+                       "--auth-host=scram-sha-256", "--no-locale", "--encoding=UTF8",
+                       "--no-sync"], timeout=600)  # bounds a hang only: a busy machine is slow
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(self.data_dir / "postgresql.auto.conf", "a") as conf:
+            for key, value in self.SETTINGS.items():
+                conf.write(f"{key} = '{value}'\n")
 
     def _write_client_files(self) -> None:
         assert self.client is not None
