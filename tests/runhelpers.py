@@ -7,6 +7,9 @@ databases come from the fixtures of conftest.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -118,3 +121,37 @@ def wait_for_stats(db, table: str, seq_scans: int, timeout: float = 10) -> None:
             assert seen >= seq_scans, f"{table}: {seen} sequential scans recorded, expected {seq_scans}"
             return
         time.sleep(0.1)
+
+
+# -- a deployment held inside phase 2 ------------------------------------------------------------
+
+PHASE_TWO_WAITING_SQL = """select a.pid from pg_stat_activity a
+                           where a.datname = current_database() and a.application_name like 'runbook run %%'
+                             and a.wait_event_type = 'Lock' and %s = any (pg_blocking_pids(a.pid))"""
+
+
+def hold_phase_two(db):
+    """A session whose lock phase 2 waits for (phase 1 does not): ACCESS SHARE on audit_logs."""
+    blocker = db.connect(application_name="a long report")
+    with blocker.cursor() as cur:
+        cur.execute("lock table public.audit_logs in access share mode")
+    return blocker
+
+
+def deploy_in_a_process(db, root, *extra, capture: bool = True) -> subprocess.Popen:
+    """`runbook deploy` of the database in a process of its own (its output captured, or dropped)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "runbooks.cli", "deploy", "--service", db.name,
+                             "--records", str(root), *extra],
+                            stdout=out, stderr=subprocess.STDOUT if capture else subprocess.DEVNULL, text=True,
+                            env=os.environ.copy())
+
+
+def wait_for_phase_two(db, blocker, deploy: subprocess.Popen) -> int:
+    """The pid of the deploy's backend once pg_stat_activity shows it waiting for the blocker's lock
+    (observed, not timed; the deploy ending first fails the test)."""
+    while not (found := db.query(PHASE_TWO_WAITING_SQL, (blocker.get_backend_pid(),))):
+        assert deploy.poll() is None, "the deploy ended before phase 2 waited" + (
+            ":\n" + deploy.stdout.read()[-4000:] if deploy.stdout else "")
+        time.sleep(0.05)
+    return found[0][0]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -20,7 +18,8 @@ import pytest
 from conftest import DEBIAN_15, Database
 from runbooks import fixtures, records, runner, snapshot
 from runbooks.embedded import EmbeddedPostgres
-from runhelpers import assert_identical, history, runbook, snapshot_of
+from runhelpers import (assert_identical, deploy_in_a_process, history, hold_phase_two, runbook, snapshot_of,
+                        wait_for_phase_two)
 
 ACME = "0a000000-0000-4000-8000-000000000001"
 BOB_THE_ADMIN = "0b000000-0000-4000-8000-000000000002"
@@ -31,12 +30,6 @@ APP_STATEMENTS = (
     f"select id, name from public.organizations where id = '{ACME}'",
     f"update public.products set price = price where id = '{GADGET}'",
 )
-
-
-def deploy_in_a_process(db, root, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runbooks.cli", "deploy", "--service", db.name,
-                             "--records", str(root), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
 
 
 class App:
@@ -92,15 +85,10 @@ def test_a_whole_deployment_passes_its_verification_while_the_app_reads_and_writ
 def test_a_deploy_whose_backend_is_terminated_inside_a_phase_says_so_and_its_run_rolls_back(make_db, tmp_path, capsys):
     db = make_db("legacy")
     root = tmp_path / "records"
-    blocker = db.connect(application_name="a long report")
-    with blocker.cursor() as cur:
-        cur.execute("lock table public.audit_logs in access share mode")   # phase 2 waits for it, phase 1 does not
+    blocker = hold_phase_two(db)
     try:
         deploy = deploy_in_a_process(db, root, "-p", "lock_timeout", "10min", "-p", "lock_retries", "0")
-        waiting = """select a.pid from pg_stat_activity a
-                     where a.datname = current_database() and a.application_name like 'runbook run %%'
-                       and a.wait_event_type = 'Lock' and %s = any (pg_blocking_pids(a.pid))"""
-        pid = wait_until(lambda: db.query(waiting, (blocker.get_backend_pid(),)), deploy)[0][0]
+        pid = wait_for_phase_two(db, blocker, deploy)
         db.query("select pg_terminate_backend(%s)", (pid,))
         output, _ = deploy.communicate()
     finally:
@@ -120,13 +108,6 @@ def test_a_deploy_whose_backend_is_terminated_inside_a_phase_says_so_and_its_run
     assert_identical(snapshot.load_snapshot(root / run_id / "snapshot.json"), snapshot_of(db))
 
 
-def wait_until(query, process):
-    """Poll observed state until it shows (the deploy ending first is a failure, not a hang)."""
-    while not (found := query()):
-        assert process.poll() is None, "the deploy ended before the phase waited:\n" + process.stdout.read()[-4000:]
-        threading.Event().wait(0.05)
-    return found
-
 
 @pytest.mark.slow
 def test_a_deploy_cut_by_a_server_crash_inside_a_phase_fails_and_its_run_rolls_back(tmp_path, capsys):
@@ -145,14 +126,9 @@ def test_a_deploy_cut_by_a_server_crash_inside_a_phase_fails_and_its_run_rolls_b
             db = Database("crash_test", pg)
             before = snapshot_of(db)
             root = tmp_path / "records"
-            blocker = db.connect(application_name="a long report")
-            with blocker.cursor() as cur:
-                cur.execute("lock table public.audit_logs in access share mode")
+            blocker = hold_phase_two(db)
             deploy = deploy_in_a_process(db, root, "-p", "lock_timeout", "10min", "-p", "lock_retries", "0")
-            waiting = """select a.pid from pg_stat_activity a
-                         where a.datname = current_database() and a.application_name like 'runbook run %%'
-                           and a.wait_event_type = 'Lock' and %s = any (pg_blocking_pids(a.pid))"""
-            wait_until(lambda: db.query(waiting, (blocker.get_backend_pid(),)), deploy)
+            wait_for_phase_two(db, blocker, deploy)
             pg.crash_and_recover()
             output, _ = deploy.communicate()
             blocker.close()

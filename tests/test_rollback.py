@@ -4,8 +4,6 @@ the run's snapshot; end to end through the runner after a deployment and after a
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +15,7 @@ from runbooks import engine, identity, preflight, records, restore, runner, snap
 from runbooks.paths import PHASES
 from runbooks.rollback import Rollback, RollbackError
 
-from runhelpers import (assert_identical, executed_notebook, history, make_run, readonly, run_check, runbook,
+from runhelpers import (assert_identical, deploy_in_a_process, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
                         snapshot_of)
 
 
@@ -324,17 +322,10 @@ def gone(process: psutil.Process) -> bool:
 def test_a_deploy_killed_inside_a_phase_takes_its_kernel_along_and_its_run_rolls_back(make_db, tmp_path, capsys):
     db = make_db("legacy")
     root = tmp_path / "records"
-    blocker = db.connect(application_name="a long report")
-    with blocker.cursor() as cur:
-        cur.execute("lock table public.audit_logs in access share mode")   # phase 2 waits for it, phase 1 does not
+    blocker = hold_phase_two(db)
     try:
-        deploy = subprocess.Popen([sys.executable, "-m", "runbooks.cli", "deploy", "--service", db.name,
-                                   "--records", str(root), "-p", "lock_timeout", "10min", "-p", "lock_retries", "0"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        waiting = """select a.application_name, left(a.query, 200) from pg_stat_activity a
-                     where a.datname = current_database() and a.application_name like 'runbook run %%'
-                       and a.wait_event_type = 'Lock' and %s = any (pg_blocking_pids(a.pid))"""
-        wait_until(lambda: db.query(waiting, (blocker.get_backend_pid(),)), "phase 2 waiting on the lock", deploy)
+        deploy = deploy_in_a_process(db, root, "-p", "lock_timeout", "10min", "-p", "lock_retries", "0", capture=False)
+        wait_for_phase_two(db, blocker, deploy)
         [kernel] = kernels_of(deploy.pid)
         # stopped, the kernel cannot run ipykernel's own watchdog thread: only the operating system can end it
         kernel.suspend()
