@@ -11,12 +11,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nbformat
+import psycopg2
 
 from runbooks import cli, connection, engine, notebook, records, snapshot
+from sqlhelpers import query_once
 
 
 def runbook(*args) -> int:
@@ -155,3 +158,28 @@ def wait_for_phase_two(db, blocker, deploy: subprocess.Popen) -> int:
             ":\n" + deploy.stdout.read()[-4000:] if deploy.stdout else "")
         time.sleep(0.05)
     return found[0][0]
+
+
+# -- a database its owner deploys, that owner no superuser ---------------------------------------
+
+@dataclass
+class OwnerDatabase:
+    """A database of the test server whose libpq service (of its name) connects as its owner."""
+
+    server: object
+    name: str
+    owner: str
+
+    @property
+    def target(self) -> connection.Target:
+        return connection.from_service(self.name)
+
+    def connect(self, **kwargs):
+        """As the owner (what snapshot_of and history connect with)."""
+        return connection.connect(self.target, **kwargs)
+
+    def as_owner(self, sql: str, params=None) -> list[tuple]:
+        return query_once(self.connect(autocommit=True), sql, params)
+
+    def as_superuser(self, sql: str, params=None) -> list[tuple]:
+        return query_once(psycopg2.connect(self.server.pg.conninfo(self.name)), sql, params)

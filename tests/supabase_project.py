@@ -21,12 +21,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from runbooks import connection
-
-from sqlhelpers import query_once
+from runhelpers import OwnerDatabase
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PLATFORM_SQL = FIXTURES / "supabase_platform.sql"
@@ -37,25 +34,10 @@ _passwords: dict[int, str] = {}   # server port -> OWNER's password on that serv
 
 
 @dataclass
-class SupabaseDatabase:
+class SupabaseDatabase(OwnerDatabase):
     """A Supabase-like project database; its service connects as OWNER."""
 
-    server: object
-    name: str
     owner: str = OWNER
-
-    @property
-    def target(self) -> connection.Target:
-        return connection.from_service(self.name)
-
-    def connect(self, **kwargs):
-        return connection.connect(self.target, **kwargs)
-
-    def as_owner(self, sql: str, params=None) -> list[tuple]:
-        return query_once(self.connect(autocommit=True), sql, params)
-
-    def as_superuser(self, sql: str, params=None) -> list[tuple]:
-        return query_once(psycopg2.connect(self.server.pg.conninfo(self.name)), sql, params)
 
     def psql_as_superuser(self, path: Path) -> None:
         """A fixture file through psql, with -v owner=OWNER; a failure shows psql's stderr."""

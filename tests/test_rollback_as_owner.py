@@ -21,8 +21,7 @@ import pytest
 from runbooks import cli, connection, engine, fixtures, paths, preflight, records, restore, snapshot
 from runbooks.backup import take_backup
 
-from runhelpers import assert_identical, history, snapshot_of
-from sqlhelpers import query_once
+from runhelpers import OwnerDatabase, assert_identical, history, snapshot_of
 
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 LEGACY = paths.LEGACY_FIXTURE_FILE
@@ -36,28 +35,10 @@ order by 1, 2, 3"""
 
 
 @dataclass
-class OwnedDatabase:
-    """A database, its owner (no superuser) and the owner's password; the libpq service of the
-    database's name connects as the owner."""
+class OwnedDatabase(OwnerDatabase):
+    """A database, its owner (no superuser) and the owner's password."""
 
-    server: object
-    name: str
-    owner: str
-    password: str
-
-    @property
-    def target(self) -> connection.Target:
-        return connection.from_service(self.name)
-
-    def connect(self, **kwargs):
-        """As the owner (what runhelpers' snapshot_of and history connect with)."""
-        return connection.connect(self.target, **kwargs)
-
-    def as_owner(self, sql: str, params=None) -> list[tuple]:
-        return query_once(self.connect(autocommit=True), sql, params)
-
-    def as_superuser(self, sql: str, params=None) -> list[tuple]:
-        return query_once(psycopg2.connect(self.server.pg.conninfo(self.name)), sql, params)
+    password: str = ""
 
 
 @pytest.fixture
