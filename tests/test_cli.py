@@ -83,7 +83,9 @@ def test_parameters_take_their_type_from_the_notebooks_parameters_cell():
 def test_a_password_typed_as_a_parameter_value_is_refused_with_exit_2_and_never_echoed(
         targets_file, tmp_path, capsys):
     secret = records.known_secrets()[0]   # the test server's own password, from .pgpass
-    code = runbook("deploy", "--target", "staging", "-p", "approver", secret, "--records", tmp_path / "records",
+    # inside a longer value: a random password may begin with "-", which argparse takes for an option
+    code = runbook("deploy", "--target", "staging", "-p", "approver", f"Dana {secret}",
+                   "--records", tmp_path / "records",
                    "--targets-file", targets_file)
     printed = capsys.readouterr()
     assert code == 2
