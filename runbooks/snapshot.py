@@ -62,9 +62,10 @@ CHECKSUM_METHOD = "rowsum-md5"
 LEGACY_CHECKSUM_METHOD = "md5-sorted"
 # The deployment's own transient work queues, schema-qualified as in row_counts. A phase fills one
 # and a later step of it empties it (private.pending_rewrites: the tables 001_core_schema.sql
-# rewrites after its commit, emptied as each is done), so a re-run after an interruption finds it
-# drained: fewer rows in a queue is work done, not data lost. Add a queue here when a phase adds one.
-WORK_QUEUES = frozenset({"private.pending_rewrites"})
+# rewrites after its commit, emptied as each is done; private.pending_backfills: the logs' legacy
+# columns it carries after its commit), so a re-run after an interruption finds it drained: fewer
+# rows in a queue is work done, not data lost. Add a queue here when a phase adds one.
+WORK_QUEUES = frozenset({"private.pending_rewrites", "private.pending_backfills"})
 SYSTEM_SCHEMA_SQL = ("n.nspname not in ('pg_catalog', 'information_schema') "
                      "and n.nspname !~ '^pg_(toast|temp_|toast_temp_)'")
 COUNT_STATUSES = ("same", "more", "FEWER", "MISSING", "new", "drained")

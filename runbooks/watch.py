@@ -3,7 +3,7 @@
 A long statement (a backfill, an index built concurrently, a table rewritten) or a wait for a lock
 is otherwise silence, in the terminal and in the notebook. A :class:`Heartbeat` watches the run's
 backends from a connection of its own — ``pg_stat_activity`` by application name, the progress
-views of ``CREATE INDEX`` and ``CLUSTER``, ``pg_blocking_pids`` — and says what each is doing, for
+views of ``CREATE INDEX`` and ``CLUSTER``, phase 2's batch counts, ``pg_blocking_pids`` — and says what each is doing, for
 how long, who it waits for, and, where PostgreSQL reports progress, how far it is with rate and ETA.
 
 It reads and never changes anything; when it cannot read (the server went away), it says so once
@@ -40,6 +40,12 @@ select a.pid, a.application_name, a.state,
  where a.datname = current_database() and a.pid <> pg_backend_pid()
    and a.state is distinct from 'idle' and a.application_name like any (%s)
  order by a.pid
+"""
+
+# Phase 2 carries the logs' legacy columns in batches after its commit and counts them here
+BACKFILL_SQL = """
+select table_name, max(rows_done) as done, max(rows_total) as total
+  from private.pending_backfills group by table_name order by table_name
 """
 
 
@@ -97,9 +103,10 @@ class Heartbeat:
                 return [head]
             self._failed = True
             return [f"{head}; cannot read the server's activity: {redact(str(exc).strip().splitlines()[0])}"]
+        backfills = [self._describe_backfill(b) for b in self._backfills()]
         if not rows:
-            return [f"{head}; no statement running on the server"]
-        return [head] + [self._describe(row) for row in rows]
+            return [f"{head}; no statement running on the server"] + backfills
+        return [head] + [self._describe(row) for row in rows] + backfills
 
     def _activity(self) -> list[dict]:
         if self._conn is None or self._conn.closed:
@@ -109,6 +116,28 @@ class Heartbeat:
             cur.execute(ACTIVITY_SQL, (list(self.applications),))
             names = [d.name for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def _backfills(self) -> list[dict]:
+        with self._conn.cursor() as cur:
+            cur.execute("select to_regclass('private.pending_backfills') is not null")
+            if not cur.fetchone()[0]:
+                return []
+            cur.execute(BACKFILL_SQL)
+            return [{"table": t, "done": d, "total": n} for t, d, n in cur.fetchall()]
+
+    def _describe_backfill(self, row: dict) -> str:
+        done, total = row["done"], row["total"]
+        text = f"    backfill of {row['table']}: {done:,} rows carried"
+        if not total:
+            return text
+        text = f"    backfill of {row['table']}: {done:,}/{total:,} rows ({100 * min(done, total) / total:.0f}%)"
+        now = time.monotonic()
+        before = self._seen.get(row["table"])
+        self._seen[row["table"]] = Progress(done, total, now)
+        if before is not None and done > before.done and now > before.at:
+            rate = (done - before.done) / (now - before.at)
+            text += f", {rate:,.0f} rows/s, about {human_duration(max(total - done, 0) / rate)} left"
+        return text
 
     def _describe(self, row: dict) -> str:
         text = f"    pid {row['pid']} {row['state']} {human_duration(row['seconds'])}: {redact(row['query'] or '')}"

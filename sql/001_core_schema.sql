@@ -4,7 +4,8 @@
 --          grants); private.member_org_ids(), private.admin_org_ids(), private.owner_org_ids(),
 --          private.colleague_ids() (what the policies call: for the caller, auth.uid(), never another user);
 --          private.append_only() (the logs' trigger);
---          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end).
+--          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end);
+--          private.pending_backfills (the logs' legacy columns still to carry after the commit; empty at the end).
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
 -- Contents
@@ -18,7 +19,8 @@
 --   8. Policy helpers, append-only logs, updated_at triggers
 --   9. Row-level security, policies and grants
 --  10. Legacy triggers named, documentation in the catalog
---  11. After the commit (no transaction): rewrites, then indexes built concurrently
+--  11. After the commit (no transaction): the logs carried in batches, rewrites, indexes built
+--      concurrently, rules validated
 --
 -- Notes
 -- * Idempotent; no transaction control in here. The runbook engine runs the body in one transaction,
@@ -39,7 +41,11 @@
 --   legacy integer id that nothing references is kept as legacy_id and the table gets uuid ids (but
 --   audit_logs keeps a legacy id of any type). Special cases by meaning: audit_logs.changes holding
 --   {"old": ..., "new": ...} is split into old_data/new_data; api_keys' active/is_active/enabled/revoked
---   flags become revoked_at; inventory without organization_id takes its product's. The migration's
+--   flags become revoked_at; inventory without organization_id takes its product's.
+--   The logs (audit_logs, security_events) are append-only and hold most rows: their carries are only
+--   planned under the lock (private.pending_backfills, a trigger that carries what the app writes
+--   meanwhile); after the commit they run in batches of pages, each its own short transaction, and a
+--   last short transaction drops the legacy columns (section 11). Same rules, same end state. The migration's
 --   own writes run with the tables' user triggers off, so legacy updated_at values stay as they were.
 -- * Plaintext API keys (api_keys.key, api_key, secret, token, ...): key_hash = sha256 hex of the key
 --   (kept when newer code already wrote one), key_prefix = its first characters (at most 12, at most a
@@ -53,7 +59,10 @@
 --   then warns and leaves the job for a re-run; verify_data_integrity() reports it as an error meanwhile).
 --   WAL, replicas and earlier backups still hold the plaintext: rotate those keys.
 -- * Rules: constraints are named after the rule they enforce. On rows already there they are added
---   NOT VALID and validated only when no row breaks them: legacy rows that break a rule are kept
+--   NOT VALID inside the locked transaction (no scan there) and validated after its commit, one rule per
+--   short transaction under SHARE UPDATE EXCLUSIVE, so the app keeps reading and writing while the rows
+--   are checked; NOT NULL goes the same way (a NOT VALID check, validated, then SET NOT NULL without a
+--   scan and the check dropped). Legacy rows that break a rule are kept
 --   unchanged and reported by verify_data_integrity() and the preflight, while every new write is
 --   checked. An UPDATE that leaves such a row still breaking its rule is refused, naming the rule:
 --   fix the row in the same statement. Legacy CHECK constraints on these tables are replaced by the
@@ -202,7 +211,20 @@ as $fn$
    where a.attrelid = p_rel and a.attname = p_col and a.attnum > 0 and not a.attisdropped
 $fn$;
 
+-- whether any row of p_rel matches p_where
+create or replace function pg_temp.p2_has_rows(p_rel regclass, p_where text) returns boolean
+language plpgsql stable
+as $fn$
+declare
+  v_found boolean;
+begin
+  execute format('select exists (select 1 from %s where %s)', p_rel, p_where) into v_found;
+  return v_found;
+end
+$fn$;
+
 -- the migration's own writes are not business writes: user triggers (updated_at, audit) stay quiet
+-- (not the logs' backfill trigger: it is the migration's own)
 create or replace function pg_temp.p2_triggers_off(p_rel regclass) returns text[]
 language plpgsql
 as $fn$
@@ -212,7 +234,7 @@ declare
 begin
   select coalesce(array_agg(t.tgname::text order by t.tgname), '{}') into v_names
     from pg_catalog.pg_trigger t
-   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O';
+   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname <> 'p2_backfill';
   foreach v_name in array v_names loop
     execute format('alter table %s disable trigger %I', p_rel, v_name);
   end loop;
@@ -279,7 +301,8 @@ begin
 end
 $fn$;
 
--- carry legacy column p_source into p_target, keep what does not convert, drop p_source
+-- carry legacy column p_source into p_target, keep what does not convert, drop p_source (the logs:
+-- planned here, carried after the commit: pg_temp.p2_defer_carry)
 create or replace function pg_temp.p2_carry(p_rel regclass, p_target text, p_source text, p_stash_key text) returns void
 language plpgsql
 as $fn$
@@ -291,6 +314,10 @@ declare
   v_count bigint;
   v_tried bigint;
 begin
+  if p_rel in ('public.audit_logs'::regclass, 'public.security_events'::regclass) then
+    perform pg_temp.p2_defer_carry(p_rel, 'carry', p_target, p_source, p_stash_key);
+    return;
+  end if;
   v_conv := pg_temp.p2_conversion(v_from, v_to, quote_ident(p_source));
   v_row_conv := pg_temp.p2_conversion(v_from, v_to, format('($1)::%s', v_from));
   perform pg_temp.p2_stash(p_rel, p_stash_key, p_source,
@@ -325,6 +352,114 @@ begin
   perform pg_temp.p2_stash(p_rel, p_stash_key, p_source, format('%I is null and %I is not null', p_target, p_source));
   raise notice '%: legacy column % (%) carried into % (%) for % row(s), then dropped', p_rel, p_source, v_from, p_target, v_to, v_count;
   execute format('alter table %s drop column %I', p_rel, p_source);
+end
+$fn$;
+
+-- The logs (audit_logs, security_events) hold most rows and are append-only, so their legacy columns
+-- are not carried under the lock: here the carry is planned (a row of private.pending_backfills), the
+-- table gets legacy_data and a p2_carried marker, and the legacy column stays until section 11 has
+-- carried every row in short batches and drops it. p_kind 'split': audit_logs.changes into old/new_data.
+create or replace function pg_temp.p2_defer_carry(p_rel regclass, p_kind text, p_target text, p_source text, p_stash_key text)
+returns void
+language plpgsql
+as $fn$
+declare
+  v_added boolean := false;
+begin
+  if pg_temp.p2_column_type(p_rel, 'legacy_data') is null then
+    execute format('alter table %s add column legacy_data jsonb', p_rel);
+    execute format('comment on column %s.legacy_data is %L', p_rel,
+      'Values of retired legacy columns that could not be converted, keyed by the legacy column name (001_core_schema.sql).');
+    v_added := true;
+  end if;
+  if pg_temp.p2_column_type(p_rel, 'p2_carried') is null then
+    execute format('alter table %s add column p2_carried boolean', p_rel);
+  end if;
+  insert into private.pending_backfills (table_name, kind, target, source, stash_key, from_type, to_type, legacy_data_added)
+  values ((select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+           where c.oid = p_rel), p_kind, p_target, p_source, p_stash_key, pg_temp.p2_column_type(p_rel, p_source),
+          pg_temp.p2_column_type(p_rel, p_target), v_added)
+  on conflict (table_name, source) do update set legacy_data_added = private.pending_backfills.legacy_data_added or excluded.legacy_data_added;
+  raise notice '%: legacy column % is carried into % after the commit, in batches, then dropped', p_rel, p_source, p_target;
+end
+$fn$;
+
+-- The planned carries of one log as a row trigger (private.p2_backfill_<table>): it carries the rows the
+-- app writes until the legacy columns are dropped, and the batches of section 11 carry the rows already
+-- there through it (one definition of the carry). Per row, as p2_carry does per table: a value that
+-- disagrees with one already in the target, or that does not convert, is kept in legacy_data.
+create or replace function pg_temp.p2_backfill_trigger(p_rel regclass) returns void
+language plpgsql
+as $fn$
+declare
+  j record;
+  v_body text := '';
+  v_sources text[] := '{}';
+  v_olds text[] := '{}';
+  v_function constant text := format('private.%I', 'p2_backfill_' || (select c.relname from pg_catalog.pg_class c where c.oid = p_rel));
+  v_stash constant text := 'new.legacy_data := coalesce(new.legacy_data, ''{}''::jsonb) || jsonb_build_object(%L, to_jsonb(new.%I));';
+  v_fits constant text := 'jsonb_typeof(new.%1$I) = ''object'' and new.%1$I <> ''{}''::jsonb and (new.%1$I - ''old'' - ''new'') = ''{}''::jsonb';
+begin
+  for j in select b.* from private.pending_backfills as b where b.table_name::regclass = p_rel order by b.ord loop
+    v_sources := v_sources || format('new.%I', j.source);
+    v_olds := v_olds || format('old.%I', j.source);
+    if j.kind = 'carry' then
+      v_body := v_body || format($b$
+    if new.%2$s is not null then
+      if new.%1$s is not null and new.%1$s::text is distinct from new.%2$s::text then
+        %4$s
+      elsif new.%1$s is null then
+        begin
+          new.%1$s := %3$s;
+        exception when others then
+          new.%1$s := null;
+        end;
+        if new.%1$s is null then
+          %4$s
+        end if;
+      end if;
+    end if;$b$, quote_ident(j.target), quote_ident(j.source), pg_temp.p2_conversion(j.from_type, j.to_type, format('new.%I', j.source)),
+        format(v_stash, j.stash_key, j.source));
+    else
+      v_body := v_body || format($b$
+    if new.%1$s is not null then
+      if %2$s then
+        if not ((new.old_data is null or new.old_data = nullif(new.%1$s -> 'old', 'null'::jsonb))
+                and (new.new_data is null or new.new_data = nullif(new.%1$s -> 'new', 'null'::jsonb))) then
+          %3$s
+        end if;
+        new.old_data := coalesce(new.old_data, nullif(new.%1$s -> 'old', 'null'::jsonb));
+        new.new_data := coalesce(new.new_data, nullif(new.%1$s -> 'new', 'null'::jsonb));
+      else
+        if new.new_data is not null and new.new_data <> new.%1$s then
+          %3$s
+        end if;
+        new.new_data := coalesce(new.new_data, new.%1$s);
+      end if;
+    end if;$b$, quote_ident(j.source), format(v_fits, j.source), format(v_stash, j.stash_key, j.source));
+    end if;
+  end loop;
+  if v_body = '' then
+    return;
+  end if;
+  execute format($f$create or replace function %1$s() returns trigger
+language plpgsql
+set search_path = ''
+set "TimeZone" = 'UTC'
+as $body$
+begin
+  -- a row not yet carried, or one whose legacy values the app changed since
+  if tg_op = 'INSERT' or old.p2_carried is not true or (%3$s) is distinct from (%4$s) then%2$s
+    new.p2_carried := true;
+  end if;
+  return new;
+end
+$body$$f$, v_function, v_body, array_to_string(v_sources, ', ') || ', null', array_to_string(v_olds, ', ') || ', null');
+  execute format('revoke all on function %s() from public, anon, authenticated, service_role', v_function);
+  execute format('comment on function %s() is %L', v_function,
+    'Carries legacy columns of this log into the contract''s until 001_core_schema.sql drops them (then it goes too).');
+  execute format('drop trigger if exists p2_backfill on %s', p_rel);
+  execute format('create trigger p2_backfill before insert or update on %s for each row execute function %s()', p_rel, v_function);
 end
 $fn$;
 
@@ -569,7 +704,7 @@ begin
 end
 $fn$;
 
--- a foreign key: adopt an equivalent one, replace a different one on the column, validate when clean
+-- a foreign key: adopt an equivalent one, replace a different one on the column, else add it NOT VALID
 create or replace function pg_temp.p2_ensure_fk(p_table text, p_name text, p_col text, p_ref regclass, p_refcol text, p_on_delete "char")
 returns void
 language plpgsql
@@ -579,7 +714,6 @@ declare
   v_att smallint;
   v_refatt smallint;
   v_done boolean := false;
-  v_orphans bigint;
   r record;
 begin
   select a.attnum into v_att from pg_catalog.pg_attribute a where a.attrelid = v_rel and a.attname = p_col and not a.attisdropped;
@@ -609,20 +743,11 @@ begin
                    v_rel, p_name, p_col, p_ref, p_refcol,
                    case p_on_delete when 'c' then 'cascade' when 'n' then 'set null' else 'no action' end);
   end if;
-  if not (select c.convalidated from pg_catalog.pg_constraint c where c.conrelid = v_rel and c.conname = p_name) then
-    execute format('select count(*) from %1$s as t where t.%2$I is not null and not exists (select 1 from %3$s as r where r.%4$I = t.%2$I)',
-                   v_rel, p_col, p_ref, p_refcol) into v_orphans;
-    if v_orphans = 0 then
-      execute format('alter table %s validate constraint %I', v_rel, p_name);
-    else
-      raise notice '%: % legacy row(s) break % (their % is missing): kept, reported by verify_data_integrity(); every new write is checked',
-        v_rel, v_orphans, p_name, p_col;
-    end if;
-  end if;
+  -- a NOT VALID key is validated after the commit (section 11), where the app keeps writing
 end
 $fn$;
 
--- a check rule: replace a same-named one that says something else, add NOT VALID, validate when clean
+-- a check rule: replace a same-named one that says something else, else add it NOT VALID
 create or replace function pg_temp.p2_ensure_check(p_table text, p_name text, p_expr text) returns void
 language plpgsql
 as $fn$
@@ -630,10 +755,8 @@ declare
   v_rel constant regclass := format('public.%I', p_table)::regclass;
   v_have text;
   v_want text;
-  v_valid boolean;
-  v_breaking bigint;
 begin
-  select pg_catalog.pg_get_constraintdef(c.oid), c.convalidated into v_have, v_valid
+  select pg_catalog.pg_get_constraintdef(c.oid) into v_have
     from pg_catalog.pg_constraint c where c.conrelid = v_rel and c.conname = p_name;
   if v_have is not null then
     execute format('alter table %s add constraint p2_scratch_check check (%s) not valid', v_rel, p_expr);
@@ -646,38 +769,27 @@ begin
       v_have := null;
     end if;
   end if;
+  -- instant under the lock: new writes are checked from the commit on; the rows already there are
+  -- validated after the commit (section 11), where the app keeps reading and writing
   if v_have is null then
     execute format('alter table %s add constraint %I check (%s) not valid', v_rel, p_name, p_expr);
-    v_valid := false;
-  end if;
-  if not v_valid then
-    execute format('select count(*) from %s where not (%s)', v_rel, p_expr) into v_breaking;
-    if v_breaking = 0 then
-      execute format('alter table %s validate constraint %I', v_rel, p_name);
-    else
-      raise notice '%: % legacy row(s) break %: kept, reported by verify_data_integrity(); every new write is checked',
-        v_rel, v_breaking, p_name;
-    end if;
   end if;
 end
 $fn$;
 
--- NOT NULL where no row is null, else a NOT VALID check <table>_<column>_not_null_check
+-- NOT NULL, online: a NOT VALID check <table>_<column>_not_null_check now (no scan under the lock); after
+-- the commit (section 11) a check that holds is validated and the column becomes NOT NULL without a scan
+-- (the validated check proves it), then the check goes. Where a legacy row is null the check stays NOT VALID.
 create or replace function pg_temp.p2_ensure_not_null(p_table text, p_col text) returns text
 language plpgsql
 as $fn$
 declare
   v_rel constant regclass := format('public.%I', p_table)::regclass;
   v_check constant text := format('%s_%s_not_null_check', p_table, p_col);
-  v_nulls boolean;
 begin
   if not (select a.attnotnull from pg_catalog.pg_attribute a where a.attrelid = v_rel and a.attname = p_col) then
-    execute format('select exists (select 1 from %s where %I is null)', v_rel, p_col) into v_nulls;
-    if v_nulls then
-      perform pg_temp.p2_ensure_check(p_table, v_check, format('%I is not null', p_col));
-      return v_check;
-    end if;
-    execute format('alter table %s alter column %I set not null', v_rel, p_col);
+    perform pg_temp.p2_ensure_check(p_table, v_check, format('%I is not null', p_col));
+    return v_check;
   end if;
   if exists (select 1 from pg_catalog.pg_constraint c where c.conrelid = v_rel and c.conname = v_check) then
     execute format('alter table %s drop constraint %I', v_rel, v_check);
@@ -916,6 +1028,26 @@ begin
 end
 $$;
 
+-- the logs' legacy columns still to carry (after the commit, in batches: section 11; empty at the end)
+create table if not exists private.pending_backfills (
+  ord bigint generated always as identity,
+  table_name text not null,
+  kind text not null check (kind in ('carry', 'split')),
+  target text not null,
+  source text not null,
+  stash_key text not null,
+  from_type text not null,
+  to_type text not null,
+  legacy_data_added boolean not null default false,
+  rows_total bigint,
+  rows_done bigint not null default 0,
+  planned_at timestamptz not null default now(),
+  constraint pending_backfills_pkey primary key (table_name, source)
+);
+revoke all on table private.pending_backfills from public, anon, authenticated, service_role;
+comment on table private.pending_backfills is
+  'Legacy columns of the logs that 001_core_schema.sql carries after its locked transaction, in batches (rows_done of rows_total), then drops.';
+
 -- converge every core table that exists in another shape: columns, carried data, legacy columns
 do $$
 declare
@@ -943,33 +1075,25 @@ end
 $$;
 
 -- audit_logs.changes: {"old": ..., "new": ...} is split into old_data/new_data, anything else is new_data
+-- (planned here, carried after the commit with the log's other legacy columns)
+do $$
+begin
+  if pg_temp.p2_column_type('public.audit_logs', 'changes') = 'jsonb' then
+    perform pg_temp.p2_defer_carry('public.audit_logs', 'split', 'new_data', 'changes', 'changes');
+  elsif pg_temp.p2_column_type('public.audit_logs', 'changes') is not null then
+    perform pg_temp.p2_carry('public.audit_logs', 'new_data', 'changes', 'changes');
+  end if;
+end
+$$;
+
+-- the logs' planned carries, as a trigger: from the commit on, what the app writes there is carried
 do $$
 declare
-  v_quiet text[];
-  v_fits constant text := 'jsonb_typeof(changes) = ''object'' and changes <> ''{}''::jsonb and (changes - ''old'' - ''new'') = ''{}''::jsonb';
+  v_table text;
 begin
-  if pg_temp.p2_column_type('public.audit_logs', 'changes') is null then
-    return;
-  end if;
-  v_quiet := pg_temp.p2_triggers_off('public.audit_logs');
-  if pg_temp.p2_column_type('public.audit_logs', 'changes') <> 'jsonb' then
-    perform pg_temp.p2_carry('public.audit_logs', 'new_data', 'changes', 'changes');
-    perform pg_temp.p2_triggers_on('public.audit_logs', v_quiet);
-    return;
-  end if;
-  perform pg_temp.p2_stash('public.audit_logs', 'changes', 'changes', format(
-    'changes is not null and not (case when %1$s then (old_data is null or old_data = nullif(changes -> ''old'', ''null''::jsonb))
-                                                 and (new_data is null or new_data = nullif(changes -> ''new'', ''null''::jsonb))
-                                  else (new_data is null or new_data = changes) end)', v_fits));
-  execute format('update public.audit_logs
-                     set old_data = coalesce(old_data, nullif(changes -> ''old'', ''null''::jsonb)),
-                         new_data = coalesce(new_data, nullif(changes -> ''new'', ''null''::jsonb))
-                   where changes is not null and %s', v_fits);
-  execute format('update public.audit_logs set new_data = changes
-                   where changes is not null and new_data is null and not (%s)', v_fits);
-  raise notice 'public.audit_logs: legacy column changes carried into old_data/new_data, then dropped';
-  alter table public.audit_logs drop column changes;
-  perform pg_temp.p2_triggers_on('public.audit_logs', v_quiet);
+  for v_table in select distinct b.table_name from private.pending_backfills as b order by 1 loop
+    perform pg_temp.p2_backfill_trigger(v_table::regclass);
+  end loop;
 end
 $$;
 
@@ -1580,8 +1704,77 @@ comment on table public.api_keys is 'API keys: key_prefix to recognise a key, ke
 comment on table public.security_events is 'Append-only security events (severity low, medium, high or critical); read by admins and owners.';
 
 -- ====================================================================================================
--- 11. After the commit (no transaction): rewrites, then indexes built concurrently
+-- 11. After the commit (no transaction): logs carried in batches, rewrites, indexes, rules validated
 -- ====================================================================================================
+
+-- the logs' legacy columns carried in batches of pages (a TID range scan each, PostgreSQL 14+), each batch
+-- its own short transaction: the app goes on meanwhile (its writes wait at most one batch on the log),
+-- and the rows it writes are carried by the trigger. rows_done of rows_total in private.pending_backfills
+-- shows the progress; marked rows are not carried twice, so a re-run resumes where an interrupted one stopped.
+-- The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
+-- runbook: no-transaction
+do $$
+declare
+  b record;
+  v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
+  v_pages bigint;
+  v_page bigint;
+  v_count bigint;
+  v_quiet text[];
+begin
+  for b in select distinct p.table_name::regclass as rel from private.pending_backfills as p order by 1 loop
+    update private.pending_backfills as p set rows_total = (select greatest(c.reltuples, 0)::bigint from pg_catalog.pg_class c where c.oid = b.rel)
+     where p.table_name::regclass = b.rel and p.rows_total is null;
+    commit;
+    v_pages := pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint;
+    v_page := 0;
+    while v_page < v_pages loop
+      v_quiet := pg_temp.p2_triggers_off(b.rel);
+      execute format('update %s set p2_carried = true where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid and p2_carried is not true',
+                     b.rel, v_page, v_page + v_step);
+      get diagnostics v_count = row_count;
+      perform pg_temp.p2_triggers_on(b.rel, v_quiet);
+      update private.pending_backfills as p set rows_done = p.rows_done + v_count where p.table_name::regclass = b.rel;
+      commit;
+      v_page := v_page + v_step;
+    end loop;
+  end loop;
+end
+$$;
+
+-- the logs' legacy columns dropped once every row is carried: a short transaction per log under ACCESS
+-- EXCLUSIVE (a last pass carries any row the batches missed: none is expected)
+-- runbook: no-transaction
+do $$
+declare
+  b record;
+  j record;
+  v_quiet text[];
+  v_late bigint;
+begin
+  for b in select p.table_name::regclass as rel, bool_or(p.legacy_data_added) as legacy_data_added
+             from private.pending_backfills as p group by p.table_name order by 1 loop
+    execute format('lock table %s in access exclusive mode', b.rel);
+    v_quiet := pg_temp.p2_triggers_off(b.rel);
+    execute format('update %s set p2_carried = true where p2_carried is not true', b.rel);
+    get diagnostics v_late = row_count;
+    perform pg_temp.p2_triggers_on(b.rel, v_quiet);
+    for j in select p.* from private.pending_backfills as p where p.table_name::regclass = b.rel order by p.ord loop
+      raise notice '%: legacy column % (%) carried into % (%) for % row(s) in batches, then dropped', b.rel, j.source, j.from_type,
+        case j.kind when 'split' then 'old_data/new_data' else j.target end, j.to_type, j.rows_done + v_late;
+      execute format('alter table %s drop column %I', b.rel, j.source);
+    end loop;
+    execute format('drop trigger p2_backfill on %s', b.rel);
+    execute format('drop function private.%I()', 'p2_backfill_' || (select c.relname from pg_catalog.pg_class c where c.oid = b.rel));
+    execute format('alter table %s drop column p2_carried', b.rel);
+    if b.legacy_data_added and not pg_temp.p2_has_rows(b.rel, 'legacy_data is not null') then
+      execute format('alter table %s drop column legacy_data', b.rel);
+    end if;
+    delete from private.pending_backfills as p where p.table_name::regclass = b.rel;
+    commit;
+  end loop;
+end
+$$;
 
 -- tables that held plaintext keys are rewritten now that their old row versions are dead
 -- runbook: no-transaction
@@ -1696,3 +1889,56 @@ create index concurrently if not exists security_events_user_id_created_at_idx o
 create index concurrently if not exists security_events_ip_address_created_at_idx on public.security_events (ip_address, created_at desc);
 -- runbook: no-transaction
 create index concurrently if not exists security_events_created_at_idx on public.security_events (created_at);
+
+-- rules added NOT VALID above, validated now: each in a short transaction of its own under SHARE UPDATE
+-- EXCLUSIVE, which lets the app read and write meanwhile (a re-run resumes with those still NOT VALID).
+-- A rule that legacy rows break stays NOT VALID (reported by verify_data_integrity(); new writes are
+-- checked). A NOT NULL check that holds makes its column NOT NULL without a scan, then goes.
+-- runbook: no-transaction
+do $$
+declare
+  r record;
+  v_breaking bigint;
+begin
+  for r in
+    select c.conrelid::regclass as tbl, c.conname, c.contype,
+           case c.contype
+             when 'c' then format('select count(*) from %s where not (%s)', c.conrelid::regclass, pg_catalog.pg_get_expr(c.conbin, c.conrelid))
+             else format('select count(*) from %1$s as t where t.%2$I is not null and not exists (select 1 from %3$s as r where r.%4$I = t.%2$I)',
+                         c.conrelid::regclass, a.attname, c.confrelid::regclass, ra.attname)
+           end as breaking_sql
+      from pg_catalog.pg_constraint c
+      join pg_catalog.pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+      left join pg_catalog.pg_attribute ra on ra.attrelid = c.confrelid and ra.attnum = c.confkey[1]
+     where c.contype in ('c', 'f') and not c.convalidated
+       and c.conrelid in ('public.organizations'::regclass, 'public.profiles'::regclass, 'public.organization_members'::regclass,
+                          'public.products'::regclass, 'public.inventory'::regclass, 'public.audit_logs'::regclass,
+                          'public.api_keys'::regclass, 'public.security_events'::regclass)
+     order by c.conrelid::regclass::text, c.conname
+  loop
+    begin
+      execute format('alter table %s validate constraint %I', r.tbl, r.conname);
+    exception when check_violation or foreign_key_violation or not_null_violation then
+      execute r.breaking_sql into v_breaking;
+      raise notice '%: % legacy row(s) break %: kept, reported by verify_data_integrity(); every new write is checked',
+        r.tbl, v_breaking, r.conname;
+    end;
+    commit;
+  end loop;
+  for r in
+    select c.conrelid::regclass as tbl, c.conname, a.attname
+      from pg_catalog.pg_constraint c
+      join pg_catalog.pg_class t on t.oid = c.conrelid
+      join pg_catalog.pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+     where c.contype = 'c' and c.convalidated and c.conname = format('%s_%s_not_null_check', t.relname, a.attname)
+       and t.relnamespace = 'public'::regnamespace
+       and t.relname in ('organizations', 'profiles', 'organization_members', 'products', 'inventory', 'audit_logs',
+                         'api_keys', 'security_events')
+     order by t.relname, c.conname
+  loop
+    execute format('alter table %s alter column %I set not null', r.tbl, r.attname);
+    execute format('alter table %s drop constraint %I', r.tbl, r.conname);
+    commit;
+  end loop;
+end
+$$;

@@ -1,0 +1,128 @@
+"""Phase 2 online: what leaves its locked transaction, and how an interruption there resumes.
+
+Rules are added NOT VALID under the lock and validated after the commit; the logs' legacy columns are
+carried after the commit in batches of pages (a trigger carries the app's writes meanwhile), then
+dropped. A phase stopped in a batch leaves a database that a re-run of the same file finishes, to the
+end state of a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg2
+
+from runbooks.watch import Heartbeat
+from sqlhelpers import PHASE_FILES, apply_psql, data_fingerprint, split_file, waiting_backend
+
+PHASE_TWO = PHASE_FILES[1]
+APP_NAME = "p2-online-test"
+
+# legacy audit rows in the first shape (entity_type, entity_id, changes, ip): enough to fill many pages
+MORE_AUDIT_ROWS = """
+insert into public.audit_logs (id, organization_id, action, entity_type, entity_id, changes, ip, created_at)
+select 1000 + n, '0a000000-0000-4000-8000-000000000001', 'update', 'product',
+       case when n % 7 = 0 then 'legacy-' || n else '0c000000-0000-4000-8000-000000000001' end,
+       case when n % 2 = 0 then jsonb_build_object('old', jsonb_build_object('n', n - 1), 'new', jsonb_build_object('n', n))
+            else jsonb_build_object('n', n) end,
+       case when n % 5 = 0 then 'unknown' else '203.0.113.' || (n % 250) end,
+       timestamptz '2024-01-01 00:00:00+00' + n * interval '1 minute'
+  from generate_series(1, 3000) as n
+"""
+# what the legacy app writes while the legacy columns still exist (the same row in both databases)
+APP_AUDIT_ROW = """
+insert into public.audit_logs (id, action, entity_type, entity_id, changes, ip, created_at)
+values (99999, 'update', 'product', '0c000000-0000-4000-8000-000000000005',
+        '{"old": {"price": 3}, "new": {"price": 4}}', 'not an address', '2024-06-01 00:00:00+00')
+"""
+
+
+def run_in_thread(conn, statement: str) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run():
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+        except psycopg2.Error as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def locks_held_by(db, pid: int) -> set[tuple[str, str]]:
+    return set(db.query("""select c.relname, l.mode from pg_locks l join pg_class c on c.oid = l.relation
+                           where l.pid = %s and l.granted and l.locktype = 'relation' and c.relnamespace = 'public'::regnamespace""", (pid,)))
+
+
+def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_state_of_an_unstopped_run(make_db):
+    reference = make_db("legacy@1")
+    reference.execute(MORE_AUDIT_ROWS)
+    reference.execute(APP_AUDIT_ROW)
+    apply_psql(reference, PHASE_TWO)
+
+    db = make_db("legacy@1")
+    db.execute(MORE_AUDIT_ROWS)
+    body, tail = split_file(PHASE_TWO)
+    [backfill] = [s for s in tail if "backfill_batch_pages" in s]
+    phase, holder = db.connect(), db.connect()
+    try:
+        with phase.cursor() as cur:  # the engine's way: the body in one transaction, then the tail
+            cur.execute(f"set application_name = '{APP_NAME}'; set truthsource.backfill_batch_pages = 1")
+            cur.execute(body)
+        phase.commit()
+        phase.autocommit = True
+        with holder.cursor() as cur:  # a row lock halfway through the log: the batch that reaches it waits
+            cur.execute("select id from public.audit_logs where ctid >= '(20,0)'::tid order by ctid limit 1 for update")
+        thread, outcome = run_in_thread(phase, backfill)
+        pid = waiting_backend(db, APP_NAME)
+        [(done, total)] = db.query("select rows_done, rows_total from private.pending_backfills "
+                                   "where table_name = 'public.audit_logs' limit 1")
+        assert 0 < done < total, "batches before the locked row committed, the rest did not"
+        heartbeat = Heartbeat(db.target, applications=(APP_NAME,)).lines()
+        assert f"    backfill of public.audit_logs: {done:,}/{total:,} rows" in "\n".join(heartbeat)
+        assert "AccessExclusiveLock" not in {mode for _, mode in locks_held_by(db, pid)}, \
+            "the backfill holds no lock that stops the app reading"
+        db.query("select pg_terminate_backend(%s)", (pid,))
+        thread.join()
+        assert isinstance(outcome.get("error"), psycopg2.OperationalError)
+    finally:
+        holder.rollback()
+        holder.close()
+        phase.close()
+
+    # the legacy app writes on in the old shape, and its row is carried by the trigger
+    db.execute(APP_AUDIT_ROW)
+    assert db.query("select record_id::text, old_data, new_data, ip_address, legacy_data from public.audit_logs "
+                    "where id = 99999") == [("0c000000-0000-4000-8000-000000000005", {"price": 3}, {"price": 4}, None,
+                                            {"ip": "not an address"})]
+
+    apply_psql(db, PHASE_TWO)
+    assert db.query("select count(*) from private.pending_backfills") == [(0,)]
+    assert db.schema_dump() == reference.schema_dump()
+    assert data_fingerprint(db) == data_fingerprint(reference)
+
+
+def test_the_log_backfill_keeps_what_does_not_convert_as_the_locked_carry_did(make_db):
+    db = make_db("legacy@1")
+    db.execute(MORE_AUDIT_ROWS)
+    apply_psql(db, PHASE_TWO)
+    assert db.query("""select count(*) filter (where record_id is null and legacy_data ? 'entity_id'),
+                              count(*) filter (where ip_address is null and legacy_data ? 'ip'),
+                              count(*) filter (where old_data is not null)
+                         from public.audit_logs where id >= 1000""") == [(428, 600, 1500)]
+    assert db.query("select count(*) from pg_attribute where attrelid = 'public.audit_logs'::regclass "
+                    "and attname in ('entity_type', 'entity_id', 'changes', 'ip', 'p2_carried') and not attisdropped") == [(0,)]
+    assert db.query("select count(*) from pg_proc where proname like 'p2_backfill%'") == [(0,)]
+
+
+def test_rules_are_validated_after_the_commit_and_legacy_rows_that_break_one_keep_it_not_valid(make_db):
+    db = make_db("legacy@1")
+    notices = apply_psql(db, PHASE_TWO).stderr
+    assert "products: 1 legacy row(s) break products_sku_format_check: kept" in notices
+    assert db.query("select convalidated from pg_constraint where conname = 'products_name_not_blank_check'") == [(True,)]
+    assert db.query("select count(*) from pg_constraint where conname like '%%_not_null_check' and convalidated") == [(0,)]
+    assert db.query("select attnotnull from pg_attribute where attrelid = 'public.products'::regclass "
+                    "and attname = 'currency'") == [(True,)]
