@@ -6,12 +6,14 @@ multiplies them by rates the scale benchmark measured (``benchmarks/scale.py``; 
 data shapes change it, so a production deployment must fit the rest of its maintenance window with
 a margin (``MARGIN``), or it is refused.
 
-What holds the app's tables: phase 2 runs its body in one transaction after taking ACCESS EXCLUSIVE
-locks on the tables it converges, so for the body's whole duration the app can neither read nor
-write them; its no-transaction tail builds indexes concurrently (the app goes on) and rewrites the
-tables that held plaintext keys (ACCESS EXCLUSIVE on each for its rewrite). Phases 1 and 3 change
-functions, policies and small tables, and validate constraints (SHARE UPDATE EXCLUSIVE: reads and
-writes go on).
+What holds the app's tables: phase 2 takes ACCESS EXCLUSIVE locks on the tables it converges for
+its body, one transaction that changes the schema and checks keys and unique rules (no row is
+rewritten there). After its commit, without blocking the app: copies of plaintext keys are redacted
+and the logs' legacy columns carried in batches of pages (each its own short transaction), indexes
+are built concurrently and rules validated (SHARE UPDATE EXCLUSIVE). Two short windows follow the
+batches: the logs' legacy columns dropped, and the tables that held plaintext keys rewritten (ACCESS
+EXCLUSIVE on each for its rewrite). Phases 1 and 3 change functions, policies and small tables, and
+validate constraints (reads and writes go on).
 """
 
 from __future__ import annotations
@@ -21,34 +23,49 @@ from datetime import datetime, timezone
 
 from . import engine, signoff
 from .checks import Check, fetch, human_duration, sql_check
-from .contract import CORE_TABLES, PLAINTEXT_KEY_COLUMNS
+from .contract import CORE_TABLE_COLUMNS, CORE_TABLES, PLAINTEXT_KEY_COLUMNS
 
 GIB = 1024 ** 3
 MARGIN = 1.5   # the estimate times this must fit the rest of a production maintenance window
 
-# Seconds per GiB of heap and fixed seconds per phase, measured at 1M products (0.47 GiB of converged
-# tables, 3,000 plaintext keys) on 2 busy cores, PostgreSQL 18: phase 2 took 41.5 s, of which the body
-# 34 s (key search 11.6 s), the rewrite 2.8 s and the concurrent index builds 4 s; phases 1 and 3 well under
-# a second. Rounded up: on a quiet server the estimate errs long, which is the safe side.
+# Seconds per GiB of heap and fixed seconds per phase, measured at 1M products on PostgreSQL 15 and 2
+# cores (0.44 GiB of converged tables of which 0.21 GiB of audit_logs, 3,000 plaintext keys; BENCHMARKS.md):
+# the body 3.5 s, the redaction's batches 7 s, the logs' batches 12.5 s, their legacy columns dropped
+# 0.35 s, the rewrite 1.4 s, the concurrent index builds 4 s, the rules validated 4.6 s; phases 1 and 3
+# well under a second. Rounded up (a busy server takes up to twice as long): the estimate errs long.
 RATES = {
     "phase 000 fixed": 1.0,
     "phase 001 fixed": 3.0,
-    "phase 001 body per GiB of the converged tables": 45.0,
+    "phase 001 body per GiB of the converged tables": 10.0,
     "phase 001 key search per GiB of public tables": 25.0,
+    "phase 001 log backfill per GiB of the logs in a legacy shape": 80.0,
+    "phase 001 legacy columns dropped per GiB of those logs": 5.0,
     "phase 001 indexes per GiB of the converged tables": 10.0,
+    "phase 001 validation per GiB of the converged tables": 15.0,
     "phase 001 rewrite per GiB of the tables that held keys": 15.0,
     "phase 002 fixed": 2.0,
     "phase 002 validation per GiB of the converged tables": 2.0,
 }
 CONVERGED_TABLES = CORE_TABLES
 KEY_HOLDING_TABLES = ("api_keys", "audit_logs")
+LOGS = ("audit_logs", "security_events")
 
+def _log_columns() -> str:
+    return ", ".join(f"('{t}', array[{', '.join(repr(c) for c in CORE_TABLE_COLUMNS[t])}, 'legacy_data', 'legacy_id'])"
+                     for t in LOGS)
+
+
+# legacy_log: a log with columns the contract does not name, whose rows phase 2 carries in batches
 SIZES_SQL = f"""
+with log_columns (table_name, contract_columns) as (values {_log_columns()})
 select c.relname::text as table_name, pg_relation_size(c.oid) as heap_bytes,
        greatest(c.reltuples, 0)::bigint as rows_estimated,
        exists (select 1 from pg_attribute a
                 where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped and c.relname = 'api_keys'
-                  and a.attname in ({", ".join(f"'{c}'" for c in PLAINTEXT_KEY_COLUMNS)})) as holds_plaintext_keys
+                  and a.attname in ({", ".join(f"'{c}'" for c in PLAINTEXT_KEY_COLUMNS)})) as holds_plaintext_keys,
+       exists (select 1 from log_columns l join pg_attribute a on a.attrelid = c.oid
+                where l.table_name = c.relname and a.attnum > 0 and not a.attisdropped
+                  and a.attname <> all (l.contract_columns)) as legacy_log
 from pg_class c
 where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
 order by heap_bytes desc
@@ -75,16 +92,20 @@ def estimate_phases(sizes: list[dict], applied: set[str]) -> list[PhaseEstimate]
     gib = {r["table_name"]: r["heap_bytes"] / GIB for r in sizes}
     converged = sum(gib.get(t, 0) for t in CONVERGED_TABLES)
     plaintext = any(r["holds_plaintext_keys"] for r in sizes)
-    keys_search = sum(gib.values()) * RATES["phase 001 key search per GiB of public tables"] if plaintext else 0
-    body = (RATES["phase 001 fixed"] + converged * RATES["phase 001 body per GiB of the converged tables"]
-            + keys_search)
+    legacy_logs = sum(gib[r["table_name"]] for r in sizes if r.get("legacy_log"))
+    body = RATES["phase 001 fixed"] + converged * RATES["phase 001 body per GiB of the converged tables"]
+    redaction = sum(gib.values()) * RATES["phase 001 key search per GiB of public tables"] if plaintext else 0
+    backfill = legacy_logs * RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+    drop_legacy = legacy_logs * RATES["phase 001 legacy columns dropped per GiB of those logs"]
     rewritten = [t for t in KEY_HOLDING_TABLES if t in gib] if plaintext else []
     rewrite = sum(gib[t] for t in rewritten) * RATES["phase 001 rewrite per GiB of the tables that held keys"]
-    indexes = converged * RATES["phase 001 indexes per GiB of the converged tables"]
+    online = converged * (RATES["phase 001 indexes per GiB of the converged tables"]
+                          + RATES["phase 001 validation per GiB of the converged tables"]) + redaction + backfill
     present = tuple(t for t in CONVERGED_TABLES if t in gib)
     return [
         PhaseEstimate("000", RATES["phase 000 fixed"], 0.0, (), "000" not in applied),
-        PhaseEstimate("001", body + indexes + rewrite, body + rewrite, present, "001" not in applied),
+        PhaseEstimate("001", body + drop_legacy + rewrite + online, body + drop_legacy + rewrite, present,
+                      "001" not in applied),
         PhaseEstimate("002", RATES["phase 002 fixed"] + converged * RATES["phase 002 validation per GiB of the converged tables"],
                       0.0, (), "002" not in applied),
     ]

@@ -43,9 +43,14 @@ select a.pid, a.application_name, a.state,
 """
 
 # Phase 2 carries the logs' legacy columns in batches after its commit and counts them here
+# and redacts copies of plaintext keys in batches of pages, counted the same way
 BACKFILL_SQL = """
-select table_name, max(rows_done) as done, max(rows_total) as total
-  from private.pending_backfills group by table_name order by table_name
+select 'backfill' as step, table_name, max(rows_done) as done, max(rows_total) as total, 'rows' as unit
+  from private.pending_backfills group by table_name
+union all
+select 'redaction', table_name, pages_done, pages_total, 'pages'
+  from private.pending_redactions where done_at is null
+order by 1, 2
 """
 
 
@@ -119,24 +124,26 @@ class Heartbeat:
 
     def _backfills(self) -> list[dict]:
         with self._conn.cursor() as cur:
-            cur.execute("select to_regclass('private.pending_backfills') is not null")
+            cur.execute("select to_regclass('private.pending_backfills') is not null "
+                        "and to_regclass('private.pending_redactions') is not null")
             if not cur.fetchone()[0]:
                 return []
             cur.execute(BACKFILL_SQL)
-            return [{"table": t, "done": d, "total": n} for t, d, n in cur.fetchall()]
+            return [dict(zip(("step", "table", "done", "total", "unit"), row)) for row in cur.fetchall()]
 
     def _describe_backfill(self, row: dict) -> str:
-        done, total = row["done"], row["total"]
-        text = f"    backfill of {row['table']}: {done:,} rows carried"
+        done, total, unit = row["done"], row["total"], row["unit"]
+        text = f"    {row['step']} of {row['table']}: {done:,} {unit} done"
         if not total:
             return text
-        text = f"    backfill of {row['table']}: {done:,}/{total:,} rows ({100 * min(done, total) / total:.0f}%)"
+        text = f"    {row['step']} of {row['table']}: {done:,}/{total:,} {unit} ({100 * min(done, total) / total:.0f}%)"
         now = time.monotonic()
-        before = self._seen.get(row["table"])
-        self._seen[row["table"]] = Progress(done, total, now)
+        key = (row["step"], row["table"])
+        before = self._seen.get(key)
+        self._seen[key] = Progress(done, total, now)
         if before is not None and done > before.done and now > before.at:
             rate = (done - before.done) / (now - before.at)
-            text += f", {rate:,.0f} rows/s, about {human_duration(max(total - done, 0) / rate)} left"
+            text += f", {rate:,.0f} {unit}/s, about {human_duration(max(total - done, 0) / rate)} left"
         return text
 
     def _describe(self, row: dict) -> str:

@@ -211,20 +211,8 @@ as $fn$
    where a.attrelid = p_rel and a.attname = p_col and a.attnum > 0 and not a.attisdropped
 $fn$;
 
--- whether any row of p_rel matches p_where
-create or replace function pg_temp.p2_has_rows(p_rel regclass, p_where text) returns boolean
-language plpgsql stable
-as $fn$
-declare
-  v_found boolean;
-begin
-  execute format('select exists (select 1 from %s where %s)', p_rel, p_where) into v_found;
-  return v_found;
-end
-$fn$;
-
 -- the migration's own writes are not business writes: user triggers (updated_at, audit) stay quiet
--- (not the logs' backfill trigger: it is the migration's own)
+-- (not the migration's own p2_ triggers)
 create or replace function pg_temp.p2_triggers_off(p_rel regclass) returns text[]
 language plpgsql
 as $fn$
@@ -234,7 +222,7 @@ declare
 begin
   select coalesce(array_agg(t.tgname::text order by t.tgname), '{}') into v_names
     from pg_catalog.pg_trigger t
-   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname <> 'p2_backfill';
+   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
   foreach v_name in array v_names loop
     execute format('alter table %s disable trigger %I', p_rel, v_name);
   end loop;
@@ -798,82 +786,118 @@ begin
 end
 $fn$;
 
--- redaction of plaintext secrets wherever they were copied
-create or replace function pg_temp.p2_redact_text(p_text text, p_secrets text[]) returns text
-language plpgsql immutable
-as $fn$
-declare
-  v_secret text;
-begin
-  foreach v_secret in array p_secrets loop
-    p_text := replace(p_text, v_secret, format('[redacted api key %s...]', left(v_secret, least(12, length(v_secret) / 3))));
-  end loop;
-  return p_text;
-end
-$fn$;
-
--- the same through a json document, keys and values
-create or replace function pg_temp.p2_redact_jsonb(p_doc jsonb, p_secrets text[]) returns jsonb
-language sql immutable
-as $fn$
-  select case jsonb_typeof(p_doc)
-    when 'object' then coalesce((select jsonb_object_agg(pg_temp.p2_redact_text(e.key, p_secrets), pg_temp.p2_redact_jsonb(e.value, p_secrets))
-                                   from jsonb_each(p_doc) as e), '{}'::jsonb)
-    when 'array' then coalesce((select jsonb_agg(pg_temp.p2_redact_jsonb(e.value, p_secrets) order by e.n)
-                                  from jsonb_array_elements(p_doc) with ordinality as e (value, n)), '[]'::jsonb)
-    when 'string' then to_jsonb(pg_temp.p2_redact_text(p_doc #>> '{}', p_secrets))
-    else p_doc
-  end
-$fn$;
-
--- the plaintext keys being redacted, indexed, with what finding their copies needs: the characters
--- they are made of (as a regular-expression class) and their lengths
-create or replace function pg_temp.p2_load_secrets(p_secrets text[]) returns void
+-- Redaction of plaintext keys wherever they were copied, planned under the lock and done after the commit:
+-- the keys wait in private.redaction_keys (owner only; truncated when done), every public table with
+-- text or json columns gets a row trigger p2_redact that redacts what the app writes meanwhile, and the
+-- batches of section 11 send the rows already there that hold a copy through it (one definition of the
+-- redaction). Finding copies is linear in the data, not rows x keys: every copy of a key lies inside a
+-- maximal run of the characters keys are made of, so a value is cut into such runs (one regular-
+-- expression pass), each run into its substrings of the keys' lengths, and those are looked up in the
+-- key set's index; values without the prefix all keys share (often a scheme like sk_live_) are skipped
+-- by strpos first. The functions made here are dropped with the triggers at the end.
+create or replace function pg_temp.p2_plan_redaction() returns void
 language plpgsql
-as $fn$
-begin
-  create temporary table if not exists p2_secrets (secret text primary key) on commit drop;
-  truncate pg_temp.p2_secrets;
-  insert into pg_temp.p2_secrets select distinct s from unnest(p_secrets) as s where s <> '';
-  analyze pg_temp.p2_secrets;
-end
-$fn$;
-
--- a query of (tid, secrets): the rows of p_rel whose text p_text (an expression over t) holds a copy of a
--- plaintext key, with the keys it holds. Linear in the data, not rows x keys: every copy of a key lies inside a maximal run
--- of the characters keys are made of, so each value is cut into such runs (one regular-expression pass),
--- each run into its substrings of the keys' lengths, and those are looked up in the key set's index.
--- Values without the prefix all keys share (often a scheme like sk_live_) are skipped by strpos first.
-create or replace function pg_temp.p2_find_secret_copies(p_rel regclass, p_text text) returns text
-language plpgsql stable
 as $fn$
 declare
   v_class text;
   v_lengths int[];
   v_prefix text;
+  v_function text;
+  r record;
 begin
-  -- what every key starts with: a fast substring search (strpos) skips values that cannot hold one
-  select left((select min(x.secret) from pg_temp.p2_secrets as x), coalesce(max(n), 0))
+  select left((select min(x.secret) from private.redaction_keys as x), coalesce(max(n), 0))
     into v_prefix
-    from generate_series(1, (select min(length(x.secret)) from pg_temp.p2_secrets as x)) as n
-   where (select count(distinct left(x.secret, n)) from pg_temp.p2_secrets as x) = 1;
+    from generate_series(1, (select min(length(x.secret)) from private.redaction_keys as x)) as n
+   where (select count(distinct left(x.secret, n)) from private.redaction_keys as x) = 1;
   select string_agg(distinct case when c ~ '^[A-Za-z0-9]$' then c
                                   when ascii(c) > 65535 then '\U' || lpad(to_hex(ascii(c)), 8, '0')
                                   else '\u' || lpad(to_hex(ascii(c)), 4, '0') end, ''),
-         array_agg(distinct length(s.secret))
+         array_agg(distinct length(k.secret))
     into v_class, v_lengths
-    from pg_temp.p2_secrets as s, regexp_split_to_table(s.secret, '') as c;
-  return format(
-    'select t.ctid as tid, array_agg(distinct k.secret order by k.secret) as secrets
-       from %1$s as t
-      cross join lateral regexp_matches(%2$s, %3$L, ''g'') as m (run)
-      cross join lateral unnest(%4$L::int[]) as l (len)
-      cross join lateral generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
-       join pg_temp.p2_secrets as k on k.secret = substr(m.run[1], p.pos, l.len)
-      where strpos(%2$s, %5$L) > 0
-      group by t.ctid',
-    p_rel, p_text, format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255)), v_lengths,
-    v_prefix);
+    from private.redaction_keys as k, regexp_split_to_table(k.secret, '') as c;
+  -- the keys a text holds (NULL: none)
+  execute format($x$create or replace function private.p2_secret_copies(p_text text) returns text[]
+language sql stable
+set search_path = ''
+as $f$
+  select array_agg(distinct k.secret order by k.secret)
+    from regexp_matches(p_text, %1$s, 'g') as m (run)
+   cross join unnest(%2$s::int[]) as l (len)
+   cross join generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
+    join private.redaction_keys as k on k.secret = substr(m.run[1], p.pos, l.len)
+   where strpos(p_text, %3$s) > 0
+$f$$x$, quote_literal(format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255))),
+        quote_literal(v_lengths), quote_literal(v_prefix));
+  -- a text with each key it holds replaced by a mark naming the key's prefix
+  create or replace function private.p2_redact_text(p_text text, p_secrets text[]) returns text
+  language plpgsql immutable
+  set search_path = ''
+  as $f$
+  declare
+    v_secret text;
+  begin
+    foreach v_secret in array p_secrets loop
+      p_text := replace(p_text, v_secret, format('[redacted api key %s...]', left(v_secret, least(12, length(v_secret) / 3))));
+    end loop;
+    return p_text;
+  end
+  $f$;
+  -- the same through a json document, keys and values
+  create or replace function private.p2_redact_jsonb(p_doc jsonb, p_secrets text[]) returns jsonb
+  language sql immutable
+  set search_path = ''
+  as $f$
+    select case jsonb_typeof(p_doc)
+      when 'object' then coalesce((select jsonb_object_agg(private.p2_redact_text(e.key, p_secrets), private.p2_redact_jsonb(e.value, p_secrets))
+                                     from jsonb_each(p_doc) as e), '{}'::jsonb)
+      when 'array' then coalesce((select jsonb_agg(private.p2_redact_jsonb(e.value, p_secrets) order by e.n)
+                                    from jsonb_array_elements(p_doc) with ordinality as e (value, n)), '[]'::jsonb)
+      when 'string' then to_jsonb(private.p2_redact_text(p_doc #>> '{}', p_secrets))
+      else p_doc
+    end
+  $f$;
+  revoke all on function private.p2_secret_copies(text), private.p2_redact_text(text, text[]),
+                         private.p2_redact_jsonb(jsonb, text[]) from public, anon, authenticated, service_role;
+  -- per table: the trigger, and the batches' work in private.pending_redactions
+  for r in
+    select c.oid::regclass as rel, c.oid,
+           string_agg(format('new.%I::text', a.attname), ', ' order by a.attname) as new_texts,
+           string_agg(format('t.%I::text', a.attname), ', ' order by a.attname) as row_texts,
+           string_agg(format('new.%1$I := case when exists (select 1 from unnest(v_found) as s where strpos(new.%1$I::text, s) > 0) then %2$s else new.%1$I end;',
+                             a.attname, case a.atttypid
+                                          when 'jsonb'::regtype then format('private.p2_redact_jsonb(new.%I, v_found)', a.attname)
+                                          when 'json'::regtype then format('private.p2_redact_jsonb(new.%I::jsonb, v_found)::json', a.attname)
+                                          else format('private.p2_redact_text(new.%I, v_found)', a.attname)
+                                        end), chr(10) || '    ' order by a.attname) as redactions,
+           min(a.attname) as first_column
+      from pg_catalog.pg_class c
+      join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+     where c.relnamespace = 'public'::regnamespace and c.relkind = 'r'
+       and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'json'::regtype, 'jsonb'::regtype)
+     group by c.oid
+     order by c.oid::regclass::text
+  loop
+    v_function := format('private.%I', 'p2_redact_' || r.oid);
+    execute format($x$create or replace function %1$s() returns trigger
+language plpgsql
+set search_path = ''
+as $f$
+declare
+  v_found text[] := private.p2_secret_copies(concat_ws(chr(1), %2$s));
+begin
+  if v_found is not null then
+    %3$s
+  end if;
+  return new;
+end
+$f$$x$, v_function, r.new_texts, r.redactions);
+    execute format('revoke all on function %s() from public, anon, authenticated, service_role', v_function);
+    execute format('drop trigger if exists p2_redact on %s', r.rel);
+    execute format('create trigger p2_redact before insert or update on %s for each row execute function %s()', r.rel, v_function);
+    insert into private.pending_redactions (table_name, text_expr, first_column, prefix)
+    values (r.rel::text, format('concat_ws(chr(1), %s)', r.row_texts), r.first_column, v_prefix)
+    on conflict (table_name) do nothing;
+  end loop;
 end
 $fn$;
 
@@ -1152,15 +1176,37 @@ revoke all on table private.pending_rewrites from public, anon, authenticated, s
 comment on table private.pending_rewrites is
   'Tables that 001_core_schema.sql rewrites (CLUSTER) at its end, after the transaction that removed plaintext secrets from them has committed.';
 
--- plaintext api keys: hashed, prefixed, redacted everywhere, dropped; the tables are rewritten at the end
+-- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
+create table if not exists private.redaction_keys (
+  secret text not null,
+  constraint redaction_keys_pkey primary key (secret)
+);
+revoke all on table private.redaction_keys from public, anon, authenticated, service_role;
+comment on table private.redaction_keys is
+  'Plaintext api keys whose copies 001_core_schema.sql redacts after its locked transaction; truncated when that is done.';
+
+-- the redaction's batches per table (section 11): pages done of pages total, rows redacted
+create table if not exists private.pending_redactions (
+  table_name text not null,
+  text_expr text not null,
+  first_column text not null,
+  prefix text not null,
+  pages_total bigint,
+  pages_done bigint not null default 0,
+  rows_redacted bigint not null default 0,
+  done_at timestamptz,
+  constraint pending_redactions_pkey primary key (table_name)
+);
+revoke all on table private.pending_redactions from public, anon, authenticated, service_role;
+comment on table private.pending_redactions is
+  'Tables whose copies of plaintext api keys 001_core_schema.sql redacts after its locked transaction, in batches; empty at the end.';
+
+-- plaintext api keys: hashed, prefixed and dropped here; their copies are redacted after the commit
 do $$
 declare
   v_col text;
   v_secrets text[];
   v_mismatched bigint;
-  v_changed regclass[] := '{}';
-  r record;
-  v_count bigint;
   v_quiet text[];
 begin
   for v_col in
@@ -1172,6 +1218,7 @@ begin
   loop
     execute format('select coalesce(array_agg(distinct %1$I), ''{}'') from public.api_keys where %1$I is not null and %1$I <> ''''', v_col)
       into v_secrets;
+    insert into private.redaction_keys (secret) select x from unnest(v_secrets) as x on conflict do nothing;
     v_quiet := pg_temp.p2_triggers_off('public.api_keys');
     execute format('update public.api_keys set key_hash = encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')
                      where key_hash is null and %1$I is not null', v_col);
@@ -1184,49 +1231,18 @@ begin
     execute format('update public.api_keys set key_prefix = left(%1$I, least(12, length(%1$I) / 3))
                      where key_prefix is null and %1$I is not null', v_col);
     perform pg_temp.p2_triggers_on('public.api_keys', v_quiet);
-    -- copies of the plaintext in any text or jsonb column of any public table, found in time linear in
-    -- the data whatever the number of keys (pg_temp.p2_find_secret_copies), one pass per table
-    if cardinality(v_secrets) > 0 then
-      perform pg_temp.p2_load_secrets(v_secrets);
-      for r in
-        select c.oid::regclass as rel,
-               string_agg(format('t.%I::text', a.attname), ', ' order by a.attname) as texts,
-               string_agg(format('%1$I = case when %2$s then %3$s else t.%1$I end', a.attname,
-                                 format('exists (select 1 from unnest(f.secrets) as s where strpos(t.%I::text, s) > 0)', a.attname),
-                                 case a.atttypid
-                                   when 'jsonb'::regtype then format('pg_temp.p2_redact_jsonb(t.%I, f.secrets)', a.attname)
-                                   when 'json'::regtype then format('pg_temp.p2_redact_jsonb(t.%I::jsonb, f.secrets)::json', a.attname)
-                                   else format('pg_temp.p2_redact_text(t.%I, f.secrets)', a.attname)
-                                 end), ', ' order by a.attname) as redactions
-          from pg_catalog.pg_class c
-          join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-         where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
-           and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'json'::regtype, 'jsonb'::regtype)
-           and not (c.oid = 'public.api_keys'::regclass and a.attname = v_col)
-         group by c.oid
-         order by c.oid::regclass::text
-      loop
-        v_quiet := pg_temp.p2_triggers_off(r.rel);
-        -- a column is rewritten only where it holds a key (a json column keeps its text as it is)
-        execute format('update %1$s as t set %2$s from (%3$s) as f where t.ctid = f.tid', r.rel, r.redactions,
-                       pg_temp.p2_find_secret_copies(r.rel, format('concat_ws(chr(1), %s)', r.texts)));
-        get diagnostics v_count = row_count;
-        perform pg_temp.p2_triggers_on(r.rel, v_quiet);
-        if v_count > 0 then
-          raise notice '%: plaintext api key(s) redacted in % row(s)', r.rel, v_count;
-          v_changed := v_changed || r.rel;
-        end if;
-      end loop;
-    end if;
     execute format('alter table public.api_keys drop column %I', v_col);
-    v_changed := v_changed || 'public.api_keys'::regclass;
+    -- the rewrite happens at the end of this file, after this transaction has committed
+    insert into private.pending_rewrites (table_name, reason)
+    values ('public.api_keys'::regclass::text, 'old row versions hold plaintext api keys')
+    on conflict (table_name) do nothing;
     raise warning 'public.api_keys: % plaintext key(s) in column % replaced by key_prefix and a sha256 key_hash; the column is dropped. Treat those keys as exposed and rotate them: WAL, replicas and earlier backups still hold them.',
       cardinality(v_secrets), v_col;
   end loop;
-  -- the rewrite happens at the end of this file, after this transaction has committed
-  insert into private.pending_rewrites (table_name, reason)
-  select distinct x::text, 'old row versions hold plaintext api keys' from unnest(v_changed) as x
-  on conflict (table_name) do nothing;
+  -- copies of the keys in any text or json column of any public table: redacted after the commit
+  if exists (select 1 from private.redaction_keys) then
+    perform pg_temp.p2_plan_redaction();
+  end if;
 end
 $$;
 
@@ -1707,6 +1723,69 @@ comment on table public.security_events is 'Append-only security events (severit
 -- 11. After the commit (no transaction): logs carried in batches, rewrites, indexes, rules validated
 -- ====================================================================================================
 
+-- copies of plaintext keys redacted in batches of pages (a TID range scan each), each batch its own short
+-- transaction: the rows of a batch that hold a copy go through the table's p2_redact trigger, which also
+-- redacts what the app writes meanwhile. pages_done in private.pending_redactions is where a re-run
+-- resumes. When every table is done the triggers, the functions and the keys go; the tables that held
+-- a copy are rewritten below. The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
+-- runbook: no-transaction
+do $$
+declare
+  r record;
+  v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
+  v_pages bigint;
+  v_page bigint;
+  v_count bigint;
+  v_quiet text[];
+  v_name text;
+begin
+  for r in select p.table_name::regclass as rel, p.* from private.pending_redactions as p where p.done_at is null order by 1 loop
+    v_pages := pg_catalog.pg_relation_size(r.rel) / current_setting('block_size')::bigint;
+    update private.pending_redactions as p set pages_total = v_pages where p.table_name = r.table_name;
+    commit;
+    v_page := r.pages_done;
+    while v_page < v_pages loop
+      -- the table's own triggers stay quiet for the migration's writes (in this transaction only)
+      select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
+       where t.tgrelid = r.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+      foreach v_name in array v_quiet loop
+        execute format('alter table %s disable trigger %I', r.rel, v_name);
+      end loop;
+      execute format('update %1$s as t set %2$I = t.%2$I where t.ctid >= ''(%3$s,0)''::tid and t.ctid < ''(%4$s,0)''::tid
+                        and strpos(%5$s, %6$L) > 0 and private.p2_secret_copies(%5$s) is not null',
+                     r.rel, r.first_column, v_page, v_page + v_step, r.text_expr, r.prefix);
+      get diagnostics v_count = row_count;
+      foreach v_name in array v_quiet loop
+        execute format('alter table %s enable trigger %I', r.rel, v_name);
+      end loop;
+      update private.pending_redactions as p set pages_done = v_page + v_step, rows_redacted = p.rows_redacted + v_count
+       where p.table_name = r.table_name;
+      if v_count > 0 then
+        insert into private.pending_rewrites (table_name, reason) values (r.table_name, 'old row versions hold plaintext api keys')
+        on conflict (table_name) do update set removed_in = excluded.removed_in, requested_at = excluded.requested_at;
+      end if;
+      commit;
+      v_page := v_page + v_step;
+    end loop;
+    update private.pending_redactions as p set done_at = clock_timestamp() where p.table_name = r.table_name;
+    commit;
+  end loop;
+  for r in select p.table_name, p.rows_redacted from private.pending_redactions as p where p.rows_redacted > 0 order by 1 loop
+    raise notice '%: plaintext api key(s) redacted in % row(s)', r.table_name, r.rows_redacted;
+  end loop;
+  for r in select t.tgrelid::regclass as rel, t.tgfoid::regprocedure as fn from pg_catalog.pg_trigger t
+            where t.tgname = 'p2_redact' and not t.tgisinternal order by 1 loop
+    execute format('drop trigger p2_redact on %s', r.rel);
+    execute format('drop function %s', r.fn);
+  end loop;
+  drop function if exists private.p2_secret_copies(text);
+  drop function if exists private.p2_redact_jsonb(jsonb, text[]);
+  drop function if exists private.p2_redact_text(text, text[]);
+  truncate private.redaction_keys;
+  delete from private.pending_redactions;
+end
+$$;
+
 -- the logs' legacy columns carried in batches of pages (a TID range scan each, PostgreSQL 14+), each batch
 -- its own short transaction: the app goes on meanwhile (its writes wait at most one batch on the log),
 -- and the rows it writes are carried by the trigger. rows_done of rows_total in private.pending_backfills
@@ -1721,6 +1800,7 @@ declare
   v_page bigint;
   v_count bigint;
   v_quiet text[];
+  v_name text;
 begin
   for b in select distinct p.table_name::regclass as rel from private.pending_backfills as p order by 1 loop
     update private.pending_backfills as p set rows_total = (select greatest(c.reltuples, 0)::bigint from pg_catalog.pg_class c where c.oid = b.rel)
@@ -1729,11 +1809,18 @@ begin
     v_pages := pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint;
     v_page := 0;
     while v_page < v_pages loop
-      v_quiet := pg_temp.p2_triggers_off(b.rel);
+      -- the log's own triggers stay quiet for the migration's writes (in this transaction only)
+      select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
+       where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+      foreach v_name in array v_quiet loop
+        execute format('alter table %s disable trigger %I', b.rel, v_name);
+      end loop;
       execute format('update %s set p2_carried = true where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid and p2_carried is not true',
                      b.rel, v_page, v_page + v_step);
       get diagnostics v_count = row_count;
-      perform pg_temp.p2_triggers_on(b.rel, v_quiet);
+      foreach v_name in array v_quiet loop
+        execute format('alter table %s enable trigger %I', b.rel, v_name);
+      end loop;
       update private.pending_backfills as p set rows_done = p.rows_done + v_count where p.table_name::regclass = b.rel;
       commit;
       v_page := v_page + v_step;
@@ -1750,15 +1837,23 @@ declare
   b record;
   j record;
   v_quiet text[];
+  v_name text;
   v_late bigint;
+  v_kept boolean;
 begin
   for b in select p.table_name::regclass as rel, bool_or(p.legacy_data_added) as legacy_data_added
              from private.pending_backfills as p group by p.table_name order by 1 loop
     execute format('lock table %s in access exclusive mode', b.rel);
-    v_quiet := pg_temp.p2_triggers_off(b.rel);
+    select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
+     where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+    foreach v_name in array v_quiet loop
+      execute format('alter table %s disable trigger %I', b.rel, v_name);
+    end loop;
     execute format('update %s set p2_carried = true where p2_carried is not true', b.rel);
     get diagnostics v_late = row_count;
-    perform pg_temp.p2_triggers_on(b.rel, v_quiet);
+    foreach v_name in array v_quiet loop
+      execute format('alter table %s enable trigger %I', b.rel, v_name);
+    end loop;
     for j in select p.* from private.pending_backfills as p where p.table_name::regclass = b.rel order by p.ord loop
       raise notice '%: legacy column % (%) carried into % (%) for % row(s) in batches, then dropped', b.rel, j.source, j.from_type,
         case j.kind when 'split' then 'old_data/new_data' else j.target end, j.to_type, j.rows_done + v_late;
@@ -1767,7 +1862,8 @@ begin
     execute format('drop trigger p2_backfill on %s', b.rel);
     execute format('drop function private.%I()', 'p2_backfill_' || (select c.relname from pg_catalog.pg_class c where c.oid = b.rel));
     execute format('alter table %s drop column p2_carried', b.rel);
-    if b.legacy_data_added and not pg_temp.p2_has_rows(b.rel, 'legacy_data is not null') then
+    execute format('select exists (select 1 from %s where legacy_data is not null)', b.rel) into v_kept;
+    if b.legacy_data_added and not v_kept then
       execute format('alter table %s drop column legacy_data', b.rel);
     end if;
     delete from private.pending_backfills as p where p.table_name::regclass = b.rel;

@@ -60,7 +60,8 @@ begin
       using errcode = 'object_not_in_prerequisite_state';
   end if;
   if to_regprocedure('private.member_org_ids()') is null or to_regclass('public.security_events') is null
-     or to_regclass('private.pending_rewrites') is null
+     or to_regclass('private.pending_rewrites') is null or to_regclass('private.pending_redactions') is null
+     or to_regclass('private.pending_backfills') is null
      or to_regclass('public.audit_logs') is null or to_regclass('public.api_keys') is null
      or to_regclass('public.organization_members') is null or to_regclass('public.inventory') is null then
     raise exception '002_production_enhancements.sql requires 001_core_schema.sql: apply it first'
@@ -756,10 +757,17 @@ begin
     coalesce('tables with updated_at and no enabled update_updated_at_column() trigger: ' || v_sample, 'none: every updated_at is maintained');
 
   select count(*), string_agg(p.table_name, ', ' order by p.table_name) into v_count, v_sample
-    from private.pending_rewrites as p;
+    from (select r.table_name from private.pending_rewrites as r
+          union select d.table_name from private.pending_redactions as d) as p;
   return query select 'plaintext_rewrite_pending', case when v_count = 0 then 'ok' else 'error' end, v_count,
-    coalesce('tables whose old row versions may still hold plaintext api keys (re-run 001_core_schema.sql): ' || v_sample,
-             'none: no table waits for its rewrite');
+    coalesce('tables that may still hold plaintext api keys, in copies not yet redacted or old row versions (re-run 001_core_schema.sql): '
+             || v_sample, 'none: no table waits for its redaction or rewrite');
+
+  select count(distinct b.table_name), string_agg(distinct b.table_name || '.' || b.source, ', ') into v_count, v_sample
+    from private.pending_backfills as b;
+  return query select 'legacy_backfill_pending', case when v_count = 0 then 'ok' else 'error' end, v_count,
+    coalesce('legacy columns not yet carried into the contract''s (re-run 001_core_schema.sql): ' || v_sample,
+             'none: every legacy column is carried');
 
   select count(*), string_agg(a.attname, ', ' order by a.attname) into v_count, v_sample
     from pg_catalog.pg_attribute as a

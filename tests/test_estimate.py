@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from runbooks import estimate
+from runbooks.checks import fetch
 
 GIB = estimate.GIB
 WINDOW_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -73,3 +74,24 @@ def test_the_statement_timeout_grows_with_the_data_and_never_falls_below_the_flo
     huge = estimate.estimate_phases(sizes(100), set())[1]   # 800 GiB of converged tables
     assert estimate.timeout_for(huge) == f"{round(estimate.TIMEOUT_FACTOR * huge.seconds)}s"
     assert round(estimate.TIMEOUT_FACTOR * huge.seconds) > estimate.TIMEOUT_FLOOR
+
+
+def test_only_the_body_the_logs_legacy_columns_dropped_and_the_rewrite_block_the_app_not_the_batches():
+    plain = estimate.estimate_phases(sizes(1), set())[1]
+    rows = sizes(1)
+    for row in rows:
+        row["legacy_log"] = row["table_name"] == "audit_logs"
+    legacy = estimate.estimate_phases(rows, set())[1]
+    carried = legacy.seconds - plain.seconds
+    assert carried == pytest.approx(estimate.RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+                                    + estimate.RATES["phase 001 legacy columns dropped per GiB of those logs"])
+    assert legacy.lock_seconds - plain.lock_seconds == pytest.approx(
+        estimate.RATES["phase 001 legacy columns dropped per GiB of those logs"])
+
+
+def test_a_legacy_log_is_told_from_a_migrated_one(legacy_db, migrated_db):
+    def legacy_logs(db):
+        with db.connect(readonly=True) as conn:
+            return {r["table_name"] for r in fetch(conn, estimate.SIZES_SQL) if r["legacy_log"]}
+    assert legacy_logs(legacy_db) == {"audit_logs"}
+    assert legacy_logs(migrated_db) == set()

@@ -13,19 +13,21 @@ import threading
 import psycopg2
 
 from runbooks.watch import Heartbeat
-from sqlhelpers import PHASE_FILES, apply_psql, data_fingerprint, split_file, waiting_backend
+from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, find_text, split_file,
+                        waiting_backend)
 
 PHASE_TWO = PHASE_FILES[1]
 APP_NAME = "p2-online-test"
 
 # legacy audit rows in the first shape (entity_type, entity_id, changes, ip): enough to fill many pages
 MORE_AUDIT_ROWS = """
-insert into public.audit_logs (id, organization_id, action, entity_type, entity_id, changes, ip, created_at)
+insert into public.audit_logs (id, organization_id, action, entity_type, entity_id, changes, ip, user_agent, created_at)
 select 1000 + n, '0a000000-0000-4000-8000-000000000001', 'update', 'product',
        case when n % 7 = 0 then 'legacy-' || n else '0c000000-0000-4000-8000-000000000001' end,
        case when n % 2 = 0 then jsonb_build_object('old', jsonb_build_object('n', n - 1), 'new', jsonb_build_object('n', n))
             else jsonb_build_object('n', n) end,
        case when n % 5 = 0 then 'unknown' else '203.0.113.' || (n % 250) end,
+       case when n % 100 = 0 then 'curl/8 (key ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0)' end,
        timestamptz '2024-01-01 00:00:00+00' + n * interval '1 minute'
   from generate_series(1, 3000) as n
 """
@@ -57,41 +59,57 @@ def locks_held_by(db, pid: int) -> set[tuple[str, str]]:
                            where l.pid = %s and l.granted and l.locktype = 'relation' and c.relnamespace = 'public'::regnamespace""", (pid,)))
 
 
-def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_state_of_an_unstopped_run(make_db):
-    reference = make_db("legacy@1")
-    reference.execute(MORE_AUDIT_ROWS)
-    reference.execute(APP_AUDIT_ROW)
-    apply_psql(reference, PHASE_TWO)
-
-    db = make_db("legacy@1")
-    db.execute(MORE_AUDIT_ROWS)
+def stop_in_a_batch(db, step: str, locked_row: str) -> tuple[int, int]:
+    """Phase 2 the engine's way (its body in one transaction, then its tail), stopped in the tail
+    statement that contains `step`: a row lock on `locked_row` (a query of one audit row) makes the batch
+    that reaches it wait, and the session is then terminated. (rows or pages done, total) at that moment."""
     body, tail = split_file(PHASE_TWO)
-    [backfill] = [s for s in tail if "backfill_batch_pages" in s]
+    index = next(i for i, statement in enumerate(tail) if step in statement)
     phase, holder = db.connect(), db.connect()
     try:
-        with phase.cursor() as cur:  # the engine's way: the body in one transaction, then the tail
+        with phase.cursor() as cur:
             cur.execute(f"set application_name = '{APP_NAME}'; set truthsource.backfill_batch_pages = 1")
             cur.execute(body)
         phase.commit()
         phase.autocommit = True
-        with holder.cursor() as cur:  # a row lock halfway through the log: the batch that reaches it waits
-            cur.execute("select id from public.audit_logs where ctid >= '(20,0)'::tid order by ctid limit 1 for update")
-        thread, outcome = run_in_thread(phase, backfill)
+        with phase.cursor() as cur:
+            for statement in tail[:index]:
+                cur.execute(statement)
+        with holder.cursor() as cur:
+            cur.execute(f"select 1 from public.audit_logs where id = ({locked_row}) for update")
+        thread, outcome = run_in_thread(phase, tail[index])
         pid = waiting_backend(db, APP_NAME)
-        [(done, total)] = db.query("select rows_done, rows_total from private.pending_backfills "
-                                   "where table_name = 'public.audit_logs' limit 1")
-        assert 0 < done < total, "batches before the locked row committed, the rest did not"
-        heartbeat = Heartbeat(db.target, applications=(APP_NAME,)).lines()
-        assert f"    backfill of public.audit_logs: {done:,}/{total:,} rows" in "\n".join(heartbeat)
         assert "AccessExclusiveLock" not in {mode for _, mode in locks_held_by(db, pid)}, \
-            "the backfill holds no lock that stops the app reading"
+            "a batch holds no lock that stops the app reading"
+        progress = "\n".join(Heartbeat(db.target, applications=(APP_NAME,)).lines())
         db.query("select pg_terminate_backend(%s)", (pid,))
         thread.join()
         assert isinstance(outcome.get("error"), psycopg2.OperationalError)
+        return progress
     finally:
         holder.rollback()
         holder.close()
         phase.close()
+
+
+def unstopped_reference(make_db):
+    reference = make_db("legacy@1")
+    reference.execute(MORE_AUDIT_ROWS)
+    reference.execute(APP_AUDIT_ROW)
+    apply_psql(reference, PHASE_TWO)
+    return reference
+
+
+def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_state_of_an_unstopped_run(make_db):
+    reference = unstopped_reference(make_db)
+    db = make_db("legacy@1")
+    db.execute(MORE_AUDIT_ROWS)
+    progress = stop_in_a_batch(db, "set p2_carried = true where ctid", "select id from public.audit_logs "
+                               "where ctid >= '(20,0)'::tid order by ctid limit 1")
+    [(done, total)] = db.query("select rows_done, rows_total from private.pending_backfills "
+                               "where table_name = 'public.audit_logs' limit 1")
+    assert 0 < done < total, "batches before the locked row committed, the rest did not"
+    assert f"backfill of public.audit_logs: {done:,}/{total:,} rows" in progress
 
     # the legacy app writes on in the old shape, and its row is carried by the trigger
     db.execute(APP_AUDIT_ROW)
@@ -103,6 +121,33 @@ def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_sta
     assert db.query("select count(*) from private.pending_backfills") == [(0,)]
     assert db.schema_dump() == reference.schema_dump()
     assert data_fingerprint(db) == data_fingerprint(reference)
+
+
+def test_phase_two_stopped_in_its_redaction_resumes_on_a_rerun_and_leaves_no_plaintext_copy(make_db):
+    reference = unstopped_reference(make_db)
+    db = make_db("legacy@1")
+    db.execute(MORE_AUDIT_ROWS)
+    progress = stop_in_a_batch(db, "private.p2_secret_copies(%5$s) is not null", "select id from public.audit_logs "
+                               "where ctid >= '(20,0)'::tid and user_agent like '%ts_live_%' order by ctid limit 1")
+    [(done, total)] = db.query("select pages_done, pages_total from private.pending_redactions "
+                               "where table_name = 'audit_logs'")
+    assert 0 < done < total
+    assert f"redaction of audit_logs: {done:,}/{total:,} pages" in progress
+    assert find_text(db, PLAINTEXT_KEYS["legacy"]), "copies behind the stopped batch are still there"
+
+    # a copy the app writes meanwhile is redacted as it is written
+    db.execute(APP_AUDIT_ROW)
+    db.execute("update public.products set description = 'see ts_live_0123456789abcdef0123456789abcdef' "
+               "where sku = 'WID-001'")
+    assert db.query("select description from public.products where sku = 'WID-001'") == [
+        ("see [redacted api key ts_live_0123...]",)]
+    db.execute("update public.products set description = null where sku = 'WID-001'")
+
+    apply_psql(db, PHASE_TWO)
+    assert not find_text(db, PLAINTEXT_KEYS["legacy"])
+    assert db.query("select count(*) from private.pending_redactions") == [(0,)]
+    assert db.query("select count(*) from private.redaction_keys") == [(0,)]
+    assert db.schema_dump() == reference.schema_dump()
 
 
 def test_the_log_backfill_keeps_what_does_not_convert_as_the_locked_carry_did(make_db):
