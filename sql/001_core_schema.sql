@@ -805,26 +805,26 @@ declare
   v_function text;
   r record;
 begin
-  select left((select min(x.secret) from private.redaction_keys as x), coalesce(max(n), 0))
+  select left((select min(x.plaintext) from private.redaction_keys as x), coalesce(max(n), 0))
     into v_prefix
-    from generate_series(1, (select min(length(x.secret)) from private.redaction_keys as x)) as n
-   where (select count(distinct left(x.secret, n)) from private.redaction_keys as x) = 1;
+    from generate_series(1, (select min(length(x.plaintext)) from private.redaction_keys as x)) as n
+   where (select count(distinct left(x.plaintext, n)) from private.redaction_keys as x) = 1;
   select string_agg(distinct case when c ~ '^[A-Za-z0-9]$' then c
                                   when ascii(c) > 65535 then '\U' || lpad(to_hex(ascii(c)), 8, '0')
                                   else '\u' || lpad(to_hex(ascii(c)), 4, '0') end, ''),
-         array_agg(distinct length(k.secret))
+         array_agg(distinct length(k.plaintext))
     into v_class, v_lengths
-    from private.redaction_keys as k, regexp_split_to_table(k.secret, '') as c;
+    from private.redaction_keys as k, regexp_split_to_table(k.plaintext, '') as c;
   -- the keys a text holds (NULL: none)
   execute format($x$create or replace function private.p2_secret_copies(p_text text) returns text[]
 language sql stable
 set search_path = ''
 as $f$
-  select array_agg(distinct k.secret order by k.secret)
+  select array_agg(distinct k.plaintext order by k.plaintext)
     from regexp_matches(p_text, %1$s, 'g') as m (run)
    cross join unnest(%2$s::int[]) as l (len)
    cross join generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
-    join private.redaction_keys as k on k.secret = substr(m.run[1], p.pos, l.len)
+    join private.redaction_keys as k on k.plaintext = substr(m.run[1], p.pos, l.len)
    where strpos(p_text, %3$s) > 0
 $f$$x$, quote_literal(format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255))),
         quote_literal(v_lengths), quote_literal(v_prefix));
@@ -1178,8 +1178,8 @@ comment on table private.pending_rewrites is
 
 -- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
 create table if not exists private.redaction_keys (
-  secret text not null,
-  constraint redaction_keys_pkey primary key (secret)
+  plaintext text not null,
+  constraint redaction_keys_pkey primary key (plaintext)
 );
 revoke all on table private.redaction_keys from public, anon, authenticated, service_role;
 comment on table private.redaction_keys is
@@ -1218,7 +1218,7 @@ begin
   loop
     execute format('select coalesce(array_agg(distinct %1$I), ''{}'') from public.api_keys where %1$I is not null and %1$I <> ''''', v_col)
       into v_secrets;
-    insert into private.redaction_keys (secret) select x from unnest(v_secrets) as x on conflict do nothing;
+    insert into private.redaction_keys (plaintext) select x from unnest(v_secrets) as x on conflict do nothing;
     v_quiet := pg_temp.p2_triggers_off('public.api_keys');
     execute format('update public.api_keys set key_hash = encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')
                      where key_hash is null and %1$I is not null', v_col);

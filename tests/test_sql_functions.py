@@ -203,7 +203,7 @@ def test_get_database_stats_has_one_row_per_public_table_with_exact_counts(cur):
 
 def test_verify_data_integrity_is_all_ok_on_a_clean_database(cur):
     report = rows(cur, "select check_name, status, affected_rows from public.verify_data_integrity()")
-    assert len(report) == 23
+    assert len(report) == 24
     assert [r for r in report if r[1] != "ok" or r[2] != 0] == []
 
 
@@ -600,3 +600,13 @@ def test_an_old_helper_that_another_object_still_calls_stops_phase_2_naming_it_a
     assert "private.member_org_ids()" in error                      # the hint: what to call instead
     assert db.query("select count(*) from pg_policies where policyname = 'team_notes_members'") == [(1,)]
     assert ("private.member_org_ids(uuid)",) in db.query(OLD_SIGNATURES_SQL)
+
+
+def test_verify_data_integrity_reports_a_redaction_or_a_backfill_left_for_a_rerun_as_errors(cur):
+    cur.execute("insert into private.pending_redactions (table_name, text_expr, first_column, prefix) "
+                "values ('products', 'concat_ws(chr(1), t.name::text)', 'name', '')")
+    cur.execute("insert into private.pending_backfills (table_name, kind, target, source, stash_key, from_type, to_type) "
+                "values ('public.audit_logs', 'carry', 'ip_address', 'ip', 'ip', 'text', 'inet')")
+    report = {r[0]: r[1:] for r in rows(cur, "select * from public.verify_data_integrity()")}
+    assert report["plaintext_rewrite_pending"][:2] == ("error", 1) and "products" in report["plaintext_rewrite_pending"][2]
+    assert report["legacy_backfill_pending"][:2] == ("error", 1) and "public.audit_logs.ip" in report["legacy_backfill_pending"][2]
