@@ -93,6 +93,9 @@ Limits: roles, database settings, event triggers, publications, casts and other 
 objects are left as they are; so is whatever the deployment created or altered in the platform
 schemas or ``truthsource``. A re-created extension gets the server's default version. A created
 ``public`` has no ``pg_init_privs`` row, so later dumps spell out its whole ACL (same privileges).
+
+The SQL -- the catalog reads of the checks, the script around pg_restore's output -- is in
+`restore_sql`; `plan_restore` is the steps above in order, passing a `_PlanContext` along.
 """
 
 from __future__ import annotations
@@ -102,23 +105,23 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg2
 
-from . import connection, engine, pgtools
+from . import connection, engine, pgtools, restore_sql
 from .backup import (INFO_FILE, ArchiveListing, BackupError, TocEntry, describe_exit, read_listing,
                      redact, verify_backup)
 from .identity import Identity, read_identity
+from .restore_sql import (ARCHIVE_EXTENSIONS_SQL, EXTENSION_OWNERS_SQL, FOREIGN_OWNERS_SQL, OUTSIDE_SQL,
+                          PUBLICATIONS_SQL, acts_for, quote_ident, unquote)
 from .snapshot import SYSTEM_SCHEMA_SQL, is_app_schema
 
-DEFAULT_PUBLIC_INIT_PRIVS = ["=U/pg_database_owner"]   # initdb's, besides the owner's own
 # Entries outside the managed schemas that the backup can put back once dropped with them.
 RESTORABLE_OUTSIDE = {"trigger": "TRIGGER", "policy": "POLICY", "fk": "FK CONSTRAINT", "index": "INDEX"}
-_EXTENSION_SQL = re.compile(r'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")+"|\S+) WITH SCHEMA ("(?:[^"]|"")+"|\S+);',
-                            re.MULTILINE)
 # Archive entries whose SQL pg_restore follows with ALTER ... OWNER TO their owner (and DEFAULT
 # ACL entries, which say FOR ROLE their owner): restoring one means acting for that owner.
 OWNED_ENTRY_TYPES = frozenset({
@@ -140,23 +143,6 @@ class RestoreRefused(RestoreError):
 
 class RestoreFailed(RestoreError):
     """The restore script failed; its single transaction was rolled back."""
-
-
-def _unquote(ident: str) -> str:
-    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
-
-
-def _quote_ident(name: str) -> str:
-    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value) -> str:
-    text = str(value)
-    if "\x00" in text:
-        raise RestoreRefused("a value for the restore script contains a NUL character")
-    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass
@@ -234,116 +220,55 @@ class RestorePlan:
 
 @dataclass
 class RestoreResult:
-    backup_path: str
-    backup_sha256: str
-    database: str
-    run_id: str
-    operator: str
-    restored_to: str
-    managed_schemas: list[str]
-    dropped_schemas: list[str]
-    kept_schemas: list[str]
-    replaced_schemas: list[str]
-    restored_schemas: list[str]
-    default_privileges_reset: list[str]
-    kept_as_they_are: list[str]
-    archive_entries_restored: int
-    extensions_recreated: list[str]
-    outside_objects_restored: list[str]
-    outside_objects_dropped: list[str]
-    outside_objects_recreated: list[str]
+    """What the restore did: the plan it ran, and what running it showed. The plan's facts read
+    through under the names the record gives them (``result.kept_schemas``,
+    ``result.archive_entries_restored``: see `plan_facts`)."""
+
+    plan: RestorePlan
     history_rows_kept: int
     rollback_row: dict
     seconds: float
     psql_messages: str
-    pg_restore: dict
-    psql: dict
-    warnings: list[str]
-    prelude_sql: str
-    postlude_sql: str
+
+    def plan_facts(self) -> dict:
+        """The plan's facts as the result reports them."""
+        p = self.plan
+        return {
+            "backup_path": str(p.backup_path), "backup_sha256": p.backup_sha256, "database": p.database,
+            "run_id": p.run_id, "operator": p.operator, "restored_to": p.restored_to,
+            "managed_schemas": p.managed_schemas, "dropped_schemas": p.dropped_schemas,
+            "kept_schemas": p.kept_schemas, "replaced_schemas": p.replaced_schemas,
+            "restored_schemas": p.restored_schemas, "default_privileges_reset": p.default_privileges_reset,
+            "kept_as_they_are": p.kept_as_they_are, "archive_entries_restored": len(p.entries),
+            "extensions_recreated": p.extensions,
+            "outside_objects_restored": [o.identity for o in p.outside_restored],
+            "outside_objects_dropped": [o.identity for o in p.outside_dropped],
+            "outside_objects_recreated": p.outside_recreated,
+            "pg_restore": p.pg_restore.as_dict(), "psql": p.psql.as_dict(), "warnings": p.warnings,
+            "prelude_sql": p.prelude_sql, "postlude_sql": p.postlude_sql,
+        }
+
+    def __getattr__(self, name: str):
+        if name == "plan" or name.startswith("__"):   # not set yet (copy, unpickling): no plan to read
+            raise AttributeError(name)
+        facts = self.plan_facts()
+        if name not in facts:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return facts[name]
 
     def as_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
+        """The plan's facts and the run's, as JSON values (what the record keeps)."""
+        ran = {"history_rows_kept": self.history_rows_kept, "rollback_row": self.rollback_row,
+               "seconds": self.seconds, "psql_messages": self.psql_messages}
+        return json.loads(json.dumps({**self.plan_facts(), **ran}, default=str))
 
 
 # -- reading the target ------------------------------------------------------------------------
 
-_OUTSIDE_SQL = """
-with recursive managed as (
-  select oid from pg_namespace where nspname = any(%(schemas)s)
-), closure(classid, objid, objsubid) as (
-  select 'pg_namespace'::regclass::oid, oid, 0 from managed
-  union
-  select x.classid, x.objid, x.objsubid
-  from closure c cross join lateral (
-    -- what depends on it goes with it ...
-    select d.classid, d.objid, d.objsubid from pg_depend d
-    where d.refclassid = c.classid and d.refobjid = c.objid and (c.objsubid = 0 or d.refobjsubid = c.objsubid)
-      and d.deptype in ('n', 'a', 'e', 'x', 'i', 'P', 'S')
-    union all
-    -- ... and what it is an internal part of (a view's rewrite rule takes the view)
-    select d.refclassid, d.refobjid, d.refobjsubid from pg_depend d
-    where d.classid = c.classid and d.objid = c.objid and d.objsubid = c.objsubid and d.deptype = 'i'
-  ) x
-), placed as (
-  select c.*, case c.classid
-      when 'pg_namespace'::regclass then c.objid
-      when 'pg_class'::regclass then (select relnamespace from pg_class where oid = c.objid)
-      when 'pg_type'::regclass then (select typnamespace from pg_type where oid = c.objid)
-      when 'pg_proc'::regclass then (select pronamespace from pg_proc where oid = c.objid)
-      when 'pg_constraint'::regclass then (select connamespace from pg_constraint where oid = c.objid)
-      when 'pg_trigger'::regclass then (select r.relnamespace from pg_trigger t join pg_class r on r.oid = t.tgrelid where t.oid = c.objid)
-      when 'pg_policy'::regclass then (select r.relnamespace from pg_policy p join pg_class r on r.oid = p.polrelid where p.oid = c.objid)
-      when 'pg_rewrite'::regclass then (select r.relnamespace from pg_rewrite w join pg_class r on r.oid = w.ev_class where w.oid = c.objid)
-      when 'pg_attrdef'::regclass then (select r.relnamespace from pg_attrdef a join pg_class r on r.oid = a.adrelid where a.oid = c.objid)
-      when 'pg_default_acl'::regclass then (select nullif(defaclnamespace, 0) from pg_default_acl where oid = c.objid)
-      when 'pg_extension'::regclass then (select extnamespace from pg_extension where oid = c.objid)
-      when 'pg_amop'::regclass then (select f.opfnamespace from pg_amop a join pg_opfamily f on f.oid = a.amopfamily where a.oid = c.objid)
-      when 'pg_amproc'::regclass then (select f.opfnamespace from pg_amproc a join pg_opfamily f on f.oid = a.amprocfamily where a.oid = c.objid)
-      when 'pg_opclass'::regclass then (select opcnamespace from pg_opclass where oid = c.objid)
-      when 'pg_opfamily'::regclass then (select opfnamespace from pg_opfamily where oid = c.objid)
-      when 'pg_operator'::regclass then (select oprnamespace from pg_operator where oid = c.objid)
-      when 'pg_collation'::regclass then (select collnamespace from pg_collation where oid = c.objid)
-      when 'pg_conversion'::regclass then (select connamespace from pg_conversion where oid = c.objid)
-      when 'pg_statistic_ext'::regclass then (select stxnamespace from pg_statistic_ext where oid = c.objid)
-      when 'pg_ts_config'::regclass then (select cfgnamespace from pg_ts_config where oid = c.objid)
-      when 'pg_ts_dict'::regclass then (select dictnamespace from pg_ts_dict where oid = c.objid)
-      when 'pg_ts_parser'::regclass then (select prsnamespace from pg_ts_parser where oid = c.objid)
-      when 'pg_ts_template'::regclass then (select tmplnamespace from pg_ts_template where oid = c.objid)
-      when 'pg_publication_rel'::regclass then (select r.relnamespace from pg_publication_rel p join pg_class r on r.oid = p.prrelid where p.oid = c.objid)
-      when 'pg_publication_namespace'::regclass then (select pnnspid from pg_publication_namespace where oid = c.objid)
-    end as home
-  from closure c
-)
-select p.classid::regclass::text, i.type, i.identity, n.nspname,
-       -- a member of an extension that lives in a managed schema is re-created with it
-       exists (select 1 from pg_depend e join pg_extension x on x.oid = e.refobjid
-               where e.classid = p.classid and e.objid = p.objid and e.deptype in ('e', 'x')
-                 and e.refclassid = 'pg_extension'::regclass and x.extnamespace in (select oid from managed)),
-       t.tgisinternal, tr.relname, t.tgname, po.polname, pr.relname, co.contype, cr.relname, co.conname,
-       ic.relname, (select ir.relname from pg_index ix join pg_class ir on ir.oid = ix.indrelid where ix.indexrelid = ic.oid),
-       p.objsubid,
-       -- an internal part of another object (a view's rewrite rule, a multirange's cast) follows it
-       exists (select 1 from pg_depend d where d.classid = p.classid and d.objid = p.objid
-               and d.objsubid = p.objsubid and d.deptype = 'i')
-from placed p
-cross join lateral pg_identify_object(p.classid, p.objid, p.objsubid) i
-left join pg_namespace n on n.oid = p.home
-left join pg_trigger t on p.classid = 'pg_trigger'::regclass and t.oid = p.objid
-left join pg_class tr on tr.oid = t.tgrelid
-left join pg_policy po on p.classid = 'pg_policy'::regclass and po.oid = p.objid
-left join pg_class pr on pr.oid = po.polrelid
-left join pg_constraint co on p.classid = 'pg_constraint'::regclass and co.oid = p.objid
-left join pg_class cr on cr.oid = co.conrelid
-left join pg_class ic on p.classid = 'pg_class'::regclass and ic.oid = p.objid and ic.relkind in ('i', 'I') and p.objsubid = 0
-where p.home is null or p.home not in (select oid from managed)
-"""
-
-
 def _outside_objects(cur, schemas: list[str]) -> list[OutsideObject]:
     # the estimate of this catalog walk is far above jit_above_cost; compiling it costs 0.25 s
     cur.execute("set local jit = off")
-    cur.execute(_OUTSIDE_SQL, {"schemas": schemas})
+    cur.execute(OUTSIDE_SQL, {"schemas": schemas})
     found: list[OutsideObject] = []
     for (classid, type_, identity, schema, ext_member, tg_internal, tg_rel, tg_name, pol_name, pol_rel,
          contype, con_rel, con_name, idx_name, idx_rel, objsubid, internal_part) in cur.fetchall():
@@ -407,186 +332,10 @@ def _extension_schemas(pg_restore: pgtools.Tool, path: Path, entries: list[TocEn
     """{extension: schema} as the archive creates them (the listing does not say)."""
     if not entries:
         return {}
-    script = _archive_sql(pg_restore, path, entries, "the extensions in")
-    return {_unquote(m.group(1)): _unquote(m.group(2)) for m in _EXTENSION_SQL.finditer(script)}
-
-
-def _public_baseline(init_privs: list[str] | None) -> list[str]:
-    """`public` as initdb leaves it; the archive's entries then say what differs."""
-    sql = ["CREATE SCHEMA public;",
-           "ALTER SCHEMA public OWNER TO pg_database_owner;",
-           "COMMENT ON SCHEMA public IS 'standard public schema';"]
-    for item in (DEFAULT_PUBLIC_INIT_PRIVS if init_privs is None else init_privs):
-        grantee, _, rest = item.partition("=")
-        privileges, _, _grantor = rest.partition("/")
-        if grantee == "pg_database_owner":
-            continue   # the owner's own privileges are implicit
-        names = {"U": "USAGE", "C": "CREATE"}
-        for letter in privileges.replace("*", ""):
-            grant_option = f"{letter}*" in privileges
-            sql.append(f"GRANT {names[letter]} ON SCHEMA public TO {grantee or 'PUBLIC'}"
-                       + (" WITH GRANT OPTION;" if grant_option else ";"))
-    return sql
-
-
-def _acts_for(role: str) -> str:
-    """SQL: may the connecting role act for `role` (an SQL expression: name or oid)? It needs the
-    role's privileges (to drop what it owns) and, from PostgreSQL 16, SET ROLE to it (ALTER ...
-    OWNER TO and ALTER DEFAULT PRIVILEGES FOR ROLE ask for that; 15 asks for membership)."""
-    return (f"(case when pg_catalog.current_setting('server_version_num')::int >= 160000 "
-            f"then pg_catalog.pg_has_role(current_user, {role}, 'USAGE') "
-            f"and pg_catalog.pg_has_role(current_user, {role}, 'SET') "
-            f"else pg_catalog.pg_has_role(current_user, {role}, 'USAGE') end)")
-
-
-def _text_array(values) -> str:
-    return "ARRAY[" + ", ".join(_literal(v) for v in values) + "]::text[]"
-
-
-# Every object that lives in the schemas {namespaces} (an SQL oid[] expression) and is not part of
-# another object (array and row types, identity sequences, range constructors; a composite type is
-# its pg_type row, its pg_class row is part of it) or of an extension:
-# (classid, objid, owner, drop_order). Relations go first; what CASCADE takes along is gone by the
-# time its turn comes. Text search parsers and templates have no owner: a superuser's (10).
-_OBJECTS_IN_SCHEMAS = """
-select o.classid, o.objid, o.owner, o.drop_order from (
-  select 'pg_catalog.pg_class'::pg_catalog.regclass::oid as classid, c.oid as objid, c.relowner as owner,
-         case c.relkind when 'S' then 2 else 1 end as drop_order
-    from pg_catalog.pg_class c where c.relnamespace = any ({namespaces}) and c.relkind in ('r', 'p', 'v', 'm', 'f', 'S')
-  union all select 'pg_catalog.pg_type'::pg_catalog.regclass::oid, t.oid, t.typowner, 3
-    from pg_catalog.pg_type t where t.typnamespace = any ({namespaces})
-     and (t.typrelid = 0 or t.typtype = 'c' and (select r.relkind from pg_catalog.pg_class r where r.oid = t.typrelid) = 'c')
-  union all select 'pg_catalog.pg_proc'::pg_catalog.regclass::oid, p.oid, p.proowner, 4
-    from pg_catalog.pg_proc p where p.pronamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_operator'::pg_catalog.regclass::oid, o.oid, o.oprowner, 5
-    from pg_catalog.pg_operator o where o.oprnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_opfamily'::pg_catalog.regclass::oid, f.oid, f.opfowner, 6
-    from pg_catalog.pg_opfamily f where f.opfnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_opclass'::pg_catalog.regclass::oid, c.oid, c.opcowner, 6
-    from pg_catalog.pg_opclass c where c.opcnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass::oid, s.oid, s.stxowner, 7
-    from pg_catalog.pg_statistic_ext s where s.stxnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_collation'::pg_catalog.regclass::oid, c.oid, c.collowner, 7
-    from pg_catalog.pg_collation c where c.collnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_conversion'::pg_catalog.regclass::oid, c.oid, c.conowner, 7
-    from pg_catalog.pg_conversion c where c.connamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_ts_config'::pg_catalog.regclass::oid, c.oid, c.cfgowner, 7
-    from pg_catalog.pg_ts_config c where c.cfgnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_ts_dict'::pg_catalog.regclass::oid, d.oid, d.dictowner, 8
-    from pg_catalog.pg_ts_dict d where d.dictnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_ts_parser'::pg_catalog.regclass::oid, p.oid, 10::oid, 9
-    from pg_catalog.pg_ts_parser p where p.prsnamespace = any ({namespaces})
-  union all select 'pg_catalog.pg_ts_template'::pg_catalog.regclass::oid, t.oid, 10::oid, 9
-    from pg_catalog.pg_ts_template t where t.tmplnamespace = any ({namespaces})
-) o
-where not exists (select 1 from pg_catalog.pg_depend d
-                  where d.classid = o.classid and d.objid = o.objid and d.objsubid = 0 and d.deptype in ('e', 'i'))
-"""
-
-
-def _objects_in(namespaces: str) -> str:
-    return _OBJECTS_IN_SCHEMAS.replace("{namespaces}", namespaces)
-
-
-def _reset_default_privileges_sql(roles: list[str], kept: list[str]) -> str:
-    """The default privileges of `roles`, global and in the kept schemas, back to the built-in ones."""
-    return f"""-- objects get the default privileges of the role that creates them, and the connecting role
--- creates every object here: reset its default privileges (global, and in the kept schemas) to the
--- built-in ones, so each object starts with the privileges pg_dump's GRANTs are relative to; the
--- archive's DEFAULT ACL entries of these roles come last and put theirs back
-DO $reset_default_privileges$
-DECLARE
-  d record;
-  grantee text;
-  objects text;
-  scope text;
-BEGIN
-  FOR d IN SELECT a.defaclrole, a.defaclnamespace, a.defaclobjtype, a.defaclacl, n.nspname
-           FROM pg_catalog.pg_default_acl a LEFT JOIN pg_catalog.pg_namespace n ON n.oid = a.defaclnamespace
-           WHERE pg_catalog.pg_get_userbyid(a.defaclrole) = ANY ({_text_array(roles)})
-             AND (a.defaclnamespace = 0 OR n.nspname = ANY ({_text_array(kept)}))
-           ORDER BY 1, 2, 3 LOOP
-    objects := CASE d.defaclobjtype WHEN 'r' THEN 'TABLES' WHEN 'S' THEN 'SEQUENCES' WHEN 'f' THEN 'FUNCTIONS'
-                                    WHEN 'T' THEN 'TYPES' WHEN 'n' THEN 'SCHEMAS' WHEN 'L' THEN 'LARGE OBJECTS' END;
-    scope := CASE WHEN d.defaclnamespace = 0 THEN '' ELSE pg_catalog.format(' IN SCHEMA %I', d.nspname) END;
-    FOR grantee IN SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END
-                   FROM pg_catalog.aclexplode(d.defaclacl) a LOOP
-      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I%s REVOKE ALL ON %s FROM %s',
-                                pg_catalog.pg_get_userbyid(d.defaclrole), scope, objects, grantee);
-    END LOOP;
-    IF d.defaclnamespace = 0 THEN
-      -- a global entry replaces the built-in default: the owner's and PUBLIC's privileges come back
-      EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT ALL ON %s TO %I',
-                                pg_catalog.pg_get_userbyid(d.defaclrole), objects, pg_catalog.pg_get_userbyid(d.defaclrole));
-      IF objects = 'FUNCTIONS' THEN
-        EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT EXECUTE ON FUNCTIONS TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
-      ELSIF objects = 'TYPES' THEN
-        EXECUTE pg_catalog.format('ALTER DEFAULT PRIVILEGES FOR ROLE %I GRANT USAGE ON TYPES TO PUBLIC', pg_catalog.pg_get_userbyid(d.defaclrole));
-      END IF;
-    END IF;
-  END LOOP;
-END
-$reset_default_privileges$;"""
-
-
-def _empty_schemas_sql(kept: list[str]) -> str:
-    """Drop everything in the kept schemas, keeping the schemas themselves."""
-    objects = _objects_in("kept")
-    return f"""-- the kept schemas stay (owner, comment, privileges, other roles' default privileges); what is in
--- them goes, whoever created it: their extensions (members and all), then every other object
-DO $empty_kept_schemas$
-DECLARE
-  kept oid[] := ARRAY(SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY ({_text_array(kept)}));
-  extensions text[];
-  drops text[];
-  classes oid[];
-  objs oid[];
-  present boolean;
-  leftover text;
-BEGIN
-  extensions := ARRAY(SELECT x.extname FROM pg_catalog.pg_extension x WHERE x.extnamespace = ANY (kept) ORDER BY 1);
-  FOR k IN 1 .. coalesce(pg_catalog.array_length(extensions, 1), 0) LOOP
-    EXECUTE pg_catalog.format('DROP EXTENSION %I CASCADE', extensions[k]);
-  END LOOP;
-  SELECT pg_catalog.array_agg(pg_catalog.format('DROP %s %s CASCADE',
-                                                CASE ident.type WHEN 'statistics object' THEN 'STATISTICS'
-                                                                ELSE pg_catalog.upper(ident.type) END,
-                                                ident.identity) ORDER BY o.drop_order, ident.identity),
-         pg_catalog.array_agg(o.classid ORDER BY o.drop_order, ident.identity),
-         pg_catalog.array_agg(o.objid ORDER BY o.drop_order, ident.identity)
-    INTO drops, classes, objs
-    FROM ({objects}) o CROSS JOIN LATERAL pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident;
-  FOR k IN 1 .. coalesce(pg_catalog.array_length(drops, 1), 0) LOOP
-    -- gone already when CASCADE took it along with something dropped before
-    EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s WHERE oid = $1)', classes[k]::pg_catalog.regclass)
-      INTO present USING objs[k];
-    IF present THEN
-      EXECUTE drops[k];
-    END IF;
-  END LOOP;
-  SELECT pg_catalog.string_agg(ident.type || ' ' || ident.identity, ', ' ORDER BY ident.identity) INTO leftover
-    FROM ({objects}) o CROSS JOIN LATERAL pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident;
-  IF leftover IS NOT NULL THEN
-    RAISE EXCEPTION 'emptying the kept schemas left objects behind: %', leftover;
-  END IF;
-END
-$empty_kept_schemas$;"""
+    return restore_sql.extension_schemas(_archive_sql(pg_restore, path, entries, "the extensions in"))
 
 
 # -- can this role roll the database back? -----------------------------------------------------
-
-# Objects in the schemas %(schemas)s owned by roles the connecting role cannot act for: (owner, how
-# many, three of them).
-FOREIGN_OWNERS_SQL = f"""with app as (
-  select ARRAY(select n.oid from pg_catalog.pg_namespace n where n.nspname = any (%(schemas)s::text[])) as oids
-)
-select pg_catalog.pg_get_userbyid(o.owner), pg_catalog.count(*),
-       (pg_catalog.array_agg(ident.type || ' ' || ident.identity order by ident.type, ident.identity))[1:3]
-from ({_objects_in("(select app.oids from app)::oid[]")}) o
-cross join lateral pg_catalog.pg_identify_object(o.classid, o.objid, 0) ident
-where not {_acts_for('o.owner')}
-group by 1 order by 1"""
-
 
 class _Reading:
     """Catalog reads in one read-only transaction (autocommit or not), the connection left as found."""
@@ -652,7 +401,7 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     blockers += [f"schema {s} is owned by {o} and {me} may not create objects in it (no CREATE privilege): a "
                  "rollback re-creates what is in it" for s, o in cur.fetchall()]
     cur.execute(f"""select n.nspname, pg_catalog.pg_get_userbyid(n.nspowner) from pg_catalog.pg_namespace n
-                    where n.nspname = any (%s::text[]) and not {_acts_for('n.nspowner')} order by 1""",
+                    where n.nspname = any (%s::text[]) and not {acts_for('n.nspowner')} order by 1""",
                 (list(drop_schemas),))
     blockers += [f"schema {s} is owned by {o}, which {me} cannot act for: a rollback drops it"
                  for s, o in cur.fetchall()]
@@ -660,14 +409,14 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
         if obj.kind not in RESTORABLE_OUTSIDE:
             continue
         cur.execute(f"""select pg_catalog.pg_get_userbyid(r.relowner), pg_catalog.has_table_privilege(r.oid, 'TRIGGER'),
-                               {_acts_for('r.relowner')}
+                               {acts_for('r.relowner')}
                         from pg_catalog.pg_class r join pg_catalog.pg_namespace n on n.oid = r.relnamespace
                         where n.nspname = %s and r.relname = %s""", (obj.schema, obj.table))
         row = cur.fetchone()
         if row is None:
             continue
         owner, may_trigger, acts = row
-        table = f"{_quote_ident(obj.schema)}.{_quote_ident(obj.table)}"
+        table = f"{quote_ident(obj.schema)}.{quote_ident(obj.table)}"
         if obj.kind == "trigger" and not may_trigger:
             blockers.append(f"trigger {obj.identity}: a rollback drops and re-creates it, which needs the TRIGGER "
                             f"privilege on {table} ({me} has none)")
@@ -696,58 +445,6 @@ def _blockers(cur, user: str, superuser: bool, schemas: list[str], drop_schemas:
     if row is not None and not row[0]:
         blockers.append(f"no INSERT privilege on {engine.HISTORY_TABLE} (the rollback records itself)")
     return blockers
-
-
-# Tables (and schemas) of the managed schemas in a publication (Supabase's supabase_realtime): a rollback
-# drops them, which takes them out of it, and pg_restore's ALTER PUBLICATION ... ADD puts them back, which
-# only the publication's owner may do.
-PUBLICATIONS_SQL = f"""
-select 'table ' || r.oid::regclass::text, p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
-from pg_catalog.pg_publication_rel pr
-join pg_catalog.pg_publication p on p.oid = pr.prpubid
-join pg_catalog.pg_class r on r.oid = pr.prrelid
-join pg_catalog.pg_namespace n on n.oid = r.relnamespace
-where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
-union all
-select 'schema ' || pg_catalog.quote_ident(n.nspname), p.pubname::text, pg_catalog.pg_get_userbyid(p.pubowner)
-from pg_catalog.pg_publication_namespace pn
-join pg_catalog.pg_publication p on p.oid = pn.pnpubid
-join pg_catalog.pg_namespace n on n.oid = pn.pnnspid
-where n.nspname = any (%(schemas)s::text[]) and not {_acts_for('p.pubowner')}
-order by 1, 2"""
-
-
-# An extension is re-created by its owner (SET ROLE around CREATE EXTENSION): created by another
-# role, its members get another owner and their grants another grantor, and the proof fails. A
-# superuser may SET ROLE to anyone, another role only to roles it may act for. The owner itself must
-# be able to create it: a superuser, or the extension needs none (its control file's superuser =
-# false), or it is trusted (PostgreSQL 13+: pg_available_extension_versions.trusted) and the owner
-# has CREATE on the database. Judged on the version a re-creation installs: pg_dump's CREATE EXTENSION
-# names none, so the server's default one.
-EXTENSION_OWNERS_SQL = f"""
-select x.extname, pg_catalog.pg_get_userbyid(x.extowner), n.nspname,
-       r.rolsuper
-       or (coalesce(not v.superuser or v.trusted, false)
-           and (not coalesce(v.superuser, true)
-                or pg_catalog.has_database_privilege(x.extowner, pg_catalog.current_database(), 'CREATE'))) as may_create,
-       x.extowner = (select oid from pg_catalog.pg_roles where rolname = current_user) as mine,
-       {_acts_for('x.extowner')} as acts,
-       coalesce(not v.superuser or v.trusted, false) as trusted
-from pg_catalog.pg_extension x
-join pg_catalog.pg_namespace n on n.oid = x.extnamespace
-join pg_catalog.pg_roles r on r.oid = x.extowner
-left join pg_catalog.pg_available_extensions a on a.name = x.extname
-left join pg_catalog.pg_available_extension_versions v on v.name = a.name and v.version = a.default_version
-where n.nspname = any (%s::text[])
-order by 1"""
-# What the connecting role would need to create the extensions only the archive has (as itself).
-ARCHIVE_EXTENSIONS_SQL = """
-select x.extname, coalesce(not v.superuser or v.trusted, false) as trusted,
-       coalesce(not v.superuser, false) or pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')
-from unnest(%s::text[]) as x(extname)
-left join pg_catalog.pg_available_extensions a on a.name = x.extname
-left join pg_catalog.pg_available_extension_versions v on v.name = a.name and v.version = a.default_version
-order by 1"""
 
 
 @dataclass
@@ -813,21 +510,44 @@ def _extension_blockers(cur, user: str, schemas: list[str], archive_extensions=(
 
 # -- what the archive keeps that the live database also has --------------------------------------
 
-def _entry_key(e: TocEntry) -> tuple:
-    return (e.type, e.namespace, e.tag, e.owner)
+class EntryKey(NamedTuple):
+    """An archive entry as the kept entries are compared: the same in the backup and in a fresh dump."""
+
+    type: str
+    namespace: str | None
+    tag: str
+    owner: str
+
+    @classmethod
+    def of(cls, e: TocEntry) -> "EntryKey":
+        return cls(e.type, e.namespace, e.tag, e.owner)
+
+    @property
+    def schema(self) -> str | None:
+        """The schema that a schema's own entry (SCHEMA, or COMMENT, ACL, SECURITY LABEL on it) is about."""
+        return _schema_of(self.type, self.namespace, self.tag)
+
+    def describe(self) -> str:
+        if self.type == "DEFAULT ACL":
+            objects = self.tag.removeprefix("DEFAULT PRIVILEGES FOR ").lower()
+            where = f"in schema {self.namespace}" if self.namespace else "(global)"
+            return f"the default privileges of {self.owner} {where} for {objects}"
+        what = {"SCHEMA": "the owner of", "COMMENT": "the comment on", "ACL": "the privileges on",
+                "SECURITY LABEL": "the security label of"}[self.type]
+        return f"{what} schema {self.schema}"
 
 
-def _entry_texts(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) -> dict[tuple, str]:
+def _entry_texts(pg_restore: pgtools.Tool, path: Path, entries: list[TocEntry]) -> dict[EntryKey, str]:
     """{entry key: the SQL pg_restore writes for it (comments and psql meta-commands left out)}."""
     if not entries:
         return {}
-    texts: dict[tuple, list[str]] = {}
+    texts: dict[EntryKey, list[str]] = {}
     key = None
     for line in _archive_sql(pg_restore, path, entries, "entries of").splitlines():
         match = _ENTRY_HEADER.match(line)
         if match:
             name, type_, schema, owner = match.groups()
-            key = (type_, None if schema == "-" else schema, name, owner)
+            key = EntryKey(type_, None if schema == "-" else schema, name, owner)
             texts.setdefault(key, [])
         elif key is not None and line.strip() and not line.startswith(("--", "\\")):
             texts[key].append(line)
@@ -839,26 +559,14 @@ def _schema_of(type_: str, namespace: str | None, tag: str) -> str | None:
     if namespace is not None:
         return None
     if type_ == "SCHEMA":
-        return _unquote(tag)
+        return unquote(tag)
     if type_ in SCHEMA_LEVEL_TYPES and tag.startswith("SCHEMA "):
-        return _unquote(tag[len("SCHEMA "):])
+        return unquote(tag[len("SCHEMA "):])
     return None
 
 
 def _schema_of_entry(e: TocEntry) -> str | None:
     return _schema_of(e.type, e.namespace, e.tag)
-
-
-def _describe_kept_entry(e_key: tuple) -> str:
-    type_, namespace, tag, owner = e_key
-    if type_ == "DEFAULT ACL":
-        objects = tag.removeprefix("DEFAULT PRIVILEGES FOR ").lower()
-        where = f"in schema {namespace}" if namespace else "(global)"
-        return f"the default privileges of {owner} {where} for {objects}"
-    what = {"SCHEMA": "the owner of", "COMMENT": "the comment on", "ACL": "the privileges on",
-            "SECURITY LABEL": "the security label of"}[type_]
-    schema = tag if type_ == "SCHEMA" else tag[len("SCHEMA "):]
-    return f"{what} schema {_unquote(schema)}"
 
 
 def _live_schema_dump(pg_restore: pgtools.Tool, target: connection.Target, major: int, exclude: list[str],
@@ -887,7 +595,7 @@ def _live_schema_dump(pg_restore: pgtools.Tool, target: connection.Target, major
 
 def _compare_kept_entries(pg_restore: pgtools.Tool, backup_path: Path, listing: ArchiveListing,
                           target: connection.Target, major: int, existing: list[str], kept: list[str], user: str,
-                          run_id: str, lock_timeout: str) -> tuple[list[tuple], list[tuple]]:
+                          run_id: str, lock_timeout: str) -> tuple[list[EntryKey], list[EntryKey]]:
     """(unchanged, changed) keys of the kept entries -- the kept schemas' own entries and other roles'
     default privileges (global and in the kept schemas) -- comparing the backup with a fresh
     schema-only dump: what pg_dump writes for each, side by side."""
@@ -901,8 +609,8 @@ def _compare_kept_entries(pg_restore: pgtools.Tool, backup_path: Path, listing: 
     with tempfile.TemporaryDirectory(prefix="truthsource-compare-") as tmp:
         live_path, live = _live_schema_dump(pg_restore, target, major, [s for s in existing if s not in kept_set],
                                             run_id, lock_timeout, Path(tmp))
-        then = {_entry_key(e): e for e in listing.entries if is_kept(e)}
-        now = {_entry_key(e): e for e in live.entries if is_kept(e)}
+        then = {EntryKey.of(e): e for e in listing.entries if is_kept(e)}
+        now = {EntryKey.of(e): e for e in live.entries if is_kept(e)}
         then_sql = _entry_texts(pg_restore, backup_path, list(then.values()))
         now_sql = _entry_texts(pg_restore, live_path, list(now.values()))
     unchanged, changed = [], []
@@ -924,8 +632,8 @@ def _dropped_outside_routines(conn, listing: ArchiveListing, managed: set[str], 
     for e in candidates:
         with _Reading(conn) as cur:
             try:
-                cur.execute(f"select pg_catalog.to_regprocedure(%(signature)s) is null, {_acts_for('%(owner)s::name')}",
-                            {"signature": f"{_quote_ident(e.namespace)}.{e.tag}", "owner": e.owner})
+                cur.execute(f"select pg_catalog.to_regprocedure(%(signature)s) is null, {acts_for('%(owner)s::name')}",
+                            {"signature": f"{quote_ident(e.namespace)}.{e.tag}", "owner": e.owner})
             except psycopg2.Error:
                 continue          # a signature this cannot read back: leave it alone
             missing, acts = cur.fetchone()
@@ -959,355 +667,487 @@ def _restored_to_default(backup_path: Path, sha: str, listing: ArchiveListing) -
     raise RestoreRefused(f"when was {backup_path.name} taken? give restored_to (no {INFO_FILE} beside it)")
 
 
-def _refusal(user: str, superuser: bool, blockers: list[str]) -> RestoreRefused:
-    if superuser:
-        return RestoreRefused("this restore cannot be done: " + "; ".join(blockers) + ". Nothing was changed.")
-    return RestoreRefused(f"role {user} is not a superuser and cannot do this restore: " + "; ".join(blockers)
-                          + ". Connect as the database owner or a superuser. Nothing was changed.")
+@dataclass
+class _Archive:
+    """The backup as the plan reads it: checked, listed, and the tools that read it."""
+
+    path: Path
+    sha256: str
+    listing: ArchiveListing
+    pg_restore: pgtools.Tool
+    psql: pgtools.Tool
+
+
+@dataclass
+class _Schemas:
+    """The managed schemas, and what becomes of each (see the module docstring)."""
+
+    existing: list[str]       # every schema of the database now, system ones left out
+    managed: list[str]
+    restored: list[str]       # managed schemas the backup has (public always)
+    kept: list[str]           # here now and in the backup: emptied, the schema itself kept
+    only_here: list[str]      # here now, not in the backup: dropped
+    replaced: list[str] = field(default_factory=list)   # kept ones whose own entries changed: dropped, created again
+
+    @property
+    def here(self) -> list[str]:
+        """The managed schemas that exist now: emptied or dropped."""
+        return [s for s in self.managed if s in self.existing]
+
+    @property
+    def dropped(self) -> list[str]:
+        return sorted(self.only_here + self.replaced)
+
+    @property
+    def created(self) -> list[str]:
+        """Created from the archive (the replaced ones included)."""
+        return [s for s in self.restored if s not in self.kept]
+
+    def replace(self, schemas: list[str]) -> None:
+        self.replaced = sorted(schemas)
+        self.kept = [s for s in self.kept if s not in schemas]
+
+
+@dataclass
+class _PlanContext:
+    """What the steps of `plan_restore` read and decide, passed from one step to the next."""
+
+    conn: object
+    target: connection.Target
+    run_id: str
+    lock_timeout: str
+    facts: dict                       # connection.server_facts
+    archive: _Archive | None = None
+    schemas: _Schemas | None = None
+    history_rows: list[dict] = field(default_factory=list)
+    history_problem: str | None = None
+    history_exists: bool = False
+    public_init: list[str] | None = None   # public's initial privileges pg_dump wrote its ACL against
+    outside: list[OutsideObject] = field(default_factory=list)
+    extension_owners: dict[str, tuple[str, str, bool]] = field(default_factory=dict)   # see _extension_owners
+    extensions: list[str] = field(default_factory=list)     # the archive's, in the managed schemas
+    recreated: list[TocEntry] = field(default_factory=list)   # routines outside them, dropped since
+    acts: dict[str, bool] = field(default_factory=dict)      # {role: the connecting role may act for it}
+    create_in_database: bool = False
+    reset_roles: set[str] = field(default_factory=set)
+    kept_as_they_are: list[str] = field(default_factory=list)
+    entries: list[TocEntry] = field(default_factory=list)   # the archive entries restored
+    blockers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def user(self) -> str:
+        return self.facts["current_user"]
+
+    @property
+    def superuser(self) -> bool:
+        return bool(self.facts["superuser"])
+
+    @property
+    def major(self) -> int:
+        return self.facts["server_version_num"] // 10000
+
+    @property
+    def outside_restored(self) -> list[OutsideObject]:
+        return [o for o in self.outside if o.in_backup]
+
+    @property
+    def outside_dropped(self) -> list[OutsideObject]:
+        """Created after the backup: they go."""
+        return [o for o in self.outside if not o.in_backup and o.kind != "other"]
+
+    def refuse_if_blocked(self) -> None:
+        """The one refusal for what the role may not do: every blocker found so far, in one message."""
+        if not self.blockers:
+            return
+        if self.superuser:
+            raise RestoreRefused("this restore cannot be done: " + "; ".join(self.blockers) + ". Nothing was changed.")
+        raise RestoreRefused(f"role {self.user} is not a superuser and cannot do this restore: "
+                             + "; ".join(self.blockers) + ". Connect as the database owner or a superuser. "
+                             "Nothing was changed.")
 
 
 def plan_restore(target: connection.Target, backup_path, expected_sha256: str, *, run_id: str, operator: str,
                  restored_to=None, managed_schemas: list[str] | None = None, lock_timeout: str = "30s",
                  allow_other_database: bool = False) -> RestorePlan:
-    """Check everything and build the script; changes nothing. Refusals raise RestoreRefused."""
-    backup_path = Path(backup_path)
-    warnings: list[str] = []
+    """Check everything and build the script; changes nothing. Refusals raise RestoreRefused.
+
+    The steps, in order: the server, the backup, the database it was taken from, the managed schemas,
+    the live database's state, what the archive adds, what the role may do as the live database tells,
+    the kept entries compared, the archive entries chosen, what the role may do as the archive tells."""
     try:
         conn = connection.connect(target, application_name=f"runbook rollback {run_id}", readonly=True)
     except psycopg2.Error as exc:
         raise RestoreRefused(f"cannot connect to {target.name!r}: {redact(str(exc).strip())}") from None
     try:
-        facts = connection.server_facts(conn)
-        user, superuser = facts["current_user"], bool(facts["superuser"])
-        major = facts["server_version_num"] // 10000
-        if facts["server_version_num"] < 150000:
-            raise RestoreRefused(f"the target runs PostgreSQL {facts['server_version']}; rollback needs 15 or later")
-
-        # (a) the backup itself: sha256 first, then its table of contents and a full read
-        try:
-            # the newest pg_restore reads every archive; the restore itself prefers the server's own
-            verification = verify_backup(backup_path, expected_sha256, full=True)
-            pg_restore = pgtools.find_tool("pg_restore", major)
-            try:
-                listing = read_listing(pg_restore, backup_path)
-            except BackupError:   # an archive written by a newer pg_dump than the server's
-                pg_restore = pgtools.find_tool("pg_restore", None)
-                listing = read_listing(pg_restore, backup_path)
-            psql = pgtools.find_companion(pg_restore, "psql", major)
-        except (BackupError, pgtools.ToolError) as exc:
-            raise RestoreRefused(f"{exc} Nothing was changed.") from None
-        unknown = sorted({e.line for e in listing.entries if not e.known})
-        if unknown:
-            raise RestoreRefused("the archive has entries of a type these runbooks do not know, so they cannot "
-                                 "tell which schema they belong to: " + "; ".join(unknown[:5])
-                                 + ". Nothing was changed.")
-        warnings += [w for w in (pg_restore.warning,) if w]
-        sha = verification.sha256
-
-        # the very database the backup was taken from, where backup.json says which (see `identity`)
-        recorded_identity = _backup_info(backup_path, sha).get("identity")
-        if recorded_identity and not allow_other_database:
-            then, now = Identity.from_dict(recorded_identity), read_identity(conn)
-            differences = then.differences(now)
-            if differences:
-                raise RestoreRefused(f"{backup_path.name} is a backup of {then.describe()}; the target is "
-                                     f"{now.describe()} ({'; '.join(differences)}): refusing to restore it there. "
-                                     "Nothing was changed.")
-        archive_db = listing.header.get("dbname")
-        if archive_db and archive_db != facts["database"] and not allow_other_database:
-            raise RestoreRefused(f"{backup_path.name} is a backup of database {archive_db!r}, the target is "
-                                 f"{facts['database']!r}; refusing to restore it there. Nothing was changed.")
-        if restored_to is None:
-            restored_to = _restored_to_default(backup_path, sha, listing)
-        restored_to = restored_to.isoformat() if isinstance(restored_to, datetime) else str(restored_to)
-
-        with conn.cursor() as cur:
-            cur.execute(f"select n.nspname from pg_namespace n where {SYSTEM_SCHEMA_SQL} order by 1")
-            existing = [r[0] for r in cur.fetchall()]
-        existing_app = [s for s in existing if is_app_schema(s)]
-        backup_schemas = sorted({e.namespace for e in listing.entries if e.namespace}
-                                | {e.tag for e in listing.entries if e.type == "SCHEMA" and e.namespace is None})
-        backup_app = [s for s in backup_schemas if is_app_schema(s)]
-        if managed_schemas is None:
-            managed = sorted(set(backup_app) | set(existing_app))
-        else:
-            bad = [s for s in managed_schemas if not is_app_schema(s)]
-            if bad:
-                raise RestoreRefused(f"not app schemas, never dropped by a rollback: {', '.join(bad)} "
-                                     f"(the history schema {engine.HISTORY_SCHEMA!r}, system and Supabase platform "
-                                     "schemas stay). Nothing was changed.")
-            managed = sorted(set(managed_schemas))
-        if not managed:
-            raise RestoreRefused("no app schema to restore: the backup has none and the database has none")
-        # initdb creates public, so pg_dump never writes it: it always counts as in the backup
-        restored_schemas = sorted(s for s in managed if s in backup_app or s == "public")
-        here = [s for s in managed if s in existing]              # emptied or dropped
-        kept = [s for s in here if s in restored_schemas]         # unless their own entries changed
-        only_here = [s for s in here if s not in restored_schemas]
-
-        # (b) the history: read now, kept by never touching its schema, checked at the end
-        history_problem = None
-        try:
-            history_rows = engine.read_history(conn)
-        except psycopg2.Error as exc:
-            conn.rollback()
-            history_rows, history_problem = [], f"cannot read the deployment history: {exc.diag.message_primary or exc}"
-        with conn.cursor() as cur:
-            cur.execute("select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-                        "where n.nspname = %s and c.relname = 'deployment_history')", (engine.HISTORY_SCHEMA,))
-            history_exists = cur.fetchone()[0]
-            cur.execute("""select (select initprivs::text[] from pg_init_privs
-                                   where classoid = 'pg_namespace'::regclass and objoid = n.oid)
-                           from pg_namespace n where nspname = 'public'""")
-            row = cur.fetchone()
-            # pg_dump wrote public's ACL relative to public's initial privileges at dump time:
-            # start from those when the backup recorded them. Otherwise from today's: no public
-            # now, assume initdb's; public without initial privileges (re-created by an earlier
-            # restore), pg_dump compared its ACL with the plain default, so start from that.
-            recorded = _backup_info(backup_path, sha)
-            if recorded.get("public_init_privs") is not None:
-                public_init = recorded["public_init_privs"]
-            else:
-                public_init = None if row is None else (row[0] or [])
-            outside = _outside_objects(cur, here) if here else []
-            owners_now = _extension_owners(cur, here, superuser)
-        conn.rollback()
-
-        ext_entries = [e for e in listing.entries if e.type == "EXTENSION"]
-        ext_schemas = _extension_schemas(pg_restore, backup_path, ext_entries)
-        extensions = sorted(name for name, schema in ext_schemas.items() if schema in set(managed))
-        ext_tags = {f"EXTENSION {name}" for name in extensions} | {f"EXTENSION {_quote_ident(n)}" for n in extensions}
-        for obj in outside:
-            obj.toc = _toc_for_outside(obj, listing)
-        outside_restored = [o for o in outside if o.in_backup]
-        outside_dropped = [o for o in outside if not o.in_backup and o.kind != "other"]
-
-        # routines outside the managed schemas that the backup has, that are gone now and that this
-        # role could have dropped: the deployment dropped them (phase 1 drops duplicate updated-at
-        # functions wherever they live, e.g. in `extensions`); they come back from the archive
-        recreated = _dropped_outside_routines(conn, listing, set(managed), existing, superuser)
-        recreated_tags = {(e.namespace, f"{e.type} {e.tag}") for e in recreated}
-        recreated_ids = {e.dump_id for e in recreated} | {
-            e.dump_id for e in listing.entries
-            if e.type in SCHEMA_LEVEL_TYPES and (e.namespace, e.tag) in recreated_tags}
-        outside_recreated = [f"{e.type.lower()} {_quote_ident(e.namespace)}.{e.tag}" for e in recreated]
-
-        # (c) what the role may do, as the live database tells: the preflight's check
-        with _Reading(conn) as cur:
-            blockers = ([history_problem] if history_problem else []) + _blockers(
-                cur, user, superuser, kept, only_here, [o for o in outside if o.kind == "other" or o.in_backup],
-                extensions)
-        if blockers:
-            raise _refusal(user, superuser, blockers)
-
-        # (d) what the archive keeps and the database has too: compared, not restored
-        unchanged, changed = _compare_kept_entries(pg_restore, backup_path, listing, target, major, existing, kept,
-                                                   user, run_id, lock_timeout)
-        with _Reading(conn) as cur:
-            cur.execute("select has_database_privilege(current_database(), 'CREATE')")
-            create_in_database = superuser or cur.fetchone()[0]
-            roles = sorted({k[3] for k in changed if k[3]} | {e.owner for e in listing.entries if e.owner})
-            cur.execute(f"select r, {_acts_for('r::name')} from unnest(%s::text[]) r "
-                        "where exists (select 1 from pg_roles where rolname = r)", (roles,))
-            acts = {r: superuser or ok for r, ok in cur.fetchall()}
-            cur.execute(f"select n.nspname, pg_get_userbyid(n.nspowner), {_acts_for('n.nspowner')} "
-                        "from pg_namespace n where n.nspname = any (%s::text[])", (kept,))
-            schema_owner = {s: (o, superuser or ok) for s, o, ok in cur.fetchall()}
-
-        replaced: list[str] = []
-        for schema in kept:
-            what = [_describe_kept_entry(k) for k in changed if _schema_of(k[0], k[1], k[2]) == schema]
-            if not what:
-                continue
-            # put back by dropping the schema and creating it from the archive, if the role may
-            owner, may_drop = schema_owner[schema]
-            foreign = sorted({e.owner for e in listing.entries if e.owner and e.type in OWNED_ENTRY_TYPES
-                              and (e.namespace == schema or _schema_of_entry(e) == schema)
-                              and not acts.get(e.owner, False)})
-            reasons = ([f"cannot act for its owner {owner} to drop it"] if not may_drop else []) + \
-                      (["may not create schemas (no CREATE on the database)"] if not create_in_database else []) + \
-                      ([f"cannot act for {', '.join(foreign)}, whose objects or default privileges the backup has "
-                        "in it"] if foreign else [])
-            if reasons:
-                blockers.append(f"{' and '.join(what)} changed since the backup was taken; putting that back means "
-                                f"dropping schema {schema} and creating it from the backup, and role {user} "
-                                + "; ".join(reasons) + f" (only {owner} or a superuser could)")
-            else:
-                replaced.append(schema)
-        kept = [s for s in kept if s not in replaced]
-        dropped = sorted(only_here + replaced)
-        created = [s for s in restored_schemas if s not in kept]      # from the archive (incl. replaced)
-
-        reset_roles = {user}
-        for key in changed:
-            if key[0] != "DEFAULT ACL" or (key[1] is not None and key[1] not in kept):
-                continue
-            if acts.get(key[3], False):
-                reset_roles.add(key[3])
-            else:
-                blockers.append(f"{_describe_kept_entry(key)} changed since the backup was taken; only {key[3]} or "
-                                "a superuser can put them back")
-
-        def left_alone(key: tuple) -> bool:
-            type_, namespace, tag, owner = key
-            if type_ == "DEFAULT ACL":
-                return (namespace is None or namespace in kept) and owner not in reset_roles
-            return _schema_of(type_, namespace, tag) in kept
-        kept_as_they_are = [_describe_kept_entry(k) for k in unchanged if left_alone(k)]
-
-        # which archive entries: what is in the managed schemas, the created schemas' own entries,
-        # their extensions, the restorable outside dependents, the reset roles' default privileges
-        managed_set, kept_set, created_set = set(managed), set(kept), set(created)
-        outside_ids = {i for o in outside_restored for i in o.toc} | recreated_ids
-
-        def wanted(e: TocEntry) -> bool:
-            if e.type in ("ENCODING", "STDSTRINGS", "SEARCH_PATH"):
-                return False            # pg_restore writes these itself
-            if e.type == "DEFAULT ACL":
-                if e.namespace is None or e.namespace in kept_set:
-                    return e.owner in reset_roles
-                return e.namespace in managed_set
-            if e.namespace is not None:
-                return e.namespace in managed_set or e.dump_id in outside_ids
-            if e.type == "EXTENSION":
-                return e.tag in extensions
-            if e.type in SCHEMA_LEVEL_TYPES and e.tag in ext_tags:
-                return True
-            return _schema_of_entry(e) in created_set
-        entries = [e for e in listing.entries if wanted(e)]
-        summary = dict(sorted({t: sum(1 for e in entries if e.type == t) for t in {e.type for e in entries}}.items()))
-
-        # (e) what the role may do, as the archive tells: refuse now rather than fail halfway
-        with _Reading(conn) as cur:
-            owners = sorted({e.owner for e in entries if e.owner})
-            cur.execute("select r from unnest(%s::text[]) r where not exists (select 1 from pg_roles where rolname = r)",
-                        (owners,))
-            missing_roles = [r[0] for r in cur.fetchall()]
-            if missing_roles:
-                raise RestoreRefused(f"the backup names owners that do not exist on this server: "
-                                     f"{', '.join(missing_roles)}; create these roles first. Nothing was changed.")
-            cur.execute("""select x.extname, not exists (select 1 from pg_available_extensions a where a.name = x.extname)
-                           from unnest(%s::text[]) x(extname)""", (extensions,))
-            unavailable = [r[0] for r in cur.fetchall() if r[1]]
-            if unavailable:
-                raise RestoreRefused(f"the backup has extensions this server cannot install: {', '.join(unavailable)}. "
-                                     "Nothing was changed.")
-        if not superuser:
-            foreign_owners = sorted({e.owner for e in entries if e.owner and e.type in OWNED_ENTRY_TYPES
-                                     and not acts.get(e.owner, False)})
-            blockers += [f"the backup has objects owned by {r}, which role {user} cannot act for" for r in foreign_owners]
-            # ALTER PUBLICATION ... ADD: the publication's owner's to do (the entry's owner)
-            blockers += [f"the backup puts {e.tag} back into a publication owned by {e.owner}, which role {user} "
-                         "cannot act for" for e in entries
-                         if e.type in ("PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA") and e.owner
-                         and not acts.get(e.owner, False)]
-            if created and not create_in_database:
-                blockers.append(f"no CREATE privilege on the database (schema(s) {', '.join(created)} are created)")
-            with _Reading(conn) as cur:
-                for schema in sorted({e.namespace for e in recreated}):
-                    cur.execute("select has_schema_privilege(%s, 'CREATE')", (schema,))
-                    if not cur.fetchone()[0]:
-                        names = [f"{e.type.lower()} {_quote_ident(schema)}.{e.tag}" for e in recreated
-                                 if e.namespace == schema]
-                        blockers.append(f"{', '.join(names)}: dropped since the backup was taken; re-creating it "
-                                        f"needs the CREATE privilege on schema {schema}")
-        if blockers:
-            raise _refusal(user, superuser, blockers)
+        ctx = _PlanContext(conn, target, run_id, lock_timeout, connection.server_facts(conn))
+        _check_server(ctx)
+        ctx.archive = _read_archive(ctx, Path(backup_path), expected_sha256)
+        _check_same_database(ctx, allow_other_database)
+        restored_to = _restored_to(ctx.archive, restored_to)
+        ctx.schemas = _choose_schemas(ctx, managed_schemas)
+        _read_live_state(ctx)
+        _match_archive(ctx)
+        ctx.blockers += _live_blockers(ctx)
+        ctx.refuse_if_blocked()
+        _settle_kept_entries(ctx)
+        ctx.entries = _choose_entries(ctx)
+        _check_archive_side(ctx)
+        ctx.refuse_if_blocked()
     finally:
         conn.close()
-
-    if outside_dropped:
-        warnings.append("created after the backup, dropped with what is in the managed schemas: "
-                        + "; ".join(o.identity for o in outside_dropped))
-    if outside_recreated:
-        warnings.append("dropped since the backup outside the managed schemas, re-created from it: "
-                        + "; ".join(outside_recreated))
-    prelude = _prelude(facts["database"], backup_path.name, sha, run_id, lock_timeout, sorted(reset_roles), kept,
-                       dropped, "public" in created, public_init)
-    postlude = _postlude(history_rows, history_exists, backup_path.name, sha, operator, run_id, restored_to,
-                         len(entries), restored_schemas)
-    return RestorePlan(
-        backup_path=backup_path, backup_sha256=sha, database=facts["database"],
-        server_version=facts["server_version"], server_version_num=facts["server_version_num"],
-        current_user=user, superuser=superuser, managed_schemas=managed, dropped_schemas=dropped,
-        kept_schemas=kept, replaced_schemas=sorted(replaced), restored_schemas=restored_schemas,
-        default_privileges_reset=sorted(reset_roles), kept_as_they_are=kept_as_they_are, entries=entries,
-        toc_summary=summary, extensions=extensions, outside_restored=outside_restored,
-        outside_dropped=outside_dropped, outside_recreated=outside_recreated, history_rows=history_rows,
-        history_exists=history_exists,
-        prelude_sql=prelude, postlude_sql=postlude, pg_restore=pg_restore, psql=psql, run_id=run_id,
-        operator=operator, restored_to=restored_to, warnings=warnings,
-        extension_owners={x: owners_now[x][0] for x in extensions if x in owners_now})
+    return _build_plan(ctx, operator, restored_to)
 
 
-def _prelude(database, file_name, sha, run_id, lock_timeout, reset_roles, kept, dropped, create_public,
-             public_init) -> str:
-    lines = [f"-- TruthSource rollback of database {database} to {file_name} (sha256 {sha}), run {run_id}",
-             "-- one transaction, committed by the script's last line only: input cut short is rolled back",
-             "BEGIN;",
-             f"SET lock_timeout = {_literal(lock_timeout)};",
-             "SELECT pg_catalog.set_config('truthsource.rollback_started', pg_catalog.clock_timestamp()::text, false);",
-             _reset_default_privileges_sql(reset_roles, kept)]
-    if dropped:
-        lines.append("-- schemas the backup does not have (or whose own owner, comment or privileges changed): "
-                     "dropped with everything in them")
-        lines.append("DROP SCHEMA IF EXISTS " + ", ".join(_quote_ident(s) for s in dropped) + " CASCADE;")
-    if kept:
-        lines.append(_empty_schemas_sql(kept))
-    if create_public:
-        lines.append("-- initdb creates public, so pg_dump never does: create it as initdb leaves it")
-        lines += _public_baseline(public_init)
-    return "\n".join(lines) + "\n"
+def _check_server(ctx: _PlanContext) -> None:
+    if ctx.facts["server_version_num"] < 150000:
+        raise RestoreRefused(f"the target runs PostgreSQL {ctx.facts['server_version']}; rollback needs 15 or later")
 
 
-def _postlude(history_rows, history_exists, file_name, sha, operator, run_id, restored_to, entries,
-              schemas) -> str:
-    lines = ["", "-- the deployment history: every row read before the restore is still there, plus this rollback"]
-    if history_exists:
-        ids = sorted(r["id"] for r in history_rows)
-        lines.append(f"""DO $history_check$
-BEGIN
-  IF (SELECT pg_catalog.count(*) FROM {engine.HISTORY_TABLE} WHERE id = ANY ('{{{",".join(map(str, ids))}}}'::bigint[])) <> {len(ids)} THEN
-    RAISE EXCEPTION 'deployment history rows went missing during the rollback: aborting it';
-  END IF;
-END
-$history_check$;""")
+def _read_archive(ctx: _PlanContext, backup_path: Path, expected_sha256: str) -> _Archive:
+    """The backup itself: sha256 first, then its table of contents and a full read."""
+    try:
+        # the newest pg_restore reads every archive; the restore itself prefers the server's own
+        verification = verify_backup(backup_path, expected_sha256, full=True)
+        pg_restore = pgtools.find_tool("pg_restore", ctx.major)
+        try:
+            listing = read_listing(pg_restore, backup_path)
+        except BackupError:   # an archive written by a newer pg_dump than the server's
+            pg_restore = pgtools.find_tool("pg_restore", None)
+            listing = read_listing(pg_restore, backup_path)
+        psql = pgtools.find_companion(pg_restore, "psql", ctx.major)
+    except (BackupError, pgtools.ToolError) as exc:
+        raise RestoreRefused(f"{exc} Nothing was changed.") from None
+    unknown = sorted({e.line for e in listing.entries if not e.known})
+    if unknown:
+        raise RestoreRefused("the archive has entries of a type these runbooks do not know, so they cannot "
+                             "tell which schema they belong to: " + "; ".join(unknown[:5])
+                             + ". Nothing was changed.")
+    ctx.warnings += [w for w in (pg_restore.warning,) if w]
+    return _Archive(backup_path, verification.sha256, listing, pg_restore, psql)
+
+
+def _check_same_database(ctx: _PlanContext, allow_other_database: bool) -> None:
+    """The very database the backup was taken from, where backup.json says which (see `identity`)."""
+    if allow_other_database:
+        return
+    name = ctx.archive.path.name
+    recorded_identity = _backup_info(ctx.archive.path, ctx.archive.sha256).get("identity")
+    if recorded_identity:
+        then, now = Identity.from_dict(recorded_identity), read_identity(ctx.conn)
+        differences = then.differences(now)
+        if differences:
+            raise RestoreRefused(f"{name} is a backup of {then.describe()}; the target is "
+                                 f"{now.describe()} ({'; '.join(differences)}): refusing to restore it there. "
+                                 "Nothing was changed.")
+    archive_db = ctx.archive.listing.header.get("dbname")
+    if archive_db and archive_db != ctx.facts["database"]:
+        raise RestoreRefused(f"{name} is a backup of database {archive_db!r}, the target is "
+                             f"{ctx.facts['database']!r}; refusing to restore it there. Nothing was changed.")
+
+
+def _restored_to(archive: _Archive, restored_to) -> str:
+    if restored_to is None:
+        restored_to = _restored_to_default(archive.path, archive.sha256, archive.listing)
+    return restored_to.isoformat() if isinstance(restored_to, datetime) else str(restored_to)
+
+
+def _choose_schemas(ctx: _PlanContext, managed_schemas: list[str] | None) -> _Schemas:
+    """The managed schemas: the app schemas of the backup and of the database, or those named."""
+    with ctx.conn.cursor() as cur:
+        cur.execute(f"select n.nspname from pg_namespace n where {SYSTEM_SCHEMA_SQL} order by 1")
+        existing = [r[0] for r in cur.fetchall()]
+    entries = ctx.archive.listing.entries
+    backup_schemas = sorted({e.namespace for e in entries if e.namespace}
+                            | {e.tag for e in entries if e.type == "SCHEMA" and e.namespace is None})
+    backup_app = [s for s in backup_schemas if is_app_schema(s)]
+    if managed_schemas is None:
+        managed = sorted(set(backup_app) | {s for s in existing if is_app_schema(s)})
     else:
-        lines.append(engine.HISTORY_DDL.strip())
-    note = (f"restored {file_name} into schema(s) {', '.join(schemas)} ({entries} archive entries); "
-            f"{len(history_rows)} history rows kept")
-    lines.append(
-        f"INSERT INTO {engine.HISTORY_TABLE} (version, file_name, sha256, action, applied_by, duration_ms, "
-        f"statements, run_id, restored_to, note)\nVALUES ('rollback', {_literal(file_name)}, {_literal(sha)}, "
-        f"'rollback', {_literal(operator)}, (extract(epoch FROM pg_catalog.clock_timestamp() - "
-        f"pg_catalog.current_setting('truthsource.rollback_started')::timestamptz) * 1000)::bigint, {entries}, "
-        f"{_literal(run_id)}, {_literal(restored_to)}::timestamptz, {_literal(note)});")
-    lines.append("COMMIT;")
-    return "\n".join(lines) + "\n"
+        bad = [s for s in managed_schemas if not is_app_schema(s)]
+        if bad:
+            raise RestoreRefused(f"not app schemas, never dropped by a rollback: {', '.join(bad)} "
+                                 f"(the history schema {engine.HISTORY_SCHEMA!r}, system and Supabase platform "
+                                 "schemas stay). Nothing was changed.")
+        managed = sorted(set(managed_schemas))
+    if not managed:
+        raise RestoreRefused("no app schema to restore: the backup has none and the database has none")
+    # initdb creates public, so pg_dump never writes it: it always counts as in the backup
+    restored = sorted(s for s in managed if s in backup_app or s == "public")
+    here = [s for s in managed if s in existing]
+    return _Schemas(existing, managed, restored, kept=[s for s in here if s in restored],
+                    only_here=[s for s in here if s not in restored])
+
+
+def _read_live_state(ctx: _PlanContext) -> None:
+    """The history (read now, kept by never touching its schema, checked at the end), public's initial
+    privileges, the objects outside the managed schemas, and who owns their extensions."""
+    try:
+        ctx.history_rows = engine.read_history(ctx.conn)
+    except psycopg2.Error as exc:
+        ctx.conn.rollback()
+        ctx.history_problem = f"cannot read the deployment history: {exc.diag.message_primary or exc}"
+    here = ctx.schemas.here
+    with ctx.conn.cursor() as cur:
+        cur.execute("select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                    "where n.nspname = %s and c.relname = 'deployment_history')", (engine.HISTORY_SCHEMA,))
+        ctx.history_exists = cur.fetchone()[0]
+        cur.execute("""select (select initprivs::text[] from pg_init_privs
+                               where classoid = 'pg_namespace'::regclass and objoid = n.oid)
+                       from pg_namespace n where nspname = 'public'""")
+        row = cur.fetchone()
+        # pg_dump wrote public's ACL relative to public's initial privileges at dump time:
+        # start from those when the backup recorded them. Otherwise from today's: no public
+        # now, assume initdb's; public without initial privileges (re-created by an earlier
+        # restore), pg_dump compared its ACL with the plain default, so start from that.
+        recorded = _backup_info(ctx.archive.path, ctx.archive.sha256)
+        if recorded.get("public_init_privs") is not None:
+            ctx.public_init = recorded["public_init_privs"]
+        else:
+            ctx.public_init = None if row is None else (row[0] or [])
+        ctx.outside = _outside_objects(cur, here) if here else []
+        ctx.extension_owners = _extension_owners(cur, here, ctx.superuser)
+    ctx.conn.rollback()
+
+
+def _match_archive(ctx: _PlanContext) -> None:
+    """What the archive adds: its extensions in the managed schemas, the entries that put the outside
+    objects back, and the routines outside them that the deployment dropped."""
+    archive, managed = ctx.archive, set(ctx.schemas.managed)
+    ext_entries = [e for e in archive.listing.entries if e.type == "EXTENSION"]
+    ext_schemas = _extension_schemas(archive.pg_restore, archive.path, ext_entries)
+    ctx.extensions = sorted(name for name, schema in ext_schemas.items() if schema in managed)
+    for obj in ctx.outside:
+        obj.toc = _toc_for_outside(obj, archive.listing)
+    # routines outside the managed schemas that the backup has, that are gone now and that this
+    # role could have dropped: the deployment dropped them (phase 1 drops duplicate updated-at
+    # functions wherever they live, e.g. in `extensions`); they come back from the archive
+    ctx.recreated = _dropped_outside_routines(ctx.conn, archive.listing, managed, ctx.schemas.existing,
+                                              ctx.superuser)
+
+
+def _live_blockers(ctx: _PlanContext) -> list[str]:
+    """What the role may do, as the live database tells: the preflight's check."""
+    with _Reading(ctx.conn) as cur:
+        return ([ctx.history_problem] if ctx.history_problem else []) + _blockers(
+            cur, ctx.user, ctx.superuser, ctx.schemas.kept, ctx.schemas.only_here,
+            [o for o in ctx.outside if o.kind == "other" or o.in_backup], ctx.extensions)
+
+
+def _settle_kept_entries(ctx: _PlanContext) -> None:
+    """What the archive keeps and the database has too: compared, not restored. A kept schema whose
+    own entries changed is replaced, another role's changed default privileges reset, when the role
+    may; what it may not put back is a blocker."""
+    archive, schemas = ctx.archive, ctx.schemas
+    unchanged, changed = _compare_kept_entries(archive.pg_restore, archive.path, archive.listing, ctx.target,
+                                               ctx.major, schemas.existing, schemas.kept, ctx.user, ctx.run_id,
+                                               ctx.lock_timeout)
+    schema_owner = _read_role_facts(ctx, changed)
+    schemas.replace(_replaced_schemas(ctx, changed, schema_owner))
+    ctx.reset_roles = _reset_roles(ctx, changed)
+
+    def left_alone(key: EntryKey) -> bool:
+        if key.type == "DEFAULT ACL":
+            return (key.namespace is None or key.namespace in schemas.kept) and key.owner not in ctx.reset_roles
+        return key.schema in schemas.kept
+    ctx.kept_as_they_are = [k.describe() for k in unchanged if left_alone(k)]
+
+
+def _read_role_facts(ctx: _PlanContext, changed: list[EntryKey]) -> dict[str, tuple[str, bool]]:
+    """CREATE on the database, the roles the connecting role acts for (into `ctx`), and
+    {kept schema: (its owner, whether the role may drop it)}."""
+    superuser = ctx.superuser
+    with _Reading(ctx.conn) as cur:
+        cur.execute("select has_database_privilege(current_database(), 'CREATE')")
+        ctx.create_in_database = superuser or cur.fetchone()[0]
+        roles = sorted({k.owner for k in changed if k.owner} | {e.owner for e in ctx.archive.listing.entries if e.owner})
+        cur.execute(f"select r, {acts_for('r::name')} from unnest(%s::text[]) r "
+                    "where exists (select 1 from pg_roles where rolname = r)", (roles,))
+        ctx.acts = {r: superuser or ok for r, ok in cur.fetchall()}
+        cur.execute(f"select n.nspname, pg_get_userbyid(n.nspowner), {acts_for('n.nspowner')} "
+                    "from pg_namespace n where n.nspname = any (%s::text[])", (ctx.schemas.kept,))
+        return {s: (o, superuser or ok) for s, o, ok in cur.fetchall()}
+
+
+def _replaced_schemas(ctx: _PlanContext, changed: list[EntryKey],
+                      schema_owner: dict[str, tuple[str, bool]]) -> list[str]:
+    """The kept schemas whose own entries changed, put back by dropping the schema and creating it
+    from the archive -- those the role may; the others are blockers."""
+    replaced = []
+    for schema in ctx.schemas.kept:
+        what = [k.describe() for k in changed if k.schema == schema]
+        if not what:
+            continue
+        owner, may_drop = schema_owner[schema]
+        foreign = sorted({e.owner for e in ctx.archive.listing.entries if e.owner and e.type in OWNED_ENTRY_TYPES
+                          and (e.namespace == schema or _schema_of_entry(e) == schema)
+                          and not ctx.acts.get(e.owner, False)})
+        reasons = ([f"cannot act for its owner {owner} to drop it"] if not may_drop else []) + \
+                  (["may not create schemas (no CREATE on the database)"] if not ctx.create_in_database else []) + \
+                  ([f"cannot act for {', '.join(foreign)}, whose objects or default privileges the backup has "
+                    "in it"] if foreign else [])
+        if reasons:
+            ctx.blockers.append(f"{' and '.join(what)} changed since the backup was taken; putting that back means "
+                                f"dropping schema {schema} and creating it from the backup, and role {ctx.user} "
+                                + "; ".join(reasons) + f" (only {owner} or a superuser could)")
+        else:
+            replaced.append(schema)
+    return replaced
+
+
+def _reset_roles(ctx: _PlanContext, changed: list[EntryKey]) -> set[str]:
+    """The roles whose default privileges are reset and restored: the connecting one, and those whose
+    kept default privileges changed, when it acts for them (a blocker otherwise)."""
+    roles = {ctx.user}
+    for key in changed:
+        if key.type != "DEFAULT ACL" or (key.namespace is not None and key.namespace not in ctx.schemas.kept):
+            continue
+        if ctx.acts.get(key.owner, False):
+            roles.add(key.owner)
+        else:
+            ctx.blockers.append(f"{key.describe()} changed since the backup was taken; only {key.owner} or "
+                                "a superuser can put them back")
+    return roles
+
+
+def _choose_entries(ctx: _PlanContext) -> list[TocEntry]:
+    """The archive entries restored: what is in the managed schemas, the created schemas' own entries,
+    their extensions, the restorable outside dependents, the reset roles' default privileges."""
+    listing, schemas = ctx.archive.listing, ctx.schemas
+    managed, kept, created = set(schemas.managed), set(schemas.kept), set(schemas.created)
+    ext_tags = {f"EXTENSION {name}" for name in ctx.extensions} | {f"EXTENSION {quote_ident(n)}" for n in ctx.extensions}
+    recreated_tags = {(e.namespace, f"{e.type} {e.tag}") for e in ctx.recreated}
+    outside_ids = ({i for o in ctx.outside_restored for i in o.toc} | {e.dump_id for e in ctx.recreated}
+                   | {e.dump_id for e in listing.entries
+                      if e.type in SCHEMA_LEVEL_TYPES and (e.namespace, e.tag) in recreated_tags})
+
+    def wanted(e: TocEntry) -> bool:
+        if e.type in ("ENCODING", "STDSTRINGS", "SEARCH_PATH"):
+            return False            # pg_restore writes these itself
+        if e.type == "DEFAULT ACL":
+            if e.namespace is None or e.namespace in kept:
+                return e.owner in ctx.reset_roles
+            return e.namespace in managed
+        if e.namespace is not None:
+            return e.namespace in managed or e.dump_id in outside_ids
+        if e.type == "EXTENSION":
+            return e.tag in ctx.extensions
+        if e.type in SCHEMA_LEVEL_TYPES and e.tag in ext_tags:
+            return True
+        return _schema_of_entry(e) in created
+    return [e for e in listing.entries if wanted(e)]
+
+
+def _check_archive_side(ctx: _PlanContext) -> None:
+    """What the role may do, as the archive tells: refuse now rather than fail halfway."""
+    with _Reading(ctx.conn) as cur:
+        owners = sorted({e.owner for e in ctx.entries if e.owner})
+        cur.execute("select r from unnest(%s::text[]) r where not exists (select 1 from pg_roles where rolname = r)",
+                    (owners,))
+        missing_roles = [r[0] for r in cur.fetchall()]
+        if missing_roles:
+            raise RestoreRefused(f"the backup names owners that do not exist on this server: "
+                                 f"{', '.join(missing_roles)}; create these roles first. Nothing was changed.")
+        cur.execute("""select x.extname, not exists (select 1 from pg_available_extensions a where a.name = x.extname)
+                       from unnest(%s::text[]) x(extname)""", (ctx.extensions,))
+        unavailable = [r[0] for r in cur.fetchall() if r[1]]
+        if unavailable:
+            raise RestoreRefused(f"the backup has extensions this server cannot install: {', '.join(unavailable)}. "
+                                 "Nothing was changed.")
+    if not ctx.superuser:
+        ctx.blockers += _archive_blockers(ctx)
+
+
+def _archive_blockers(ctx: _PlanContext) -> list[str]:
+    """For a role that is not a superuser: the archive's objects it could not re-create."""
+    user, acts = ctx.user, ctx.acts
+    foreign_owners = sorted({e.owner for e in ctx.entries if e.owner and e.type in OWNED_ENTRY_TYPES
+                             and not acts.get(e.owner, False)})
+    blockers = [f"the backup has objects owned by {r}, which role {user} cannot act for" for r in foreign_owners]
+    # ALTER PUBLICATION ... ADD: the publication's owner's to do (the entry's owner)
+    blockers += [f"the backup puts {e.tag} back into a publication owned by {e.owner}, which role {user} "
+                 "cannot act for" for e in ctx.entries
+                 if e.type in ("PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA") and e.owner
+                 and not acts.get(e.owner, False)]
+    created = ctx.schemas.created
+    if created and not ctx.create_in_database:
+        blockers.append(f"no CREATE privilege on the database (schema(s) {', '.join(created)} are created)")
+    with _Reading(ctx.conn) as cur:
+        for schema in sorted({e.namespace for e in ctx.recreated}):
+            cur.execute("select has_schema_privilege(%s, 'CREATE')", (schema,))
+            if not cur.fetchone()[0]:
+                names = [f"{e.type.lower()} {quote_ident(schema)}.{e.tag}" for e in ctx.recreated
+                         if e.namespace == schema]
+                blockers.append(f"{', '.join(names)}: dropped since the backup was taken; re-creating it "
+                                f"needs the CREATE privilege on schema {schema}")
+    return blockers
+
+
+def _build_plan(ctx: _PlanContext, operator: str, restored_to: str) -> RestorePlan:
+    """The plan from what the steps decided, with the SQL before and after the archive's."""
+    archive, schemas, facts = ctx.archive, ctx.schemas, ctx.facts
+    outside_recreated = [f"{e.type.lower()} {quote_ident(e.namespace)}.{e.tag}" for e in ctx.recreated]
+    if ctx.outside_dropped:
+        ctx.warnings.append("created after the backup, dropped with what is in the managed schemas: "
+                            + "; ".join(o.identity for o in ctx.outside_dropped))
+    if outside_recreated:
+        ctx.warnings.append("dropped since the backup outside the managed schemas, re-created from it: "
+                            + "; ".join(outside_recreated))
+    try:
+        prelude = restore_sql.prelude(
+            database=facts["database"], file_name=archive.path.name, sha=archive.sha256, run_id=ctx.run_id,
+            lock_timeout=ctx.lock_timeout, reset_roles=sorted(ctx.reset_roles), kept=schemas.kept,
+            dropped=schemas.dropped, create_public="public" in schemas.created, public_init=ctx.public_init)
+        postlude = restore_sql.postlude(
+            history_rows=ctx.history_rows, history_exists=ctx.history_exists, file_name=archive.path.name,
+            sha=archive.sha256, operator=operator, run_id=ctx.run_id, restored_to=restored_to,
+            entries=len(ctx.entries), schemas=schemas.restored)
+    except restore_sql.UnsafeValue as exc:
+        raise RestoreRefused(str(exc)) from None
+    types = {e.type for e in ctx.entries}
+    return RestorePlan(
+        backup_path=archive.path, backup_sha256=archive.sha256, database=facts["database"],
+        server_version=facts["server_version"], server_version_num=facts["server_version_num"],
+        current_user=ctx.user, superuser=ctx.superuser, managed_schemas=schemas.managed,
+        dropped_schemas=schemas.dropped, kept_schemas=schemas.kept, replaced_schemas=schemas.replaced,
+        restored_schemas=schemas.restored, default_privileges_reset=sorted(ctx.reset_roles),
+        kept_as_they_are=ctx.kept_as_they_are, entries=ctx.entries,
+        toc_summary=dict(sorted({t: sum(1 for e in ctx.entries if e.type == t) for t in types}.items())),
+        extensions=ctx.extensions, outside_restored=ctx.outside_restored, outside_dropped=ctx.outside_dropped,
+        outside_recreated=outside_recreated, history_rows=ctx.history_rows, history_exists=ctx.history_exists,
+        prelude_sql=prelude, postlude_sql=postlude, pg_restore=archive.pg_restore, psql=archive.psql,
+        run_id=ctx.run_id, operator=operator, restored_to=restored_to, warnings=ctx.warnings,
+        extension_owners={x: ctx.extension_owners[x][0] for x in ctx.extensions if x in ctx.extension_owners})
 
 
 # -- running it --------------------------------------------------------------------------------
 
-CREATE_EXTENSION = re.compile(rb'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")+"|\S+) WITH SCHEMA ')
+@dataclass
+class _Streamed:
+    """How pg_restore streaming into psql ended."""
 
-
-def _as_extension_owner(line: bytes, owners: dict[str, str]) -> bytes:
-    """pg_restore's CREATE EXTENSION line, run as the extension's owner when another role owns it."""
-    match = CREATE_EXTENSION.match(line) if owners else None
-    owner = match and owners.get(_unquote(match.group(1).decode()))
-    if not owner:
-        return line
-    return (f"SET ROLE {_quote_ident(owner)};\n".encode() + line.rstrip(b"\n") + b"\nRESET ROLE;\n")
+    psql_code: int
+    restore_code: int | None      # None: pg_restore was never started
+    input_complete: bool          # psql read the whole script, COMMIT included
+    psql_messages: str
+    restore_messages: str
 
 
 def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
     """Run the plan's script in one transaction; RestoreFailed leaves the database as it was."""
     started = time.perf_counter()
+    streamed = _stream_restore(plan, target)
+    seconds = time.perf_counter() - started
+    _check_streamed(plan, streamed)
+    rollback_row = _check_history(plan, target)
+    return RestoreResult(plan=plan, history_rows_kept=len(plan.history_rows), rollback_row=rollback_row,
+                         seconds=round(seconds, 3), psql_messages=streamed.psql_messages)
+
+
+def _stream_restore(plan: RestorePlan, target: connection.Target) -> _Streamed:
+    """The prelude, pg_restore's output and the postlude, fed to one psql: its script's last line
+    commits, and psql is killed before it reads the end of a script cut short."""
     env = pgtools.tool_env()
-    # A newer pg_restore writes settings an older server does not know.
-    drop_lines = set()
-    if plan.pg_restore.major >= 17 and plan.server_version_num < 170000:
-        drop_lines.add("SET transaction_timeout = 0;")
     with tempfile.TemporaryDirectory(prefix="truthsource-restore-") as tmp:
         listfile = Path(tmp) / "restore.list"
         listfile.write_text("".join(e.line + "\n" for e in plan.entries))
@@ -1325,14 +1165,7 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
                     restore = subprocess.Popen(
                         [str(plan.pg_restore.path), "-L", str(listfile), "-f", "-", str(plan.backup_path)],
                         stdout=subprocess.PIPE, stderr=rerr, env=env)
-                    in_header = True
-                    for line in restore.stdout:
-                        if in_header:
-                            if line.startswith((b"-- Name:", b"-- Data for Name:")):
-                                in_header = False
-                            elif line.rstrip(b"\n").decode(errors="replace") in drop_lines:
-                                continue
-                        psql.stdin.write(_as_extension_owner(line, plan.extension_owners))
+                    _feed_archive(plan, restore.stdout, psql.stdin)
                     restore.stdout.close()
                     if restore.wait() == 0:
                         psql.stdin.write(plan.postlude_sql.encode())
@@ -1352,19 +1185,43 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
                     restore.kill()
                     restore.wait()
                 code = psql.wait()
-        messages = redact(err_path.read_text(errors="replace"))
-        restore_messages = redact(restore_err_path.read_text(errors="replace"))
-    seconds = time.perf_counter() - started
-    if restore is not None and restore.returncode != 0 and code != 3:
-        raise RestoreFailed(f"pg_restore could not read {plan.backup_path.name} "
-                            f"(exit {describe_exit(restore.returncode)}): "
-                            f"{restore_messages.strip() or 'no message'}. psql was stopped before the end of the "
-                            "script: the transaction was rolled back and the database is as it was.")
-    if code != 0 or not input_complete:
-        tail = "\n".join(messages.strip().splitlines()[-15:])
-        raise RestoreFailed(f"the restore script failed (psql exit {describe_exit(code)}); its single transaction was "
-                            f"rolled back and the database is as it was before the rollback started.\n{tail}")
+        return _Streamed(code, None if restore is None else restore.returncode, input_complete,
+                         redact(err_path.read_text(errors="replace")),
+                         redact(restore_err_path.read_text(errors="replace")))
 
+
+def _feed_archive(plan: RestorePlan, script, psql_stdin) -> None:
+    """pg_restore's script into psql's input, its CREATE EXTENSION lines run as the extension's owner."""
+    # A newer pg_restore writes settings an older server does not know.
+    drop_lines = set()
+    if plan.pg_restore.major >= 17 and plan.server_version_num < 170000:
+        drop_lines.add("SET transaction_timeout = 0;")
+    in_header = True
+    for line in script:
+        if in_header:
+            if line.startswith((b"-- Name:", b"-- Data for Name:")):
+                in_header = False
+            elif line.rstrip(b"\n").decode(errors="replace") in drop_lines:
+                continue
+        psql_stdin.write(restore_sql.as_extension_owner(line, plan.extension_owners))
+
+
+def _check_streamed(plan: RestorePlan, streamed: _Streamed) -> None:
+    """RestoreFailed unless pg_restore read the whole archive and psql ran the whole script."""
+    if streamed.restore_code not in (None, 0) and streamed.psql_code != 3:
+        raise RestoreFailed(f"pg_restore could not read {plan.backup_path.name} "
+                            f"(exit {describe_exit(streamed.restore_code)}): "
+                            f"{streamed.restore_messages.strip() or 'no message'}. psql was stopped before the end "
+                            "of the script: the transaction was rolled back and the database is as it was.")
+    if streamed.psql_code != 0 or not streamed.input_complete:
+        tail = "\n".join(streamed.psql_messages.strip().splitlines()[-15:])
+        raise RestoreFailed(f"the restore script failed (psql exit {describe_exit(streamed.psql_code)}); its single "
+                            "transaction was rolled back and the database is as it was before the rollback "
+                            f"started.\n{tail}")
+
+
+def _check_history(plan: RestorePlan, target: connection.Target) -> dict:
+    """The history after the commit: every row read before, and one new row, this rollback's (returned)."""
     conn = connection.connect(target, application_name=f"runbook rollback {plan.run_id}", readonly=True)
     try:
         history = engine.read_history(conn)
@@ -1376,20 +1233,7 @@ def execute_plan(plan: RestorePlan, target: connection.Target) -> RestoreResult:
     if not kept <= still or len(new) != 1 or new[0]["action"] != "rollback" or new[0]["run_id"] != plan.run_id:
         raise RestoreError("the restore committed, but the deployment history does not read as expected: "
                            f"{len(kept - still)} rows missing, {len(new)} new rows; inspect {engine.HISTORY_TABLE}")
-    return RestoreResult(
-        backup_path=str(plan.backup_path), backup_sha256=plan.backup_sha256, database=plan.database,
-        run_id=plan.run_id, operator=plan.operator, restored_to=plan.restored_to,
-        managed_schemas=plan.managed_schemas, dropped_schemas=plan.dropped_schemas,
-        kept_schemas=plan.kept_schemas, replaced_schemas=plan.replaced_schemas,
-        restored_schemas=plan.restored_schemas, default_privileges_reset=plan.default_privileges_reset,
-        kept_as_they_are=plan.kept_as_they_are, archive_entries_restored=len(plan.entries),
-        extensions_recreated=plan.extensions,
-        outside_objects_restored=[o.identity for o in plan.outside_restored],
-        outside_objects_dropped=[o.identity for o in plan.outside_dropped],
-        outside_objects_recreated=plan.outside_recreated, history_rows_kept=len(kept), rollback_row=new[0],
-        seconds=round(seconds, 3), psql_messages=messages,
-        pg_restore=plan.pg_restore.as_dict(), psql=plan.psql.as_dict(), warnings=plan.warnings,
-        prelude_sql=plan.prelude_sql, postlude_sql=plan.postlude_sql)
+    return new[0]
 
 
 def restore_backup(target: connection.Target, backup_path, expected_sha256: str, *, run_id: str, operator: str,

@@ -150,15 +150,29 @@ def savepoint(cur, name: str = "verification_step"):
         cur.execute(f"release savepoint {name}")
 
 
-def act_as(cur, who: str, users: dict[str, str] = USERS) -> None:
-    """Become an API role as PostgREST does: set local role, and request.jwt.claims for the request
-    (`who` is anon, service_role, or a name of `users`, whose id becomes the claims' sub)."""
+def act_as_sql(who: str, users: dict[str, str] = USERS) -> list[str]:
+    """The statements that make the transaction an API request as PostgREST does: request.jwt.claims for
+    the request, and set local role (`who` is anon, service_role, or a name of `users`, whose id becomes
+    the claims' sub)."""
     if who in ("anon", "service_role"):
         role, claims = who, {"role": who}
     else:
         role, claims = "authenticated", {"sub": users[who], "role": "authenticated", "aud": "authenticated"}
-    cur.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
-    cur.execute(f"set local role {role}")
+    claims_text = json.dumps(claims).replace("'", "''")
+    return [f"select set_config('request.jwt.claims', '{claims_text}', true)", f"set local role {role}"]
+
+
+def act_as(cur, who: str, users: dict[str, str] = USERS) -> None:
+    """Become an API role as PostgREST does (see act_as_sql)."""
+    for statement in act_as_sql(who, users):
+        cur.execute(statement)
+
+
+def case_sql(who: str, what: str, sql: str) -> str:
+    """A case as a check runs it, shown: as `who` (act_as_sql; "dba": the connecting role itself), `sql`."""
+    if who == "dba":
+        return f"-- as the deploying role (DBA), the connecting one: {what}\n{sql};\n"
+    return f"-- as {who}: {what}\n" + "".join(s + ";\n" for s in [*act_as_sql(who), sql])
 
 
 def seed(cur) -> None:
@@ -224,9 +238,26 @@ _SYNTHETIC_ROW = {
     "api_keys": f"id = '{KEY_A}'",
     "threat_intelligence": f"ip_address = '{THREAT_IP}/32' and threat_type = 'runbook-verification'",
 }
+
+
+def row_to_touch(table: str) -> str:
+    """Which row of `table` (as UPDATED_AT_TABLES_SQL names it) the check updates: its synthetic one, else any."""
+    name = table.split(".")[-1].strip('"')
+    return _SYNTHETIC_ROW.get(name, f"ctid = (select ctid from {table} limit 1)")
+
+
+def touch_updated_at_sql(table: str) -> str:
+    """The update that exercises `table`'s updated-at trigger: updated_at set back to MOVED_FROM, then
+    read back (the value, whether it is now(), as text)."""
+    return (f"update {table} set updated_at = '{MOVED_FROM}' where {row_to_touch(table)} "
+            "returning updated_at, updated_at = now(), updated_at::text")
+
+
 UPDATED_AT_SQL = (UPDATED_AT_TABLES_SQL + ";\n\n" + SEED_REF + "\n" + THREAT_SQL + ";\n\n"
-                  f"-- per table with updated_at (a synthetic row, else any one row, in a savepoint):\n"
-                  f"update public.<table> set updated_at = '{MOVED_FROM}' where <row> returning updated_at = now();\n"
+                  "-- per table with updated_at, each in a savepoint: the contract's tables, their synthetic row\n"
+                  + "".join(touch_updated_at_sql(f"public.{name}") + ";\n" for name in _SYNTHETIC_ROW)
+                  + "-- an outline: any other table with updated_at, its name in place of <table>, one existing row\n"
+                  + touch_updated_at_sql("<table>") + ";\n"
                   "-- and the guide's call, which must fail:\nselect public.update_updated_at_column();\n"
                   "-- then: rollback")
 
@@ -242,14 +273,12 @@ def updated_at_trigger(conn) -> Check:
         cur.execute(THREAT_SQL)
         for table, triggers in tables:
             name = table.split(".")[-1].strip('"')
-            where = _SYNTHETIC_ROW.get(name, f"ctid = (select ctid from {table} limit 1)")
             row = {"table": table, "trigger": triggers or "NONE calling update_updated_at_column()",
                    "row": "synthetic" if name in _SYNTHETIC_ROW else "an existing row",
                    "set updated_at to": MOVED_FROM, "read back": "", "moved": "NO"}
             try:
                 with savepoint(cur):
-                    cur.execute(f"update {table} set updated_at = %s where {where} "
-                                "returning updated_at, updated_at = now(), updated_at::text", (MOVED_FROM,))
+                    cur.execute(touch_updated_at_sql(table))
                     result = cur.fetchone()
             except psycopg2.Error as exc:
                 row["read back"] = f"could not update: {(exc.diag.message_primary or str(exc)).strip()}"
@@ -305,10 +334,18 @@ HELPER_CASES = (
     ("is_org_admin", ("viewer", ORG_A), False, "viewer"),
     ("is_org_admin", ("other_admin", ORG_A), False, "admin of another organization"),
 )
-HELPERS_SQL = (SEED_REF + "\n\n-- with untyped literals, as the guide calls them:\n"
-               "select public.get_user_organization_id('<user>');\n"
-               "select public.is_org_member('<user>', '<org>');\n"
-               "select public.is_org_admin('<user>', '<org>');\n-- then: rollback")
+
+
+def helper_call_sql(function: str, args: tuple) -> str:
+    """A case of HELPER_CASES as the check calls it: with untyped literals, as the guide calls them."""
+    values = [USERS[args[0]], *args[1:]]
+    literals = ", ".join(f"'{v}'" for v in values)
+    return f"select public.{function}({literals})"
+
+
+HELPERS_SQL = (SEED_REF + "\n\n-- each call in a savepoint, with untyped literals, as the guide calls them:\n"
+               + "".join(helper_call_sql(function, args) + ";\n" for function, args, *_ in HELPER_CASES)
+               + "-- then: rollback")
 
 
 @verification_check(HELPERS_SQL, "get_user_organization_id, is_org_member, is_org_admin on synthetic users",
@@ -322,7 +359,7 @@ def helper_functions(conn) -> Check:
             call = f"{function}({', '.join(_label(v) if i else args[0] for i, v in enumerate(values))})"
             try:
                 with savepoint(cur):
-                    cur.execute(f"select public.{function}({', '.join(['%s'] * len(values))})", values)
+                    cur.execute(helper_call_sql(function, args))
                     actual = cur.fetchone()[0]
                 shown = _label(actual) if function == "get_user_organization_id" else actual
                 ok = (str(actual) if actual is not None else None) == (str(expected) if expected is not None else None)
@@ -468,9 +505,8 @@ RLS_CASES = (
     ("service_role", "reads api_keys of A and B", f"select count(*) from public.api_keys where organization_id in ({_A}, {_B})", 2),
 )
 RLS_SQL = (SEED_REF + "\n\n-- each case in a savepoint, as PostgREST runs a request:\n"
-           "select set_config('request.jwt.claims', '{\"sub\": \"<user>\", \"role\": \"authenticated\"}', true);\n"
-           "set local role authenticated;  -- or anon, service_role\n"
-           + ";\n".join(sql for *_, sql, _ in RLS_CASES) + ";\n-- then: rollback")
+           + "".join(case_sql(who, what, sql) for who, what, sql, _ in RLS_CASES)
+           + "-- then: rollback")
 
 
 def _expected_text(expected) -> str:
@@ -548,8 +584,9 @@ insert into public.security_events (organization_id, user_id, event_type, severi
 values ('{ORG_A}', '{USERS['admin']}', 'runbook.verification.expired', 'low', '{STAMP}')"""
 COMPLIANCE_SQL = (SEED_REF + "\n" + EXPIRED_LOGS_SQL + ";\n\n-- the verification's own log rows, before the cases "
                   "and just after the dry run (in its savepoint):\n"
-                  + SYNTHETIC_LOGS_SQL + ";\n\n-- each case in a savepoint, as the role named:\n"
-                  + ";\n".join(sql for *_, sql, _ in COMPLIANCE_CASES) + ";\n" + PLAINTEXT_SQL + ";\n-- then: rollback")
+                  + SYNTHETIC_LOGS_SQL + ";\n\n-- each case in a savepoint:\n"
+                  + "".join(case_sql(who, what, sql) for who, what, sql, _ in COMPLIANCE_CASES)
+                  + "-- then, as the connecting role:\n" + PLAINTEXT_SQL + ";\n-- then: rollback")
 
 
 def _synthetic_logs(cur) -> dict[str, tuple[int, str]]:
@@ -1161,8 +1198,8 @@ LATENCY_QUERIES = (
      f"select * from public.audit_logs where organization_id = {_A} order by created_at desc limit 50"),
     ("admin", "its organization's api keys", f"select id, name, key_prefix from public.api_keys where organization_id = {_A}"),
 )
-LATENCY_SQL = (SEED_REF + "\n\n-- each query as the role named (set local role authenticated + claims), best of 3:\n"
-               + ";\n".join(q for *_, q in LATENCY_QUERIES) + ";\n-- then: rollback")
+LATENCY_SQL = (SEED_REF + "\n\n-- each query in a savepoint, timed 3 times, the best kept:\n"
+               + "".join(case_sql(who, what, sql) for who, what, sql in LATENCY_QUERIES) + "-- then: rollback")
 
 
 @verification_check(LATENCY_SQL, "query latency through RLS, as API users", "query_latency")
@@ -1203,11 +1240,16 @@ def baseline_path(record_dir, baseline_dir=None, name: str = records.SNAPSHOT_FI
 NO_SNAPSHOT = "no preflight snapshot"   # row_counts without one: "no data loss" is not proven
 
 
-@verification_check("-- every table's count(*) (snapshot.take_snapshot), compared with the preflight's snapshot.json;\n"
-                    "-- then, kept for a rollback to tell writes made since (later_writes.take_row_state), per app "
-                    "table:\n" + later_writes.ROWS_SQL.format(key="json_build_object(<primary key columns>)::text",
-                                                              table="<table>"),
-                    "row counts against the snapshot", "row_counts")
+# An outline, not the SQL itself: which tables, and their keys, are this database's.
+ROW_COUNTS_OUTLINE = ("-- an outline: every table's count(*) (snapshot.take_snapshot), compared with the preflight's "
+                      "snapshot.json;\n-- then, kept for a rollback to tell writes made since "
+                      "(later_writes.take_row_state), per app table,\n-- its name in place of <table> and its "
+                      "primary key columns in place of <primary key columns>:\n"
+                      + later_writes.ROWS_SQL.format(key="json_build_object(<primary key columns>)::text",
+                                                     table="<table>"))
+
+
+@verification_check(ROW_COUNTS_OUTLINE, "row counts against the snapshot", "row_counts")
 def row_counts(conn, record_dir, baseline_dir=None) -> Check:
     """Row counts now against the preflight snapshot: no table lost a row, no table is gone."""
     path = baseline_path(record_dir, baseline_dir)

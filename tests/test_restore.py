@@ -122,7 +122,11 @@ def test_a_rollback_returns_the_database_to_its_pre_deployment_snapshot(deployed
     assert db.query("select extname from pg_extension where extname = 'hstore'") == []
     assert result.outside_objects_restored == ["on_auth_user_created on auth.users"]
     assert result.outside_objects_dropped == ["on_auth_user_deleted on auth.users"]
-    json.dumps(result.as_dict())
+    # the result holds its plan; the record reads the plan's facts and the run's as before
+    assert result.plan.kept_schemas is result.kept_schemas and result.archive_entries_restored == len(result.plan.entries)
+    recorded = json.loads(json.dumps(result.as_dict()))
+    assert {"backup_path", "rollback_row", "history_rows_kept", "prelude_sql", "psql_messages", "pg_restore"} <= set(recorded)
+    assert recorded["rollback_row"]["run_id"] == "run-1" and "plan" not in recorded
 
 
 def test_grants_rls_policies_and_default_privileges_come_back(deployed):

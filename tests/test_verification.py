@@ -1,8 +1,11 @@
 """Verification: every check passes on a fully migrated database, leaves nothing behind, and fails
 when something is broken on purpose (a policy dropped, a second updated-at function, rows deleted)."""
 
+import io
 import threading
 
+import psycopg2
+import psycopg2.extras
 import pytest
 
 from runbooks import preflight, runner, snapshot, verification
@@ -22,6 +25,11 @@ def conn(migrated_db):
     c = readonly(migrated_db)
     yield c
     c.close()
+
+
+def shown_statements(sql: str, starts: tuple[str, ...]) -> list[str]:
+    """The statements of a check's shown SQL that begin with `starts`, one a line (outlines left out)."""
+    return [line.removesuffix(";") for line in sql.splitlines() if line.startswith(starts) and "<" not in line]
 
 
 def by_case(check: Check, key: str) -> dict:
@@ -56,6 +64,28 @@ def test_the_updated_at_trigger_is_exercised_by_an_update_and_the_guides_call_fa
     rows = by_case(check, "table")
     assert rows["public.products"]["moved"] == "yes" and rows["public.products"]["row"] == "synthetic"
     assert "trigger functions can only be called as triggers" in rows["(the guide's test)"]["read back"]
+
+
+@pytest.mark.parametrize("check, starts", [
+    (verification.updated_at_trigger, ("update ",)),
+    (verification.helper_functions, ("select public.",)),
+    (verification.rls_spot_checks, ("select ", "set local role ", "insert ", "update ", "delete ")),
+    (verification.compliance, ("select ", "set local role ", "update ", "delete ")),
+    (verification.query_latency, ("select ", "set local role ")),
+])
+def test_the_sql_a_check_shows_is_the_sql_it_runs_statement_for_statement(migrated_db, check, starts):
+    shown = shown_statements(check.sql, starts)
+    log = io.StringIO()
+    logged = psycopg2.connect(migrated_db.target.conninfo(options="-c default_transaction_read_only=on"),
+                              connection_factory=psycopg2.extras.LoggingConnection)
+    try:
+        logged.initialize(log)
+        logged.autocommit = True
+        assert check(logged).status == "ok"
+    finally:
+        logged.close()
+    ran = log.getvalue().splitlines()
+    assert len(shown) > 5 and [s for s in shown if s not in ran] == []
 
 
 def test_a_table_whose_updated_at_trigger_is_gone_fails_the_updated_at_test(migrated_db, conn):
