@@ -15,6 +15,7 @@ from runbooks import verification
 from runbooks.contract import CORE_TABLES, PHASE3_TABLES
 
 from runhelpers import readonly
+from supabase_project import GRAPHQL_STAND_IN
 
 # a schema of the project's own besides public (not the deployment's), and one the API serves
 SHOP = """create schema shop; create table shop.items (id int primary key, name text);
@@ -25,11 +26,6 @@ STORAGE = """create schema storage;
              create table storage.objects (id uuid primary key, bucket_id text references storage.buckets (id), name text);
              alter table storage.objects enable row level security;
              insert into storage.buckets (id, name, public) values ('avatars', 'avatars', true)"""
-# pg_graphql's resolver, which graphql_public.graphql() calls: what the pg_graphql rules key off besides the extension
-GRAPHQL_STAND_IN = """create schema graphql;
-    create function graphql.resolve(query text, variables jsonb default '{}', "operationName" text default null,
-                                    extensions jsonb default null) returns jsonb
-    language sql set search_path = '' as 'select null::jsonb'"""
 
 
 def serve(db, schemas: str) -> str:
