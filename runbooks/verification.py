@@ -1246,7 +1246,9 @@ def _run_lints(conn, name: str, lints, record_dir=None, baseline_dir=None) -> Ch
         fixes = "".join(f"; {r['lint']}: {r['object']} (fix: {r['detail'].rsplit('; fix: ', 1)[1]})" for r in older)
         return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s): "
                      + ", ".join(sorted({r["lint"] for r in warned})) + fixes, rows=rows, columns=columns)
-    return Check(name, "ok", f"all {len(lints)} lints pass", rows=rows, columns=columns)
+    notes = [r for r in rows if r["object"] and r["level"] == "info"]
+    noted = (f" ({len(notes)} note(s): " + ", ".join(sorted({r["lint"] for r in notes})) + ")") if notes else ""
+    return Check(name, "ok", f"all {len(lints)} lints pass" + noted, rows=rows, columns=columns)
 
 
 @verification_check(_lint_sql(SECURITY_LINTS), "advisor lints: security", "security_lints")

@@ -167,5 +167,11 @@ def test_with_pg_graphql_other_tables_signed_in_users_or_anon_may_read_are_repor
 
     on(db, f"revoke select on public.{closed} from authenticated; revoke select on shop.items from anon, authenticated")
     assert set(graphql_findings(db)) == set(CORE_TABLES)
+    conn = readonly(db)
+    try:
+        check = verification.security_lints(conn)
+    finally:
+        conn.close()
+    assert check.status == "ok" and "pg_graphql_authenticated_table_exposed" in check.summary.split("note(s): ")[1]
     on(db, "drop schema graphql cascade")                  # pg_graphql gone: nothing is exposed through it
     assert graphql_findings(db) == {}
