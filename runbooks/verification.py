@@ -730,8 +730,8 @@ _TABLES_ARRAY = "array[" + ", ".join(f"'{t}'" for t in TABLES) + "]"
 # The scope of Supabase's advisor (splinter), in the project's own words: every schema but PostgreSQL's, the
 # platform's and those extensions keep to themselves; objects that belong to an extension are its own.
 # A finding on the deployment's objects (the contract's tables and functions in public, everything in private
-# and in the history schema) is an error at any level; elsewhere it keeps the advisor's level (pre-existing
-# objects: a warning or a note for the DBA, not the deployment's failure).
+# and in the history schema) is an error at any level; elsewhere it keeps the advisor's level, and an error there
+# is judged against the preflight's baseline (_judged): a warning when it is older than the deployment.
 _ADVISOR_SKIPPED = "array[" + ", ".join(f"'{s}'" for s in (
     "information_schema", "pgbouncer", "pgmq", "pgroonga", "repack", "tiger", "topology", *PLATFORM_SCHEMAS)) + "]"
 _OURS_SCHEMAS = f"array['private', '{HISTORY_SCHEMA}']"
@@ -830,11 +830,12 @@ SECURITY_LINTS = (
         where n.nspname in ('public', 'private') and p.prosecdef
           and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) s where s like 'search\\_path=%')
           and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')"""),
-    ("function_search_path_mutable", "error", "every function in public and private pins search_path (elsewhere: a warning)",
+    ("function_search_path_mutable", "error", "every function in public and private pins search_path (elsewhere: a warning; "
+                                              "SECURITY DEFINER ones of public and private: the rule above)",
      f"""select p.oid::regprocedure::text, 'search_path not set on the function',
                {_level(f"n.nspname in ('public', 'private', '{HISTORY_SCHEMA}')", 'warning')}
         from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-        where {_advised('n')} and not p.prosecdef
+        where {_advised('n')} and not (p.prosecdef and n.nspname in ('public', 'private'))
           and not exists (select 1 from unnest(coalesce(p.proconfig, '{{}}')) s where s like 'search\\_path=%')
           and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')"""),
     ("security_definer_function_executable_by_api_users", "error",
@@ -901,13 +902,13 @@ SECURITY_LINTS = (
           and not exists (select 1 from pg_policy p where p.polrelid = c.oid)"""),
     ("policy_exists_rls_disabled", "error", "no table has policies while its row level security is off",
      f"""select c.oid::regclass::text, 'policies ' || string_agg(p.polname, ', ' order by p.polname) || ' do nothing: RLS is off',
-               {_level(_ours_relation('c', 'n'), 'warning')}
+               {_level(_ours_relation('c', 'n'), 'error')}
         from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace
         where c.relkind = 'r' and not c.relrowsecurity and {_advised('n')} and {_no_extension('c.oid')}
         group by c.oid, n.nspname, c.relname"""),
     ("auth_users_exposed", "error", "no view the API serves shows auth.users to anon or authenticated",
      f"""select distinct v.oid::regclass::text, 'reads auth.users and is readable by the API roles',
-               {_level(_ours_relation('v', 'n'), 'warning')}
+               {_level(_ours_relation('v', 'n'), 'error')}
         from pg_depend d join pg_rewrite w on w.oid = d.objid join pg_class v on v.oid = w.ev_class
              join pg_namespace n on n.oid = v.relnamespace
         where d.classid = 'pg_rewrite'::regclass and d.refobjid = to_regclass('auth.users') and d.deptype = 'n'
@@ -916,7 +917,7 @@ SECURITY_LINTS = (
                or not (select a.relrowsecurity from pg_class a where a.oid = d.refobjid))"""),
     ("rls_references_user_metadata", "error", "no policy trusts user_metadata (users edit it themselves)",
      f"""select format('%s on %s', p.polname, c.oid::regclass), 'reads user_metadata from the JWT',
-               {_level(_ours_relation('c', 'n'), 'warning')}
+               {_level(_ours_relation('c', 'n'), 'error')}
         from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace
         where {_advised('n')}
           and coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
@@ -939,14 +940,14 @@ SECURITY_LINTS = (
                              'regoper'::regtype, 'regoperator'::regtype, 'regproc'::regtype, 'regprocedure'::regtype)"""),
     ("fkey_to_auth_unique", "error", "no foreign key points at a unique constraint of auth (only at its primary keys)",
      f"""select format('%s on %s', k.conname, k.conrelid::regclass), 'references ' || k.confrelid::regclass || ' through a unique index',
-               {_level(_ours_relation('c', 'n'), 'warning')}
+               {_level(_ours_relation('c', 'n'), 'error')}
         from pg_constraint k join pg_class c on c.oid = k.conrelid join pg_namespace n on n.oid = c.relnamespace
              join pg_index i on i.indexrelid = k.conindid
         where k.contype = 'f' and k.confrelid in (select r.oid from pg_class r where r.relnamespace = to_regnamespace('auth'))
           and i.indisunique and not i.indisprimary"""),
     ("sensitive_columns_exposed", "error", "no table the API serves without RLS has credential or identity columns",
      f"""select c.oid::regclass::text, 'columns ' || string_agg(a.attname, ', ' order by a.attname) || ' readable without RLS',
-               {_level(_ours_relation('c', 'n'), 'warning')}
+               {_level(_ours_relation('c', 'n'), 'error')}
         from pg_class c join pg_namespace n on n.oid = c.relnamespace
              join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
         where c.relkind = 'r' and not c.relrowsecurity and n.nspname = any({_EXPOSED}) and {_readable_by_api('c')}

@@ -63,6 +63,11 @@ CASES = {
         API + "; create function api.whoami() returns text language sql security definer set search_path = '' "
               "as 'select current_user::text'; {serve_api}",
         "api.whoami()", "warning", "revoke execute on function api.whoami() from public"),
+    "a SECURITY DEFINER function with a mutable search_path elsewhere than public and private": (
+        "function_search_path_mutable",
+        SHOP + "; create function shop.item_count() returns bigint language sql security definer "
+               "as 'select count(*) from shop.items'",
+        "shop.item_count()", "warning", "alter function shop.item_count() set search_path = ''"),
     "a queue table without RLS while the API serves pgmq_public": (
         "insecure_queue_exposed_in_api",
         """create schema pgmq; create table pgmq.q_jobs (msg_id bigint primary key, message jsonb);
