@@ -29,6 +29,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PLATFORM_SQL = FIXTURES / "supabase_platform.sql"
 ADDITIONS_SQL = FIXTURES / "supabase_additions.sql"
 OWNER = "sb_postgres"      # the project's `postgres`
+# pg_graphql's resolver, which graphql_public.graphql() calls (pg_graphql cannot be installed on the test servers):
+# with it, the verification's pg_graphql rules apply as they do where the extension is installed
+GRAPHQL_STAND_IN = """create schema graphql;
+    create function graphql.resolve(query text, variables jsonb default '{}', "operationName" text default null,
+                                    extensions jsonb default null) returns jsonb
+    language sql set search_path = '' as 'select null::jsonb'"""
 _numbers = itertools.count()
 _passwords: dict[int, str] = {}   # server port -> OWNER's password on that server
 

@@ -5,7 +5,9 @@ PostgREST's DDL event triggers, storage, realtime, public's default privileges, 
 by the project's `postgres` (no superuser), then real projects' additions (handle_new_user() on
 auth.users, products in supabase_realtime, a storage policy calling a public function, pg_trgm in
 public). The three phases go through runbooks.engine.ApplyEngine as that `postgres`; then Supabase's
-advisor rules, as the verification writes them, find nothing on the deployment's objects. And `runbook
+advisor rules, as the verification writes them, find nothing on the deployment's objects but the exposure
+the contract intends (with pg_graphql, a stand-in of its resolver here, signed-in users see the core tables
+they read: a note naming the contract). And `runbook
 deploy` end to end as that `postgres`: pg_trgm in public blocks nothing (trusted, and its own), and the
 project's own handle_new_user() is a warning naming its fix (in the preflight's advisor baseline), while
 a finding made after the baseline fails the verification.
@@ -19,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from runbooks import cli, contract, engine, paths, records, verification
-from runbooks.contract import HISTORY_SCHEMA, TABLES
+from runbooks.contract import CORE_TABLES, HISTORY_SCHEMA, TABLES
 
-from supabase_project import OWNER, supabase_db  # noqa: F401 (the fixture)
+from supabase_project import GRAPHQL_STAND_IN, OWNER, supabase_db  # noqa: F401 (the fixture)
 
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 CONTRACT_FUNCTIONS = {f.name for f in contract.FUNCTIONS}
@@ -59,12 +61,16 @@ def advisor_findings(db) -> list[dict]:
 @pytest.mark.parametrize("shape", [paths.LEGACY_FIXTURE_FILE, VARIANT], ids=["legacy", "variant"])
 def test_the_phases_deploy_as_supabases_postgres_and_the_advisor_finds_nothing_on_what_they_own(supabase_db, shape):
     db = supabase_db(shape)
+    db.as_superuser(GRAPHQL_STAND_IN)           # pg_graphql, on by default in Supabase projects
     assert db.as_owner("select rolsuper, rolcreaterole, rolbypassrls from pg_roles where rolname = current_user") == [
         (False, True, True)]
     deploy(db)
 
     findings = advisor_findings(db)
-    assert [f for f in findings if is_deployments(f["object"])] == []
+    # on the deployment's objects, at any level, only the exposure the contract intends: signed-in users read
+    # the core tables, so pg_graphql shows them to signed-in users (a note naming the contract)
+    assert {(f["lint"], f["object"], f["level"], f["detail"]) for f in findings if is_deployments(f["object"])} == {
+        ("pg_graphql_authenticated_table_exposed", t, "info", verification.INTENDED_GRAPHQL_EXPOSURE) for t in CORE_TABLES}
     # what the project had before stays reported, at the advisor's level for someone else's objects
     found = {(f["lint"], f["object"]) for f in findings}
     assert ("extension_in_public", "pg_trgm") in found
