@@ -239,6 +239,43 @@ def test_tables_are_left_aligned_with_no_index_column_and_no_verdict_cut_short(r
             assert check["summary"] in text, (entry["html"], check["name"])
 
 
+def table_rows(browser, columns: list[str]) -> list[list[str]]:
+    """The cells of every runbook table with these headings (collapsed ones too: textContent)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('table.runbook-table')]"
+        ".filter(t => JSON.stringify([...t.querySelectorAll('thead th')].map(h => h.textContent)) === arguments[0])"
+        ".flatMap(t => [...t.querySelectorAll('tbody tr')].map(r => [...r.cells].map(c => c.textContent)));",
+        json.dumps(columns, separators=(",", ":")))
+
+
+@pytest.mark.slow
+def test_phase_twos_changes_show_a_changed_column_as_one_altered_row_and_grants_one_row_per_object_and_role(
+        rehearsal, browser):
+    [entry] = [e for e in rehearsal.manifest()["notebooks"] if "02_phase2" in e["html"]]
+    open_page(browser, rehearsal.path / entry["html"])
+    rows = table_rows(browser, ["kind", "change", "object"])
+    assert ["columns", "altered", "public.products.price: numeric(10,2) not null default 0 → "
+                                  "numeric(12,2) not null default 0"] in rows
+    def column(line):   # "public.api_keys #4 key text" -> ("public.api_keys", "key")
+        table, rest = line.split(" #", 1)
+        return table, rest.split(" ")[1]
+
+    added, removed = ({column(o) for kind, c, o in rows if kind == "columns" and c == change}
+                      for change in ("added", "removed"))
+    assert added and removed and not added & removed   # a column on both sides is one altered row
+
+    def grant(change, line):   # one row per object, role and grantor: the privileges listed in it
+        on, rest = line.rsplit(": ", 1)
+        return change, on, rest.split(" ")[0], rest.rsplit("(granted by ", 1)[1]
+
+    grants = [grant(change, obj) for kind, change, obj in rows if kind == "grants"]
+    assert grants and len(grants) == len(set(grants))
+    assert ["grants", "removed", "TABLE public.api_keys: anon DELETE, INSERT, MAINTAIN, REFERENCES, SELECT, TRIGGER, "
+                                 "TRUNCATE, UPDATE (granted by postgres)"] in rows or \
+        ["grants", "removed", "TABLE public.api_keys: anon DELETE, INSERT, REFERENCES, SELECT, TRIGGER, TRUNCATE, "
+                              "UPDATE (granted by postgres)"] in rows   # MAINTAIN exists from PostgreSQL 17
+
+
 @pytest.mark.slow
 def test_a_daily_maintenance_page_shows_each_skipped_cadence_as_one_line_naming_its_tasks(migrated_db, tmp_path,
                                                                                        browser):
