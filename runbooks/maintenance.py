@@ -43,6 +43,10 @@ TASKS = {
     "monthly": "full integrity check, security audit, performance analysis, backup verification",
 }
 ACTIVITY_FILE = Path("maintenance") / "database_activity.json"
+# Output metadata of what a skipped cadence displays ({"cadence": skipped, "current": this run's}):
+# the HTML record collapses those cells into one line (pages.collapse_skipped_cadences). Metadata,
+# not a MIME type: nbval does not compare it, and JupyterLab shows the text as ever.
+SKIPPED_METADATA = "truthsource_skipped"
 # Roles that Supabase itself runs with superuser or BYPASSRLS (besides the bootstrap superuser).
 SUPABASE_PRIVILEGED_ROLES = ("postgres", "supabase_admin", "supabase_auth_admin", "supabase_storage_admin",
                              "supabase_replication_admin", "supabase_read_only_user", "supabase_realtime_admin",
@@ -64,6 +68,10 @@ def _utc_day(column: str) -> str:
 
 # -- cadences --------------------------------------------------------------------------------
 
+def skipped_metadata(cadence: str, current: str) -> dict:
+    return {SKIPPED_METADATA: {"cadence": cadence, "current": current}}
+
+
 @dataclass
 class Section:
     """A cadence's cells: they run when it is this run's cadence, and say so when skipped."""
@@ -77,7 +85,8 @@ class Section:
         return self.cadence == self.current
 
     def _skipped(self) -> None:
-        _display({"text/plain": f"skipped: a {self.cadence} task (this run's cadence is {self.current})"}, raw=True)
+        _display({"text/plain": f"skipped: a {self.cadence} task (this run's cadence is {self.current})"}, raw=True,
+                 metadata=skipped_metadata(self.cadence, self.current))
 
     def show_sql(self, source, title: str | None = None) -> None:
         if self.active:
@@ -114,7 +123,8 @@ class Plan:
             _display(Markdown(f"**{cadence.capitalize()} tasks: running** (cadence = {self.cadence!r})"))
         else:
             _display(Markdown(f"**{cadence.capitalize()} tasks: skipped** — this run's cadence is {self.cadence!r}; "
-                              f"every cell of this part says so and runs nothing."))
+                              f"every cell of this part says so and runs nothing."),
+                     metadata=skipped_metadata(cadence, self.cadence))
             self.run.checks.append(Check(f"{cadence}_tasks", "info", f"skipped: this run's cadence is {self.cadence}",
                                          title=f"{cadence} tasks"))
         return section

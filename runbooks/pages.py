@@ -4,6 +4,8 @@ network (no require.js, MathJax or widget scripts from a CDN): a record reads th
 
 Tables are rendered here too (``html_table``): text left-aligned, no index column, no cell cut
 short, and a long table collapsed behind a ``<details>`` line that says how many rows it holds.
+The cells of a maintenance cadence this run skipped are one line naming the skipped tasks
+(``collapse_skipped_cadences``), not a page of "skipped" cells; the executed notebook keeps them.
 """
 
 from __future__ import annotations
@@ -204,12 +206,85 @@ def notebook_card(manifest: dict, entry: dict, step: str) -> str:
             f"{_facts_table(rows)}</section>")
 
 
+# -- a skipped cadence: one line ----------------------------------------------------------------
+
+SKIPPED_LINE = "runbook_skipped_line"   # cell metadata of the line that stands for skipped cells
+
+def _skipped_cadence(cell) -> dict | None:
+    """{"cadence", "current"} of a code cell whose every output says a skipped cadence ran nothing."""
+    from .maintenance import SKIPPED_METADATA
+
+    marks = [output.get("metadata", {}).get(SKIPPED_METADATA) for output in cell.get("outputs", [])] \
+        if cell.get("cell_type") == "code" else []
+    return marks[0] if marks and all(mark == marks[0] for mark in marks) else None
+
+
+def _heading(cell) -> tuple[int, str]:
+    """A markdown cell's heading text and level ("## W1. Retention" -> (2, "W1. Retention"))."""
+    first = cell.get("source", "").lstrip().split("\n", 1)[0]
+    hashes = len(first) - len(first.lstrip("#"))
+    return (hashes, first[hashes:].strip()) if cell.get("cell_type") == "markdown" and hashes else (0, "")
+
+
+def _skipped_line(cells: list, mark: dict):
+    """The markdown cell that stands for a run of skipped cells: the cadence and its tasks."""
+    from nbformat.v4 import new_markdown_cell
+
+    tasks = [_heading(cell)[1] for cell, following in zip(cells, cells[1:])
+             if cell.get("cell_type") == "markdown" and _skipped_cadence(following)]
+    code = sum(cell.get("cell_type") == "code" for cell in cells)
+    named = f": {'; '.join(tasks)}" if tasks else ""
+    return new_markdown_cell(f"**{mark['cadence'].capitalize()} tasks skipped** (this run's cadence is "
+                             f"{mark['current']}; {records.plural(code, 'cell')} ran nothing){named}.")
+
+
+def collapse_skipped_cadences(cells: list) -> list:
+    """Cells with each run of a skipped cadence's cells (and the task headings among them) replaced
+    by one line naming the skipped tasks. A top-level heading ("# Weekly tasks") and the markdown
+    after the run's last skipped cell stay: they belong to what follows."""
+    out, index = [], 0
+    while index < len(cells):
+        mark = _skipped_cadence(cells[index])
+        if mark is None:
+            out.append(cells[index])
+            index += 1
+            continue
+        run = []
+        while out and out[-1].get("cell_type") == "markdown" and _heading(out[-1])[0] >= 2 \
+                and not out[-1].get("metadata", {}).get(SKIPPED_LINE):
+            run.insert(0, out.pop())     # the task's heading above its first skipped cell
+        end = index
+        while end < len(cells) and (_skipped_cadence(cells[end]) == mark or cells[end].get("cell_type") == "markdown"):
+            end += 1
+        while cells[end - 1].get("cell_type") == "markdown":
+            end -= 1                      # trailing markdown introduces what follows
+        run += cells[index:end]
+        line = _skipped_line(run, mark)
+        line.metadata[SKIPPED_LINE] = True
+        out.append(line)
+        index = end
+    return out
+
+
+def _collapse_preprocessor():
+    from nbconvert.preprocessors import Preprocessor
+
+    class CollapseSkippedCadences(Preprocessor):
+        def preprocess(self, nb, resources):
+            nb.cells = collapse_skipped_cadences(nb.cells)
+            return nb, resources
+
+    return CollapseSkippedCadences()
+
+
 def export_notebook(nb_path: Path, card: str) -> Path:
-    """The executed notebook as HTML beside it, opening with `card`, fetching nothing."""
+    """The executed notebook as HTML beside it, opening with `card`, fetching nothing, each skipped
+    maintenance cadence one line."""
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(extra_loaders=[DictLoader({"runbook_record.html.j2": TEMPLATE})],
                             template_file="runbook_record.html.j2")
+    exporter.register_preprocessor(_collapse_preprocessor(), enabled=True)
     body, _ = exporter.from_filename(str(nb_path), resources={"runbook_card": card, "runbook_css": CSS})
     html_path = nb_path.with_suffix(".html")
     html_path.write_text(body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import engine, estimate, lint, records, snapshot, watch
+from . import catalog_changes, engine, estimate, lint, records, snapshot, watch
 from .checks import Check
 from .notebook import Run, details, table
 from .paths import PHASES
@@ -96,16 +96,11 @@ class Phase:
         return table(rows, columns=["#", "line", "seconds", "rows", "statement", "notices"])
 
     def changes(self) -> Check:
-        """What the phase changed, read back from the catalog (objects added and removed)."""
+        """What the phase changed, read back from the catalog: objects added, altered (one row with
+        before → after) and removed; grants one row per object and role (catalog_changes)."""
         comparison = snapshot.compare_snapshots(self.before, self.after)
-        rows = [{"kind": kind, "change": change, "object": line}
-                for kind, diff in sorted(comparison.differences.items())
-                for change, lines in (("added", diff["added"]), ("removed", diff["removed"]))
-                for line in lines]
-        counts = {}
-        for row in rows:
-            counts[(row["kind"], row["change"])] = counts.get((row["kind"], row["change"]), 0) + 1
-        summary = ", ".join(f"{n} {kind} {change}" for (kind, change), n in sorted(counts.items())) or "no change"
+        rows = catalog_changes.change_rows(comparison.differences)
+        summary = catalog_changes.summary(rows)
         status = "ok" if comparison.ok_for_deploy else "error"
         if not comparison.ok_for_deploy:
             summary += "; " + "; ".join(p for p in comparison.problems() if "LOST" in p or "gone" in p)

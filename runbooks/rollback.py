@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg2
 
 from . import backup as backup_module
-from . import connection, engine, identity, later_writes, preflight, records, restore, snapshot
+from . import catalog_changes, connection, engine, identity, later_writes, preflight, records, restore, snapshot
 from .checks import Check, human_bytes
 from .notebook import Run, details, sql_block
 from .paths import PROJECT_ROOT
@@ -463,8 +463,8 @@ class Rollback:
         if comparison is None or comparison.identical:
             print("no differences")
             return
-        text = "\n".join(f"{kind} {change}: {line}" for kind, diff in sorted(comparison.differences.items())
-                         for change in ("added", "removed") for line in diff[change])
+        text = "\n".join(f"{row['kind']} {row['change']}: {row['object']}"
+                         for row in catalog_changes.change_rows(comparison.differences))
         details("catalog differences", text or "none in the catalog")
 
     # -- 7. the history ------------------------------------------------------------------------------

@@ -3,11 +3,19 @@ them (tests/test_notebook_regression.py) and as tests/refresh_notebook_outputs.p
 
 Each notebook is run as a parameterized copy (papermill's injected-parameters cell, nothing
 executed) naming the test database and fixed run ids, so its checked outputs are comparable.
+
+The committed notebooks carry no outputs: a DBA opening one sees nothing that looks like a result
+before running it. What nbval compares with lives here, in ``tests/notebook_expected/<name>.json``:
+for each cell tagged ``nbval-check-output``, its id, its source (which must equal the committed
+cell's, so the two cannot drift) and its expected outputs. The copy nbval runs is the committed
+notebook with those outputs put back (``expected_copy``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import nbformat
 import papermill
@@ -16,6 +24,7 @@ from runbooks.paths import NOTEBOOK_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
+EXPECTED_DIR = Path(__file__).resolve().parent / "notebook_expected"
 DEPLOY_RUN = "20260101T000000Z-0000d1"
 RUNS = {  # notebook -> the run it belongs to (a deployment shares one; others have their own)
     "00_preflight": DEPLOY_RUN,
@@ -41,10 +50,48 @@ def parameters(name: str, service: str, records_root: Path) -> dict:
     return values
 
 
+def checked_cells(nb) -> list:
+    return [c for c in nb.cells if CHECK_TAG in c.metadata.get("tags", [])]
+
+
+def expected_path(name: str) -> Path:
+    return EXPECTED_DIR / f"{name}.json"
+
+
+def read_expected(name: str) -> list[dict]:
+    """The expectations of one notebook: [{"id", "source", "outputs"}] in the notebook's order."""
+    return json.loads(expected_path(name).read_text())["cells"]
+
+
+def write_expected(name: str, cells: list[dict]) -> Path:
+    """What refresh_notebook_outputs.py writes: one entry per checked cell, in the notebook's order."""
+    EXPECTED_DIR.mkdir(exist_ok=True)
+    document = {"notebook": f"notebooks/{name}.ipynb",
+                "about": "nbval's expected outputs of the cells tagged nbval-check-output "
+                         "(tests/notebook_chain.py; refresh with tests/refresh_notebook_outputs.py)",
+                "cells": [{"id": c["id"], "source": c["source"], "outputs": c["outputs"]} for c in cells]}
+    path = expected_path(name)
+    path.write_text(json.dumps(document, indent=1, sort_keys=False, ensure_ascii=False) + "\n")
+    return path
+
+
+def with_expected_outputs(nb, name: str):
+    """The notebook with each checked cell's expected outputs put back. Every code cell gets an
+    execution count: nbval checks only cells its reference shows as run."""
+    expected = {cell["id"]: cell for cell in read_expected(name)}
+    code = (c for c in nb.cells if c.cell_type == "code")
+    for count, cell in enumerate(code, start=1):
+        cell.execution_count = count
+        if cell.get("id") in expected:
+            cell.outputs = [nbformat.from_dict(o) for o in expected[cell.get("id")]["outputs"]]
+    return nb
+
+
 def parameterized_copy(name: str, service: str, records_root: Path, dest: Path) -> Path:
-    """The committed notebook with an injected-parameters cell, outputs (the expected ones) kept."""
+    """The committed notebook with its expected outputs and an injected-parameters cell."""
     nb = papermill.iorw.load_notebook_node(str(NOTEBOOK_DIR / f"{name}.ipynb"))  # (papermill wants tags on every cell)
-    nb = papermill.parameterize.parameterize_notebook(nb, parameters(name, service, records_root))
+    nb = papermill.parameterize.parameterize_notebook(with_expected_outputs(nb, name),
+                                                      parameters(name, service, records_root))
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{name}.ipynb"
     nbformat.write(nb, path)

@@ -3,11 +3,11 @@
     .venv/bin/python tests/refresh_notebook_outputs.py
 
 Runs the runbooks in deployment order (tests/notebook_chain.py) on a fresh embedded server
-with the legacy fixture, then writes back into notebooks/: the outputs of the cells tagged
-`nbval-check-output`, and no output for any other cell (records keep executed notebooks; the
-committed ones stay clean). A checked cell whose new output differs from the committed one
-only where nbval_sanitize.cfg says runs may differ (times, ids, digests) keeps the committed
-output, so a refresh shows only real changes. Review the diff before committing it: it is the
+with the legacy fixture, then writes tests/notebook_expected/<name>.json: for each cell tagged
+`nbval-check-output`, its id, source and outputs. It never writes into notebooks/ (the committed
+notebooks carry no outputs). A checked cell whose new output differs from the expected one only
+where nbval_sanitize.cfg says runs may differ (times, ids, digests) keeps the expected output,
+so a refresh shows only real changes. Review the diff before committing it: it is the
 regression's expectation.
 """
 
@@ -24,10 +24,10 @@ import papermill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from notebook_chain import CHAIN, CHECK_TAG, DATABASE, SANITIZE, parameterized_copy  # noqa: E402
+from notebook_chain import (CHAIN, DATABASE, SANITIZE, checked_cells, expected_path, parameterized_copy,  # noqa: E402
+                            read_expected, write_expected)
 from runbooks import rehearsal, runner  # noqa: E402
 from runbooks.embedded import EmbeddedPostgres  # noqa: E402
-from runbooks.paths import NOTEBOOK_DIR  # noqa: E402
 
 
 def sanitizers() -> list[tuple[re.Pattern, str]]:
@@ -66,25 +66,18 @@ def execute_chain(work: Path) -> dict[str, nbformat.NotebookNode]:
 
 
 def write_back(name: str, executed: nbformat.NotebookNode) -> int:
-    path = NOTEBOOK_DIR / f"{name}.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    results = {c.get("id"): c for c in executed.cells if c.cell_type == "code"}
+    """The checked cells' outputs into the notebook's expectations; how many changed."""
+    before = {e["id"]: e["outputs"] for e in read_expected(name)} if expected_path(name).exists() else {}
     rules = sanitizers()
-    changed = 0
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        committed, cell.outputs, cell.execution_count = cell.outputs, [], None
-        if CHECK_TAG in cell.metadata.get("tags", []):
-            source = results[cell.get("id")]
-            assert source.source == cell.source, f"{name}: cell {cell.get('id')} changed while running"
-            if sanitized(committed, rules) == sanitized(source.outputs, rules):
-                cell.outputs = committed
-            else:
-                cell.outputs = source.outputs
-                changed += 1
-            cell.execution_count = source.execution_count  # nbval skips "unrun" cells that have outputs
-    nbformat.write(nb, path)
+    cells, changed = [], 0
+    for cell in checked_cells(executed):
+        outputs = cell.outputs
+        if cell.get("id") in before and sanitized(before[cell.get("id")], rules) == sanitized(outputs, rules):
+            outputs = before[cell.get("id")]
+        else:
+            changed += 1
+        cells.append({"id": cell.get("id"), "source": cell.source, "outputs": outputs})
+    write_expected(name, cells)
     return changed
 
 

@@ -80,6 +80,58 @@ def test_a_notebooks_result_is_said_in_words(entry, said):
     assert records.outcome_text(entry) == said
 
 
+def skipped(cadence: str, current: str = "daily"):
+    """A code cell as a skipped cadence leaves it (maintenance.Section)."""
+    from nbformat.v4 import new_code_cell, new_output
+
+    from runbooks.maintenance import skipped_metadata
+
+    return new_code_cell(f"{cadence}.check(...)", outputs=[new_output(
+        "display_data", data={"text/plain": f"skipped: a {cadence} task (this run's cadence is {current})"},
+        metadata=skipped_metadata(cadence, current))])
+
+
+def ran(text: str = "a table"):
+    from nbformat.v4 import new_code_cell, new_output
+
+    return new_code_cell("daily.check(...)", outputs=[new_output("display_data", data={"text/plain": text})])
+
+
+def markdown(text: str):
+    from nbformat.v4 import new_markdown_cell
+
+    return new_markdown_cell(text)
+
+
+def test_a_skipped_cadence_is_one_line_naming_its_tasks_and_what_ran_stays():
+    cells = [markdown("# Daily tasks"), ran("daily: running"), markdown("## D1. Errors"), ran(),
+             markdown("# Weekly tasks"), skipped("weekly"),
+             markdown("## W1. Retention\nwhat the policies would delete"), skipped("weekly"), skipped("weekly"),
+             markdown("## Audit"), markdown("## W2. Audit log review"), skipped("weekly"),
+             markdown("# Monthly tasks"), skipped("monthly"), markdown("## M1. Full integrity check"), skipped("monthly"),
+             markdown("## Verdict"), ran("the verdict")]
+    shown = pages.collapse_skipped_cadences(cells)
+    assert shown[:5] == cells[:5] and shown[6] == cells[12] and shown[-2:] == cells[-2:]
+    assert len(shown) == 10
+    assert shown[5].source == ("**Weekly tasks skipped** (this run's cadence is daily; 4 cells ran nothing): "
+                               "W1. Retention; W2. Audit log review.")
+    assert shown[7].source == ("**Monthly tasks skipped** (this run's cadence is daily; 2 cells ran nothing): "
+                               "M1. Full integrity check.")
+
+
+def test_a_skipped_tasks_heading_after_cells_that_ran_goes_into_the_line_and_a_notebook_without_skips_is_kept():
+    cells = [skipped("daily", "weekly"), markdown("## Look around"), ran("sessions"),
+             markdown("## D1. Errors"), skipped("daily", "weekly"), markdown("# Weekly tasks"), ran("weekly: running")]
+    shown = pages.collapse_skipped_cadences(cells)
+    assert [c.source for c in shown] == [
+        "**Daily tasks skipped** (this run's cadence is weekly; 1 cell ran nothing).", "## Look around",
+        "daily.check(...)",
+        "**Daily tasks skipped** (this run's cadence is weekly; 1 cell ran nothing): D1. Errors.",
+        "# Weekly tasks", "daily.check(...)"]
+    unskipped = [markdown("# Daily tasks"), ran(), markdown("## Verdict"), ran()]
+    assert pages.collapse_skipped_cadences(unskipped) == unskipped
+
+
 # -- a rehearsal's record in Chromium -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -185,6 +237,60 @@ def test_tables_are_left_aligned_with_no_index_column_and_no_verdict_cut_short(r
         text = browser.find_element("tag name", "body").get_attribute("textContent")
         for check in entry["checks"]:
             assert check["summary"] in text, (entry["html"], check["name"])
+
+
+def table_rows(browser, columns: list[str]) -> list[list[str]]:
+    """The cells of every runbook table with these headings (collapsed ones too: textContent)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('table.runbook-table')]"
+        ".filter(t => JSON.stringify([...t.querySelectorAll('thead th')].map(h => h.textContent)) === arguments[0])"
+        ".flatMap(t => [...t.querySelectorAll('tbody tr')].map(r => [...r.cells].map(c => c.textContent)));",
+        json.dumps(columns, separators=(",", ":")))
+
+
+@pytest.mark.slow
+def test_phase_twos_changes_show_a_changed_column_as_one_altered_row_and_grants_one_row_per_object_and_role(
+        rehearsal, browser):
+    [entry] = [e for e in rehearsal.manifest()["notebooks"] if "02_phase2" in e["html"]]
+    open_page(browser, rehearsal.path / entry["html"])
+    rows = table_rows(browser, ["kind", "change", "object"])
+    assert ["columns", "altered", "public.products.price: numeric(10,2) not null default 0 → "
+                                  "numeric(12,2) not null default 0"] in rows
+    def column(line):   # "public.api_keys #4 key text" -> ("public.api_keys", "key")
+        table, rest = line.split(" #", 1)
+        return table, rest.split(" ")[1]
+
+    added, removed = ({column(o) for kind, c, o in rows if kind == "columns" and c == change}
+                      for change in ("added", "removed"))
+    assert added and removed and not added & removed   # a column on both sides is one altered row
+
+    def grant(change, line):   # one row per object, role and grantor: the privileges listed in it
+        on, rest = line.rsplit(": ", 1)
+        return change, on, rest.split(" ")[0], rest.rsplit("(granted by ", 1)[1]
+
+    grants = [grant(change, obj) for kind, change, obj in rows if kind == "grants"]
+    assert grants and len(grants) == len(set(grants))
+    assert ["grants", "removed", "TABLE public.api_keys: anon DELETE, INSERT, MAINTAIN, REFERENCES, SELECT, TRIGGER, "
+                                 "TRUNCATE, UPDATE (granted by postgres)"] in rows or \
+        ["grants", "removed", "TABLE public.api_keys: anon DELETE, INSERT, REFERENCES, SELECT, TRIGGER, TRUNCATE, "
+                              "UPDATE (granted by postgres)"] in rows   # MAINTAIN exists from PostgreSQL 17
+
+
+@pytest.mark.slow
+def test_a_daily_maintenance_page_shows_each_skipped_cadence_as_one_line_naming_its_tasks(migrated_db, tmp_path,
+                                                                                       browser):
+    from runbooks import runner
+
+    outcome = runner.run_plan("maintain daily", ("maintenance",), migrated_db.target, records_root=tmp_path,
+                              parameters={"cadence": "daily"}, progress=lambda *_: None)
+    [entry] = outcome.notebooks
+    assert open_page(browser, outcome.record.path / entry["html"])
+    text = browser.find_element("tag name", "body").text
+    assert "skipped: a weekly task" not in text and "skipped: a monthly task" not in text
+    for cadence, first, last in (("Weekly", "W1. Retention", "W9. Index usage"), ("Monthly", "M1. Full data", "M17.")):
+        [line] = [p.text for p in browser.find_elements("tag name", "p") if p.text.startswith(f"{cadence} tasks skipped")]
+        assert "this run's cadence is daily" in line and first in line and last in line, line
+    assert "D1. Error and performance signals" in text   # what ran is all there
 
 
 def test_the_index_is_part_of_the_sealed_record(tmp_path):

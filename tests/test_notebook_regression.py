@@ -2,9 +2,11 @@
 
 The notebooks run in deployment order on one legacy database (preflight, the three phases,
 verification, maintenance, troubleshooting, then rollback back to the legacy state), each under
-`pytest --nbval-lax`: the cells tagged `nbval-check-output` must reproduce their committed
+`pytest --nbval-lax`: the cells tagged `nbval-check-output` must reproduce their expected
 outputs (times, ids and digests sanitized by nbval_sanitize.cfg); every cell must run without
-error. After a deliberate change to the notebooks or SQL, refresh the expected outputs with
+error. The committed notebooks carry no outputs; the expected ones are in tests/notebook_expected/
+(tests/notebook_chain.py), with each checked cell's source, which must equal the committed one.
+After a deliberate change to the notebooks or SQL, refresh the expected outputs with
 `.venv/bin/python tests/refresh_notebook_outputs.py` and review the diff.
 """
 
@@ -16,7 +18,7 @@ import sys
 import nbformat
 import pytest
 
-from notebook_chain import CHAIN, CHECK_TAG, DATABASE, SANITIZE, parameterized_copy
+from notebook_chain import CHAIN, CHECK_TAG, DATABASE, SANITIZE, checked_cells, parameterized_copy, read_expected
 from runbooks.paths import NOTEBOOK_DIR
 
 pytestmark = pytest.mark.slow
@@ -38,14 +40,32 @@ def chain(server, tmp_path_factory):
     server.drop_database(db)
 
 
-def test_every_runbook_has_checked_cells_with_their_expected_outputs_committed():
-    for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
-        nb = nbformat.read(path, as_version=4)
-        checked = [c for c in nb.cells if CHECK_TAG in c.metadata.get("tags", [])]
-        assert checked, f"{path.name} has no cell tagged {CHECK_TAG}"
-        assert all(c.outputs for c in checked), f"{path.name}: a checked cell has no expected output"
-        unchecked = [c for c in nb.cells if c.cell_type == "code" and c not in checked and c.outputs]
-        assert not unchecked, f"{path.name}: outputs committed for cells nbval does not check"
+def committed(name: str):
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def test_the_regression_runs_every_committed_runbook():
+    assert sorted(CHAIN) == sorted(path.stem for path in NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("name", CHAIN)
+def test_a_committed_runbook_carries_no_outputs_and_no_execution_counts(name):
+    ran = [c.get("id") for c in committed(name).cells
+           if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not ran, f"{name}: cells {ran} carry outputs or execution counts (expected outputs live in tests/)"
+
+
+@pytest.mark.parametrize("name", CHAIN)
+def test_the_expected_outputs_are_of_the_committed_cells_whose_sources_they_repeat_exactly(name):
+    checked = checked_cells(committed(name))
+    expected = read_expected(name)
+    assert checked, f"{name} has no cell tagged {CHECK_TAG}"
+    assert [c.get("id") for c in checked] == [e["id"] for e in expected], \
+        f"{name}: the checked cells and the expected ones differ; run tests/refresh_notebook_outputs.py"
+    for cell, entry in zip(checked, expected):
+        assert cell.source == entry["source"], \
+            f"{name}: cell {cell.get('id')} changed since its outputs were expected; run tests/refresh_notebook_outputs.py"
+        assert entry["outputs"], f"{name}: checked cell {cell.get('id')} has no expected output"
 
 
 @pytest.mark.parametrize("name", CHAIN)
