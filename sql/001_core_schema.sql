@@ -19,8 +19,8 @@
 --   8. Policy helpers, append-only logs, updated_at triggers
 --   9. Row-level security, policies and grants
 --  10. Legacy triggers named, documentation in the catalog
---  11. After the commit (no transaction): the logs carried in batches, rewrites, indexes built
---      concurrently, rules validated
+--  11. After the commit (no transaction): copies of keys redacted and the logs carried in batches,
+--      the logs' legacy columns dropped, rewrites, indexes built concurrently, rules validated, the logs' keys
 --
 -- Notes
 -- * Idempotent; no transaction control in here. The runbook engine runs the body in one transaction,
@@ -49,8 +49,10 @@
 --   own writes run with the tables' user triggers off, so legacy updated_at values stay as they were.
 -- * Plaintext API keys (api_keys.key, api_key, secret, token, ...): key_hash = sha256 hex of the key
 --   (kept when newer code already wrote one), key_prefix = its first characters (at most 12, at most a
---   third of the key); every copy of a plaintext key in any text or jsonb column of any public table is
---   redacted; the column is dropped. The tables that held it are then rewritten (CLUSTER, at the end of
+--   third of the key); the column is dropped under the lock. Every copy of a plaintext key in any text
+--   or json column of any public table is redacted after the commit, in batches, while a trigger redacts
+--   what the app writes meanwhile (the keys wait in private.redaction_keys, owner only, truncated when
+--   done). The tables that held a key or a copy are then rewritten (CLUSTER, at the end of
 --   the file, once the transaction that removed the plaintext has committed: a rewrite inside it would
 --   copy the old row versions) so that no dead row version keeps it; private.pending_rewrites holds the
 --   list in between, so an interrupted run finishes the job when re-run. A transaction that was open
@@ -222,7 +224,7 @@ declare
 begin
   select coalesce(array_agg(t.tgname::text order by t.tgname), '{}') into v_names
     from pg_catalog.pg_trigger t
-   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+   where t.tgrelid = p_rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%';
   foreach v_name in array v_names loop
     execute format('alter table %s disable trigger %I', p_rel, v_name);
   end loop;
@@ -446,8 +448,8 @@ $body$$f$, v_function, v_body, array_to_string(v_sources, ', ') || ', null', arr
   execute format('revoke all on function %s() from public, anon, authenticated, service_role', v_function);
   execute format('comment on function %s() is %L', v_function,
     'Carries legacy columns of this log into the contract''s until 001_core_schema.sql drops them (then it goes too).');
-  execute format('drop trigger if exists p2_backfill on %s', p_rel);
-  execute format('create trigger p2_backfill before insert or update on %s for each row execute function %s()', p_rel, v_function);
+  execute format('drop trigger if exists zz_p2_backfill on %s', p_rel);
+  execute format('create trigger zz_p2_backfill before insert or update on %s for each row execute function %s()', p_rel, v_function);
 end
 $fn$;
 
@@ -794,7 +796,7 @@ $fn$;
 
 -- Redaction of plaintext keys wherever they were copied, planned under the lock and done after the commit:
 -- the keys wait in private.redaction_keys (owner only; truncated when done), every public table with
--- text or json columns gets a row trigger p2_redact that redacts what the app writes meanwhile, and the
+-- text or json columns gets a row trigger zz_p2_redact that redacts what the app writes meanwhile, and the
 -- batches of section 11 send the rows already there that hold a copy through it (one definition of the
 -- redaction). Finding copies is linear in the data, not rows x keys: every copy of a key lies inside a
 -- maximal run of the characters keys are made of, so a value is cut into such runs (one regular-
@@ -875,7 +877,9 @@ $f$$x$, quote_literal(format('[%s]{%s,}', v_class, least((select min(x) from unn
                                           when 'json'::regtype then format('private.p2_redact_jsonb(new.%I::jsonb, v_found)::json', a.attname)
                                           else format('private.p2_redact_text(new.%I, v_found)', a.attname)
                                         end), chr(10) || '    ' order by a.attname) as redactions,
-           min(a.attname) as first_column
+           min(a.attname) as first_column,
+           exists (select 1 from pg_catalog.pg_attribute u
+                    where u.attrelid = c.oid and u.attname = 'updated_at' and not u.attisdropped) as has_updated_at
       from pg_catalog.pg_class c
       join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
      where c.relnamespace = 'public'::regnamespace and c.relkind = 'r'
@@ -884,8 +888,12 @@ $f$$x$, quote_literal(format('[%s]{%s,}', v_class, least((select min(x) from unn
      order by c.oid::regclass::text
   loop
     v_function := format('private.%I', 'p2_redact_' || r.oid);
+    -- security definer: it reads the keys, which no API role may; it fires after the table's other
+    -- BEFORE triggers (name order), so the migration's own writes (truthsource.migration_write on) can
+    -- keep updated_at as it was
     execute format($x$create or replace function %1$s() returns trigger
 language plpgsql
+security definer
 set search_path = ''
 as $f$
 declare
@@ -893,13 +901,17 @@ declare
 begin
   if v_found is not null then
     %3$s
-  end if;
+  end if;%4$s
   return new;
 end
-$f$$x$, v_function, r.new_texts, r.redactions);
+$f$$x$, v_function, r.new_texts, r.redactions,
+      case when r.has_updated_at then $u$
+  if tg_op = 'UPDATE' and current_setting('truthsource.migration_write', true) = 'on' then
+    new.updated_at := old.updated_at;
+  end if;$u$ else '' end);
     execute format('revoke all on function %s() from public, anon, authenticated, service_role', v_function);
-    execute format('drop trigger if exists p2_redact on %s', r.rel);
-    execute format('create trigger p2_redact before insert or update on %s for each row execute function %s()', r.rel, v_function);
+    execute format('drop trigger if exists zz_p2_redact on %s', r.rel);
+    execute format('create trigger zz_p2_redact before insert or update on %s for each row execute function %s()', r.rel, v_function);
     insert into private.pending_redactions (table_name, text_expr, first_column, prefix)
     values (r.rel::text, format('concat_ws(chr(1), %s)', r.row_texts), r.first_column, v_prefix)
     on conflict (table_name) do nothing;
@@ -1726,11 +1738,11 @@ comment on table public.api_keys is 'API keys: key_prefix to recognise a key, ke
 comment on table public.security_events is 'Append-only security events (severity low, medium, high or critical); read by admins and owners.';
 
 -- ====================================================================================================
--- 11. After the commit (no transaction): logs carried in batches, rewrites, indexes, rules validated
+-- 11. After the commit (no transaction): redaction and carries in batches, rewrites, indexes, rules
 -- ====================================================================================================
 
 -- copies of plaintext keys redacted in batches of pages (a TID range scan each), each batch its own short
--- transaction: the rows of a batch that hold a copy go through the table's p2_redact trigger, which also
+-- transaction: the rows of a batch that hold a copy go through the table's zz_p2_redact trigger, which also
 -- redacts what the app writes meanwhile. pages_done in private.pending_redactions is where a re-run
 -- resumes. When every table is done the triggers, the functions and the keys go; the tables that held
 -- a copy are rewritten below. The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
@@ -1751,9 +1763,12 @@ begin
     commit;
     v_page := r.pages_done;
     while v_page < v_pages loop
-      -- the table's own triggers stay quiet for the migration's writes (in this transaction only)
+      -- the migration's own writes: updated_at kept (the trigger above sees the flag), the log's
+      -- append-only rule lets the owner through; any other trigger of the table is quiet for this batch
+      perform set_config('truthsource.migration_write', 'on', true);
       select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
-       where t.tgrelid = r.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+       where t.tgrelid = r.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%'
+         and t.tgfoid not in ('public.update_updated_at_column()'::regprocedure, 'private.append_only()'::regprocedure);
       foreach v_name in array v_quiet loop
         execute format('alter table %s disable trigger %I', r.rel, v_name);
       end loop;
@@ -1780,8 +1795,8 @@ begin
     raise notice '%: plaintext api key(s) redacted in % row(s)', r.table_name, r.rows_redacted;
   end loop;
   for r in select t.tgrelid::regclass as rel, t.tgfoid::regprocedure as fn from pg_catalog.pg_trigger t
-            where t.tgname = 'p2_redact' and not t.tgisinternal order by 1 loop
-    execute format('drop trigger p2_redact on %s', r.rel);
+            where t.tgname = 'zz_p2_redact' and not t.tgisinternal order by 1 loop
+    execute format('drop trigger zz_p2_redact on %s', r.rel);
     execute format('drop function %s', r.fn);
   end loop;
   drop function if exists private.p2_secret_copies(text);
@@ -1819,9 +1834,10 @@ begin
     v_pages := pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint;
     v_page := 0;
     while v_page < v_pages loop
-      -- the log's own triggers stay quiet for the migration's writes (in this transaction only)
+      -- the log's append-only rule lets the owner through; any other trigger of it is quiet for this batch
       select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
-       where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+       where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%'
+         and t.tgfoid not in ('public.update_updated_at_column()'::regprocedure, 'private.append_only()'::regprocedure);
       foreach v_name in array v_quiet loop
         execute format('alter table %s disable trigger %I', b.rel, v_name);
       end loop;
@@ -1855,7 +1871,7 @@ begin
              from private.pending_backfills as p group by p.table_name order by 1 loop
     execute format('lock table %s in access exclusive mode', b.rel);
     select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
-     where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'p2\_%';
+     where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%';
     foreach v_name in array v_quiet loop
       execute format('alter table %s disable trigger %I', b.rel, v_name);
     end loop;
@@ -1869,7 +1885,7 @@ begin
         case j.kind when 'split' then 'old_data/new_data' else j.target end, j.to_type, j.rows_done + v_late;
       execute format('alter table %s drop column %I', b.rel, j.source);
     end loop;
-    execute format('drop trigger p2_backfill on %s', b.rel);
+    execute format('drop trigger zz_p2_backfill on %s', b.rel);
     execute format('drop function private.%I()', 'p2_backfill_' || (select c.relname from pg_catalog.pg_class c where c.oid = b.rel));
     execute format('alter table %s drop column p2_carried', b.rel);
     execute format('select exists (select 1 from %s where legacy_data is not null)', b.rel) into v_kept;

@@ -12,12 +12,14 @@ import threading
 
 import psycopg2
 
+from runbooks.verification import act_as
 from runbooks.watch import Heartbeat
 from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, find_text, split_file,
                         waiting_backend)
 
 PHASE_TWO = PHASE_FILES[1]
 APP_NAME = "p2-online-test"
+ORG_ONE_ADMIN = "0b000000-0000-4000-8000-000000000002"  # admin of the legacy fixture's first organization
 
 # legacy audit rows in the first shape (entity_type, entity_id, changes, ip): enough to fill many pages
 MORE_AUDIT_ROWS = """
@@ -137,10 +139,16 @@ def test_phase_two_stopped_in_its_redaction_resumes_on_a_rerun_and_leaves_no_pla
 
     # a copy the app writes meanwhile is redacted as it is written
     db.execute(APP_AUDIT_ROW)
-    db.execute("update public.products set description = 'see ts_live_0123456789abcdef0123456789abcdef' "
-               "where sku = 'WID-001'")
-    assert db.query("select description from public.products where sku = 'WID-001'") == [
-        ("see [redacted api key ts_live_0123...]",)]
+    app = db.connect()
+    try:
+        with app.cursor() as cur:  # as the app does it: an admin of the organization, through the API role
+            act_as(cur, "admin", users={"admin": ORG_ONE_ADMIN})
+            cur.execute("update public.products set description = 'see ts_live_0123456789abcdef0123456789abcdef' "
+                        "where sku = 'WID-001' returning description, updated_at > '2024-01-01'")
+            assert cur.fetchall() == [("see [redacted api key ts_live_0123...]", True)]
+        app.commit()
+    finally:
+        app.close()
     db.execute("update public.products set description = null where sku = 'WID-001'")
 
     apply_psql(db, PHASE_TWO)
@@ -171,3 +179,14 @@ def test_rules_are_validated_after_the_commit_and_legacy_rows_that_break_one_kee
     assert db.query("select count(*) from pg_constraint where conname like '%%_not_null_check' and convalidated") == [(0,)]
     assert db.query("select attnotnull from pg_attribute where attrelid = 'public.products'::regclass "
                     "and attname = 'currency'") == [(True,)]
+
+
+def test_the_redaction_batches_leave_updated_at_as_it_was(make_db):
+    db = make_db("legacy@1")
+    db.execute("alter table public.products disable trigger user; "
+               "update public.products set description = 'old copy ts_live_0123456789abcdef0123456789abcdef' "
+               "where sku = 'WID-001'; alter table public.products enable trigger user")
+    [(before,)] = db.query("select updated_at from public.products where sku = 'WID-001'")
+    apply_psql(db, PHASE_TWO)
+    assert db.query("select description, updated_at from public.products where sku = 'WID-001'") == [
+        ("old copy [redacted api key ts_live_0123...]", before)]
