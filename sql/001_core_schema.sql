@@ -9,7 +9,7 @@
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
 -- Contents
---   1. Prerequisites, and the tables' locks taken first
+--   1. Prerequisites, unique rules checked, and the tables' locks taken first
 --   2. Migration helpers (pg_temp: this session only)
 --   3. The core tables, as created on an empty database
 --   4. Legacy shapes converged: policies, columns, carried data, primary keys
@@ -89,7 +89,7 @@
 --   gets TRUNCATE (it bypasses RLS and the row triggers), REFERENCES or TRIGGER: the DBA truncates.
 
 -- ====================================================================================================
--- 1. Prerequisites, and the tables' locks taken first
+-- 1. Prerequisites, unique rules checked, and the tables' locks taken first
 -- ====================================================================================================
 
 -- prerequisites: phase 1
@@ -103,6 +103,46 @@ begin
     raise exception '001_core_schema.sql requires 000_core_functions.sql: apply it first'
       using errcode = 'object_not_in_prerequisite_state';
   end if;
+end
+$$;
+
+-- unique rules checked before the locks, by a read that lets the app go on: a duplicate stops the phase
+-- here, before anything changes. Only rules whose columns are already there under the contract's names
+-- and types are checked here; the lock step re-checks a rule whose columns it renames or carries into
+-- (pg_temp.p2_ensure_unique reads pg_temp.p2_unique_checked and pg_temp.p2_carried_into).
+do $$
+declare
+  r record;
+  v_sample text;
+begin
+  create temporary table if not exists p2_unique_checked (rule text primary key);
+  create temporary table if not exists p2_carried_into (rel regclass not null, col text not null);
+  truncate pg_temp.p2_unique_checked, pg_temp.p2_carried_into;
+  for r in
+    select x.tbl, x.rule, x.cols
+      from (values ('organizations', 'organizations_slug_key', array['slug'], array['text']),
+                   ('organization_members', 'organization_members_organization_id_user_id_key',
+                    array['organization_id', 'user_id'], array['uuid', 'uuid']),
+                   ('products', 'products_organization_id_sku_key', array['organization_id', 'sku'], array['uuid', 'text']),
+                   ('inventory', 'inventory_product_id_location_key', array['product_id', 'location'], array['uuid', 'text']),
+                   ('api_keys', 'api_keys_key_hash_key', array['key_hash'], array['text'])) as x (tbl, rule, cols, types)
+     where to_regclass(format('public.%I', x.tbl)) is not null
+       and (select count(*) from pg_catalog.pg_attribute a
+             where a.attrelid = format('public.%I', x.tbl)::regclass and not a.attisdropped
+               and (a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)) in (select * from unnest(x.cols, x.types))) = cardinality(x.cols)
+  loop
+    execute format('select string_agg(k, ''; '') from (select concat_ws('', '', %s) as k from public.%I where %s group by %s having count(*) > 1 limit 5) as d',
+                   (select string_agg(quote_ident(c), ', ') from unnest(r.cols) as c), r.tbl,
+                   (select string_agg(format('%I is not null', c), ' and ') from unnest(r.cols) as c),
+                   (select string_agg(quote_ident(c), ', ') from unnest(r.cols) as c))
+      into v_sample;
+    if v_sample is not null then
+      raise exception 'public.%: cannot enforce % (unique %): duplicated values such as %', r.tbl, r.rule, array_to_string(r.cols, ', '), v_sample
+        using errcode = 'unique_violation',
+              hint = 'Resolve the duplicates (the preflight lists them), then re-run this file. Nothing was changed.';
+    end if;
+    insert into pg_temp.p2_unique_checked values (r.rule);
+  end loop;
 end
 $$;
 
@@ -304,6 +344,7 @@ declare
   v_count bigint;
   v_tried bigint;
 begin
+  insert into pg_temp.p2_carried_into values (p_rel, p_target);
   if p_rel in ('public.audit_logs'::regclass, 'public.security_events'::regclass) then
     perform pg_temp.p2_defer_carry(p_rel, 'carry', p_target, p_source, p_stash_key);
     return;
@@ -686,6 +727,12 @@ begin
       return;
     end if;
   end loop;
+  -- checked before the locks, and nothing carried into its columns since: no need to read it again
+  if exists (select 1 from pg_temp.p2_unique_checked as u where u.rule = p_name)
+     and not exists (select 1 from pg_temp.p2_carried_into as c where c.rel = v_rel and c.col = any (p_cols)) then
+    raise notice '%: % (unique %) is built concurrently at the end of this file', v_rel, p_name, array_to_string(p_cols, ', ');
+    return;
+  end if;
   execute format('select string_agg(k, ''; '') from (select concat_ws('', '', %s) as k from %s where %s group by %s having count(*) > 1 limit 5) as d',
                  (select string_agg(quote_ident(c), ', ') from unnest(p_cols) as c), v_rel,
                  (select string_agg(format('%I is not null', c), ' and ') from unnest(p_cols) as c),
@@ -1955,6 +2002,8 @@ begin
       raise notice '%: rewritten (%)', r.table_name, r.reason;
     end if;
     delete from private.pending_rewrites as p where p.table_name = r.table_name;
+    -- each table's ACCESS EXCLUSIVE ends with its own rewrite
+    commit;
   end loop;
 end
 $$;
