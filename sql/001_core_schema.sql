@@ -1542,6 +1542,46 @@ begin
 end
 $$;
 
+-- the legacy overloads that 000_core_functions.sql kept (as private.retired_*) for the legacy policies
+-- calling them: those on the core tables are gone above; a policy elsewhere that still calls one becomes
+-- a fail-closed placeholder of the same name, command and roles (access only narrows); then they go.
+do $$
+declare
+  r record;
+  pol record;
+begin
+  for r in
+    select p.oid, p.oid::regprocedure as fn from pg_catalog.pg_proc as p
+     where p.pronamespace = 'private'::regnamespace and p.proname like 'retired\_%'
+       and pg_catalog.obj_description(p.oid, 'pg_proc') like 'Retired by 000_core_functions.sql:%'
+     order by 1
+  loop
+    for pol in
+      select p.polname, p.polrelid::regclass as tbl, p.polpermissive, p.polcmd,
+             (select string_agg(case when x = 0 then 'public' else quote_ident(x::regrole::text) end, ', ' order by x)
+                from unnest(p.polroles) as x) as roles
+        from pg_catalog.pg_depend as d join pg_catalog.pg_policy as p on p.oid = d.objid
+       where d.classid = 'pg_catalog.pg_policy'::regclass and d.refclassid = 'pg_catalog.pg_proc'::regclass
+         and d.refobjid = r.oid and d.deptype = 'n'
+       order by 1, 2
+    loop
+      raise notice 'policy % on % calls %, which is retired: replaced by a fail-closed placeholder',
+        quote_ident(pol.polname), pol.tbl, r.fn;
+      execute format('drop policy %I on %s', pol.polname, pol.tbl);
+      execute format('create policy %I on %s as %s for %s to %s %s',
+        pol.polname, pol.tbl,
+        case when pol.polpermissive then 'permissive' else 'restrictive' end,
+        case pol.polcmd when 'r' then 'select' when 'a' then 'insert' when 'w' then 'update' when 'd' then 'delete' else 'all' end,
+        pol.roles,
+        case pol.polcmd when 'r' then 'using (false)' when 'd' then 'using (false)'
+                        when 'a' then 'with check (false)' else 'using (false) with check (false)' end);
+    end loop;
+    execute format('drop function %s', r.fn);
+    raise notice 'dropped % (a legacy overload that 000_core_functions.sql retired)', r.fn;
+  end loop;
+end
+$$;
+
 -- ====================================================================================================
 -- 10. Legacy triggers named, documentation in the catalog
 -- ====================================================================================================
