@@ -189,7 +189,7 @@ begin
     execute format('drop function %s', p_fn);
     return;
   end if;
-  v_retired := left(format('retired_%s_%s', (select p.proname from pg_catalog.pg_proc p where p.oid = p_fn), p_fn::oid), 63);
+  v_retired := format('retired_%s_%s', (select left(p.proname, 40) from pg_catalog.pg_proc p where p.oid = p_fn), p_fn::oid);
   raise notice 'function %, which clashes with the contract''s signatures, renamed private.% until 001_core_schema.sql replaces the legacy policies that call it (%)',
     v_was, v_retired, array_to_string(v_policies, ', ');
   execute format('comment on function %s is %L', p_fn,
