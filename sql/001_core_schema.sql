@@ -1299,7 +1299,8 @@ $$;
 -- what the policies call: SECURITY DEFINER, search_path pinned, in private (not exposed by the API).
 -- They answer for the caller only (auth.uid() inside, no user argument): asked by anyone, they never
 -- tell one user's organizations or colleagues to another. Policies call them once per query, as
--- `col = any ((select private.x())::uuid[])`: an InitPlan whose array becomes an index condition. They
+-- `col = any ((select private.x())::uuid[])`: an InitPlan whose array becomes an index condition (the cast
+-- makes it ANY over an array, not ANY over a subquery's rows, which would compare uuid with uuid[]). They
 -- are PL/pgSQL so that the query inside is planned once per session (an SQL function is planned anew on
 -- every call up to PostgreSQL 17: that was most of what RLS added to a short query).
 create or replace function private.member_org_ids()
