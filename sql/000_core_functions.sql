@@ -23,7 +23,7 @@
 --   without CASCADE (an unexpected dependent stops the phase). Extension members are not dropped.
 -- * Overloads of the contract's function names in public with another signature or result (e.g.
 --   is_org_member(org uuid), is_org_admin(text, text), get_user_organization_id()) are dropped.
---   One that a policy calls is moved out of the API's way instead, as private.retired_<name>_<oid>
+--   One that a policy calls is moved out of the API's way instead, as private.retired_<name>
 --   (marked by its comment): the legacy policies keep working, unchanged, until 001_core_schema.sql
 --   replaces them and drops it. A check constraint that depends on one is dropped (phase 2 adds the
 --   contract's rules). Any other dependent stops the phase and is named.
@@ -149,7 +149,7 @@ $fn$;
 
 -- retire one function from public. A legacy policy that calls it keeps working until 001_core_schema.sql
 -- replaces the policies: the function is then moved out of the API's way rather than dropped (a policy
--- calls it by oid, so it survives a rename and a new schema), as private.retired_<name>_<oid>, marked by
+-- calls it by oid, so it survives a rename and a new schema), as private.retired_<name>, marked by
 -- its comment; 001_core_schema.sql drops it. Without such a policy it is dropped at once.
 create or replace function pg_temp.p1_retire_function(p_fn regprocedure) returns void
 language plpgsql
@@ -189,7 +189,15 @@ begin
     execute format('drop function %s', p_fn);
     return;
   end if;
-  v_retired := format('retired_%s_%s', (select left(p.proname, 40) from pg_catalog.pg_proc p where p.oid = p_fn), p_fn::oid);
+  -- retired_<name>, or retired_<name>_2, _3... when one of those arguments is there already (in public or private)
+  select format('retired_%s%s', left(p.proname, 40), case when n > 1 then '_' || n end) into v_retired
+    from pg_catalog.pg_proc p, generate_series(1, 1000) as n
+   where p.oid = p_fn
+     and not exists (select 1 from pg_catalog.pg_proc o
+                      where o.pronamespace in ('public'::regnamespace, 'private'::regnamespace)
+                        and o.proname = format('retired_%s%s', left(p.proname, 40), case when n > 1 then '_' || n end)
+                        and o.proargtypes = p.proargtypes)
+   order by n limit 1;
   raise notice 'function %, which clashes with the contract''s signatures, renamed private.% until 001_core_schema.sql replaces the legacy policies that call it (%)',
     v_was, v_retired, array_to_string(v_policies, ', ');
   execute format('comment on function %s is %L', p_fn,
