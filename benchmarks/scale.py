@@ -42,6 +42,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):   # run as a script: make `benchmarks` importable
@@ -53,6 +54,7 @@ from prettytable import PrettyTable, TableStyle  # noqa: E402
 from benchmarks import scale_fixture  # noqa: E402
 from benchmarks.scale_fixture import Size  # noqa: E402
 from runbooks import backup, connection, engine, paths, restore, runner, snapshot  # noqa: E402
+from runbooks import preflight as preflight_module  # noqa: E402
 from runbooks.verification import act_as  # noqa: E402
 
 APP_NAME = "bench app"            # application_name of the traffic clients
@@ -492,7 +494,8 @@ def measure_preflight(pg, dbname: str, record_dir: Path, settings: Settings) -> 
     parts: dict = {}
 
     def preflight():
-        with backup.exported_snapshot(target, run_id) as moment:
+        run = SimpleNamespace(target=target, run_id=run_id, record_dir=record_dir)
+        with preflight_module.one_moment(run, backup=True) as moment:   # pg_dump runs beside the snapshot
             conn = connection.connect(target, readonly=True)
             try:
                 started = time.perf_counter()
@@ -501,7 +504,9 @@ def measure_preflight(pg, dbname: str, record_dir: Path, settings: Settings) -> 
             finally:
                 conn.close()
             snapshot.save_snapshot(snap, record_dir / "snapshot.json")
-            info = backup.take_backup(target, record_dir / "backup", run_id, snapshot=moment)
+            if isinstance(moment.dump, Exception):
+                raise moment.dump
+            info = backup.finish_backup(moment.dump)
         parts.update(dump_s=info.dump_seconds, verify_s=info.verify_seconds, dump_bytes=info.size_bytes,
                      checksums_skipped=[t for t, v in snap["content"].items() if str(v).startswith("skipped")])
         return info

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import shlex
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -526,7 +528,7 @@ def backup_command(target, record_dir, run_id: str, server_major: int | None = N
     except pgtools.ToolError as exc:
         tool = f"pg_dump  # {exc}"
     dest = Path(record_dir) / records.BACKUP_DIR / f"<database>-{run_id}.dump"
-    return (f"{tool} --format=custom --no-password --lock-wait-timeout=60s \\\n"
+    return (f"{tool} --format=custom --compress={backup_module.COMPRESSION} --no-password --lock-wait-timeout=60s \\\n"
             f"    --snapshot=<the exported snapshot that snapshot.json was taken on> \\\n"
             f"    --file {shlex.quote(str(dest))} \\\n    --dbname {shlex.quote(target.conninfo())}\n"
             f"pg_restore --list {shlex.quote(str(dest))}     # the archive's table of contents must read\n"
@@ -547,16 +549,54 @@ def show_backup_command(run) -> None:
                  "what the backup step runs")
 
 
-def one_moment(run):
+@dataclass(frozen=True)
+class Moment:
+    """An exported snapshot (`backup.ExportedSnapshot`'s fields) and the backup's pg_dump already running
+    on it (a `backup.DumpInProgress`, the error that kept it from starting, or None)."""
+
+    snapshot_id: str
+    taken_at: str
+    public_init_privs: list[str] | None
+    dump: "backup_module.DumpInProgress | Exception | None" = None
+
+
+@contextmanager
+def one_moment(run, *, backup: bool = False):
     """A moment of the database that the snapshot and the backup both describe exactly
-    (`pg_export_snapshot()`, held open until both are taken): ``with preflight.one_moment(run) as m:``."""
-    return backup_module.exported_snapshot(run.target, run.run_id)
+    (`pg_export_snapshot()`, held open until both are taken): ``with preflight.one_moment(run) as m:``.
+    With `backup`, pg_dump starts on it at once and runs while the snapshot reads the tables (they
+    overlap on two cores rather than take turns); `preflight.backup` then waits for it and verifies it.
+    Leaving the block stops a dump that nobody finished, and removes its partial file."""
+    with backup_module.exported_snapshot(run.target, run.run_id) as exported:
+        dump = None
+        if backup:
+            try:
+                dump = backup_module.start_backup(run.target, Path(run.record_dir) / records.BACKUP_DIR, run.run_id,
+                                                  snapshot=exported)
+            except (backup_module.BackupError, pgtools.ToolError) as exc:
+                dump = exc
+        try:
+            yield Moment(exported.snapshot_id, exported.taken_at, exported.public_init_privs, dump)
+        finally:
+            if isinstance(dump, backup_module.DumpInProgress):
+                dump.cancel()
+
+
+def _backup_on(target, dest: Path, run_id: str, snapshot) -> "backup_module.BackupInfo":
+    """The backup of `snapshot`: the dump `one_moment(run, backup=True)` started, else one taken now."""
+    dump = getattr(snapshot, "dump", None)
+    if isinstance(dump, Exception):
+        raise dump
+    if dump is not None:
+        return backup_module.finish_backup(dump)
+    return backup_module.take_backup(target, dest, run_id, snapshot=snapshot)
 
 
 def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
-           snapshot: "backup_module.ExportedSnapshot | None" = None) -> Check:
+           snapshot: "backup_module.ExportedSnapshot | Moment | None" = None) -> Check:
     """pg_dump -Fc with the server's own pg_dump into record_dir/backup, verified; refused to skip on
-    production. With `snapshot`, pg_dump runs on that exported snapshot."""
+    production. With `snapshot`, pg_dump runs on that exported snapshot (or has been running on it since
+    `one_moment(run, backup=True)`)."""
     if not take:
         if target.production:
             return Check("backup", "error", "take_backup=False is refused for a production target: without a backup "
@@ -564,7 +604,7 @@ def backup(conn, target, record_dir, run_id: str, *, take: bool = True,
         return Check("backup", "warning", "no backup taken (take_backup=False): this run cannot be rolled back")
     dest = Path(record_dir) / records.BACKUP_DIR
     try:
-        info = backup_module.take_backup(target, dest, run_id, snapshot=snapshot)
+        info = _backup_on(target, dest, run_id, snapshot)
     except (backup_module.BackupError, pgtools.ToolError) as exc:
         return Check("backup", "error", f"no usable backup: {exc}")
     relative = Path(info.path).relative_to(Path(record_dir).resolve()) if Path(info.path).is_relative_to(

@@ -324,8 +324,8 @@ def _repoint_and_drop(r: dict, canonical_exists: bool, phase1: str) -> list[Fix]
 def _drop_function(r: dict, phase1: str) -> list[Fix]:
     if r["dependents"]:
         return [Fix("function conflicts", r["function"],
-                    f"{r['function']} is used by {'; '.join(d['object'] for d in r['dependents'])}: phase 1 replaces "
-                    "dependent policies with fail-closed placeholders, phase 2 installs the contract's", command=phase1)]
+                    f"{r['function']} is used by {'; '.join(d['object'] for d in r['dependents'])}: phase 1 moves it "
+                    "to private (the legacy policies keep working), phase 2 installs the contract's policies and drops it", command=phase1)]
     return [Fix("function conflicts", r["function"], f"drop {r['function']} (nothing depends on it; phase 1 "
                 "creates the contract's version)", f"drop function {r['function']};")]
 

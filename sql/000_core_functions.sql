@@ -23,9 +23,9 @@
 --   without CASCADE (an unexpected dependent stops the phase). Extension members are not dropped.
 -- * Overloads of the contract's function names in public with another signature or result (e.g.
 --   is_org_member(org uuid), is_org_admin(text, text), get_user_organization_id()) are dropped.
---   A policy that depends on one is first replaced by a fail-closed placeholder of the same name,
---   command and roles (using (false)): access only narrows until 001_core_schema.sql installs
---   the contract's policies. A check constraint that depends on one is dropped (phase 2 adds the
+--   One that a policy calls is moved out of the API's way instead, as private.retired_<name>
+--   (marked by its comment): the legacy policies keep working, unchanged, until 001_core_schema.sql
+--   replaces them and drops it. A check constraint that depends on one is dropped (phase 2 adds the
 --   contract's rules). Any other dependent stops the phase and is named.
 -- * Permissions: the guide's helpers run as their owner (SECURITY DEFINER, search_path ''), are not
 --   executable by anon or authenticated, and stay callable by the owner (the DBA) and service_role.
@@ -147,14 +147,20 @@ begin
 end
 $fn$;
 
--- drop one function; a policy that depends on it becomes a fail-closed placeholder first
+-- retire one function from public. A legacy policy that calls it keeps working until 001_core_schema.sql
+-- replaces the policies: the function is then moved out of the API's way rather than dropped (a policy
+-- calls it by oid, so it survives a rename and a new schema), as private.retired_<name>, marked by
+-- its comment; 001_core_schema.sql drops it. Without such a policy it is dropped at once.
 create or replace function pg_temp.p1_retire_function(p_fn regprocedure) returns void
 language plpgsql
 as $fn$
 declare
   d record;
   pol record;
-  v_roles text;
+  v_policies text[] := '{}';
+  v_retired text;
+  v_was constant text := (select format('public.%I(%s)', p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid))
+                            from pg_catalog.pg_proc p where p.oid = p_fn);
 begin
   for d in
     select dep.classid, dep.objid, dep.objsubid
@@ -163,21 +169,9 @@ begin
      order by dep.objid
   loop
     if d.classid = 'pg_catalog.pg_policy'::regclass then
-      select p.polname, p.polrelid::regclass as tbl, p.polpermissive, p.polcmd,
-             (select string_agg(case when r = 0 then 'public' else quote_ident(r::regrole::text) end, ', ' order by r)
-                from unnest(p.polroles) as r) as roles
-        into pol
+      select format('policy %I on %s', p.polname, p.polrelid::regclass) into v_retired
         from pg_catalog.pg_policy p where p.oid = d.objid;
-      raise notice 'policy % on % calls %, which is retired: replaced by a fail-closed placeholder until 001_core_schema.sql installs the contract''s policies',
-        quote_ident(pol.polname), pol.tbl, p_fn;
-      execute format('drop policy %I on %s', pol.polname, pol.tbl);
-      execute format('create policy %I on %s as %s for %s to %s %s',
-        pol.polname, pol.tbl,
-        case when pol.polpermissive then 'permissive' else 'restrictive' end,
-        case pol.polcmd when 'r' then 'select' when 'a' then 'insert' when 'w' then 'update' when 'd' then 'delete' else 'all' end,
-        pol.roles,
-        case pol.polcmd when 'r' then 'using (false)' when 'd' then 'using (false)'
-                        when 'a' then 'with check (false)' else 'using (false) with check (false)' end);
+      v_policies := v_policies || v_retired;
     elsif d.classid = 'pg_catalog.pg_constraint'::regclass
           and (select c.contype from pg_catalog.pg_constraint c where c.oid = d.objid) = 'c' then
       select c.conname, c.conrelid::regclass as tbl into pol from pg_catalog.pg_constraint c where c.oid = d.objid;
@@ -190,8 +184,26 @@ begin
               hint = 'Change or drop that object so that it no longer calls the function, then re-run this file.';
     end if;
   end loop;
-  raise notice 'dropping function %, which clashes with the contract''s signatures', p_fn;
-  execute format('drop function %s', p_fn);
+  if cardinality(v_policies) = 0 then
+    raise notice 'dropping function %, which clashes with the contract''s signatures', p_fn;
+    execute format('drop function %s', p_fn);
+    return;
+  end if;
+  -- retired_<name>, or retired_<name>_2, _3... when one of those arguments is there already (in public or private)
+  select format('retired_%s%s', left(p.proname, 40), case when n > 1 then '_' || n end) into v_retired
+    from pg_catalog.pg_proc p, generate_series(1, 1000) as n
+   where p.oid = p_fn
+     and not exists (select 1 from pg_catalog.pg_proc o
+                      where o.pronamespace in ('public'::regnamespace, 'private'::regnamespace)
+                        and o.proname = format('retired_%s%s', left(p.proname, 40), case when n > 1 then '_' || n end)
+                        and o.proargtypes = p.proargtypes)
+   order by n limit 1;
+  raise notice 'function %, which clashes with the contract''s signatures, renamed private.% until 001_core_schema.sql replaces the legacy policies that call it (%)',
+    v_was, v_retired, array_to_string(v_policies, ', ');
+  execute format('comment on function %s is %L', p_fn,
+    format('Retired by 000_core_functions.sql: was %s, kept only for the legacy policies that call it; 001_core_schema.sql drops it.', v_was));
+  execute format('alter function %s rename to %I', p_fn, v_retired);
+  execute format('alter function %s set schema private', p_fn::oid::regprocedure);
 end
 $fn$;
 

@@ -2,7 +2,8 @@
 -- Deploys: tables public.organizations, profiles, organization_members, products, inventory, audit_logs,
 --          api_keys, security_events (their constraints, indexes, updated_at triggers, RLS policies and
 --          grants); private.member_org_ids(), private.admin_org_ids(), private.owner_org_ids(),
---          private.colleague_ids() (what the policies call: for the caller, auth.uid(), never another user);
+--          private.colleague_ids() (what the policies call, arrays of uuid: for the caller, auth.uid(),
+--          never another user);
 --          private.append_only() (the logs' trigger);
 --          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end);
 --          private.pending_backfills (the logs' legacy columns still to carry after the commit; empty at the end).
@@ -1481,62 +1482,93 @@ $$;
 -- 8. Policy helpers, append-only logs, updated_at triggers
 -- ====================================================================================================
 
+-- the helpers of the previous release returned sets (setof uuid); these return arrays. The old ones are
+-- renamed <name>_setof first: the policies that call them (by oid) keep working until section 9 replaces
+-- them, and the end of section 9 drops them.
+do $$
+declare
+  r record;
+begin
+  for r in
+    select p.oid, p.oid::regprocedure::text as fn, p.proname from pg_catalog.pg_proc as p
+     where p.pronamespace = 'private'::regnamespace and p.pronargs = 0 and p.proretset
+       and p.proname in ('member_org_ids', 'admin_org_ids', 'owner_org_ids', 'colleague_ids')
+     order by 2
+  loop
+    execute format('alter function %s rename to %I', r.fn, r.proname || '_setof');
+    raise notice 'policy helper % renamed %_setof: it returned a set, the new one returns an array', r.fn, r.proname;
+  end loop;
+end
+$$;
+
 -- what the policies call: SECURITY DEFINER, search_path pinned, in private (not exposed by the API).
 -- They answer for the caller only (auth.uid() inside, no user argument): asked by anyone, they never
--- tell one user's organizations or colleagues to another. Policies call them as (select ...): once per query.
+-- tell one user's organizations or colleagues to another. Policies call them once per query, as
+-- `col = any ((select private.x())::uuid[])`: an InitPlan whose array becomes an index condition (the cast
+-- makes it ANY over an array, not ANY over a subquery's rows, which would compare uuid with uuid[]). They
+-- are PL/pgSQL so that the query inside is planned once per session (an SQL function is planned anew on
+-- every call up to PostgreSQL 17: that was most of what RLS added to a short query).
 create or replace function private.member_org_ids()
-returns setof uuid
-language sql
+returns uuid[]
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-  select m.organization_id from public.organization_members as m where m.user_id = (select auth.uid())
+begin
+  return array(select m.organization_id from public.organization_members as m where m.user_id = (select auth.uid()));
+end;
 $$;
 
 -- organizations the caller administers (owner or admin)
 create or replace function private.admin_org_ids()
-returns setof uuid
-language sql
+returns uuid[]
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-  select m.organization_id from public.organization_members as m
-   where m.user_id = (select auth.uid()) and m.role in ('owner', 'admin')
+begin
+  return array(select m.organization_id from public.organization_members as m
+                where m.user_id = (select auth.uid()) and m.role in ('owner', 'admin'));
+end;
 $$;
 
 -- organizations the caller owns
 create or replace function private.owner_org_ids()
-returns setof uuid
-language sql
+returns uuid[]
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-  select m.organization_id from public.organization_members as m
-   where m.user_id = (select auth.uid()) and m.role = 'owner'
+begin
+  return array(select m.organization_id from public.organization_members as m
+                where m.user_id = (select auth.uid()) and m.role = 'owner');
+end;
 $$;
 
 -- users who share an organization with the caller
 create or replace function private.colleague_ids()
-returns setof uuid
-language sql
+returns uuid[]
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-  select distinct other.user_id
-    from public.organization_members as mine
-    join public.organization_members as other on other.organization_id = mine.organization_id
-   where mine.user_id = (select auth.uid())
+begin
+  return array(select distinct other.user_id
+                 from public.organization_members as mine
+                 join public.organization_members as other on other.organization_id = mine.organization_id
+                where mine.user_id = (select auth.uid()));
+end;
 $$;
 
 -- what they are for
-comment on function private.member_org_ids() is 'Organizations the calling user (auth.uid()) belongs to (any role); called by RLS policies.';
-comment on function private.admin_org_ids() is 'Organizations the calling user (auth.uid()) is an owner or admin of; called by RLS policies.';
-comment on function private.owner_org_ids() is 'Organizations the calling user (auth.uid()) owns; called by RLS policies.';
-comment on function private.colleague_ids() is 'Users who share an organization with the calling user (auth.uid(), included); called by RLS policies.';
+comment on function private.member_org_ids() is 'Organizations the calling user (auth.uid()) belongs to (any role), as an array; called by RLS policies.';
+comment on function private.admin_org_ids() is 'Organizations the calling user (auth.uid()) is an owner or admin of, as an array; called by RLS policies.';
+comment on function private.owner_org_ids() is 'Organizations the calling user (auth.uid()) owns, as an array; called by RLS policies.';
+comment on function private.colleague_ids() is 'Users who share an organization with the calling user (auth.uid(), included), as an array; called by RLS policies.';
 
 -- who may call them: authenticated (policies run as the caller) and service_role (which has no auth.uid(): nothing)
 revoke all on function private.member_org_ids() from public, anon;
@@ -1613,19 +1645,19 @@ $$;
 -- policies: organizations (created by service_role; deleted by owners)
 drop policy if exists organizations_select_members on public.organizations;
 create policy organizations_select_members on public.organizations for select to authenticated
-  using (id in (select private.member_org_ids()));
+  using (id = any ((select private.member_org_ids())::uuid[]));
 drop policy if exists organizations_update_admins on public.organizations;
 create policy organizations_update_admins on public.organizations for update to authenticated
-  using (id in (select private.admin_org_ids()))
-  with check (id in (select private.admin_org_ids()));
+  using (id = any ((select private.admin_org_ids())::uuid[]))
+  with check (id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists organizations_delete_owners on public.organizations;
 create policy organizations_delete_owners on public.organizations for delete to authenticated
-  using (id in (select private.owner_org_ids()));
+  using (id = any ((select private.owner_org_ids())::uuid[]));
 
 -- policies: profiles (read by the user and colleagues, written by the user)
 drop policy if exists profiles_select_self_and_colleagues on public.profiles;
 create policy profiles_select_self_and_colleagues on public.profiles for select to authenticated
-  using (id = (select auth.uid()) or id in (select private.colleague_ids()));
+  using (id = (select auth.uid()) or id = any ((select private.colleague_ids())::uuid[]));
 drop policy if exists profiles_insert_self on public.profiles;
 create policy profiles_insert_self on public.profiles for insert to authenticated
   with check (id = (select auth.uid()));
@@ -1637,72 +1669,72 @@ create policy profiles_update_self on public.profiles for update to authenticate
 -- policies: organization_members
 drop policy if exists organization_members_select_members on public.organization_members;
 create policy organization_members_select_members on public.organization_members for select to authenticated
-  using (organization_id in (select private.member_org_ids()));
+  using (organization_id = any ((select private.member_org_ids())::uuid[]));
 drop policy if exists organization_members_insert_admins on public.organization_members;
 create policy organization_members_insert_admins on public.organization_members for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids()));
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists organization_members_update_admins on public.organization_members;
 create policy organization_members_update_admins on public.organization_members for update to authenticated
-  using (organization_id in (select private.admin_org_ids()))
-  with check (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]))
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists organization_members_delete_admins on public.organization_members;
 create policy organization_members_delete_admins on public.organization_members for delete to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- policies: products
 drop policy if exists products_select_members on public.products;
 create policy products_select_members on public.products for select to authenticated
-  using (organization_id in (select private.member_org_ids()));
+  using (organization_id = any ((select private.member_org_ids())::uuid[]));
 drop policy if exists products_insert_admins on public.products;
 create policy products_insert_admins on public.products for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids()));
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists products_update_admins on public.products;
 create policy products_update_admins on public.products for update to authenticated
-  using (organization_id in (select private.admin_org_ids()))
-  with check (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]))
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists products_delete_admins on public.products;
 create policy products_delete_admins on public.products for delete to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- policies: inventory
 drop policy if exists inventory_select_members on public.inventory;
 create policy inventory_select_members on public.inventory for select to authenticated
-  using (organization_id in (select private.member_org_ids()));
+  using (organization_id = any ((select private.member_org_ids())::uuid[]));
 drop policy if exists inventory_insert_admins on public.inventory;
 create policy inventory_insert_admins on public.inventory for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids()));
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists inventory_update_admins on public.inventory;
 create policy inventory_update_admins on public.inventory for update to authenticated
-  using (organization_id in (select private.admin_org_ids()))
-  with check (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]))
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists inventory_delete_admins on public.inventory;
 create policy inventory_delete_admins on public.inventory for delete to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- policies: audit_logs (read by admins and owners; written by triggers and service_role only)
 drop policy if exists audit_logs_select_admins on public.audit_logs;
 create policy audit_logs_select_admins on public.audit_logs for select to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- policies: api_keys (admins and owners only)
 drop policy if exists api_keys_select_admins on public.api_keys;
 create policy api_keys_select_admins on public.api_keys for select to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists api_keys_insert_admins on public.api_keys;
 create policy api_keys_insert_admins on public.api_keys for insert to authenticated
-  with check (organization_id in (select private.admin_org_ids()));
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists api_keys_update_admins on public.api_keys;
 create policy api_keys_update_admins on public.api_keys for update to authenticated
-  using (organization_id in (select private.admin_org_ids()))
-  with check (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]))
+  with check (organization_id = any ((select private.admin_org_ids())::uuid[]));
 drop policy if exists api_keys_delete_admins on public.api_keys;
 create policy api_keys_delete_admins on public.api_keys for delete to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- policies: security_events (read by admins and owners; written by log_security_event() and service_role)
 drop policy if exists security_events_select_admins on public.security_events;
 create policy security_events_select_admins on public.security_events for select to authenticated
-  using (organization_id in (select private.admin_org_ids()));
+  using (organization_id = any ((select private.admin_org_ids())::uuid[]));
 
 -- grants: anon nothing; authenticated what RLS then narrows (never TRUNCATE, nor MAINTAIN on 17+); the logs append-only
 revoke all on table public.organizations, public.profiles, public.organization_members, public.products,
@@ -1725,24 +1757,93 @@ declare
   v_users text;
 begin
   for r in
-    select p.oid::regprocedure as fn from pg_catalog.pg_proc as p
+    select p.oid, p.oid::regprocedure::text as fn from pg_catalog.pg_proc as p
      where p.pronamespace = 'private'::regnamespace
        and p.proname in ('member_org_ids', 'admin_org_ids', 'owner_org_ids', 'colleague_ids')
        and p.pronargs = 1 and p.proargtypes[0] = 'uuid'::regtype
-     order by 1::text
+     order by 2
   loop
     select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
       into v_users
       from pg_catalog.pg_depend as d
-     where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.fn and d.deptype = 'n';
+     where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.oid and d.deptype = 'n';
     if v_users is not null then
       raise exception 'the old helper % answers for any user it is asked about, and % still call(s) it', r.fn, v_users
         using errcode = 'dependent_objects_still_exist',
               hint = format('Make them call %s (the caller''s own answer, from auth.uid()), then re-run this phase.',
-                            replace(r.fn::text, '(uuid)', '()'));
+                            replace(r.fn, '(uuid)', '()'));
     end if;
     execute format('drop function %s', r.fn);
     raise notice 'dropped the old policy helper % (it answered for any user)', r.fn;
+  end loop;
+end
+$$;
+
+-- the previous release's set-returning helpers (renamed <name>_setof in section 8): the policies above no
+-- longer call them. Never CASCADE: another object that still calls one stops the phase, named.
+do $$
+declare
+  r record;
+  v_users text;
+begin
+  for r in
+    select p.oid, p.oid::regprocedure::text as fn, p.proname from pg_catalog.pg_proc as p
+     where p.pronamespace = 'private'::regnamespace and p.pronargs = 0 and p.proretset
+       and p.proname in ('member_org_ids_setof', 'admin_org_ids_setof', 'owner_org_ids_setof', 'colleague_ids_setof')
+     order by 2
+  loop
+    select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
+      into v_users
+      from pg_catalog.pg_depend as d
+     where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.oid and d.deptype = 'n';
+    if v_users is not null then
+      raise exception 'the previous policy helper % (a set) is still called by %', r.fn, v_users
+        using errcode = 'dependent_objects_still_exist',
+              hint = format('Make them call private.%s() as `col = any ((select private.%s())::uuid[])`, then re-run this phase.',
+                            left(r.proname, -6), left(r.proname, -6));
+    end if;
+    execute format('drop function %s', r.fn);
+    raise notice 'dropped the previous policy helper % (it returned a set)', r.fn;
+  end loop;
+end
+$$;
+
+-- the legacy overloads that 000_core_functions.sql kept (as private.retired_*) for the legacy policies
+-- calling them: those on the core tables are gone above; a policy elsewhere that still calls one becomes
+-- a fail-closed placeholder of the same name, command and roles (access only narrows); then they go.
+do $$
+declare
+  r record;
+  pol record;
+begin
+  for r in
+    select p.oid, p.oid::regprocedure::text as fn from pg_catalog.pg_proc as p
+     where p.pronamespace = 'private'::regnamespace and p.proname like 'retired\_%'
+       and pg_catalog.obj_description(p.oid, 'pg_proc') like 'Retired by 000_core_functions.sql:%'
+     order by 2
+  loop
+    for pol in
+      select p.polname, p.polrelid::regclass as tbl, p.polpermissive, p.polcmd,
+             (select string_agg(case when x = 0 then 'public' else quote_ident(x::regrole::text) end, ', ' order by x)
+                from unnest(p.polroles) as x) as roles
+        from pg_catalog.pg_depend as d join pg_catalog.pg_policy as p on p.oid = d.objid
+       where d.classid = 'pg_catalog.pg_policy'::regclass and d.refclassid = 'pg_catalog.pg_proc'::regclass
+         and d.refobjid = r.oid and d.deptype = 'n'
+       order by 1, 2
+    loop
+      raise notice 'policy % on % calls %, which is retired: replaced by a fail-closed placeholder',
+        quote_ident(pol.polname), pol.tbl, r.fn;
+      execute format('drop policy %I on %s', pol.polname, pol.tbl);
+      execute format('create policy %I on %s as %s for %s to %s %s',
+        pol.polname, pol.tbl,
+        case when pol.polpermissive then 'permissive' else 'restrictive' end,
+        case pol.polcmd when 'r' then 'select' when 'a' then 'insert' when 'w' then 'update' when 'd' then 'delete' else 'all' end,
+        pol.roles,
+        case pol.polcmd when 'r' then 'using (false)' when 'd' then 'using (false)'
+                        when 'a' then 'with check (false)' else 'using (false) with check (false)' end);
+    end loop;
+    execute format('drop function %s', r.fn);
+    raise notice 'dropped % (a legacy overload that 000_core_functions.sql retired)', r.fn;
   end loop;
 end
 $$;

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from runbooks import connection, identity, pgtools, preflight, records, runner, verification
+from runbooks import backup, connection, identity, pgtools, preflight, records, runner, verification
 from runbooks.records import sha256_of
 
 from runbooks import engine, paths
@@ -270,12 +270,13 @@ def test_the_history_tells_pending_phases_and_files_changed_since_they_were_appl
 
 # -- backup and snapshot ---------------------------------------------------------------------------
 
-def test_the_snapshot_and_the_backup_describe_one_moment_even_while_someone_writes(legacy_db, tmp_path):
+@pytest.mark.parametrize("dump_beside", [False, True], ids=["dump after the snapshot", "dump beside the snapshot"])
+def test_the_snapshot_and_the_backup_describe_one_moment_even_while_someone_writes(legacy_db, tmp_path, dump_beside):
     conn = readonly(legacy_db)
-    run = SimpleNamespace(target=legacy_db.target, run_id=records.new_run_id())
+    run = SimpleNamespace(target=legacy_db.target, run_id=records.new_run_id(), record_dir=tmp_path)
     organizations = legacy_db.query("select count(*) from public.organizations")[0][0]
     try:
-        with preflight.one_moment(run) as moment:
+        with preflight.one_moment(run, backup=dump_beside) as moment:
             legacy_db.execute("insert into public.organizations (name, slug) values ('Late', 'late-writer')")
             snap = preflight.snapshot(conn, tmp_path, moment=moment)
             check = preflight.backup(conn, legacy_db.target, tmp_path, run.run_id, snapshot=moment)
@@ -296,6 +297,24 @@ def test_the_snapshot_and_the_backup_describe_one_moment_even_while_someone_writ
     data = subprocess.run([str(pg_restore), "--data-only", "--table", "organizations", "-f", "-", str(dump)],
                           capture_output=True, text=True, check=True).stdout
     assert "late-writer" not in data  # nor in the backup
+
+
+def test_a_dump_started_with_the_moment_and_never_finished_is_stopped_and_leaves_no_file(empty_db, tmp_path):
+    run = SimpleNamespace(target=empty_db.target, run_id=records.new_run_id(), record_dir=tmp_path)
+    with preflight.one_moment(run, backup=True) as moment:
+        assert isinstance(moment.dump, backup.DumpInProgress)
+        process = moment.dump.process
+    assert process.poll() is not None
+    assert list((tmp_path / "backup").iterdir()) == []
+
+
+def test_a_dump_that_cannot_start_with_the_moment_is_the_backup_checks_error(empty_db, conn, tmp_path):
+    run = SimpleNamespace(target=empty_db.target, run_id=records.new_run_id(), record_dir=tmp_path)
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / f"{empty_db.name}-{run.run_id}.dump").write_text("an earlier backup")
+    with preflight.one_moment(run, backup=True) as moment:
+        check = preflight.backup(conn, empty_db.target, tmp_path, run.run_id, snapshot=moment)
+    assert check.status == "error" and "already exists" in check.summary
 
 
 def test_the_backup_command_shown_holds_no_password(empty_db, tmp_path):

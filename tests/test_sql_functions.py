@@ -610,3 +610,53 @@ def test_verify_data_integrity_reports_a_redaction_or_a_backfill_left_for_a_reru
     report = {r[0]: r[1:] for r in rows(cur, "select * from public.verify_data_integrity()")}
     assert report["plaintext_rewrite_pending"][:2] == ("error", 1) and "products" in report["plaintext_rewrite_pending"][2]
     assert report["legacy_backfill_pending"][:2] == ("error", 1) and "public.audit_logs.ip" in report["legacy_backfill_pending"][2]
+
+
+# -- a database the previous release migrated: policy helpers that returned sets ------------------------------
+
+SETOF_HELPERS_SQL = """
+do $$
+declare r record;
+begin
+  for r in select distinct p.polname, p.polrelid::regclass as tbl from pg_depend d join pg_policy p on p.oid = d.objid
+            where d.refobjid in ('private.member_org_ids()'::regprocedure, 'private.colleague_ids()'::regprocedure) loop
+    execute format('drop policy %I on %s', r.polname, r.tbl);
+  end loop;
+end $$;
+drop function private.member_org_ids(), private.colleague_ids();
+create function private.member_org_ids() returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select m.organization_id from public.organization_members as m where m.user_id = (select auth.uid()) $$;
+create function private.colleague_ids() returns setof uuid language sql stable security definer
+  set search_path = '' as $$ select o.user_id from public.organization_members as mine
+                              join public.organization_members as o using (organization_id) where mine.user_id = (select auth.uid()) $$;
+grant execute on function private.member_org_ids(), private.colleague_ids() to authenticated, service_role;
+create policy products_select_members on public.products for select to authenticated
+  using (organization_id in (select private.member_org_ids()));
+create policy profiles_select_self_and_colleagues on public.profiles for select to authenticated
+  using (id = (select auth.uid()) or id in (select private.colleague_ids()));
+"""
+HELPER_RESULTS_SQL = """
+select p.oid::regprocedure::text, p.proretset, format_type(p.prorettype, null) from pg_proc p
+ where p.pronamespace = 'private'::regnamespace and p.proname ~ '_ids' order by 1"""
+
+
+def test_re_applying_phase_2_replaces_the_set_returning_helpers_with_array_ones(make_db):
+    db = make_db("legacy@3")
+    db.execute(SETOF_HELPERS_SQL)
+    apply_psql(db, PHASE_FILES[1])
+    assert db.query(HELPER_RESULTS_SQL) == [(name, False, "uuid[]") for (name,) in NEW_SIGNATURES]
+    assert db.query("""select count(*) from pg_policies where schemaname = 'public'
+                        and coalesce(qual, '') || coalesce(with_check, '') ~* ' in \\( select private'""") == [(0,)]
+
+
+def test_a_set_returning_helper_that_another_object_still_calls_stops_phase_2_naming_it(make_db):
+    db = make_db("legacy@3")
+    db.execute(SETOF_HELPERS_SQL + """
+        create table public.team_notes (id int primary key, organization_id uuid);
+        alter table public.team_notes enable row level security;
+        create policy team_notes_members on public.team_notes for select to authenticated
+          using (organization_id in (select private.member_org_ids()));""")
+    error = psql_error(db, PHASE_FILES[1])
+    assert "the previous policy helper private.member_org_ids_setof() (a set) is still called by policy team_notes_members" in error
+    # never dropped while called (psql -f commits statement by statement: it stays renamed, and still answers)
+    assert ("private.member_org_ids_setof()", True, "uuid") in db.query(HELPER_RESULTS_SQL)

@@ -18,6 +18,7 @@ import pglast
 import psycopg2
 import pytest
 
+from runbooks import verification
 from sqlhelpers import (CONTRACT_TABLES, NO_TRANSACTION, PHASE_FILES, PLAINTEXT_KEYS, SUMMARY_QUERIES, apply_phases,
                         apply_psql, apply_psycopg2, catalog_summary, contract_columns, data_fingerprint, find_text,
                         physical_hits, psql_error, row_counts, split_file, strip_sql_noise, uppercase_words)
@@ -318,17 +319,68 @@ def test_after_phase_one_updating_a_legacy_row_moves_its_updated_at(make_db, bas
     assert after > before[1]
 
 
-def test_phase_one_replaces_legacy_policies_on_retired_overloads_with_fail_closed_placeholders(template_db):
+LEGACY_ACME = "0a000000-0000-4000-8000-000000000001"
+LEGACY_WIDGET = "0c000000-0000-4000-8000-000000000001"
+LEGACY_PEOPLE = {"bob": "0b000000-0000-4000-8000-000000000002", "dave": "0b000000-0000-4000-8000-000000000004"}
+
+
+def test_phase_one_moves_overloads_that_legacy_policies_call_to_private_and_leaves_those_policies_unchanged(template_db):
     db = template_db("legacy@1")
     assert db.query("""select tablename, policyname, qual, with_check from pg_policies
                         where policyname in ('Members can view products', 'inventory_admin_write', 'org_update') order by 1""") == [
-        ("inventory", "inventory_admin_write", "false", "false"),
-        ("organizations", "org_update", "false", "false"),
-        ("products", "Members can view products", "false", None),
+        ("inventory", "inventory_admin_write", "private.retired_is_org_admin((auth.uid())::text, (organization_id)::text)", None),
+        ("organizations", "org_update", "(id = private.retired_get_user_organization_id())", None),
+        ("products", "Members can view products", "private.retired_is_org_member(organization_id)", None),
     ]
     assert db.query("select oid::regprocedure::text from pg_proc where proname in ('is_org_member', 'is_org_admin', "
                     "'get_user_organization_id') order by 1") == [
         ("get_user_organization_id(uuid)",), ("is_org_admin(uuid,uuid)",), ("is_org_member(uuid,uuid)",)]
+
+
+def test_between_phases_one_and_two_an_admin_still_inserts_inventory_through_the_legacy_policy_and_a_viewer_cannot(make_db):
+    db = make_db("legacy@1")
+    insert = ("insert into public.inventory (organization_id, product_id, location, quantity) "
+              "values (%s, %s, %s, 5) returning id")
+    with db.connect() as conn, conn.cursor() as cur:
+        verification.act_as(cur, "bob", LEGACY_PEOPLE)
+        cur.execute(insert, (LEGACY_ACME, LEGACY_WIDGET, "between-phases"))
+        assert cur.fetchone()
+        conn.rollback()
+        verification.act_as(cur, "dave", LEGACY_PEOPLE)
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute(insert, (LEGACY_ACME, LEGACY_WIDGET, "between-phases"))
+        conn.rollback()
+
+
+@pytest.mark.parametrize("base", LEGACIES)
+def test_phase_two_drops_the_overloads_that_phase_one_retired(template_db, base):
+    assert template_db(f"{base}@1").query("select count(*) > 0 from pg_proc where proname like 'retired%'") == [(True,)]
+    assert template_db(f"{base}@2").query("select proname from pg_proc where proname like 'retired%'") == []
+
+
+def test_a_policy_outside_the_core_tables_on_a_retired_overload_works_until_phase_two_then_fails_closed(make_db):
+    db = make_db("legacy")
+    db.execute("""create table public.notes (id int primary key, organization_id uuid);
+                  alter table public.notes enable row level security;
+                  create policy notes_members on public.notes for select to authenticated using (is_org_member(organization_id))""")
+    apply_phases(db, 1)
+    assert db.query("select qual from pg_policies where policyname = 'notes_members'") == [
+        ("private.retired_is_org_member(organization_id)",)]
+    apply_phases(db, 2, start=2)
+    assert db.query("select roles, cmd, qual from pg_policies where policyname = 'notes_members'") == [
+        (["authenticated"], "SELECT", "false")]
+
+
+def test_an_overload_retired_twice_with_the_same_arguments_gets_a_second_name(make_db):
+    db = make_db("legacy@1")
+    db.execute("""create function public.is_org_admin(a text, b text) returns boolean language sql as 'select false';
+                  create table public.notes (id int primary key, organization_id uuid);
+                  alter table public.notes enable row level security;
+                  create policy notes_admins on public.notes for all to authenticated
+                    using (is_org_admin(auth.uid()::text, organization_id::text))""")
+    apply_phases(db, 1)
+    assert db.query("select oid::regprocedure::text from pg_proc where proname like 'retired_is_org_admin%' order by 1") == [
+        ("private.retired_is_org_admin(text,text)",), ("private.retired_is_org_admin_2(text,text)",)]
 
 
 def test_the_guides_untyped_call_of_is_org_admin_reaches_the_contract_function(template_db):

@@ -222,7 +222,7 @@ HELPERS = ("member_org_ids", "admin_org_ids", "owner_org_ids", "colleague_ids")
 def helper_answer(cur, who: str, helper: str) -> set[str]:
     with savepoint(cur, "helper"):
         act_as(cur, who)
-        cur.execute(f"select * from private.{helper}()")
+        cur.execute(f"select unnest(private.{helper}())")
         return {str(value) for (value,) in cur.fetchall()}
 
 
