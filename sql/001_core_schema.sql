@@ -1914,6 +1914,11 @@ begin
       -- the migration's own writes: updated_at kept (the trigger above sees the flag), the log's
       -- append-only rule lets the owner through; any other trigger of the table is quiet for this batch
       perform set_config('truthsource.migration_write', 'on', true);
+      -- an app transaction may hold one of the batch's rows for a while: a row lock, not a table lock
+      -- (the app does not queue behind the batch for the table), so the batch waits up to 5 s for it
+      if current_setting('lock_timeout')::interval between interval '1 microsecond' and interval '5 seconds' then
+        perform set_config('lock_timeout', '5s', true);
+      end if;
       select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
        where t.tgrelid = r.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%'
          and t.tgfoid not in ('public.update_updated_at_column()'::regprocedure, 'private.append_only()'::regprocedure);
@@ -1982,7 +1987,11 @@ begin
     v_pages := pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint;
     v_page := 0;
     while v_page < v_pages loop
-      -- the log's append-only rule lets the owner through; any other trigger of it is quiet for this batch
+      -- the log's append-only rule lets the owner through; any other trigger of it is quiet for this batch;
+      -- a row an app transaction holds is waited for up to 5 s, as in the redaction's batches
+      if current_setting('lock_timeout')::interval between interval '1 microsecond' and interval '5 seconds' then
+        perform set_config('lock_timeout', '5s', true);
+      end if;
       select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
        where t.tgrelid = b.rel and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%'
          and t.tgfoid not in ('public.update_updated_at_column()'::regprocedure, 'private.append_only()'::regprocedure);
