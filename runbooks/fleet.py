@@ -29,12 +29,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from . import cli, connection, promotion, records, runner, signoff
+from . import by_hand, cli, connection, promotion, records, runner, signoff
 
 POOL = "truthsource_runbook"   # one slot per running deployment; the instance sets the limit
 STAGING_PARTITIONS = dg.DynamicPartitionsDefinition(name="truthsource_staging_targets")
 PRODUCTION_PARTITIONS = dg.DynamicPartitionsDefinition(name="truthsource_production_targets")
-RECORDS_ENV = "RUNBOOK_RECORDS"
+RECORDS_ENV = by_hand.RECORDS_ENV   # where runs keep their records, as by hand
 SIGNOFF_ENV = "RUNBOOK_FLEET_SIGNOFF"
 # What may be retried: the server ended the session mid-phase; the phase's transaction was rolled back.
 RETRYABLE_ERRORS = ("ConnectionLost",)

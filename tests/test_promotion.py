@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from runbooks import connection, promotion, records, runner
+from runbooks import by_hand, connection, promotion, records, runner
 
 from runhelpers import runbook, sign_off_window, target_entry
 
@@ -162,3 +162,10 @@ def test_status_all_shows_which_digests_each_target_has_applied(fleet, staging, 
         assert "=" + digest[:12] in staging_line
     assert prod_line.split()[1:] == ["yes", "pending", "pending", "pending"]
     assert f"proven by run {staging['run_id']} on target 'staging'" in out
+
+
+def test_a_phase_stepped_through_by_hand_on_production_needs_the_preflights_run_even_when_told_not_to(
+        fleet, tmp_path, monkeypatch):
+    monkeypatch.setenv(by_hand.RECORDS_ENV, str(tmp_path / "records"))
+    with pytest.raises(by_hand.PreflightRequired, match="production target takes a phase only in the run of a passed"):
+        by_hand.joined_run("01_phase1_core_functions", fleet["target"], require_preflight=False)
