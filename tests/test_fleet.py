@@ -33,14 +33,14 @@ def closed_port() -> int:
 @pytest.fixture(scope="module")
 def fleet_runs(server, tmp_path_factory):
     """The staging partitions of a four-target fleet (and one production target), each run once."""
-    dbs = {name: server.create_database("legacy") for name in ("eu", "us", "duplicates")}
+    dbs = {name: server.create_database("legacy") for name in ("eu", "us", "duplicates", "prod")}
     dbs["duplicates"].execute("insert into public.products (organization_id, sku, name) values "
                               "('0a000000-0000-4000-8000-000000000001', 'GAD-100', 'Gadget again')")
     folder = tmp_path_factory.mktemp("fleet")
     targets = folder / "targets.toml"
-    targets.write_text("".join(target_entry(name, server, db.name) for name, db in dbs.items())
+    targets.write_text("".join(target_entry(name, server, dbs[name].name) for name in ("eu", "us", "duplicates"))
                        + target_entry("gone", server, "postgres").replace(str(server.pg.port), str(closed_port()))
-                       + target_entry("prod", server, dbs["eu"].name, production=True))
+                       + target_entry("prod", server, dbs["prod"].name, production=True))
     resource = fleet.Fleet(targets_file=str(targets), records=str(folder / "records"),
                            signoff_file=str(folder / "change.toml"))
     instance = dg.DagsterInstance.ephemeral()
@@ -50,7 +50,7 @@ def fleet_runs(server, tmp_path_factory):
                                             resources={"fleet": resource})
                for name in STAGING}
     yield {"results": results, "instance": instance, "fleet": resource, "root": folder / "records",
-           "folder": folder}
+           "folder": folder, "prod": dbs["prod"]}
     for db in dbs.values():
         server.drop_database(db)
 
@@ -114,7 +114,8 @@ def test_an_unreachable_target_is_refused_with_exit_2_and_not_retried(fleet_runs
 def test_the_runs_did_not_interleave(fleet_runs):
     spans = sorted((datetime.fromisoformat(m["started_at"]), datetime.fromisoformat(m["finished_at"]))
                    for m in (records.Record.open(fleet_runs["root"], row["run_id"]).manifest()
-                             for row in records.list_records(fleet_runs["root"])))
+                             for row in records.list_records(fleet_runs["root"]))
+                   if m["target"]["name"] in STAGING)
     assert len(spans) == 4
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
 
@@ -144,3 +145,23 @@ def test_the_canary_sensor_holds_production_until_every_staging_target_passed_an
     assert request.run_config == {"ops": {"production_deployment": {"config": {"yes": True, "parameters": {
         "approver": "Dana DBA", "change_ticket": "CHG-9", "maintenance_window": window,
         "stakeholders_notified": "true", "rollback_plan_confirmed": "true"}}}}}
+
+
+def test_the_production_run_the_canary_requests_passes_and_names_its_staging_evidence(fleet_runs):
+    instance, resource = fleet_runs["instance"], fleet_runs["fleet"]
+    for name in ("duplicates", "gone"):
+        if name in instance.get_dynamic_partitions(fleet.STAGING_PARTITIONS.name):
+            instance.delete_dynamic_partition(fleet.STAGING_PARTITIONS.name, name)
+    (fleet_runs["folder"] / "change.toml").write_text(
+        f'yes = true\n[parameters]\napprover = "Dana DBA"\nchange_ticket = "CHG-9"\n'
+        f'maintenance_window = "{sign_off_window(-1, 2)}"\nstakeholders_notified = true\nrollback_plan_confirmed = true\n')
+    [request] = fleet.production_after_staging(dg.build_sensor_context(instance=instance, resources={"fleet": resource}))
+    result = fleet.defs.resolve_job_def("deploy_production").execute_in_process(
+        instance=instance, partition_key=request.partition_key, run_config=request.run_config,
+        resources={"fleet": resource}, raise_on_error=False)
+    assert result.success
+    [event] = result.asset_materializations_for_node("production_deployment")
+    record = records.Record.open(fleet_runs["root"], event.metadata["run_id"].value)
+    evidence = record.manifest()["promotion"]["evidence"]
+    staging_runs = {materialized(fleet_runs["results"][name])["run_id"] for name in ("eu", "us")}
+    assert evidence["run_id"] in staging_runs and evidence["seal"] and record.verify() == []

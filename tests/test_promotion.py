@@ -92,6 +92,7 @@ def test_production_with_staging_evidence_in_the_records_passes_and_its_record_n
     assert decided["evidence"]["seal"] == staging["record"].seal()
     assert decided["phase_files"] == promotion.phase_digests()
     assert record.verify() == []
+    assert f"promoted from: run {staging['run_id']} on target staging" in records.describe(record)
 
 
 def test_the_override_goes_on_without_evidence_and_is_recorded_with_its_reason(fleet, tmp_path):
@@ -105,6 +106,8 @@ def test_the_override_goes_on_without_evidence_and_is_recorded_with_its_reason(f
     assert manifest["promotion"]["override"] == {"reason": "CHG-7: staging is down, fix is urgent"}
     assert manifest["promotion"]["evidence"] is None
     assert manifest["parameters"]["promotion_override"] == "CHG-7: staging is down, fix is urgent"
+    assert ("promotion: OVERRIDDEN without staging evidence: CHG-7: staging is down, fix is urgent"
+            in records.describe(only_record(root)))
 
 
 def test_evidence_for_other_phase_files_is_not_accepted(staging):
