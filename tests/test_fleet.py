@@ -14,7 +14,7 @@ import pytest
 
 dg = pytest.importorskip("dagster", reason="the fleet extra is not installed (pip install -e .[fleet])")
 
-from runbooks import fleet, promotion, records  # noqa: E402  (after the skip: fleet imports dagster)
+from runbooks import fleet, promotion, records, runner  # noqa: E402  (after the skip: fleet imports dagster)
 
 from runhelpers import sign_off_window, target_entry  # noqa: E402
 
@@ -165,3 +165,16 @@ def test_the_production_run_the_canary_requests_passes_and_names_its_staging_evi
     evidence = record.manifest()["promotion"]["evidence"]
     staging_runs = {materialized(fleet_runs["results"][name])["run_id"] for name in ("eu", "us")}
     assert evidence["run_id"] in staging_runs and evidence["seal"] and record.verify() == []
+
+
+@pytest.mark.parametrize("verdict, error, retried", [
+    ("failed", "ConnectionLost: the server ended the session during phase 2 (connection was lost)", True),
+    ("failed", "CheckFailed: phase_preconditions: products_organization_id_sku_key would refuse GAD-100", False),
+    ("refused", None, False),
+])
+def test_only_a_run_the_server_cut_off_mid_phase_is_retried(tmp_path, verdict, error, retried):
+    # the outcome as runner.run_plan leaves it: the failing notebook's entry says "<exception>: <message>"
+    run_id = records.new_run_id()
+    outcome = runner.Outcome(run_id=run_id, record=records.Record(tmp_path, run_id), verdict=verdict,
+                             notebooks=[{"name": "phase2", "status": "failed" if error else "not run", "error": error}])
+    assert fleet.retry_is_safe(outcome) is retried
