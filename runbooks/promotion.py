@@ -148,9 +148,9 @@ where verdict = 'passed' and finished_at >= %s order by finished_at desc"""
 
 
 def evidence_in_history(target: connection.Target, digests: dict[str, str], oldest: datetime) -> list[Evidence]:
-    """Runs on a non-production target that passed (its runs table) after which its history shows
-    every phase file applied with these digests, newest first. The database vouches for the run;
-    the seal is the record's, which lives where that run was made."""
+    """Runs on a non-production target that passed (its runs table), applied phases themselves, and
+    after which its history shows every phase file applied with these digests, newest first. The
+    database vouches for the run; the seal is the record's, which lives where that run was made."""
     conn = connection.connect(target, application_name="runbook promotion", readonly=True, autocommit=True)
     try:
         history = engine.read_history(conn)
@@ -163,8 +163,11 @@ def evidence_in_history(target: connection.Target, digests: dict[str, str], olde
     finally:
         conn.close()
     by_file = {Path(name).name: digest for name, digest in digests.items()}
+    applying_runs = {row["run_id"] for row in history if row["action"] != "rollback"}
     found = []
     for run_id, finished_at in runs:
+        if run_id not in applying_runs:
+            continue   # it applied nothing (a re-run that skipped every phase): its record is the evidence
         applied = engine.latest_applied([row for row in history if row["applied_at"] <= finished_at])
         if {row["file_name"]: row["sha256"] for row in applied.values()} == by_file:
             found.append(Evidence(run_id=run_id, target=target.describe(), source="deployment history",
