@@ -74,6 +74,10 @@ def joined_run(notebook: str, target, *, require_preflight: bool = True, max_age
         return None
     state = read_state(target)
     problem = _preflight_problem(state, target, max_age_hours)
+    if problem and notebook in PHASES and target.production:
+        # production: the preflight is where the sign-off and the staging evidence (promotion) are asked
+        raise PreflightRequired(f"{notebook}: {problem}. A production target takes a phase only in the run of a "
+                                "passed preflight (sign-off, staging evidence): run 00_preflight first")
     if problem and notebook in PHASES and require_preflight:
         raise PreflightRequired(f"{notebook}: {problem}. Run 00_preflight for this target first (by hand it "
                                 "starts the run this notebook joins), or set require_preflight = False")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, engine, records, runner, signoff
+from . import connection, engine, promotion, records, runner, signoff
 from .engine import EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_records(p)
 
     p = commands.add_parser("status", help="what is applied, with checksums, and whether the files still match")
-    _add_target(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
+    group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
+    group.add_argument("--all", action="store_true",
+                       help="every target of the targets file: which phase file digests are applied where")
+    p.add_argument("--targets-file", metavar="PATH",
+                   help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
+    _add_records(p)
 
     p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -191,11 +198,22 @@ def cmd_rehearse(args) -> int:
 def cmd_deploy(args) -> int:
     target = resolve_target(args)
     params = parse_parameters(args.parameter, runner.DEPLOY_PLAN)
-    problems = signoff.problems(params, production=target.production, confirmed=args.yes)
+    return finished(args, deploy(target, params, confirmed=args.yes, records_root=args.records))
+
+
+def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_root: Path,
+           progress=print) -> runner.Outcome:
+    """`runbook deploy`'s plan on one target (the fleet's partitions run this too): the sign-off and
+    the promotion rule are asked first, and a refusal raises UsageError before anything changes."""
+    problems = signoff.problems(params, production=target.production, confirmed=confirmed)
+    decision = promotion.decide(target, records_root, override=params.get("promotion_override"),
+                                max_age_days=params.get("promotion_max_age_days"))
+    if not decision.allowed:
+        problems.append(decision.problem)
     if problems:
         raise UsageError("refused: " + "; ".join(problems))
-    return finished(args, runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=args.records,
-                                          parameters=params))
+    return runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=records_root, parameters=params,
+                           progress=progress)
 
 
 def cmd_verify(args) -> int:
@@ -240,6 +258,8 @@ def cmd_maintain(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if args.all:
+        return status_of_fleet(args)
     target = resolve_target(args)
     try:
         conn = connection.connect(target, application_name="runbook status", readonly=True)
@@ -276,6 +296,34 @@ def cmd_status(args) -> int:
     print(f"history: {len(history)} row(s); " + ("files on disk match what was applied" if not drift
                                                  else f"{drift} applied phase(s) changed on disk"))
     return EXIT_FAILED if drift else EXIT_OK
+
+
+def status_of_fleet(args) -> int:
+    """Per target of the targets file, the digest of each phase file it has applied (= the file on
+    disk, or the digest that differs), and what production may be given (the promotion rule)."""
+    path = connection.targets_file_path(args.targets_file)
+    targets = [connection.from_targets_file(name, path) for name in connection.target_names(path)]
+    on_disk = {Path(name).name: digest for name, digest in promotion.phase_digests().items()}
+    print(f"{'target':<20} {'prod':<5} " + " ".join(f"{name[:22]:<23}" for name in on_disk))
+    print(f"{'(files on disk)':<20} {'':<5} " + " ".join(f"{digest[:12]:<23}" for digest in on_disk.values()))
+    for target in targets:
+        try:
+            applied = promotion.applied_digests(target)
+            cells = [("=" if applied[name] == digest else "") + (applied[name] or "pending")[:12]
+                     for name, digest in on_disk.items()]
+        except psycopg2.OperationalError as exc:
+            cells = ["unreachable: " + " ".join(str(exc).split())[:40]]
+        print(_fit(f"{target.name[:20]:<20} {'yes' if target.production else 'no':<5} "
+                   + " ".join(f"{cell:<23}" for cell in cells)))
+    print("(= : the applied file is the one on disk)")
+    production = next((t for t in targets if t.production), None)
+    if production is not None:
+        decision = promotion.decide(production, args.records, targets_file=path)
+        print(_fit("promotion: " + (f"the files on disk are proven by {decision.evidence.describe()}"
+                                    if decision.evidence else
+                                    f"no non-production deployment of the files on disk in the last "
+                                    f"{decision.max_age_days:g} days: production would be refused"), 200))
+    return EXIT_OK
 
 
 WIDTH = 100   # what `status` and `records list` print fits a terminal this wide

@@ -108,6 +108,20 @@ def targets_file_path(path: str | os.PathLike | None = None) -> Path:
     return root if not here.is_file() and root.is_file() else here
 
 
+def target_names(path: str | os.PathLike | None = None) -> list[str]:
+    """The entries of a targets file, in the file's order (the fleet's partitions)."""
+    return list(_targets_of(targets_file_path(path)))
+
+
+def _targets_of(file: Path) -> dict:
+    if not file.is_file():
+        raise TargetError(f"targets file {file} not found (give --targets-file or set {TARGETS_ENV})")
+    try:
+        return tomllib.loads(file.read_text()).get("targets", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"targets file {file} is not valid TOML: {exc}") from None
+
+
 def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Target:
     """An entry of a targets file::
 
@@ -120,13 +134,7 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
         production = false
     """
     file = targets_file_path(path)
-    if not file.is_file():
-        raise TargetError(f"targets file {file} not found (give --targets-file or set {TARGETS_ENV})")
-    try:
-        data = tomllib.loads(file.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"targets file {file} is not valid TOML: {exc}") from None
-    entries = data.get("targets", {})
+    entries = _targets_of(file)
     if name not in entries:
         known = ", ".join(sorted(entries)) or "none"
         raise TargetError(f"target {name!r} is not in {file} (known: {known})")

@@ -317,6 +317,20 @@ def outcome_kind(entry: dict) -> str:
     return "skipped" if entry.get("skipped") else "passed"
 
 
+def _promotion_lines(decided: dict | None) -> list[str]:
+    """What a production run's record says about its staging evidence (promotion.py), or its override."""
+    if not decided or not decided.get("required"):
+        return []
+    evidence, override = decided.get("evidence"), decided.get("override")
+    if evidence:
+        target = evidence.get("target") or {}
+        return [f"  promoted from: run {evidence['run_id']} on {target.get('kind')} {target.get('name')} "
+                f"(finished {evidence.get('finished_at')}, seal {evidence.get('seal') or 'not here: ' + evidence['source']})"]
+    if override:
+        return [f"  promotion: OVERRIDDEN without staging evidence: {override.get('reason')}"]
+    return [f"  promotion: refused: {decided.get('problem')}"]
+
+
 def describe(record: Record) -> str:
     """A record's manifest, readably (what `runbook records show` prints)."""
     m = record.manifest()
@@ -339,6 +353,7 @@ def describe(record: Record) -> str:
         lines.append(f"  page:    {(record.path / 'index.html').resolve()} (open it in a browser, offline)")
     if m.get("rolls_back"):
         lines.append(f"  rolls back: run {m['rolls_back']}")
+    lines += _promotion_lines(m.get("promotion"))
     if m.get("error"):
         lines.append(f"  error:   {m['error']}")
     lines.append("  sql files:")

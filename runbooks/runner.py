@@ -25,7 +25,7 @@ import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import connection, engine, identity, kernel_guard, pages, records, watch
+from . import connection, engine, identity, kernel_guard, pages, promotion, records, watch
 from .notebook import VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -337,6 +337,9 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
             if entry.get(key):
                 entry[digest] = records.sha256_of(record.path / entry[key])
     manifest["finished_at"] = records.utc_now()
+    decided = promotion.read(record.path)   # the preflight's promotion decision and its evidence
+    if decided is not None:
+        manifest["promotion"] = decided
     redacted = records.redact_data(manifest, secrets)
     if redacted != manifest:
         manifest = redacted

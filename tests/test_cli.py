@@ -194,6 +194,7 @@ def test_a_production_deploy_with_full_sign_off_inside_its_window_passes_and_rec
     window = sign_off_window(-1, 2)
     root = tmp_path / "records"
     code = runbook("deploy", "--target", "prod", "--yes", *SIGNOFF, "-p", "maintenance_window", window,
+                   "-p", "promotion_override", "first deployment (test_promotion covers the evidence)",
                    "--records", root, "--targets-file", targets_file)
     printed = capsys.readouterr()
     assert code == 0, printed.err
@@ -205,7 +206,8 @@ def test_a_production_deploy_with_full_sign_off_inside_its_window_passes_and_rec
     assert manifest["target"]["production"] is True
     assert manifest["parameters"] == {"approver": "Dana DBA", "change_ticket": "CHG-1",
                                       "stakeholders_notified": True, "rollback_plan_confirmed": True,
-                                      "maintenance_window": window}
+                                      "maintenance_window": window,
+                                      "promotion_override": "first deployment (test_promotion covers the evidence)"}
     assert record.verify() == []
     conn = empty_db.connect()
     try:

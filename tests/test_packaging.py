@@ -27,6 +27,17 @@ def test_environment_yml_and_pyproject_name_the_same_dependencies():
     assert sorted(_pip_requirements_of_environment_yml()) == sorted(pyproject)
 
 
+def test_environment_yml_names_the_fleet_extra_as_pyproject_does():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["fleet"]
+    commented = re.findall(r"^#\s+- (\S+)$", (ROOT / "environment.yml").read_text(), re.MULTILINE)
+    assert sorted(commented) == sorted(extra)
+
+
+def test_ci_installs_the_fleet_extra_so_its_tests_run_there():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-e '.[fleet]'" in ci and ci.rstrip().endswith("exec make test")
+
+
 def test_the_python_floor_agrees():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert pyproject == ">=3.11"
