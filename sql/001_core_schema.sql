@@ -1748,62 +1748,43 @@ grant select on table public.audit_logs, public.security_events to authenticated
 revoke update, delete, truncate on table public.audit_logs, public.security_events from service_role;
 grant select, insert on table public.audit_logs, public.security_events to service_role;
 
--- the helpers of earlier releases took a user argument and answered for anyone: dropped now that the
--- policies above call the caller-only ones. Never CASCADE: an object of someone else's that still calls
--- one stops the phase, named, so that it is re-pointed rather than silently dropped.
+-- the policy helpers of earlier releases, dropped now that the policies above call this release's: those
+-- that took a user argument (they answered for anyone) and the previous release's set-returning ones
+-- (renamed <name>_setof in section 8). Never CASCADE: an object of someone else's that still calls one
+-- stops the phase, named, so that it is re-pointed rather than silently dropped.
 do $$
 declare
   r record;
   v_users text;
 begin
   for r in
-    select p.oid, p.oid::regprocedure::text as fn from pg_catalog.pg_proc as p
+    select p.oid, p.oid::regprocedure::text as fn, p.proname, p.proname like '%\_setof' as is_set
+      from pg_catalog.pg_proc as p
      where p.pronamespace = 'private'::regnamespace
-       and p.proname in ('member_org_ids', 'admin_org_ids', 'owner_org_ids', 'colleague_ids')
-       and p.pronargs = 1 and p.proargtypes[0] = 'uuid'::regtype
-     order by 2
+       and ((p.proname in ('member_org_ids', 'admin_org_ids', 'owner_org_ids', 'colleague_ids')
+             and p.pronargs = 1 and p.proargtypes[0] = 'uuid'::regtype)
+         or (p.proname in ('member_org_ids_setof', 'admin_org_ids_setof', 'owner_org_ids_setof', 'colleague_ids_setof')
+             and p.pronargs = 0 and p.proretset))
+     order by 4, 2
   loop
     select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
       into v_users
       from pg_catalog.pg_depend as d
      where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.oid and d.deptype = 'n';
-    if v_users is not null then
+    if v_users is not null and r.is_set then
+      raise exception 'the previous policy helper % (a set) is still called by %', r.fn, v_users
+        using errcode = 'dependent_objects_still_exist',
+              hint = format('Make them call private.%s() as `col = any ((select private.%s())::uuid[])`, then re-run this phase.',
+                            left(r.proname, -6), left(r.proname, -6));
+    elsif v_users is not null then
       raise exception 'the old helper % answers for any user it is asked about, and % still call(s) it', r.fn, v_users
         using errcode = 'dependent_objects_still_exist',
               hint = format('Make them call %s (the caller''s own answer, from auth.uid()), then re-run this phase.',
                             replace(r.fn, '(uuid)', '()'));
     end if;
     execute format('drop function %s', r.fn);
-    raise notice 'dropped the old policy helper % (it answered for any user)', r.fn;
-  end loop;
-end
-$$;
-
--- the previous release's set-returning helpers (renamed <name>_setof in section 8): the policies above no
--- longer call them. Never CASCADE: another object that still calls one stops the phase, named.
-do $$
-declare
-  r record;
-  v_users text;
-begin
-  for r in
-    select p.oid, p.oid::regprocedure::text as fn, p.proname from pg_catalog.pg_proc as p
-     where p.pronamespace = 'private'::regnamespace and p.pronargs = 0 and p.proretset
-       and p.proname in ('member_org_ids_setof', 'admin_org_ids_setof', 'owner_org_ids_setof', 'colleague_ids_setof')
-     order by 2
-  loop
-    select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
-      into v_users
-      from pg_catalog.pg_depend as d
-     where d.refclassid = 'pg_catalog.pg_proc'::regclass and d.refobjid = r.oid and d.deptype = 'n';
-    if v_users is not null then
-      raise exception 'the previous policy helper % (a set) is still called by %', r.fn, v_users
-        using errcode = 'dependent_objects_still_exist',
-              hint = format('Make them call private.%s() as `col = any ((select private.%s())::uuid[])`, then re-run this phase.',
-                            left(r.proname, -6), left(r.proname, -6));
-    end if;
-    execute format('drop function %s', r.fn);
-    raise notice 'dropped the previous policy helper % (it returned a set)', r.fn;
+    raise notice 'dropped the % policy helper % (%)', case when r.is_set then 'previous' else 'old' end, r.fn,
+      case when r.is_set then 'it returned a set' else 'it answered for any user' end;
   end loop;
 end
 $$;
