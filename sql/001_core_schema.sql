@@ -871,17 +871,28 @@ begin
          array_agg(distinct length(k.plaintext))
     into v_class, v_lengths
     from private.redaction_keys as k, regexp_split_to_table(k.plaintext, '') as c;
-  -- the keys a text holds (NULL: none)
+  -- the keys a text holds (NULL: none). The candidate substrings are looked up in the keys' index
+  -- (= any: an index probe each), never hashed against the whole key set: per value, the cost follows the
+  -- value's length, not the number of keys
   execute format($x$create or replace function private.p2_secret_copies(p_text text) returns text[]
-language sql stable
+language plpgsql stable
 set search_path = ''
 as $f$
-  select array_agg(distinct k.plaintext order by k.plaintext)
-    from regexp_matches(p_text, %1$s, 'g') as m (run)
-   cross join unnest(%2$s::int[]) as l (len)
-   cross join generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)
-    join private.redaction_keys as k on k.plaintext = substr(m.run[1], p.pos, l.len)
-   where strpos(p_text, %3$s) > 0
+declare
+  v_found text[];
+begin
+  if strpos(p_text, %3$s) = 0 then
+    return null;
+  end if;
+  select array_agg(k.plaintext order by k.plaintext) into v_found
+    from private.redaction_keys as k
+   where k.plaintext = any (array(
+           select substr(m.run[1], p.pos, l.len)
+             from regexp_matches(p_text, %1$s, 'g') as m (run)
+            cross join unnest(%2$s::int[]) as l (len)
+            cross join generate_series(1, length(m.run[1]) - l.len + 1) as p (pos)));
+  return v_found;
+end
 $f$$x$, quote_literal(format('[%s]{%s,}', v_class, least((select min(x) from unnest(v_lengths) as x), 255))),
         quote_literal(v_lengths), quote_literal(v_prefix));
   -- a text with each key it holds replaced by a mark naming the key's prefix
@@ -1873,8 +1884,8 @@ comment on table public.security_events is 'Append-only security events (severit
 -- copies of plaintext keys redacted in batches of pages (a TID range scan each), each batch its own short
 -- transaction: the rows of a batch that hold a copy go through the table's zz_p2_redact trigger, which also
 -- redacts what the app writes meanwhile. pages_done in private.pending_redactions is where a re-run
--- resumes. When every table is done the triggers, the functions and the keys go; the tables that held
--- a copy are rewritten below. The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
+-- resumes. The tables that held a copy are rewritten below; the triggers, the functions and the keys go
+-- once the indexes are built (dropping a trigger takes ACCESS EXCLUSIVE: the app's queries are fast by then). The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
 -- runbook: no-transaction
 do $$
 declare
@@ -1928,16 +1939,6 @@ begin
   for r in select p.table_name, p.rows_redacted from private.pending_redactions as p where p.rows_redacted > 0 order by 1 loop
     raise notice '%: plaintext api key(s) redacted in % row(s)', r.table_name, r.rows_redacted;
   end loop;
-  for r in select t.tgrelid::regclass as rel, t.tgfoid::regprocedure as fn from pg_catalog.pg_trigger t
-            where t.tgname = 'zz_p2_redact' and not t.tgisinternal order by 1 loop
-    execute format('drop trigger zz_p2_redact on %s', r.rel);
-    execute format('drop function %s', r.fn);
-  end loop;
-  drop function if exists private.p2_secret_copies(text);
-  drop function if exists private.p2_redact_jsonb(jsonb, text[]);
-  drop function if exists private.p2_redact_text(text, text[]);
-  truncate private.redaction_keys;
-  delete from private.pending_redactions;
 end
 $$;
 
@@ -2158,6 +2159,32 @@ create index concurrently if not exists security_events_user_id_created_at_idx o
 create index concurrently if not exists security_events_ip_address_created_at_idx on public.security_events (ip_address, created_at desc);
 -- runbook: no-transaction
 create index concurrently if not exists security_events_created_at_idx on public.security_events (created_at);
+
+-- the redaction done: its triggers dropped (ACCESS EXCLUSIVE on each table, one short transaction each),
+-- then its functions, and the keys truncated (the file goes, not only the rows)
+-- runbook: no-transaction
+do $$
+declare
+  r record;
+begin
+  if exists (select 1 from private.pending_redactions as p where p.done_at is null) then
+    raise exception 'copies of plaintext keys are still to redact in %: re-run this file',
+      (select string_agg(p.table_name, ', ') from private.pending_redactions as p where p.done_at is null)
+      using errcode = 'object_not_in_prerequisite_state';
+  end if;
+  for r in select t.tgrelid::regclass as rel, t.tgfoid::regprocedure as fn from pg_catalog.pg_trigger t
+            where t.tgname = 'zz_p2_redact' and not t.tgisinternal order by 1 loop
+    execute format('drop trigger zz_p2_redact on %s', r.rel);
+    execute format('drop function %s', r.fn);
+    commit;
+  end loop;
+  drop function if exists private.p2_secret_copies(text);
+  drop function if exists private.p2_redact_jsonb(jsonb, text[]);
+  drop function if exists private.p2_redact_text(text, text[]);
+  truncate private.redaction_keys;
+  delete from private.pending_redactions;
+end
+$$;
 
 -- rules added NOT VALID above, validated now: each in a short transaction of its own under SHARE UPDATE
 -- EXCLUSIVE, which lets the app read and write meanwhile (a re-run resumes with those still NOT VALID).
