@@ -265,7 +265,8 @@ def long_transactions(conn, max_transaction_seconds: float = 300) -> Check:
 BLOCKED_SQL = """
 select a.pid as blocked_pid, coalesce(a.usename, '') as blocked_role,
        coalesce(nullif(a.application_name, ''), '(none)') as blocked_application,
-       round(extract(epoch from now() - a.query_start)::numeric, 1) as waiting_seconds,
+       coalesce(w.locktype, '') as waits_for,
+       round(extract(epoch from now() - coalesce(w.waitstart, a.query_start))::numeric, 1) as waiting_seconds,
        left(a.query, 100) as blocked_query,
        b.pid as blocking_pid, coalesce(b.usename, '') as blocking_role,
        coalesce(nullif(b.application_name, ''), '(none)') as blocking_application, b.state as blocking_state,
@@ -273,16 +274,22 @@ select a.pid as blocked_pid, coalesce(a.usename, '') as blocked_role,
 from pg_stat_activity a
 cross join lateral unnest(pg_blocking_pids(a.pid)) as blocker(pid)
 left join pg_stat_activity b on b.pid = blocker.pid
+left join lateral (select l.locktype, l.waitstart from pg_locks l
+                   where l.pid = a.pid and not l.granted limit 1) w on true
 where a.datname = current_database() and a.pid <> pg_backend_pid()
 order by waiting_seconds desc nulls last, a.pid, b.pid
 """
+# A wait on a row (another transaction's row lock) is the app's everyday contention and does not put
+# anyone ahead of the phases on a table; a stuck row holder is the long_transactions check's to find.
+ROW_WAITS = {"transactionid", "tuple"}
 
 
 @sql_check(BLOCKED_SQL, "blocking locks")
 def blocking_locks(conn, max_blocked_sessions: int = 0) -> Check:
-    """Sessions waiting on a lock another session holds, and who holds it."""
+    """Sessions waiting on a table-level lock another session holds, and who holds it."""
     rows = fetch(conn, BLOCKED_SQL)
-    blocked = len({r["blocked_pid"] for r in rows})
+    blocked = len({r["blocked_pid"] for r in rows if r["waits_for"] not in ROW_WAITS})
+    on_rows = len({r["blocked_pid"] for r in rows if r["waits_for"] in ROW_WAITS})
     if blocked > max_blocked_sessions:
         return Check("blocking_locks", "error",
                      f"{blocked} session(s) waiting on locks (max_blocked_sessions {max_blocked_sessions}): the "
@@ -291,6 +298,9 @@ def blocking_locks(conn, max_blocked_sessions: int = 0) -> Check:
     if blocked:
         return Check("blocking_locks", "warning", f"{blocked} session(s) waiting on locks, within the limit of "
                      f"{max_blocked_sessions}", rows=rows)
+    if on_rows:
+        return Check("blocking_locks", "ok", f"no session waits on a table's lock; {on_rows} wait(s) on another "
+                     "transaction's row, the app's own contention (a stuck holder is a long transaction)", rows=rows)
     return Check("blocking_locks", "ok", "no session is waiting on a lock")
 
 

@@ -62,7 +62,7 @@ def test_a_session_blocked_by_another_is_refused_and_the_blocker_is_named(empty_
     thread = threading.Thread(target=wait_for_the_lock)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60   # a safety net; the wait is on pg_stat_activity
         while not empty_db.query("select 1 from pg_stat_activity where application_name = 'the waiting report' "
                                  "and wait_event_type = 'Lock'"):
             assert time.monotonic() < deadline
@@ -80,6 +80,37 @@ def test_a_session_blocked_by_another_is_refused_and_the_blocker_is_named(empty_
     assert row["blocked_application"] == "the waiting report" and row["blocking_application"] == "the lock holder"
     assert tolerated.status == "warning"
     assert preflight.blocking_locks(conn).status == "ok"
+
+
+def test_a_session_waiting_on_another_transactions_row_is_the_apps_contention_and_is_not_refused(empty_db, conn):
+    empty_db.execute("create table public.busy (id int); insert into public.busy values (1)")
+    holder = empty_db.connect(application_name="the row holder")
+    waiter = empty_db.connect(application_name="the waiting update")
+    with holder.cursor() as cur:
+        cur.execute("update public.busy set id = id")
+
+    def wait_for_the_row():
+        with waiter.cursor() as cur:
+            cur.execute("update public.busy set id = id")
+
+    thread = threading.Thread(target=wait_for_the_row)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60   # a safety net; the wait is on pg_stat_activity
+        while not empty_db.query("select 1 from pg_stat_activity where application_name = 'the waiting update' "
+                                 "and wait_event_type = 'Lock'"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen = preflight.blocking_locks(conn, max_blocked_sessions=0)
+    finally:
+        holder.rollback()
+        thread.join(timeout=10)
+        waiter.rollback()
+        holder.close()
+        waiter.close()
+    assert seen.status == "ok" and "1 wait(s) on another transaction's row" in seen.summary
+    [row] = seen.rows
+    assert row["waits_for"] == "transactionid" and row["blocking_application"] == "the row holder"
 
 
 def test_connections_above_the_allowed_share_of_max_connections_are_refused(conn):
