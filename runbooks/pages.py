@@ -309,6 +309,10 @@ def index_page(manifest: dict) -> str:
             ("commit", _commit(manifest))]
     if manifest.get("rolls_back"):
         rows.append(("rolls back", f"run {html.escape(manifest['rolls_back'])}"))
+    promotion = records.promotion_summary(manifest.get("promotion"))
+    if promotion:   # a production run's staging evidence, or the override an auditor must see
+        label, text = promotion
+        rows.append((label, f'<span id="runbook-promotion">{html.escape(text)}</span>'))
     backup = manifest.get("backup")
     if backup:
         rows.append(("backup", html.escape(f"{backup.get('file')} ({backup.get('bytes')} bytes), "

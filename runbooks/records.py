@@ -317,18 +317,24 @@ def outcome_kind(entry: dict) -> str:
     return "skipped" if entry.get("skipped") else "passed"
 
 
-def _promotion_lines(decided: dict | None) -> list[str]:
-    """What a production run's record says about its staging evidence (promotion.py), or its override."""
+def promotion_summary(decided: dict | None) -> tuple[str, str] | None:
+    """What a production run's record says about its staging evidence (promotion.py), or its override:
+    a label and a sentence (`runbook records show` and the run's index.html), None where none was asked."""
     if not decided or not decided.get("required"):
-        return []
+        return None
     evidence, override = decided.get("evidence"), decided.get("override")
     if evidence:
         target = evidence.get("target") or {}
-        return [f"  promoted from: run {evidence['run_id']} on {target.get('kind')} {target.get('name')} "
-                f"(finished {evidence.get('finished_at')}, seal {evidence.get('seal') or 'not here: ' + evidence['source']})"]
+        return ("promoted from", f"run {evidence['run_id']} on {target.get('kind')} {target.get('name')} "
+                f"(finished {evidence.get('finished_at')}, seal {evidence.get('seal') or 'not here: ' + evidence['source']})")
     if override:
-        return [f"  promotion: OVERRIDDEN without staging evidence: {override.get('reason')}"]
-    return [f"  promotion: refused: {decided.get('problem')}"]
+        return "promotion", f"OVERRIDDEN without staging evidence: {override.get('reason')}"
+    return "promotion", f"refused: {decided.get('problem')}"
+
+
+def _promotion_lines(decided: dict | None) -> list[str]:
+    summary = promotion_summary(decided)
+    return [f"  {summary[0]}: {summary[1]}"] if summary else []
 
 
 def describe(record: Record) -> str:

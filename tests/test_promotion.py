@@ -5,6 +5,8 @@ deployment history); each production database is a fresh clone. Refusals exit 2 
 changes; accepted runs name their evidence in the record; overrides are recorded with the reason.
 """
 
+import html
+import re
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -79,6 +81,12 @@ def test_production_without_staging_evidence_is_refused_with_exit_2_before_anyth
     assert not root.exists() or not any(root.iterdir())
 
 
+def promotion_on_page(record: records.Record) -> str:
+    """The promotion line of the run's index.html, the auditor's page."""
+    page = (record.path / records.INDEX_FILE).read_text()
+    return html.unescape(re.search(r'<span id="runbook-promotion">(.*?)</span>', page).group(1))
+
+
 def test_production_with_staging_evidence_in_the_records_passes_and_its_record_names_the_evidence(
         fleet, staging, tmp_path):
     root = tmp_path / "records"
@@ -93,6 +101,7 @@ def test_production_with_staging_evidence_in_the_records_passes_and_its_record_n
     assert decided["phase_files"] == promotion.phase_digests()
     assert record.verify() == []
     assert f"promoted from: run {staging['run_id']} on target staging" in records.describe(record)
+    assert f"run {staging['run_id']} on target staging" in promotion_on_page(record)
 
 
 def test_the_override_goes_on_without_evidence_and_is_recorded_with_its_reason(fleet, tmp_path):
@@ -108,6 +117,7 @@ def test_the_override_goes_on_without_evidence_and_is_recorded_with_its_reason(f
     assert manifest["parameters"]["promotion_override"] == "CHG-7: staging is down, fix is urgent"
     assert ("promotion: OVERRIDDEN without staging evidence: CHG-7: staging is down, fix is urgent"
             in records.describe(only_record(root)))
+    assert promotion_on_page(only_record(root)) == "OVERRIDDEN without staging evidence: CHG-7: staging is down, fix is urgent"
 
 
 def test_evidence_for_other_phase_files_is_not_accepted(staging):
