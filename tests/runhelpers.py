@@ -114,7 +114,7 @@ def checks_of(outcome) -> dict[str, dict]:
     return {c["name"]: c for c in outcome.notebooks[0].get("checks", [])}
 
 
-def wait_for_stats(db, table: str, seq_scans: int, timeout: float = 10) -> None:
+def wait_for_stats(db, table: str, seq_scans: int, timeout: float = 300) -> None:
     """Statistics reach pg_stat_user_tables when the backends flush them: wait until they show."""
     deadline = time.monotonic() + timeout
     while True:

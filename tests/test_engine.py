@@ -2,6 +2,7 @@
 
 import getpass
 import threading
+import time
 import textwrap
 
 import psycopg2
@@ -103,8 +104,26 @@ def test_a_second_runner_is_kept_out_by_the_advisory_lock_and_told_who_holds_it(
 def test_the_second_runner_waits_and_proceeds_when_the_first_finishes(empty_db, phase):
     holder = empty_db.connect(autocommit=True)
     engine.acquire_advisory_lock(holder, engine.APPLY_LOCK, 1, "test")
-    threading.Timer(0.5, holder.close).start()
-    assert make_engine(empty_db, lock_wait=10).apply("100", phase).status == "applied"
+    results = []
+    worker = threading.Thread(target=lambda: results.append(make_engine(empty_db, lock_wait=600).apply("100", phase)))
+    worker.start()
+    try:   # the first runner finishes only once the second was seen asking for the lock and refused it
+        tried_the_lock(empty_db, "runbook run test-run")
+    finally:
+        holder.close()
+        worker.join(timeout=600)
+    [result] = results
+    assert result.status == "applied"
+
+
+def tried_the_lock(db, application_name: str, timeout: float = 600) -> None:
+    """Returns once the session named so has asked for the advisory lock (observed in pg_stat_activity:
+    it polls pg_try_advisory_lock, which never shows as a lock wait); the timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while not db.query("select 1 from pg_stat_activity where application_name = %s "
+                       "and query like 'select pg_try_advisory_lock%%'", (application_name,)):
+        assert time.monotonic() < deadline, f"{application_name!r} never asked for the lock"
+        time.sleep(0.05)
 
 
 def test_a_table_lock_held_elsewhere_makes_the_engine_retry_then_fail_naming_the_blocker(empty_db, phase):

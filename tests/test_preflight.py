@@ -35,7 +35,9 @@ def test_a_transaction_held_open_by_another_connection_beyond_the_limit_is_refus
     holder = empty_db.connect(application_name="a forgotten psql session")
     with holder.cursor() as cur:
         cur.execute("select 1")            # psycopg2 opened a transaction; it stays open
-    time.sleep(1.2)
+    while not empty_db.query("select 1 from pg_stat_activity where application_name = 'a forgotten psql session' "
+                             "and clock_timestamp() - xact_start > interval '1.2 s'"):
+        time.sleep(0.05)                   # until the server sees it older than the limit
     try:
         refused = preflight.long_transactions(conn, max_transaction_seconds=1)
         allowed = preflight.long_transactions(conn, max_transaction_seconds=300)
