@@ -20,6 +20,10 @@ class UsageError(Exception):
     """Bad usage or input: refused before anything changed (exit 2)."""
 
 
+# What refuses a command before anything changed (exit 2); the fleet's runs refuse on the same.
+REFUSALS = (UsageError, connection.TargetError, records.RecordError, signoff.SignoffError, EngineError)
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
@@ -217,34 +221,51 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
 
 
 def cmd_verify(args) -> int:
-    target = resolve_target(args)
+    return finished(args, verify(resolve_target(args), args.records))
+
+
+def verify(target: connection.Target, records_root: Path, progress=print) -> runner.Outcome:
+    """`runbook verify`'s plan on one target (the fleet's verification runs this too): row counts are
+    compared with the newest preflight snapshot of that target in the records, when there is one."""
     params = {}
-    baseline = records.latest_with_snapshot(args.records, target.describe())
+    baseline = records.latest_with_snapshot(records_root, target.describe())
     if baseline:
         params["baseline_dir"] = str(baseline.resolve())
-    return finished(args, runner.run_plan("verify", ("verification",), target, records_root=args.records,
-                                          parameters=params))
+    return runner.run_plan("verify", ("verification",), target, records_root=records_root, parameters=params,
+                           progress=progress)
 
 
 def cmd_rollback(args) -> int:
-    from .rollback import RollbackRefused, examine_source
-
     target = resolve_target(args)
     given = parse_parameters(args.parameter, ("rollback",))
-    if {"rollback_run_id", "rollback_record_dir"} & set(given):
+    return finished(args, rollback(target, args.run, given, confirmed=args.yes, records_root=args.records))
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def rollback(target: connection.Target, run_id: str, params: dict, *, confirmed: bool, records_root: Path,
+             progress=print, warn=_stderr) -> runner.Outcome:
+    """`runbook rollback`'s plan on one target (the fleet's rollback runs this too): the record, its
+    backup against the database's witness, the target's identity and the writes since are examined,
+    and a refusal raises UsageError, all before anything changes; `confirmed` is --yes."""
+    from .rollback import RollbackRefused, examine_source
+
+    if {"rollback_run_id", "rollback_record_dir"} & set(params):
         raise UsageError("the run to roll back is named by --run, not by a parameter")
     try:  # the record, the backup against its witness, the target's identity, writes since: before anything changes
-        source = examine_source(target, args.records, args.run, bool(given.get("discard_later_writes", False)))
+        source = examine_source(target, records_root, run_id, bool(params.get("discard_later_writes", False)))
     except RollbackRefused as exc:
         raise UsageError(str(exc)) from None
-    if not args.yes:
-        raise UsageError(f"rollback replaces the contents of {target.name!r} with the backup of run {args.run}: "
+    if not confirmed:
+        raise UsageError(f"rollback replaces the contents of {target.name!r} with the backup of run {run_id}: "
                          "pass --yes to confirm")
     for warning in source.warnings:
-        print(f"runbook rollback: WARNING: {warning}", file=sys.stderr)
-    params = {**given, "rollback_run_id": args.run, "rollback_record_dir": str(source.folder.resolve())}
-    return finished(args, runner.run_plan("rollback", ("rollback",), target, records_root=args.records,
-                                          parameters=params, manifest_extra=source.manifest_extra))
+        warn(f"runbook rollback: WARNING: {warning}")
+    params = {**params, "rollback_run_id": run_id, "rollback_record_dir": str(source.folder.resolve())}
+    return runner.run_plan("rollback", ("rollback",), target, records_root=records_root, parameters=params,
+                           manifest_extra=source.manifest_extra, progress=progress)
 
 
 def cmd_maintain(args) -> int:
@@ -397,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_records_folder(args)
         return COMMANDS[args.command](args)
-    except (UsageError, connection.TargetError, records.RecordError, signoff.SignoffError, EngineError) as exc:
+    except REFUSALS as exc:
         print(f"runbook {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except psycopg2.Error as exc:

@@ -1,7 +1,7 @@
 """Targets and connections: only through libpq's own means, never with a password in hand.
 
 A target is a libpq service (``pg_service.conf``, ``PGSERVICEFILE`` honoured), an entry of a
-targets file (TOML: host, port, dbname, user, sslmode, production), or the PG* environment.
+targets file (TOML: host, port, dbname, user, sslmode, production, group), or the PG* environment.
 Passwords come from ``.pgpass``/``PGPASSFILE``/``PGPASSWORD`` and nowhere else: a target that
 carries one is refused, so no password can travel into a parameter, a notebook or a record.
 
@@ -50,6 +50,7 @@ class Target:
     params: dict = field(default_factory=dict)
     production: bool = False
     targets_file: str | None = None   # for kind "target": the file it came from
+    group: str | None = None          # for kind "target": its group in the file (a fleet may deploy one group)
 
     def conninfo(self, **extra: str) -> str:
         """A libpq connection string; libpq adds the password from its own sources."""
@@ -60,6 +61,7 @@ class Target:
     def describe(self) -> dict:
         """What a record may say about the target: names and addresses, never a secret."""
         return {"kind": self.kind, "name": self.name, "production": self.production,
+                **({"group": self.group} if self.group is not None else {}),
                 **{k: self.params[k] for k in CONNINFO_KEYS if k in self.params}}
 
     def as_parameters(self) -> dict:
@@ -132,6 +134,7 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
         user = "postgres"
         sslmode = "require"
         production = false
+        group = "eu"        # optional: a fleet may be given one group of the file (fleet.Fleet.group)
     """
     file = targets_file_path(path)
     entries = _targets_of(file)
@@ -143,15 +146,19 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
     production = entry.pop("production", False)
     if not isinstance(production, bool):
         raise TargetError(f"target {name!r} in {file}: production must be true or false")
+    group = entry.pop("group", None)
+    if group is not None and not (isinstance(group, str) and group.strip()):
+        raise TargetError(f"target {name!r} in {file}: group must be a name in quotes (group = \"eu\"), "
+                          f"not {group!r}")
     unknown = sorted(set(entry) - set(CONNINFO_KEYS))
     if unknown:
         raise TargetError(f"target {name!r} in {file}: unknown keys {', '.join(unknown)} "
-                          f"(allowed: {', '.join(CONNINFO_KEYS)}, production)")
+                          f"(allowed: {', '.join(CONNINFO_KEYS)}, production, group)")
     for required in ("host", "dbname", "user"):
         if required not in entry:
             raise TargetError(f"target {name!r} in {file}: {required} is required")
     return Target(name=name, kind="target", params=entry, production=production,
-                  targets_file=str(file.resolve()))
+                  targets_file=str(file.resolve()), group=group)
 
 
 def from_environment() -> Target:

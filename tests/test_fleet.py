@@ -8,15 +8,17 @@ the `fleet` extra (dagster) is not installed: `pip install -e .[fleet]`.
 """
 
 import socket
+import threading
+import time
 from datetime import datetime
 
 import pytest
 
 dg = pytest.importorskip("dagster", reason="the fleet extra is not installed (pip install -e .[fleet])")
 
-from runbooks import fleet, promotion, records, runner  # noqa: E402  (after the skip: fleet imports dagster)
+from runbooks import connection, engine, fleet, promotion, records, runner, snapshot  # noqa: E402  (after the skip)
 
-from runhelpers import sign_off_window, target_entry  # noqa: E402
+from runhelpers import assert_identical, history, sign_off_window, snapshot_of, target_entry  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +52,7 @@ def fleet_runs(server, tmp_path_factory):
                                             resources={"fleet": resource})
                for name in STAGING}
     yield {"results": results, "instance": instance, "fleet": resource, "root": folder / "records",
-           "folder": folder, "prod": dbs["prod"]}
+           "folder": folder, "prod": dbs["prod"], "dbs": dbs}
     for db in dbs.values():
         server.drop_database(db)
 
@@ -65,6 +67,21 @@ def failure_metadata(result) -> dict:
     return {key: value.value for key, value in event.step_failure_data.user_failure_data.metadata.items()}
 
 
+def output_metadata(result, node: str) -> dict:
+    """The metadata of an op's output (verification, rollback): its verdict, record and seal."""
+    [event] = [e for e in result.events_for_node(node) if e.event_type_value == "STEP_OUTPUT"]
+    return {key: value.value for key, value in event.step_output_data.metadata.items()}
+
+
+def wait_for(observe, what: str, limit: float = 120):
+    """What `observe()` returns once it is truthy: Dagster's own state, polled until it shows."""
+    give_up = time.monotonic() + limit
+    while not (seen := observe()):
+        assert time.monotonic() < give_up, f"gave up waiting for {what}"
+        time.sleep(0.1)
+    return seen
+
+
 def retries(result) -> int:
     return sum(1 for event in result.all_events if event.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_RESTARTED"))
 
@@ -73,8 +90,47 @@ def test_the_partitions_are_the_targets_file_split_into_staging_and_production(f
     instance = fleet_runs["instance"]
     assert instance.get_dynamic_partitions(fleet.STAGING_PARTITIONS.name) == list(STAGING)
     assert instance.get_dynamic_partitions(fleet.PRODUCTION_PARTITIONS.name) == ["prod"]
+    assert instance.get_dynamic_partitions(fleet.TARGET_PARTITIONS.name) == [*STAGING, "prod"]
     context = dg.build_sensor_context(instance=instance, resources={"fleet": fleet_runs["fleet"]})
     assert "match the targets file" in fleet.targets_file_partitions(context).skip_message
+
+
+def grouped(server, name: str, group, *, production: bool = False) -> str:
+    return target_entry(name, server, "postgres", production=production) + f"group = {group}\n"
+
+
+def test_a_group_of_the_targets_file_makes_only_its_targets_partitions(server, tmp_path):
+    targets = tmp_path / "targets.toml"
+    targets.write_text(grouped(server, "eu-staging", '"eu"') + grouped(server, "eu-prod", '"eu"', production=True)
+                       + grouped(server, "us-staging", '"us"') + target_entry("lab", server, "postgres"))
+    assert connection.from_targets_file("eu-prod", targets).describe()["group"] == "eu"
+    assert "group" not in connection.from_targets_file("lab", targets).describe()
+    instance = dg.DagsterInstance.ephemeral()
+    eu = fleet.Fleet(targets_file=str(targets), group="eu")
+    fleet.sync_partitions(instance, eu)
+    assert instance.get_dynamic_partitions(fleet.TARGET_PARTITIONS.name) == ["eu-staging", "eu-prod"]
+    assert instance.get_dynamic_partitions(fleet.STAGING_PARTITIONS.name) == ["eu-staging"]
+    assert instance.get_dynamic_partitions(fleet.PRODUCTION_PARTITIONS.name) == ["eu-prod"]
+    with pytest.raises(connection.TargetError, match="'us-staging' is not in group 'eu'"):
+        eu.target("us-staging")
+    everyone = fleet.Fleet(targets_file=str(targets))
+    fleet.sync_partitions(instance, everyone)
+    assert instance.get_dynamic_partitions(fleet.TARGET_PARTITIONS.name) == ["eu-staging", "eu-prod", "us-staging", "lab"]
+
+
+def test_a_group_no_target_has_is_refused_naming_the_groups_and_a_group_must_be_a_name(server, tmp_path):
+    targets = tmp_path / "targets.toml"
+    targets.write_text(grouped(server, "eu-staging", '"eu"') + grouped(server, "us-staging", '"us"'))
+    instance = dg.DagsterInstance.ephemeral()
+    asia = fleet.Fleet(targets_file=str(targets), group="asia")
+    with pytest.raises(fleet.UnknownGroup, match="no target of .* is in group 'asia' \\(its groups: eu, us\\)"):
+        fleet.sync_partitions(instance, asia)
+    skipped = fleet.targets_file_partitions(dg.build_sensor_context(instance=instance, resources={"fleet": asia}))
+    assert "in group 'asia' (its groups: eu, us)" in skipped.skip_message
+    assert instance.get_dynamic_partitions(fleet.TARGET_PARTITIONS.name) == []
+    targets.write_text(grouped(server, "eu-staging", "3"))
+    with pytest.raises(connection.TargetError, match="group must be a name in quotes"):
+        connection.from_targets_file("eu-staging", targets)
 
 
 def test_two_targets_pass_with_sealed_records_and_the_run_shows_verdict_record_and_seal(fleet_runs):
@@ -111,11 +167,63 @@ def test_an_unreachable_target_is_refused_with_exit_2_and_not_retried(fleet_runs
     assert "cannot connect to target 'gone'" in records.Record.open(fleet_runs["root"], facts["run_id"]).manifest()["error"]
 
 
+def test_verification_of_a_passed_target_passes_with_a_sealed_record_shown_as_the_runs_metadata(fleet_runs):
+    instance = fleet_runs["instance"]
+    result = fleet.defs.resolve_job_def("verify_targets").execute_in_process(
+        instance=instance, partition_key="eu", resources={"fleet": fleet_runs["fleet"]}, raise_on_error=False)
+    assert result.success and retries(result) == 0
+    facts = output_metadata(result, "verify_target")
+    record = records.Record.open(fleet_runs["root"], facts["run_id"])
+    assert result.output_for_node("verify_target") == facts["run_id"]
+    assert facts["verdict"] == "passed" and facts["seal"] == record.seal() and record.verify() == []
+    manifest = record.manifest()
+    assert manifest["command"] == "verify" and manifest["target"]["name"] == "eu"
+    assert manifest["plan"] == ["verification"]
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags["truthsource/verdict"] == "passed" and tags["truthsource/record"] == facts["record"]
+    assert tags["truthsource/stage"] == "verification"
+
+
+def test_a_run_waits_for_the_pools_only_slot_and_passes_once_it_is_freed(fleet_runs):
+    """The pool's limit set to 1 on an instance with storage (an ephemeral one has no pools): a slot
+    held by another run keeps the verification of `us` pending, as Dagster's own pool state shows."""
+    resource = fleet_runs["fleet"]
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        fleet.sync_partitions(instance, resource)
+        storage.set_concurrency_slots(fleet.POOL, 1)
+        assert storage.claim_concurrency_slot(fleet.POOL, "another-run", "staging_deployment").is_claimed
+        finished = {}
+        job = fleet.defs.resolve_job_def("verify_targets")
+        worker = threading.Thread(target=lambda: finished.update(result=job.execute_in_process(
+            instance=instance, partition_key="us", resources={"fleet": resource}, raise_on_error=False)))
+        worker.start()
+        try:
+            [pending] = wait_for(lambda: [step for step in storage.get_concurrency_info(fleet.POOL).pending_steps
+                                          if step.run_id != "another-run"], "the verification to queue for the pool")
+            assert pending.step_key == "verify_target" and pending.assigned_timestamp is None
+            wait_for(lambda: any(f"blocked by limit for pool {fleet.POOL}" in (e.dagster_event.message or "")
+                                 for e in instance.all_logs(pending.run_id) if e.dagster_event),
+                     "the run to say it is blocked")
+            info = storage.get_concurrency_info(fleet.POOL)
+            assert [slot.run_id for slot in info.claimed_slots] == ["another-run"] and worker.is_alive()
+            assert not [e for e in instance.all_logs(pending.run_id) if e.dagster_event
+                        and e.dagster_event.event_type_value == "STEP_START"]
+        finally:
+            storage.free_concurrency_slot_for_step("another-run", "staging_deployment")
+            worker.join()
+        result = finished["result"]
+        assert result.success and result.run_id == pending.run_id
+        assert output_metadata(result, "verify_target")["verdict"] == "passed"
+        info = storage.get_concurrency_info(fleet.POOL)
+        assert info.claimed_slots == [] and info.pending_steps == []
+
+
 def test_the_runs_did_not_interleave(fleet_runs):
     spans = sorted((datetime.fromisoformat(m["started_at"]), datetime.fromisoformat(m["finished_at"]))
                    for m in (records.Record.open(fleet_runs["root"], row["run_id"]).manifest()
                              for row in records.list_records(fleet_runs["root"]))
-                   if m["target"]["name"] in STAGING)
+                   if m["target"]["name"] in STAGING and m["command"] == "deploy")
     assert len(spans) == 4
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
 
@@ -165,6 +273,47 @@ def test_the_production_run_the_canary_requests_passes_and_names_its_staging_evi
     evidence = record.manifest()["promotion"]["evidence"]
     staging_runs = {materialized(fleet_runs["results"][name])["run_id"] for name in ("eu", "us")}
     assert evidence["run_id"] in staging_runs and evidence["seal"] and record.verify() == []
+
+
+def rollback_of_us(fleet_runs, **config):
+    """The rollback job on `us`, of its staging deployment's run, with the config given."""
+    config = {"run_id": materialized(fleet_runs["results"]["us"])["run_id"], **config}
+    return fleet.defs.resolve_job_def("rollback_target").execute_in_process(
+        instance=fleet_runs["instance"], partition_key="us", resources={"fleet": fleet_runs["fleet"]},
+        run_config={"ops": {"roll_back": {"config": config}}}, raise_on_error=False)
+
+
+def test_a_rollback_without_yes_is_refused_before_anything_changes(fleet_runs):
+    db = fleet_runs["dbs"]["us"]
+    before, rows, kept = snapshot_of(db), history(db), records.list_records(fleet_runs["root"])
+    result = rollback_of_us(fleet_runs)
+    assert not result.success and retries(result) == 0
+    [event] = result.get_step_failure_events()
+    assert "pass --yes to confirm" in event.step_failure_data.user_failure_data.description
+    assert failure_metadata(result) == {"verdict": "refused", "exit_code": 2}
+    assert_identical(before, snapshot_of(db))
+    assert history(db) == rows and records.list_records(fleet_runs["root"]) == kept
+    with pytest.raises(dg.DagsterInvalidConfigError, match="run_id"):
+        fleet.defs.resolve_job_def("rollback_target").execute_in_process(
+            instance=fleet_runs["instance"], partition_key="us", resources={"fleet": fleet_runs["fleet"]},
+            run_config={"ops": {"roll_back": {"config": {"yes": True}}}})
+
+
+def test_a_rollback_through_the_job_restores_the_targets_snapshot_and_holds_production_back(fleet_runs):
+    deployment = records.Record.open(fleet_runs["root"], materialized(fleet_runs["results"]["us"])["run_id"])
+    result = rollback_of_us(fleet_runs, yes=True)
+    assert result.success and retries(result) == 0
+    facts = output_metadata(result, "roll_back")
+    record = records.Record.open(fleet_runs["root"], facts["run_id"])
+    assert facts["verdict"] == "passed" and facts["seal"] == record.seal() and record.verify() == []
+    assert record.manifest()["rolls_back"] == deployment.run_id
+    db = fleet_runs["dbs"]["us"]
+    assert_identical(snapshot.load_snapshot(deployment.path / "snapshot.json"), snapshot_of(db))
+    rows = history(db)
+    assert rows[-1]["action"] == "rollback" and rows[-1]["run_id"] == facts["run_id"]
+    assert engine.latest_applied(rows) == {}
+    # the deployment asset of `us` now says it was rolled back: the canary no longer counts it
+    assert fleet.staging_not_passed(fleet_runs["instance"]) == ["us"]
 
 
 @pytest.mark.parametrize("verdict, error, retried", [
