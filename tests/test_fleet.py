@@ -73,7 +73,7 @@ def output_metadata(result, node: str) -> dict:
     return {key: value.value for key, value in event.step_output_data.metadata.items()}
 
 
-def wait_for(observe, what: str, limit: float = 120):
+def wait_for(observe, what: str, limit: float = 600):
     """What `observe()` returns once it is truthy: Dagster's own state, polled until it shows."""
     give_up = time.monotonic() + limit
     while not (seen := observe()):
