@@ -147,6 +147,14 @@ begin
 end
 $$;
 
+-- no JIT in this transaction: compiling a plan costs hundreds of milliseconds on the key set's queries,
+-- spent under the tables' locks for statements that run once (under psql -f: for this statement only)
+do $$
+begin
+  perform set_config('jit', 'off', true);
+end
+$$;
+
 -- the locks of the tables this phase converges, taken first and in one fixed order (parents before
 -- children): the phase then never waits for a lock halfway through its work, so it cannot deadlock with
 -- the app's transactions there; the wait here is bounded by the runner's lock_timeout (retried whole).
@@ -857,20 +865,32 @@ as $fn$
 declare
   v_class text;
   v_lengths int[];
-  v_prefix text;
+  v_prefix text := '';
+  v_first text;
+  v_last text;
+  v_all text;
   v_function text;
   r record;
 begin
-  select left((select min(x.plaintext) from private.redaction_keys as x), coalesce(max(n), 0))
-    into v_prefix
-    from generate_series(1, (select min(length(x.plaintext)) from private.redaction_keys as x)) as n
-   where (select count(distinct left(x.plaintext, n)) from private.redaction_keys as x) = 1;
-  select string_agg(distinct case when c ~ '^[A-Za-z0-9]$' then c
-                                  when ascii(c) > 65535 then '\U' || lpad(to_hex(ascii(c)), 8, '0')
-                                  else '\u' || lpad(to_hex(ascii(c)), 4, '0') end, ''),
+  -- the prefix every key shares: in byte order, the common prefix of the first key and the last
+  select min(k.plaintext collate "C"), max(k.plaintext collate "C"), string_agg(k.plaintext, ''),
          array_agg(distinct length(k.plaintext))
-    into v_class, v_lengths
-    from private.redaction_keys as k, regexp_split_to_table(k.plaintext, '') as c;
+    into v_first, v_last, v_all, v_lengths
+    from private.redaction_keys as k;
+  while length(v_prefix) < least(length(v_first), length(v_last))
+        and substr(v_first, length(v_prefix) + 1, 1) = substr(v_last, length(v_prefix) + 1, 1) loop
+    v_prefix := v_prefix || substr(v_first, length(v_prefix) + 1, 1);
+  end loop;
+  -- the characters keys are made of, as a bracket expression: letters and digits found in the keys as
+  -- themselves, any other character escaped (one pass over the keys, not a row per character)
+  select string_agg(s.c, '' order by s.c) into v_class
+    from (select a.c from regexp_split_to_table('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789', '') as a (c)
+           where strpos(v_all, a.c) > 0
+          union
+          select case when ascii(o.c) > 65535 then '\U' || lpad(to_hex(ascii(o.c)), 8, '0')
+                      else '\u' || lpad(to_hex(ascii(o.c)), 4, '0') end
+            from regexp_split_to_table(regexp_replace(v_all, '[A-Za-z0-9]+', '', 'g'), '') as o (c)
+           where o.c <> '') as s (c);
   -- the keys a text holds (NULL: none). The candidate substrings are looked up in the keys' index
   -- (= any: an index probe each), never hashed against the whole key set: per value, the cost follows the
   -- value's length, not the number of keys
@@ -1297,16 +1317,17 @@ begin
       into v_secrets;
     insert into private.redaction_keys (plaintext) select x from unnest(v_secrets) as x on conflict do nothing;
     v_quiet := pg_temp.p2_triggers_off('public.api_keys');
-    execute format('update public.api_keys set key_hash = encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')
-                     where key_hash is null and %1$I is not null', v_col);
+    -- one pass sets both (each only where it is missing): every row updated is a new row version, under the lock
+    execute format('update public.api_keys
+                       set key_hash = coalesce(key_hash, encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')),
+                           key_prefix = coalesce(key_prefix, left(%1$I, least(12, length(%1$I) / 3)))
+                     where %1$I is not null and (key_hash is null or key_prefix is null)', v_col);
     execute format('select count(*) from public.api_keys
                      where %1$I is not null and key_hash <> encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')', v_col)
       into v_mismatched;
     if v_mismatched > 0 then
       raise warning 'public.api_keys: % key(s) already had a key_hash that is not the sha256 of their plaintext: the stored key_hash is kept', v_mismatched;
     end if;
-    execute format('update public.api_keys set key_prefix = left(%1$I, least(12, length(%1$I) / 3))
-                     where key_prefix is null and %1$I is not null', v_col);
     perform pg_temp.p2_triggers_on('public.api_keys', v_quiet);
     execute format('alter table public.api_keys drop column %I', v_col);
     -- the rewrite happens at the end of this file, after this transaction has committed
