@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import nbformat
@@ -50,69 +51,51 @@ def test_a_transaction_held_open_by_another_connection_beyond_the_limit_is_refus
     assert allowed.status == "ok"
 
 
-def test_a_session_blocked_by_another_is_refused_and_the_blocker_is_named(empty_db, conn):
-    empty_db.execute("create table public.busy (id int)")
-    holder = empty_db.connect(application_name="the lock holder")
-    waiter = empty_db.connect(application_name="the waiting report")
+@contextmanager
+def one_waits_for_the_other(db, holds: str, waits: str):
+    """Session "the holder" runs `holds` and keeps its transaction open; session "the waiter" runs `waits`
+    in a thread. Yields once pg_stat_activity shows the waiter waiting on a lock (observed, not timed)."""
+    holder = db.connect(application_name="the holder")
+    waiter = db.connect(application_name="the waiter")
     with holder.cursor() as cur:
-        cur.execute("lock table public.busy in access exclusive mode")
-
-    def wait_for_the_lock():
-        with waiter.cursor() as cur:
-            cur.execute("select count(*) from public.busy")
-
-    thread = threading.Thread(target=wait_for_the_lock)
+        cur.execute(holds)
+    thread = threading.Thread(target=lambda: waiter.cursor().execute(waits))
     thread.start()
     try:
-        deadline = time.monotonic() + 60   # a safety net; the wait is on pg_stat_activity
-        while not empty_db.query("select 1 from pg_stat_activity where application_name = 'the waiting report' "
-                                 "and wait_event_type = 'Lock'"):
+        deadline = time.monotonic() + 300   # bounds a hang only
+        while not db.query("select 1 from pg_stat_activity where application_name = 'the waiter' "
+                           "and wait_event_type = 'Lock'"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        refused = preflight.blocking_locks(conn, max_blocked_sessions=0)
-        tolerated = preflight.blocking_locks(conn, max_blocked_sessions=1)
+        yield
     finally:
         holder.rollback()
-        thread.join(timeout=10)
+        thread.join()
         waiter.rollback()
         holder.close()
         waiter.close()
+
+
+def test_a_session_blocked_by_another_is_refused_and_the_blocker_is_named(empty_db, conn):
+    empty_db.execute("create table public.busy (id int)")
+    with one_waits_for_the_other(empty_db, "lock table public.busy in access exclusive mode",
+                                 "select count(*) from public.busy"):
+        refused = preflight.blocking_locks(conn, max_blocked_sessions=0)
+        tolerated = preflight.blocking_locks(conn, max_blocked_sessions=1)
     assert refused.status == "error" and "1 session(s) waiting on locks" in refused.summary
     [row] = refused.rows
-    assert row["blocked_application"] == "the waiting report" and row["blocking_application"] == "the lock holder"
+    assert row["blocked_application"] == "the waiter" and row["blocking_application"] == "the holder"
     assert tolerated.status == "warning"
     assert preflight.blocking_locks(conn).status == "ok"
 
 
 def test_a_session_waiting_on_another_transactions_row_is_the_apps_contention_and_is_not_refused(empty_db, conn):
     empty_db.execute("create table public.busy (id int); insert into public.busy values (1)")
-    holder = empty_db.connect(application_name="the row holder")
-    waiter = empty_db.connect(application_name="the waiting update")
-    with holder.cursor() as cur:
-        cur.execute("update public.busy set id = id")
-
-    def wait_for_the_row():
-        with waiter.cursor() as cur:
-            cur.execute("update public.busy set id = id")
-
-    thread = threading.Thread(target=wait_for_the_row)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60   # a safety net; the wait is on pg_stat_activity
-        while not empty_db.query("select 1 from pg_stat_activity where application_name = 'the waiting update' "
-                                 "and wait_event_type = 'Lock'"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with one_waits_for_the_other(empty_db, "update public.busy set id = id", "update public.busy set id = id"):
         seen = preflight.blocking_locks(conn, max_blocked_sessions=0)
-    finally:
-        holder.rollback()
-        thread.join(timeout=10)
-        waiter.rollback()
-        holder.close()
-        waiter.close()
     assert seen.status == "ok" and "1 wait(s) on another transaction's row" in seen.summary
     [row] = seen.rows
-    assert row["waits_for"] == "transactionid" and row["blocking_application"] == "the row holder"
+    assert row["waits_for"] == "transactionid" and row["blocking_application"] == "the holder"
 
 
 def test_connections_above_the_allowed_share_of_max_connections_are_refused(conn):
