@@ -18,7 +18,9 @@ cached as a template database):
   `pg_restore -1` of the same dump into an empty database;
 - verify_data_integrity() and get_database_stats() against a count(*) of the biggest table;
 - an organization's 50 products as an `authenticated` member against `service_role`;
-- with several sizes, how each figure grows.
+- phases 1-2 once more through the engine with no app traffic: the deployment's own cost, each
+  statement timed (the legacy app's queries take a share of the cores that grows with the data);
+- with several sizes, how each figure grows, and how phase 2's slowest statements grow.
 
 Every measured step has a timeout: a step that runs away is stopped (its backends terminated)
 and reported as "did not finish in N s".
@@ -62,6 +64,7 @@ SAMPLER_NAME = "bench locks"      # ... and of the pg_locks sampler: a timed-out
 RULE_SQLSTATES = ("23",)          # integrity rules (check, unique, not null, foreign key) ...
 RLS_REJECTION = "row-level security"   # ... and RLS policies (42501 with this message): writes the rules reject
 SLOW_SECONDS = 0.1                # an app statement slower than this counts as blocked
+STATEMENTS_SHOWN = 12             # phase 2's slowest statements whose growth is shown
 LEGACY_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory", "audit_logs",
                  "api_keys")
 GOALS = {   # the issue's goals, shown beside the figures (never asserted)
@@ -477,13 +480,36 @@ def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: 
                 apply_psql(pg, dbname, parts)
         with LockSampler(pg, dbname, settings.sample_ms / 1000) as sampler, \
                 AppTraffic(pg, dbname, people, settings.clients, settings.think_ms / 1000, f"{how}{number}") as app:
-            step, _ = run_step(pg, name, work_fn, settings.timeout, dbname)
+            step, applied = run_step(pg, name, work_fn, settings.timeout, dbname)
         phases.append({"phase": number, "file": path.name, "step": asdict(step), "traffic": app.summary(),
-                       "access_exclusive": sampler.summary()})
+                       "access_exclusive": sampler.summary(), "statements": statement_times(applied)})
         if step.status != "ok":
             failed = f"phase {number}"
     after = row_counts(pg, dbname)
     return {"phases": phases, "rows_kept": rows_kept(before, after), "converged": failed is None}
+
+
+def measure_alone(pg, dbname: str, files, settings: Settings) -> dict:
+    """The phases through the engine with nothing else running: the deployment's own cost, apart from
+    what the app's queries take from the same cores (the legacy app's own queries grow with the data)."""
+    target = connection.from_service(dbname)
+    phases = []
+    for number, (version, path) in enumerate(files, start=1):
+        def work_fn(version=version, path=path):
+            return engine.ApplyEngine(target, run_id=f"bench-alone-{number}", operator="benchmark").apply(version, path)
+        step, applied = run_step(pg, f"phase {number} ({path.name}), no app traffic", work_fn, settings.timeout, dbname)
+        phases.append({"phase": number, "file": path.name, "step": asdict(step), "statements": statement_times(applied)})
+        if step.status != "ok":
+            break
+    return {"phases": phases}
+
+
+def statement_times(applied) -> list[dict]:
+    """Each statement's line, first words and seconds, as the engine timed it (psql times none)."""
+    if applied is None:
+        return []
+    return [{"line": t.line, "summary": t.summary, "seconds": round(t.seconds, 3), "transactional": t.transactional}
+            for t in applied.timings]
 
 
 def measure_preflight(pg, dbname: str, record_dir: Path, settings: Settings) -> dict:
@@ -633,6 +659,12 @@ def measure_size(pg, size: Size, settings: Settings, files, progress=print, temp
             result["psql"] = measure_phases(pg, raw, files, size, settings, "psql", work)
         finally:
             drop(pg, raw)
+        alone = clone(pg, template, f"bench_q_{tag}")
+        try:
+            progress(f"[{size.label}] phases 1-2 through the engine, no app traffic")
+            result["alone"] = measure_alone(pg, alone, files[:2], settings)
+        finally:
+            drop(pg, alone)
     result["figures"] = figures(result)
     result["load_at_end"] = _load()
     return result
@@ -665,6 +697,11 @@ def figures(r: dict) -> list[dict]:
         add(f"phase {e['phase']} ({e['file']}), engine", es, ps, "psql -1 -f",
             "phase 2 (engine)" if e["phase"] == 2 else None, _text(e["step"]), _text(p["step"]))
     add("phases 1-3, engine", engine_total, psql_total, "psql -1 -f")
+    alone = next((p for p in r["alone"]["phases"] if p["phase"] == 2), None)
+    with_app = r["engine"]["phases"][1]["step"]
+    if alone is not None:
+        add("phase 2, engine, no app traffic", _s(alone["step"]), _s(with_app), "with app traffic",
+            ours_text=_text(alone["step"]), base_text=_text(with_app))
     pre = r["preflight"]
     add("preflight backup + snapshot", _s(pre["preflight"]), _s(pre["raw_pg_dump"]), "raw pg_dump -Fc",
         "preflight backup + snapshot / raw pg_dump", _text(pre["preflight"]), _text(pre["raw_pg_dump"]))
@@ -778,6 +815,10 @@ def render(report: dict, markdown: bool = False) -> str:
         out.append(h("How each figure grows"))
         out.append(_table(["figure", *[r["size"]["label"] for r in report["sizes"]], "growth"],
                           growth_rows(report), markdown))
+        out.append(h(f"How phase 2's slowest statements grow (engine, no app traffic; the {STATEMENTS_SHOWN} slowest at "
+                     f"{report['sizes'][-1]['size']['label']}, by their line in the file)"))
+        out.append(_table(["line", "statement", *[r["size"]["label"] for r in report["sizes"]], "growth"],
+                          statement_growth_rows(report), markdown))
     return "\n".join(out) + "\n"
 
 
@@ -804,6 +845,26 @@ def growth_rows(report: dict) -> list[list]:
             values = [r["engine"]["phases"][phase].get("traffic", {}).get(key) for r in sizes]
             rows.append([f"phase {phase + 1} engine, app {key}", *[_fmt(v) for v in values],
                          f"{_ratio(values[-1], values[0]):.1f}x" if _ratio(values[-1], values[0]) else "-"])
+    return rows
+
+
+def statement_growth_rows(report: dict, phase: int = 2) -> list[list]:
+    """Phase `phase`'s slowest statements at the largest size, their seconds at each size: which step
+    grows faster than the data. The locked transaction's statements are summed into one row."""
+    per_size = []
+    for r in report["sizes"]:
+        times: dict = {}
+        runs = [p for p in r["alone"]["phases"] if p["phase"] == phase]
+        for t in (runs[0]["statements"] if runs else []):
+            key = ("body", "the locked transaction (all its statements)") if t["transactional"] else (t["line"], t["summary"])
+            times[key] = times.get(key, 0.0) + t["seconds"]
+        per_size.append(times)
+    slowest = sorted(per_size[-1], key=lambda k: -per_size[-1][k])[:STATEMENTS_SHOWN]
+    rows = []
+    for key in slowest:
+        values = [times.get(key) for times in per_size]
+        rows.append([key[0], key[1][:70], *[_fmt(v) for v in values],
+                     f"{_ratio(values[-1], values[0]):.1f}x" if _ratio(values[-1], values[0]) else "-"])
     return rows
 
 

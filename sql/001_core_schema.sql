@@ -503,15 +503,37 @@ $body$$f$, v_function, v_body, array_to_string(v_sources, ', ') || ', null', arr
 end
 $fn$;
 
--- convert a column in place when every value converts losslessly; false when it cannot
+-- true when every value of type p_from is a value of p_to as it stands (varchar to text, numeric(10,2)
+-- to numeric(12,2), integer to bigint): such a column converts without reading a row
+create or replace function pg_temp.p2_widens(p_from text, p_to text) returns boolean
+language sql immutable
+as $fn$
+  select case
+    when p_from like 'character varying%' then p_to = 'text'
+      or (p_to like 'character varying(%' and p_from like 'character varying(%'
+          and substring(p_to from '\d+')::int >= substring(p_from from '\d+')::int)
+    when p_from ~ '^numeric\(\d+,\d+\)$' then p_to = 'numeric'
+      or (p_to ~ '^numeric\(\d+,\d+\)$'
+          and split_part(substring(p_to from '\d+,\d+'), ',', 2) = split_part(substring(p_from from '\d+,\d+'), ',', 2)
+          and split_part(substring(p_to from '\d+,\d+'), ',', 1)::int >= split_part(substring(p_from from '\d+,\d+'), ',', 1)::int)
+    when p_from = 'smallint' then p_to in ('integer', 'bigint', 'numeric')
+    when p_from = 'integer' then p_to in ('bigint', 'numeric')
+    else false
+  end
+$fn$;
+
+-- convert a column in place when every value converts losslessly (read only where the types do not say
+-- so: under the lock, a scan of a big table is what the app would wait for); false when it cannot
 create or replace function pg_temp.p2_try_alter_type(p_rel regclass, p_col text, p_from text, p_to text) returns boolean
 language plpgsql
 as $fn$
 declare
   v_conv constant text := pg_temp.p2_conversion(p_from, p_to, quote_ident(p_col));
-  v_lossy boolean;
+  v_lossy boolean := false;
 begin
-  execute format('select exists (select 1 from %s where %I is not null and (%s) is null)', p_rel, p_col, v_conv) into v_lossy;
+  if not pg_temp.p2_widens(p_from, p_to) then
+    execute format('select exists (select 1 from %s where %I is not null and (%s) is null)', p_rel, p_col, v_conv) into v_lossy;
+  end if;
   if v_lossy then
     return false;
   end if;
@@ -1906,7 +1928,8 @@ comment on table public.security_events is 'Append-only security events (severit
 -- transaction: the rows of a batch that hold a copy go through the table's zz_p2_redact trigger, which also
 -- redacts what the app writes meanwhile. pages_done in private.pending_redactions is where a re-run
 -- resumes. The tables that held a copy are rewritten below; the triggers, the functions and the keys go
--- once the indexes are built (dropping a trigger takes ACCESS EXCLUSIVE: the app's queries are fast by then). The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
+-- once the indexes are built (dropping a trigger takes ACCESS EXCLUSIVE: the app's queries are fast by
+-- then). The batch size (pages) is truthsource.backfill_batch_pages, 64 by default.
 -- runbook: no-transaction
 do $$
 declare

@@ -113,6 +113,10 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
             assert phase["access_exclusive"]["samples"] > 0
         assert result[how]["rows_kept"]["all_kept"], result[how]["rows_kept"]
         assert result[how]["rows_kept"]["tables"]["products"]["after"] == TINY.products
+    assert [p["step"]["status"] for p in result["alone"]["phases"]] == ["ok", "ok"]
+    timed = result["alone"]["phases"][1]["statements"]
+    assert any(t["transactional"] for t in timed) and any(not t["transactional"] for t in timed)
+    assert all(t["seconds"] >= 0 and t["line"] > 0 for t in timed)
     assert result["rollback"]["rollback_counts_equal"] is True
     assert result["verification"]["integrity_rows"] and result["verification"]["stats_tables"] >= 8
     assert result["org_products"]["authenticated"]["rows"] == result["org_products"]["service_role"]["rows"] == 50
@@ -122,6 +126,7 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
     bigger = {**result, "size": {**result["size"], "label": "tiny again"}}
     grown = scale.render({**report, "sizes": [result, bigger]}, markdown=True)
     assert "How each figure grows" in grown and "| products" in grown
+    assert "How phase 2's slowest statements grow" in grown and "the locked transaction" in grown
     left = {name for (name,) in generated.query(
         "select datname from pg_database where datname like 'bench\\_%'")}
     assert not left, f"the benchmark left databases behind: {left}"

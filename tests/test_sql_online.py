@@ -190,3 +190,27 @@ def test_the_redaction_batches_leave_updated_at_as_it_was(make_db):
     apply_psql(db, PHASE_TWO)
     assert db.query("select description, updated_at from public.products where sku = 'WID-001'") == [
         ("old copy [redacted api key ts_live_0123...]", before)]
+
+
+def test_a_column_whose_type_only_widens_is_converted_without_reading_its_rows(make_db):
+    """Under the lock a scan of a big table is what the app waits for: numeric(10,2) to numeric(12,2)
+    (the legacy price) or varchar to text needs none; a narrowing still has every value checked."""
+    text = PHASE_TWO.read_text()
+    start = text.index("create or replace function pg_temp.p2_widens")
+    helper = text[start:text.index("$fn$;", start) + len("$fn$;")]
+    conn = make_db("bare").connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(helper)
+            cur.execute("""select f || ' -> ' || t, pg_temp.p2_widens(f, t) from (values
+                             ('numeric(10,2)', 'numeric(12,2)'), ('numeric(10,2)', 'numeric'), ('character varying(80)', 'text'),
+                             ('character varying(80)', 'character varying(200)'), ('integer', 'bigint'),
+                             ('numeric(12,2)', 'numeric(10,2)'), ('numeric(10,2)', 'numeric(12,3)'), ('numeric', 'numeric(12,2)'),
+                             ('character varying(200)', 'character varying(80)'), ('bigint', 'integer'),
+                             ('text', 'uuid')) as x (f, t)""")
+            widens = dict(cur.fetchall())
+    finally:
+        conn.close()
+    assert [pair for pair, yes in widens.items() if yes] == [
+        "numeric(10,2) -> numeric(12,2)", "numeric(10,2) -> numeric", "character varying(80) -> text",
+        "character varying(80) -> character varying(200)", "integer -> bigint"]
