@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,7 +18,7 @@ import nbformat
 import psycopg2
 
 from runbooks import cli, connection, engine, notebook, records, snapshot
-from sqlhelpers import query_once
+from sqlhelpers import query_once, wait_until
 
 
 def runbook(*args) -> int:
@@ -114,16 +113,10 @@ def checks_of(outcome) -> dict[str, dict]:
     return {c["name"]: c for c in outcome.notebooks[0].get("checks", [])}
 
 
-def wait_for_stats(db, table: str, seq_scans: int, timeout: float = 300) -> None:
+def wait_for_stats(db, table: str, seq_scans: int) -> None:
     """Statistics reach pg_stat_user_tables when the backends flush them: wait until they show."""
-    deadline = time.monotonic() + timeout
-    while True:
-        [(seen,)] = db.query("select coalesce(seq_scan, 0) from pg_stat_user_tables where relid = %s::regclass",
-                             (table,))
-        if seen >= seq_scans or time.monotonic() > deadline:
-            assert seen >= seq_scans, f"{table}: {seen} sequential scans recorded, expected {seq_scans}"
-            return
-        time.sleep(0.1)
+    wait_until(lambda: db.query("select 1 from pg_stat_user_tables where relid = %s::regclass and seq_scan >= %s",
+                                (table, seq_scans)), f"{table}: {seq_scans} sequential scans recorded")
 
 
 # -- a deployment held inside phase 2 ------------------------------------------------------------
@@ -153,11 +146,17 @@ def deploy_in_a_process(db, root, *extra, capture: bool = True) -> subprocess.Po
 def wait_for_phase_two(db, blocker, deploy: subprocess.Popen) -> int:
     """The pid of the deploy's backend once pg_stat_activity shows it waiting for the blocker's lock
     (observed, not timed; the deploy ending first fails the test)."""
-    while not (found := db.query(PHASE_TWO_WAITING_SQL, (blocker.get_backend_pid(),))):
-        assert deploy.poll() is None, "the deploy ended before phase 2 waited" + (
-            ":\n" + deploy.stdout.read()[-4000:] if deploy.stdout else "")
-        time.sleep(0.05)
+    found = wait_until(lambda: db.query(PHASE_TWO_WAITING_SQL, (blocker.get_backend_pid(),)),
+                       "phase 2 waiting for the blocker", stopped=lambda: ended(deploy))
     return found[0][0]
+
+
+def ended(process: subprocess.Popen) -> str | None:
+    """None while the process runs; once it has ended, its exit code and the end of its output."""
+    if process.poll() is None:
+        return None
+    return f"the process ended with {process.returncode}" + (
+        ":\n" + process.stdout.read()[-4000:] if process.stdout else "")
 
 
 # -- a database its owner deploys, that owner no superuser ---------------------------------------

@@ -366,14 +366,22 @@ def module_cursor(server, recipe: str, seed: str | None = None):
         server.drop_database(db)
 
 
-def waiting_backend(db, application_name: str, timeout: float = 60) -> int:
-    """The pid of the session named so, once pg_locks shows it waiting for a lock (observed, not timed;
-    the timeout only bounds a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = db.query("""select a.pid from pg_stat_activity a join pg_locks l using (pid)
-                           where a.application_name = %s and not l.granted""", (application_name,))
-        if rows:
-            return rows[0][0]
-        assert time.monotonic() < deadline, f"{application_name!r} never waited on a lock"
+def wait_until(observe, what: str, limit: float = 600, stopped=None):
+    """What `observe()` returns once it is truthy: state the test can observe (pg_stat_activity,
+    pg_locks, Dagster's instance), polled; never a timer. `limit` only bounds a hang. `stopped()`
+    says why `what` can no longer come (e.g. the process that would do it ended), else nothing."""
+    give_up = time.monotonic() + limit
+    while not (seen := observe()):
+        why = stopped() if stopped is not None else None
+        assert not why, f"{what} cannot come: {why}"
+        assert time.monotonic() < give_up, f"never saw {what}"
         time.sleep(0.05)
+    return seen
+
+
+def waiting_backend(db, application_name: str) -> int:
+    """The pid of the session named so, once pg_locks shows it waiting for a lock."""
+    rows = wait_until(lambda: db.query("""select a.pid from pg_stat_activity a join pg_locks l using (pid)
+                                          where a.application_name = %s and not l.granted""", (application_name,)),
+                      f"{application_name!r} waiting on a lock")
+    return rows[0][0]

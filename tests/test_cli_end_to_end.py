@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -13,7 +12,8 @@ import pytest
 from runbooks import engine, records, runner
 from runbooks.paths import PHASES
 
-from runhelpers import runbook
+from runhelpers import ended, runbook
+from sqlhelpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -176,11 +176,9 @@ def test_two_deploys_at_once_never_interleave_the_second_gives_up_naming_the_fir
     first = subprocess.Popen([sys.executable, "-m", "runbooks.cli", "deploy", "--service", db.name,
                               "--records", str(tmp_path / "first")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=os.environ.copy())
-    deadline = time.monotonic() + 300   # bounds a hang only
-    while not db.query("select 1 from pg_locks where locktype = 'advisory' and classid = %s and objid = %s",
-                       (engine.LOCK_CLASS, engine.RUN_LOCK)):
-        assert time.monotonic() < deadline and first.poll() is None, first.stdout.read()
-        time.sleep(0.05)
+    wait_until(lambda: db.query("select 1 from pg_locks where locktype = 'advisory' and classid = %s and objid = %s",
+                                (engine.LOCK_CLASS, engine.RUN_LOCK)),
+               "the first deploy holding the run lock", stopped=lambda: ended(first))
     os.environ["RUNBOOK_LOCK_WAIT"] = "1"
     try:
         code = runbook("deploy", "--service", db.name, "--records", tmp_path / "second")

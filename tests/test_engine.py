@@ -2,7 +2,6 @@
 
 import getpass
 import threading
-import time
 import textwrap
 
 import psycopg2
@@ -13,7 +12,7 @@ from runbooks.engine import ApplyEngine
 from runbooks.paths import PHASES
 
 from runhelpers import history, runbook
-from sqlhelpers import waiting_backend
+from sqlhelpers import wait_until, waiting_backend
 
 
 def write(tmp_path, name, sql):
@@ -116,14 +115,12 @@ def test_the_second_runner_waits_and_proceeds_when_the_first_finishes(empty_db, 
     assert result.status == "applied"
 
 
-def tried_the_lock(db, application_name: str, timeout: float = 600) -> None:
+def tried_the_lock(db, application_name: str) -> None:
     """Returns once the session named so has asked for the advisory lock (observed in pg_stat_activity:
     it polls pg_try_advisory_lock, which never shows as a lock wait); the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not db.query("select 1 from pg_stat_activity where application_name = %s "
-                       "and query like 'select pg_try_advisory_lock%%'", (application_name,)):
-        assert time.monotonic() < deadline, f"{application_name!r} never asked for the lock"
-        time.sleep(0.05)
+    wait_until(lambda: db.query("select 1 from pg_stat_activity where application_name = %s "
+                                "and query like 'select pg_try_advisory_lock%%'", (application_name,)),
+               f"{application_name!r} asking for the lock")
 
 
 def test_a_table_lock_held_elsewhere_makes_the_engine_retry_then_fail_naming_the_blocker(empty_db, phase):

@@ -9,7 +9,6 @@ the `fleet` extra (dagster) is not installed: `pip install -e .[fleet]`.
 
 import socket
 import threading
-import time
 from datetime import datetime
 
 import pytest
@@ -19,6 +18,7 @@ dg = pytest.importorskip("dagster", reason="the fleet extra is not installed (pi
 from runbooks import connection, engine, fleet, promotion, records, runner, snapshot  # noqa: E402  (after the skip)
 
 from runhelpers import assert_identical, history, sign_off_window, snapshot_of, target_entry  # noqa: E402
+from sqlhelpers import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +71,6 @@ def output_metadata(result, node: str) -> dict:
     """The metadata of an op's output (verification, rollback): its verdict, record and seal."""
     [event] = [e for e in result.events_for_node(node) if e.event_type_value == "STEP_OUTPUT"]
     return {key: value.value for key, value in event.step_output_data.metadata.items()}
-
-
-def wait_for(observe, what: str, limit: float = 600):
-    """What `observe()` returns once it is truthy: Dagster's own state, polled until it shows."""
-    give_up = time.monotonic() + limit
-    while not (seen := observe()):
-        assert time.monotonic() < give_up, f"gave up waiting for {what}"
-        time.sleep(0.1)
-    return seen
 
 
 def retries(result) -> int:
@@ -199,12 +190,12 @@ def test_a_run_waits_for_the_pools_only_slot_and_passes_once_it_is_freed(fleet_r
             instance=instance, partition_key="us", resources={"fleet": resource}, raise_on_error=False)))
         worker.start()
         try:
-            [pending] = wait_for(lambda: [step for step in storage.get_concurrency_info(fleet.POOL).pending_steps
+            [pending] = wait_until(lambda: [step for step in storage.get_concurrency_info(fleet.POOL).pending_steps
                                           if step.run_id != "another-run"], "the verification to queue for the pool")
             assert pending.step_key == "verify_target" and pending.assigned_timestamp is None
-            wait_for(lambda: any(f"blocked by limit for pool {fleet.POOL}" in (e.dagster_event.message or "")
-                                 for e in instance.all_logs(pending.run_id) if e.dagster_event),
-                     "the run to say it is blocked")
+            wait_until(lambda: any(f"blocked by limit for pool {fleet.POOL}" in (e.dagster_event.message or "")
+                                   for e in instance.all_logs(pending.run_id) if e.dagster_event),
+                       "the run to say it is blocked")
             info = storage.get_concurrency_info(fleet.POOL)
             assert [slot.run_id for slot in info.claimed_slots] == ["another-run"] and worker.is_alive()
             assert not [e for e in instance.all_logs(pending.run_id) if e.dagster_event

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import subprocess
 import threading
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ from runbooks.records import sha256_of
 
 from runbooks import engine, paths
 from runhelpers import assert_identical, readonly, run_check, sign_off_window, snapshot_of, target_entry
+from sqlhelpers import wait_until
 
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
                   "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
@@ -36,9 +36,9 @@ def test_a_transaction_held_open_by_another_connection_beyond_the_limit_is_refus
     holder = empty_db.connect(application_name="a forgotten psql session")
     with holder.cursor() as cur:
         cur.execute("select 1")            # psycopg2 opened a transaction; it stays open
-    while not empty_db.query("select 1 from pg_stat_activity where application_name = 'a forgotten psql session' "
-                             "and clock_timestamp() - xact_start > interval '1.2 s'"):
-        time.sleep(0.05)                   # until the server sees it older than the limit
+    wait_until(lambda: empty_db.query("select 1 from pg_stat_activity where application_name = 'a forgotten psql session' "
+                                      "and clock_timestamp() - xact_start > interval '1.2 s'"),
+               "the server see the transaction older than the limit")
     try:
         refused = preflight.long_transactions(conn, max_transaction_seconds=1)
         allowed = preflight.long_transactions(conn, max_transaction_seconds=300)
@@ -62,11 +62,8 @@ def one_waits_for_the_other(db, holds: str, waits: str):
     thread = threading.Thread(target=lambda: waiter.cursor().execute(waits))
     thread.start()
     try:
-        deadline = time.monotonic() + 300   # bounds a hang only
-        while not db.query("select 1 from pg_stat_activity where application_name = 'the waiter' "
-                           "and wait_event_type = 'Lock'"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: db.query("select 1 from pg_stat_activity where application_name = 'the waiter' "
+                                    "and wait_event_type = 'Lock'"), "the waiter waiting on a lock")
         yield
     finally:
         holder.rollback()

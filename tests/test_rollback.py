@@ -4,7 +4,6 @@ the run's snapshot; end to end through the runner after a deployment and after a
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ from runbooks.rollback import Rollback, RollbackError
 
 from runhelpers import (assert_identical, deploy_in_a_process, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
                         snapshot_of)
+from sqlhelpers import wait_until
 
 
 def preflight_record(db, folder: Path, run_id: str) -> None:
@@ -297,16 +297,6 @@ def test_a_user_signing_up_after_the_deployment_is_reported_not_a_failure_of_the
 
 # -- a runner killed inside a phase -------------------------------------------------------------------
 
-def wait_until(condition, what: str, process=None, limit: float = 300):
-    """Poll observed state until `condition()` holds (the limit only bounds a hang)."""
-    deadline = time.monotonic() + limit
-    while not (found := condition()):
-        assert process is None or process.poll() is None, f"the runner ended before {what}"
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.05)
-    return found
-
-
 def kernels_of(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
 
@@ -331,7 +321,7 @@ def test_a_deploy_killed_inside_a_phase_takes_its_kernel_along_and_its_run_rolls
         kernel.suspend()
         os.kill(deploy.pid, signal.SIGKILL)
         deploy.wait()
-        wait_until(lambda: gone(kernel), "the kernel die with its runner", limit=30)
+        wait_until(lambda: gone(kernel), "the kernel die with its runner")
     finally:
         blocker.rollback()
         blocker.close()
