@@ -117,7 +117,7 @@ def test_the_second_runner_waits_and_proceeds_when_the_first_finishes(empty_db, 
 
 def tried_the_lock(db, application_name: str) -> None:
     """Returns once the session named so has asked for the advisory lock (observed in pg_stat_activity:
-    it polls pg_try_advisory_lock, which never shows as a lock wait); the timeout only bounds a hang."""
+    it polls pg_try_advisory_lock, which never shows as a lock wait)."""
     wait_until(lambda: db.query("select 1 from pg_stat_activity where application_name = %s "
                                 "and query like 'select pg_try_advisory_lock%%'", (application_name,)),
                f"{application_name!r} asking for the lock")

@@ -191,7 +191,7 @@ def test_a_run_waits_for_the_pools_only_slot_and_passes_once_it_is_freed(fleet_r
         worker.start()
         try:
             [pending] = wait_until(lambda: [step for step in storage.get_concurrency_info(fleet.POOL).pending_steps
-                                          if step.run_id != "another-run"], "the verification to queue for the pool")
+                                            if step.run_id != "another-run"], "the verification to queue for the pool")
             assert pending.step_key == "verify_target" and pending.assigned_timestamp is None
             wait_until(lambda: any(f"blocked by limit for pool {fleet.POOL}" in (e.dagster_event.message or "")
                                    for e in instance.all_logs(pending.run_id) if e.dagster_event),

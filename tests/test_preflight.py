@@ -38,7 +38,7 @@ def test_a_transaction_held_open_by_another_connection_beyond_the_limit_is_refus
         cur.execute("select 1")            # psycopg2 opened a transaction; it stays open
     wait_until(lambda: empty_db.query("select 1 from pg_stat_activity where application_name = 'a forgotten psql session' "
                                       "and clock_timestamp() - xact_start > interval '1.2 s'"),
-               "the server see the transaction older than the limit")
+               "the transaction older than the limit in pg_stat_activity")
     try:
         refused = preflight.long_transactions(conn, max_transaction_seconds=1)
         allowed = preflight.long_transactions(conn, max_transaction_seconds=300)

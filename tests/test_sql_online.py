@@ -192,7 +192,7 @@ def test_the_redaction_batches_leave_updated_at_as_it_was(make_db):
         ("old copy [redacted api key ts_live_0123...]", before)]
 
 
-def test_a_column_whose_type_only_widens_is_converted_without_reading_its_rows(make_db):
+def test_the_types_that_only_widen_are_known_lossless_so_their_columns_convert_without_a_scan(make_db):
     """Under the lock a scan of a big table is what the app waits for: numeric(10,2) to numeric(12,2)
     (the legacy price) or varchar to text needs none; a narrowing still has every value checked."""
     text = PHASE_TWO.read_text()
