@@ -508,18 +508,16 @@ $fn$;
 create or replace function pg_temp.p2_widens(p_from text, p_to text) returns boolean
 language sql immutable
 as $fn$
-  select case
+  -- a length, precision or scale that does not parse is NULL: not known to widen
+  select coalesce(case
     when p_from like 'character varying%' then p_to = 'text'
-      or (p_to like 'character varying(%' and p_from like 'character varying(%'
-          and substring(p_to from '\d+')::int >= substring(p_from from '\d+')::int)
+      or substring(p_to from '^character varying\((\d+)\)$')::int >= substring(p_from from '^character varying\((\d+)\)$')::int
     when p_from ~ '^numeric\(\d+,\d+\)$' then p_to = 'numeric'
-      or (p_to ~ '^numeric\(\d+,\d+\)$'
-          and split_part(substring(p_to from '\d+,\d+'), ',', 2) = split_part(substring(p_from from '\d+,\d+'), ',', 2)
-          and split_part(substring(p_to from '\d+,\d+'), ',', 1)::int >= split_part(substring(p_from from '\d+,\d+'), ',', 1)::int)
+      or (substring(p_to from '^numeric\(\d+,(\d+)\)$') = substring(p_from from ',(\d+)\)$')
+          and substring(p_to from '^numeric\((\d+),')::int >= substring(p_from from '^numeric\((\d+),')::int)
     when p_from = 'smallint' then p_to in ('integer', 'bigint', 'numeric')
     when p_from = 'integer' then p_to in ('bigint', 'numeric')
-    else false
-  end
+  end, false)
 $fn$;
 
 -- convert a column in place when every value converts losslessly (read only where the types do not say
