@@ -1111,16 +1111,39 @@ def _readable(conn, table: str) -> bool:
     return row["readable"]
 
 
+class LintCouldNotRun(Exception):
+    """A lint's SQL failed on this database's catalog (a column it expects is missing...)."""
+
+
+def _lint_rows(conn, query: str) -> list[dict]:
+    """One lint's rows; a lint whose SQL the catalog cannot run raises LintCouldNotRun (the
+    connection is left usable: autocommit, or the failed transaction rolled back)."""
+    try:
+        return fetch(conn, query)
+    except psycopg2.Error as exc:
+        if not conn.autocommit:
+            conn.rollback()
+        message = (exc.diag.message_primary or str(exc)).strip()
+        raise LintCouldNotRun(f"[{exc.pgcode}] {message}" if exc.pgcode else message) from None
+
+
 def _raw_findings(conn, lints) -> list[dict]:
     """Every lint's findings at the level its SQL gives ({lint, level, object, detail}), and a row per lint
-    that found nothing (object '')."""
+    that found nothing (object ''). A lint that cannot run here is advice missing, not a finding: a row
+    at level warning with `could_not_run`, and the other lints still run."""
     rows = []
     for lint, level, rule, query, *needs in lints:
         if needs and not _readable(conn, needs[0]):
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: no {needs[0]} here to read"})
             continue
+        try:
+            result = _lint_rows(conn, query)
+        except LintCouldNotRun as exc:
+            rows.append({"lint": lint, "level": "warning", "object": "", "detail": f"could not run: {exc}",
+                         "could_not_run": True})
+            continue
         # (object, detail) rows, or (object, detail, level) where the level depends on whose the object is
-        found = sorted(tuple(r.values()) + (level,) for r in fetch(conn, query))
+        found = sorted(tuple(r.values()) + (level,) for r in result)
         if not found:
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: {rule}"})
         for obj, detail, row_level, *_ in found:
@@ -1199,7 +1222,16 @@ def advisor_fix(lint: str, obj: str, detail: str = "") -> str:
 
 def advisor_findings(conn) -> list[dict]:
     """The findings of every advisor lint, security and performance, as their SQL levels them."""
-    return [r for r in _raw_findings(conn, SECURITY_LINTS) + _raw_findings(conn, PERFORMANCE_LINTS) if r["object"]]
+    return [r for r in _advisor_rows(conn) if r["object"]]
+
+
+def _advisor_rows(conn) -> list[dict]:
+    return _raw_findings(conn, SECURITY_LINTS) + _raw_findings(conn, PERFORMANCE_LINTS)
+
+
+def could_not_run(rows: list[dict]) -> str:
+    """The lints that could not run, each with its error ("" when every lint ran)."""
+    return "; ".join(f"{r['lint']} {r['detail']}" for r in rows if r.get("could_not_run"))
 
 
 @verification_check("-- every advisor lint of the verification (security_lints and performance_lints, shown there):\n"
@@ -1209,7 +1241,8 @@ def advisor_findings(conn) -> list[dict]:
 def advisor_baseline(conn, record_dir) -> Check:
     """The preflight's baseline: what the verification's advisor lints find before anything changes, kept as
     advisor_baseline.json in the run's record; the verification reports these as pre-existing."""
-    found = advisor_findings(conn)
+    every = _advisor_rows(conn)
+    found, failed = [r for r in every if r["object"]], could_not_run(every)
     path = Path(record_dir) / ADVISOR_BASELINE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
@@ -1224,12 +1257,16 @@ def advisor_baseline(conn, record_dir) -> Check:
     rows = [{"lint": f["lint"], "level": f["level"], "object": f["object"], "whose": whose(f),
              "fix": advisor_fix(f["lint"], f["object"], f["detail"]) if whose(f) == "not the deployment's" else ""}
             for f in found]
+    rows += [{"lint": r["lint"], "level": "warning", "object": "", "whose": "", "fix": r["detail"]}
+             for r in every if r.get("could_not_run")]
     theirs = [r for r in rows if r["whose"] == "not the deployment's" and r["level"] == "error"]
     columns = ["lint", "level", "object", "whose", "fix"]
-    if theirs:
-        return Check("advisor_baseline", "warning", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE}; "
-                     f"{len(theirs)} on objects that are not the deployment's would fail a verification, which will "
-                     "report them as pre-existing warnings: " + "; ".join(f"{r['object']} ({r['fix']})" for r in theirs),
+    if theirs or failed:
+        return Check("advisor_baseline", "warning", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE}"
+                     + (f"; {len(theirs)} on objects that are not the deployment's would fail a verification, which "
+                        "will report them as pre-existing warnings: "
+                        + "; ".join(f"{r['object']} ({r['fix']})" for r in theirs) if theirs else "")
+                     + (f"; advice missing, the other lints ran: {failed}" if failed else ""),
                      rows=rows, columns=columns)
     return Check("advisor_baseline", "ok", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE} (the verification "
                  "reports those still there as pre-existing)", rows=rows, columns=columns)
@@ -1272,18 +1309,21 @@ def _run_lints(conn, name: str, lints, record_dir=None, baseline_dir=None) -> Ch
     failing = [r for r in rows if r["object"] and r["level"] == "error"]
     warned = [r for r in rows if r["object"] and r["level"] == "warning"]
     older = [r for r in warned if "; fix: " in r["detail"]]
+    failed = could_not_run(rows)
+    missing = f"; advice missing, the other lints ran: {failed}" if failed else ""
     source = (f"against the preflight's advisor baseline {baseline[1]}" if baseline else
               f"no advisor baseline ({ADVISOR_BASELINE_FILE} of a preflight): findings on the deployment's objects "
               "fail, others are warnings")
     columns = ["lint", "level", "object", "detail"]
     if failing:
         return Check(name, "error", f"{len(failing)} finding(s) the contract forbids: "
-                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing) + f" ({source})",
+                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing) + f" ({source})" + missing,
                      rows=rows, columns=columns)
-    if warned:
+    if warned or failed:
         fixes = "".join(f"; {r['lint']}: {r['object']} (fix: {r['detail'].rsplit('; fix: ', 1)[1]})" for r in older)
-        return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s): "
-                     + ", ".join(sorted({r["lint"] for r in warned})) + fixes, rows=rows, columns=columns)
+        return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s)"
+                     + (": " + ", ".join(sorted({r["lint"] for r in warned})) if warned else "") + fixes + missing,
+                     rows=rows, columns=columns)
     notes = [r for r in rows if r["object"] and r["level"] == "info"]
     noted = (f" ({len(notes)} note(s): " + ", ".join(sorted({r["lint"] for r in notes})) + ")") if notes else ""
     return Check(name, "ok", f"all {len(lints)} lints pass" + noted, rows=rows, columns=columns)
