@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, engine, promotion, records, runner, signoff
+from . import connection, engine, preflight, promotion, records, runner, signoff
 from .engine import EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -210,6 +210,7 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
     """`runbook deploy`'s plan on one target (the fleet's partitions run this too): the sign-off and
     the promotion rule are asked first, and a refusal raises UsageError before anything changes."""
     problems = signoff.problems(params, production=target.production, confirmed=confirmed)
+    problems += changed_files_problem(target, force=bool(params.get("force")))
     decision = promotion.decide(target, records_root, override=params.get("promotion_override"),
                                 max_age_days=params.get("promotion_max_age_days"))
     if not decision.allowed:
@@ -218,6 +219,22 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
         raise UsageError("refused: " + "; ".join(problems))
     return runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=records_root, parameters=params,
                            progress=progress)
+
+
+def changed_files_problem(target: connection.Target, *, force: bool) -> list[str]:
+    """An applied phase file that changed on disk since, unless forced (the preflight asks the same); an
+    unreachable target says nothing here: the run reports it, with its record."""
+    if force:
+        return []
+    try:
+        conn = connection.connect(target, application_name="runbook deploy check", readonly=True, autocommit=True)
+    except psycopg2.OperationalError:
+        return []
+    try:
+        changed = preflight.changed_files(preflight.phase_states(conn))
+    finally:
+        conn.close()
+    return [preflight.changed_refusal(changed)] if changed else []
 
 
 def cmd_verify(args) -> int:

@@ -151,6 +151,17 @@ def test_status_says_when_an_applied_file_changed_on_disk(empty_db, capsys):
     assert "CHANGED on disk" in capsys.readouterr().out
 
 
+def test_a_deploy_over_an_applied_file_that_changed_is_refused_before_anything_changes_unless_forced(
+        migrated_db, tmp_path, capsys):
+    migrated_db.execute("update truthsource.deployment_history set sha256 = repeat('0', 64) where version = '002'")
+    rows = migrated_db.query("select count(*) from truthsource.deployment_history")
+    assert runbook("deploy", "--service", migrated_db.name, "--records", tmp_path / "records") == 2
+    said = capsys.readouterr().err
+    assert "002_production_enhancements.sql changed since it was applied" in said and "-p force true" in said
+    assert migrated_db.query("select count(*) from truthsource.deployment_history") == rows
+    assert not (tmp_path / "records").exists()   # refused before a record was opened
+
+
 def test_records_list_on_an_empty_folder_says_so(tmp_path, capsys):
     assert runbook("records", "list", "--records", tmp_path) == 0
     assert "no records" in capsys.readouterr().out
