@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -25,8 +26,9 @@ REFUSALS = (UsageError, connection.TargetError, records.RecordError, signoff.Sig
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
+    group = parser.add_mutually_exclusive_group()   # neither: libpq's environment, as the notebooks
+    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured); "
+                       "without --service or --target: PGSERVICE, else PGHOST, PGPORT, PGDATABASE, PGUSER")
     group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
     parser.add_argument("--targets-file", metavar="PATH",
                         help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_records(p)
 
     p = commands.add_parser("status", help="what is applied, with checksums, and whether the files still match")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured); "
+                       "without --service, --target or --all: PGSERVICE, else PGHOST, PGPORT, PGDATABASE, PGUSER")
     group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
     group.add_argument("--all", action="store_true",
                        help="every target of the targets file: which phase file digests are applied where")
@@ -104,9 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+# What libpq reads to find a server when no service or target is named (the notebooks' target_kind = None).
+LIBPQ_TARGET_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER")
+
+
+def from_libpq_environment(say=None) -> connection.Target:
+    """The target libpq's environment names (PGSERVICE, else PGHOST, PGPORT...), as a notebook whose
+    target_kind is None resolves it; said on stderr. Nothing exported: refused, naming what to give."""
+    say = say or _stderr
+    if os.environ.get("PGSERVICE"):
+        target = connection.from_environment()
+        say(f"target: service {target.name!r} (from PGSERVICE; no --service or --target given)")
+        return target
+    given = [f"{name}={os.environ[name]}" for name in LIBPQ_TARGET_ENV if os.environ.get(name)]
+    if not given:
+        raise UsageError("no target: give --service NAME or --target NAME, or export PGSERVICE (as `runbook sandbox` "
+                         "prints) or PGHOST, PGPORT, PGDATABASE and PGUSER")
+    say(f"target: libpq's environment ({', '.join(given)}; no --service or --target given)")
+    return connection.from_environment()
+
+
 def resolve_target(args) -> connection.Target:
-    target = (connection.from_service(args.service) if args.service
-              else connection.from_targets_file(args.target, args.targets_file))
+    if args.service:
+        target = connection.from_service(args.service)
+    elif args.target:
+        target = connection.from_targets_file(args.target, args.targets_file)
+    else:
+        target = from_libpq_environment()
     try:  # a transaction-mode pooler is refused (TransactionPoolerError, exit 2) before anything runs
         connection.refuse_transaction_pooler(target)
     except psycopg2.OperationalError:
@@ -256,10 +287,6 @@ def cmd_rollback(args) -> int:
     target = resolve_target(args)
     given = parse_parameters(args.parameter, ("rollback",))
     return finished(args, rollback(target, args.run, given, confirmed=args.yes, records_root=args.records))
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 def rollback(target: connection.Target, run_id: str, params: dict, *, confirmed: bool, records_root: Path,
