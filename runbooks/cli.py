@@ -84,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
     _add_records(p)
 
-    p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID")
+    p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID; seal and finish runs")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_records(sub.add_parser("list", help="every record, oldest first"))
     for name, text in (("show", "a record's manifest, readably"), ("verify", "re-hash every file against the manifest"),
-                       ("seal", "make a run stepped through by hand in JupyterLab a sealed record")):
+                       ("seal", "make a run stepped through by hand in JupyterLab a sealed record"),
+                       ("finish", "finish the database's witness of a sealed run, left open (the target out of reach)")):
         q = sub.add_parser(name, help=text)
         q.add_argument("run_id", metavar="RUN_ID")
         _add_records(q)
@@ -420,6 +421,10 @@ def cmd_records(args) -> int:
         from .paths import NOTEBOOK_DIR
 
         return seal(args.records, args.run_id, args.notebooks or NOTEBOOK_DIR).exit_code
+    if args.action == "finish":
+        from .witness import finish
+
+        return finish(args.records, args.run_id)
     record = records.Record.open(args.records, args.run_id)
     if args.action == "show":
         print(records.describe(record))

@@ -31,7 +31,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
-from . import backup, connection, contract, pgtools, troubleshooting
+from . import backup, connection, contract, pgtools, records, troubleshooting
 from .checks import Check, fetch, sql_check
 from .troubleshooting import APP_SCHEMAS_SQL
 
@@ -200,8 +200,8 @@ def database_activity(conn, run, *, max_rollback_ratio: float = 0.05, min_cache_
     current = {k: row[k] for k in _COUNTERS}
     previous = _previous_activity(Path(run.record_dir), key)
     path = Path(run.record_dir) / ACTIVITY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "read_at": row["read_at"], "run_id": run.run_id, "counters": current},
+    records.make_folder(path.parent)
+    records.write_text(path, json.dumps({"key": key, "read_at": row["read_at"], "run_id": run.run_id, "counters": current},
                                indent=1, sort_keys=True, default=str) + "\n")
     if previous:
         window = f"since the daily run {previous['run_id']} ({previous['read_at']})"

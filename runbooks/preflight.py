@@ -387,7 +387,18 @@ CHECKLIST = (
 
 def signoff_check(*, production: bool, approver=None, change_ticket=None, maintenance_window=None,
                   stakeholders_notified=False, rollback_plan_confirmed=False, now: datetime | None = None) -> Check:
-    """The guide's checklist, signed off: required (and the window enforced) for production."""
+    """The guide's checklist, signed off: required (and the window enforced) for production. The
+    approver and the change ticket go to the run's record (its header card), as given or none."""
+    check = _signoff_check(production=production, approver=approver, change_ticket=change_ticket,
+                           maintenance_window=maintenance_window, stakeholders_notified=stakeholders_notified,
+                           rollback_plan_confirmed=rollback_plan_confirmed, now=now)
+    check.facts = {"signoff": {"approver": approver, "change_ticket": change_ticket,
+                               "maintenance_window": maintenance_window}}
+    return check
+
+
+def _signoff_check(*, production: bool, approver, change_ticket, maintenance_window, stakeholders_notified,
+                   rollback_plan_confirmed, now: datetime | None) -> Check:
     params = {"approver": approver, "change_ticket": change_ticket, "maintenance_window": maintenance_window,
               "stakeholders_notified": stakeholders_notified, "rollback_plan_confirmed": rollback_plan_confirmed}
     now = now or datetime.now(timezone.utc)

@@ -53,6 +53,7 @@ from pathlib import Path
 import psycopg2.extensions
 from psycopg2 import sql
 
+from . import records
 from .contract import HISTORY_SCHEMA, PLATFORM_SCHEMAS, is_app_schema  # noqa: F401 (is_app_schema: read here by others)
 
 SNAPSHOT_FORMAT = 2
@@ -389,8 +390,8 @@ def take_snapshot(conn, *, checksum_row_limit: int | None = None, lock_timeout: 
 
 def save_snapshot(snap: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
+    records.make_folder(path.parent)
+    records.write_text(path, json.dumps(snap, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -1244,8 +1244,8 @@ def advisor_baseline(conn, record_dir) -> Check:
     every = _advisor_rows(conn)
     found, failed = [r for r in every if r["object"]], could_not_run(every)
     path = Path(record_dir) / ADVISOR_BASELINE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
+    records.make_folder(path.parent)
+    records.write_text(path, json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
     # legacy updated-at functions: phase 1 re-points their triggers and drops them
     replaced = {f["function"] for f in fetch(conn, UPDATED_AT_FUNCTIONS_SQL) if not f["extension_member"]}
 

@@ -96,11 +96,18 @@ def test_a_phase_by_hand_without_a_preflight_is_refused_naming_what_to_do(legacy
     assert history(legacy_db) == []
 
 
-def write_state(target, root: Path, status: str, hours_ago: float) -> None:
+THEN = identity.Identity("truthsource_sandbox", 16384, "7300000000000000001", "0b9f1c9e-0000-4000-8000-000000000001")
+
+
+def write_state(target, root: Path, status: str, hours_ago: float, seen: identity.Identity = THEN) -> Path:
+    """The pointer a by-hand preflight leaves, and its run's open record folder."""
     finished = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+    folder = root / "20260101T000000Z-abcdef"
+    folder.mkdir(exist_ok=True)
     by_hand.state_path(target, root).write_text(json.dumps({
-        "run_id": "20260101T000000Z-abcdef", "record_dir": str(root / "20260101T000000Z-abcdef"),
+        "run_id": "20260101T000000Z-abcdef", "record_dir": str(folder), "identity": seen.as_dict(),
         "status": status, "finished_at": finished.isoformat()}))
+    return folder
 
 
 @pytest.mark.parametrize("status, hours_ago, said", [
@@ -126,6 +133,41 @@ def test_a_recent_passed_preflight_is_joined_by_the_phases_and_the_verification(
     assert by_hand.joined_run("06_maintenance", target) is None   # a run of its own
     with pytest.raises(by_hand.PreflightRequired, match="more than 10 hours ago"):
         by_hand.joined_run("01_phase1_core_functions", target, max_age_hours=10)
+
+
+def test_a_phase_never_joins_a_sealed_run_it_refuses_naming_the_record_and_how_to_start_a_new_run(by_hand_records):
+    target = connection.Target(name="practice", kind="service")
+    folder = write_state(target, by_hand_records, "passed", 1)
+    records.Record(by_hand_records, folder.name).write_manifest({"run_id": folder.name, "notebooks": []})
+    with pytest.raises(by_hand.PreflightRequired) as refused:
+        by_hand.joined_run("02_phase2_core_schema", target, now=THEN)
+    said = str(refused.value)
+    assert f"run {folder.name} of that preflight is sealed ({folder}" in said
+    assert "Start a new run: run 00_preflight for this target" in said
+    assert by_hand.joined_run("04_verification", target, now=THEN) is None   # a run of its own, not the sealed one
+
+
+def test_a_phase_never_joins_the_run_of_another_database_it_refuses_naming_both(by_hand_records):
+    target = connection.Target(name="practice", kind="service")
+    write_state(target, by_hand_records, "passed", 1)
+    # the sandbox stopped and a new one started: another cluster, another database, under the same service
+    now = identity.Identity("truthsource_sandbox", 16390, "7300000000000000999", "0b9f1c9e-0000-4000-8000-000000000002")
+    with pytest.raises(by_hand.PreflightRequired) as refused:
+        by_hand.joined_run("02_phase2_core_schema", target, now=now)
+    said = str(refused.value)
+    assert f"run 20260101T000000Z-abcdef's preflight was of {THEN.describe()}; this target is now {now.describe()}" in said
+    assert "system identifier 7300000000000000001 vs 7300000000000000999 (another server)" in said
+    assert "Start a new run" in said
+    assert by_hand.joined_run("02_phase2_core_schema", target, now=THEN)["run_id"] == "20260101T000000Z-abcdef"
+
+
+def test_a_pointer_is_removed_only_where_it_names_the_run_given(by_hand_records, tmp_path):
+    target = connection.Target(name="practice", kind="service")
+    write_state(target, by_hand_records, "passed", 1)
+    assert by_hand.clear_pointers("service", "practice", [by_hand_records], run_id="20260101T000000Z-ffffff") == []
+    assert by_hand.clear_pointers("service", "practice", [by_hand_records, tmp_path / "elsewhere"]) == [
+        by_hand.state_path(target, by_hand_records)]
+    assert not by_hand.state_path(target, by_hand_records).exists()
 
 
 def test_without_a_snapshot_no_data_loss_is_not_proven_rather_than_passed(migrated_db, tmp_path):
