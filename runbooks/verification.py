@@ -106,8 +106,12 @@ insert into public.security_events (organization_id, user_id, event_type, severi
   ('{ORG_A}', '{USERS['admin']}', 'runbook.verification', 'low', '{BENIGN_IP}'),
   ('{ORG_B}', '{USERS['other_admin']}', 'runbook.verification', 'low', '{BENIGN_IP}');"""
 
+UNDONE = "runbook_verification"   # the savepoint every verification transaction's work is rolled back to
 SEED_REF = ("begin isolation level read committed, read write;\n"
+            f"savepoint {UNDONE};\n"
             "-- the synthetic users, organizations and rows: verification.SEED_SQL, shown in full above")
+# how each verification transaction ends: its work undone, the empty transaction committed
+UNDO_REF = f"-- then: rollback to savepoint {UNDONE}; commit;  (nothing stays: the transaction commits empty)"
 
 THREAT_SQL = f"""insert into public.threat_intelligence (ip_address, threat_type, severity, source, updated_at)
 values ('{THREAT_IP}/32', 'runbook-verification', 'critical', 'runbook verification (synthetic)', '{STAMP}')"""
@@ -115,7 +119,11 @@ values ('{THREAT_IP}/32', 'runbook-verification', 'critical', 'runbook verificat
 
 @contextmanager
 def rolled_back(conn, *, lock_timeout: str = "2s", statement_timeout: str = "60s"):
-    """A read-write transaction on `conn` (read-only by default in notebooks) that is ALWAYS rolled back.
+    """A read-write transaction on `conn` (read-only by default in notebooks) whose work is ALWAYS undone:
+    rolled back to a savepoint taken before it, and only then is the transaction, empty by now, ended
+    with COMMIT (when that rollback did not happen, with ROLLBACK). Nothing it did stays, and the
+    runbooks' own checks never count as rolled-back transactions in pg_stat_database, whose share of
+    rollbacks maintenance judges as the app's errors.
 
     Short lock and statement timeouts: verification never queues behind the application.
     """
@@ -129,14 +137,27 @@ def rolled_back(conn, *, lock_timeout: str = "2s", statement_timeout: str = "60s
             cur.execute("set transaction isolation level read committed, read write")
         cur.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
                     (lock_timeout, statement_timeout))
+        cur.execute(f"savepoint {UNDONE}")
         yield cur
     finally:
         if not conn.closed:
-            if conn.autocommit:
-                cur.execute("rollback")
-            else:
-                conn.rollback()
+            _end_undone(conn, cur)
         cur.close()
+
+
+def _end_undone(conn, cur) -> None:
+    """Roll the work back to the savepoint, then commit the empty transaction; if the savepoint cannot
+    be rolled back to (it was never taken, the transaction is gone), roll back the whole of it."""
+    try:
+        cur.execute(f"rollback to savepoint {UNDONE}")
+        undone = True
+    except psycopg2.Error:
+        undone = False
+    end = "commit" if undone else "rollback"
+    if conn.autocommit:
+        cur.execute(end)
+    else:
+        conn.commit() if undone else conn.rollback()
 
 
 @contextmanager
@@ -259,7 +280,7 @@ UPDATED_AT_SQL = (UPDATED_AT_TABLES_SQL + ";\n\n" + SEED_REF + "\n" + THREAT_SQL
                   + "-- an outline: any other table with updated_at, its name in place of <table>, one existing row\n"
                   + touch_updated_at_sql("<table>") + ";\n"
                   "-- and the guide's call, which must fail:\nselect public.update_updated_at_column();\n"
-                  "-- then: rollback")
+                  + UNDO_REF)
 
 
 @verification_check(UPDATED_AT_SQL, "the updated-at trigger moves updated_at (a real update, rolled back)",
@@ -345,7 +366,7 @@ def helper_call_sql(function: str, args: tuple) -> str:
 
 HELPERS_SQL = (SEED_REF + "\n\n-- each call in a savepoint, with untyped literals, as the guide calls them:\n"
                + "".join(helper_call_sql(function, args) + ";\n" for function, args, *_ in HELPER_CASES)
-               + "-- then: rollback")
+               + UNDO_REF)
 
 
 @verification_check(HELPERS_SQL, "get_user_organization_id, is_org_member, is_org_admin on synthetic users",
@@ -430,7 +451,7 @@ SUSPICIOUS_SQL = (SEED_REF + "\n\n-- benign: a fresh address and user, no histor
                   f"'{THREAT_IP}', '{{}}') from generate_series(1, {FAILED_LOGINS});\n"
                   f"select * from public.detect_suspicious_activity('{ORG_A}', '{THREAT_IP}', '{USERS['member']}');\n"
                   "select count(*) from public.security_events where event_type = 'suspicious_activity' "
-                  f"and user_id = '{USERS['member']}';\n-- then: rollback")
+                  f"and user_id = '{USERS['member']}';\n" + UNDO_REF)
 
 
 @verification_check(SUSPICIOUS_SQL, "detect_suspicious_activity(org, ip, user) on synthetic activity",
@@ -506,7 +527,7 @@ RLS_CASES = (
 )
 RLS_SQL = (SEED_REF + "\n\n-- each case in a savepoint, as PostgREST runs a request:\n"
            + "".join(case_sql(who, what, sql) for who, what, sql, _ in RLS_CASES)
-           + "-- then: rollback")
+           + UNDO_REF)
 
 
 def _expected_text(expected) -> str:
@@ -586,7 +607,7 @@ COMPLIANCE_SQL = (SEED_REF + "\n" + EXPIRED_LOGS_SQL + ";\n\n-- the verification
                   "and just after the dry run (in its savepoint):\n"
                   + SYNTHETIC_LOGS_SQL + ";\n\n-- each case in a savepoint:\n"
                   + "".join(case_sql(who, what, sql) for who, what, sql, _ in COMPLIANCE_CASES)
-                  + "-- then, as the connecting role:\n" + PLAINTEXT_SQL + ";\n-- then: rollback")
+                  + "-- then, as the connecting role:\n" + PLAINTEXT_SQL + ";\n" + UNDO_REF)
 
 
 def _synthetic_logs(cur) -> dict[str, tuple[int, str]]:
@@ -1352,7 +1373,7 @@ LATENCY_QUERIES = (
     ("admin", "its organization's api keys", f"select id, name, key_prefix from public.api_keys where organization_id = {_A}"),
 )
 LATENCY_SQL = (SEED_REF + "\n\n-- each query in a savepoint, timed 3 times, the best kept:\n"
-               + "".join(case_sql(who, what, sql) for who, what, sql in LATENCY_QUERIES) + "-- then: rollback")
+               + "".join(case_sql(who, what, sql) for who, what, sql in LATENCY_QUERIES) + UNDO_REF)
 
 
 @verification_check(LATENCY_SQL, "query latency through RLS, as API users", "query_latency")
