@@ -5,7 +5,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -14,23 +13,9 @@ from runbooks import engine, identity, preflight, records, restore, runner, snap
 from runbooks.paths import PHASES
 from runbooks.rollback import Rollback, RollbackError
 
-from runhelpers import (assert_identical, deploy_in_a_process, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
+from runhelpers import (assert_identical, deploy_in_a_process, preflight_record, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
                         snapshot_of)
 from sqlhelpers import wait_until
-
-
-def preflight_record(db, folder: Path, run_id: str) -> None:
-    """What the preflight leaves, as its notebook takes it: the database's identity, the snapshot and
-    the backup of one moment, and the backup's witness in the database (no manifest: unsealed)."""
-    conn = readonly(db)
-    try:
-        assert preflight.database_identity(conn, db.target, run_id).status == "ok"
-        with preflight.one_moment(SimpleNamespace(target=db.target, run_id=run_id)) as moment:
-            assert preflight.snapshot(conn, folder, moment=moment).status == "ok"
-            assert preflight.backup(conn, db.target, folder, run_id, snapshot=moment).status == "ok"
-        assert preflight.witness_backup(conn, db.target, folder, run_id, "deployer").status == "ok"
-    finally:
-        conn.close()
 
 
 @pytest.fixture
