@@ -41,8 +41,7 @@ PREFLIGHT = "00_preflight"
 ROLLBACK = "05_rollback"
 PHASES = ("01_phase1_core_functions", "02_phase2_core_schema", "03_phase3_production_enhancements")
 JOINS_THE_PREFLIGHT = (*PHASES, "04_verification")   # later notebooks of a deployment: the preflight's run
-NEW_RUN = ("Start a new run: run 00_preflight for this target (by hand it starts a new run, which the phases then "
-           "join)")
+NEW_RUN = "Run 00_preflight for this target to start a new run (by hand it starts one, which the phases then join)"
 
 
 class PreflightRequired(RuntimeError):

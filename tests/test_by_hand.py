@@ -89,7 +89,7 @@ def test_a_practice_night_run_stop_new_sandbox_run_again_seal_rollback_seal_leav
         assert refused.value.ename == "PreflightRequired"
         assert f"run {run_1}'s preflight was of database {first.name}" in refused.value.evalue
         assert f"this target is now database {second.name}" in refused.value.evalue
-        assert "another database" in refused.value.evalue and "Start a new run" in refused.value.evalue
+        assert "another database" in refused.value.evalue and "to start a new run" in refused.value.evalue
         assert record_bytes(by_hand_records / run_1) == kept_1   # nothing written into the first night's run
         assert history(second) == []
 
@@ -211,7 +211,7 @@ def test_a_phase_never_joins_a_sealed_run_it_refuses_naming_the_record_and_how_t
         by_hand.joined_run("02_phase2_core_schema", target, now=THEN)
     said = str(refused.value)
     assert f"run {folder.name} of that preflight is sealed ({folder}" in said
-    assert "Start a new run: run 00_preflight for this target" in said
+    assert "Run 00_preflight for this target to start a new run" in said
     assert by_hand.joined_run("04_verification", target, now=THEN) is None   # a run of its own, not the sealed one
 
 
@@ -225,7 +225,7 @@ def test_a_phase_never_joins_the_run_of_another_database_it_refuses_naming_both(
     said = str(refused.value)
     assert f"run 20260101T000000Z-abcdef's preflight was of {THEN.describe()}; this target is now {now.describe()}" in said
     assert "system identifier 7300000000000000001 vs 7300000000000000999 (another server)" in said
-    assert "Start a new run" in said
+    assert "to start a new run" in said
     assert by_hand.joined_run("02_phase2_core_schema", target, now=THEN)["run_id"] == "20260101T000000Z-abcdef"
 
 
