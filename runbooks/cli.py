@@ -414,7 +414,7 @@ def cmd_records(args) -> int:
         for r in rows:
             started = _utc(datetime.fromisoformat(r["started_at"])) if r.get("started_at") else "?"
             print(_fit(f"{r['run_id']}  {r['command'] or '?':<16} {r['target'] or '?':<20} {started:<19}  "
-                       f"{r['verdict']}"))
+                       f"{r['verdict_text']}"))
         return EXIT_OK
     if args.action == "seal":
         from .by_hand import seal

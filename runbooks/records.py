@@ -417,7 +417,8 @@ def list_records(root: Path) -> list[dict]:
                 m = {"verdict": "unreadable manifest"}
             rows.append({"run_id": folder.name, "command": m.get("command"),
                          "target": (m.get("target") or {}).get("name"),
-                         "started_at": m.get("started_at"), "verdict": m.get("verdict")})
+                         "started_at": m.get("started_at"), "verdict": m.get("verdict"),
+                         "verdict_text": m.get("verdict_text") or str(m.get("verdict")).upper()})
     return rows
 
 
