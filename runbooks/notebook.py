@@ -23,6 +23,9 @@ from .pages import html_table
 from .paths import PROJECT_ROOT
 
 VERDICT_MIME = "application/vnd.truthsource.verdict+json"
+# The verdict output's metadata: what the record reads besides the verdict (its checks' facts, the kernel's
+# own timing), kept out of the compared outputs (they differ from run to run).
+VERDICT_METADATA = "truthsource_verdict"
 
 
 def _display(obj=None, **kwargs):
@@ -205,11 +208,12 @@ class Run:
         failed = [c for c in self.checks if c.status == "error"]
         verdict = {"notebook": self.notebook, "run_id": self.run_id,
                    "status": "failed" if failed else "passed",
-                   "checks": [{"name": c.name, "status": c.status, "summary": c.summary} for c in self.checks],
-                   "facts": {k: v for c in self.checks for k, v in c.facts.items()},
-                   "kernel_seconds": self.timer.seconds() if self.timer else None}
+                   "checks": [{"name": c.name, "status": c.status, "summary": c.summary} for c in self.checks]}
+        kept = {"facts": {k: v for c in self.checks for k, v in c.facts.items()},
+                "kernel_seconds": self.timer.seconds() if self.timer else None}
         _display(table(verdict["checks"], columns=["name", "status", "summary"]))
-        _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True)
+        _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True,
+                 metadata={VERDICT_METADATA: kept})
         if self.by_hand:
             by_hand_runs.finish(self, verdict["status"])
         if failed:

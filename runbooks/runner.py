@@ -27,7 +27,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from . import (by_hand, connection, engine, identity, kernel_guard, pages, promotion, records, verdicts, watch,
                witness)
-from .notebook import VERDICT_MIME
+from .notebook import VERDICT_METADATA, VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
 # The runbook notebooks, in the order a deployment runs them.
@@ -165,11 +165,13 @@ def environment(values: dict[str, str]):
 
 
 def _verdict_of(nb) -> dict | None:
+    """The notebook's verdict as its last cell displayed it, with what its output's metadata keeps
+    (the checks' facts, the kernel's own timing) merged in."""
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if VERDICT_MIME in data:
-                return data[VERDICT_MIME]
+                return {**data[VERDICT_MIME], **output.get("metadata", {}).get(VERDICT_METADATA, {})}
     return None
 
 
