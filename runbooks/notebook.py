@@ -111,12 +111,22 @@ class KernelTimer:
     timing (its cells' run times; the setup cell from when the frontend sent it, so the imports before
     setup() count), never the idle time between cells a DBA takes. A notebook's real duration by hand."""
 
+    running: "KernelTimer | None" = None   # the kernel's timer: setup run again starts a new one
+
     def __init__(self, shell):
         self.total = 0.0
         self.current: float | None = time.monotonic() - _seconds_since_request(shell)
+        self.shell = shell
         if shell is not None:
+            if KernelTimer.running is not None:
+                KernelTimer.running.stop()
             shell.events.register("pre_run_cell", self._started)
             shell.events.register("post_run_cell", self._ended)
+            KernelTimer.running = self
+
+    def stop(self) -> None:
+        self.shell.events.unregister("pre_run_cell", self._started)
+        self.shell.events.unregister("post_run_cell", self._ended)
 
     def _started(self, *args) -> None:
         self.current = time.monotonic()
