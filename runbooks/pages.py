@@ -358,11 +358,11 @@ def export_notebook(nb_path: Path, card: str) -> Path:
     maintenance cadence one line."""
     from nbconvert import HTMLExporter
 
+    html_path = records.check_writable(nb_path.with_suffix(".html"))   # a sealed record: refused before any work
     exporter = HTMLExporter(extra_loaders=[DictLoader({"runbook_record.html.j2": TEMPLATE})],
                             template_file="runbook_record.html.j2")
     exporter.register_preprocessor(_collapse_preprocessor(), enabled=True)
     body, _ = exporter.from_filename(str(nb_path), resources={"runbook_card": card, "runbook_css": CSS})
-    html_path = nb_path.with_suffix(".html")
     records.write_text(html_path, body)
     return html_path
 

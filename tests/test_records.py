@@ -223,3 +223,31 @@ def test_a_commit_is_clean_when_only_notebooks_executed_in_place_differ_and_dirt
     nbformat.write(nb, path)
     facts = records.git_facts(tmp_path)
     assert facts["git_dirty"] is True and "(with uncommitted changes)" in records.commit_text(facts)
+
+
+def step_writers(folder: Path) -> dict:
+    """The steps that keep files in a run's record (those that need no database to reach their write)."""
+    from types import SimpleNamespace
+
+    from runbooks import backup, by_hand, connection, later_writes, pages, promotion, snapshot
+    target = connection.Target(name="practice", kind="service")
+    run = SimpleNamespace(record_dir=folder, run_id=folder.name, target=target, facts={}, operator="dba",
+                          notebook="02_phase2_core_schema")
+    return {
+        "by_hand.start (a notebook joining the run)": lambda: by_hand.start(run),
+        "by_hand.finish (its verdict into the journal)": lambda: by_hand.finish(run, "passed"),
+        "backup.take_backup (into backup/)": lambda: backup.take_backup(target, folder / "backup", folder.name),
+        "snapshot.save_snapshot": lambda: snapshot.save_snapshot({}, folder / "snapshot-after-rollback.json"),
+        "later_writes.save_row_state": lambda: later_writes.save_row_state({}, folder / later_writes.ROW_STATE_FILE),
+        "promotion.write": lambda: promotion.write(folder, promotion.Decision(production=False, allowed=True, phase_files={}, max_age_days=14)),
+        "pages.write_index": lambda: pages.write_index(folder, {"run_id": folder.name, "notebooks": []}),
+        "pages.export_notebook": lambda: pages.export_notebook(folder / "notebooks" / "01-preflight.ipynb", ""),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(step_writers(Path("x"))))
+def test_every_step_that_keeps_a_file_refuses_a_sealed_record_and_it_still_verifies(record, name):
+    seal = record.seal()
+    with pytest.raises(records.SealedRecord):
+        step_writers(record.path)[name]()
+    assert record.verify() == [] and record.seal() == seal
