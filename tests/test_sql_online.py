@@ -106,7 +106,7 @@ def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_sta
     reference = unstopped_reference(make_db)
     db = make_db("legacy@1")
     db.execute(MORE_AUDIT_ROWS)
-    progress = stop_in_a_batch(db, "set p2_carried = true where ctid", "select id from public.audit_logs "
+    progress = stop_in_a_batch(db, "set p2_carried = true where %s and %s", "select id from public.audit_logs "
                                "where ctid >= '(20,0)'::tid order by ctid limit 1")
     [(done, total)] = db.query("select rows_done, rows_total from private.pending_backfills "
                                "where table_name = 'public.audit_logs' limit 1")
@@ -129,7 +129,7 @@ def test_phase_two_stopped_in_its_redaction_resumes_on_a_rerun_and_leaves_no_pla
     reference = unstopped_reference(make_db)
     db = make_db("legacy@1")
     db.execute(MORE_AUDIT_ROWS)
-    progress = stop_in_a_batch(db, "private.p2_secret_copies(%5$s) is not null", "select id from public.audit_logs "
+    progress = stop_in_a_batch(db, "set pages_done", "select id from public.audit_logs "
                                "where ctid >= '(20,0)'::tid and user_agent like '%ts_live_%' order by ctid limit 1")
     [(done, total)] = db.query("select pages_done, pages_total from private.pending_redactions "
                                "where table_name = 'audit_logs'")
