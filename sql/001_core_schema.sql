@@ -1166,7 +1166,7 @@ as $fn$
   select format('create policy %I on %s as %s for %s to %s%s%s;', p.polname, p.polrelid::regclass,
                 case when p.polpermissive then 'permissive' else 'restrictive' end,
                 case p.polcmd when 'r' then 'select' when 'a' then 'insert' when 'w' then 'update' when 'd' then 'delete' else 'all' end,
-                (select string_agg(case when x = 0 then 'public' else quote_ident(x::regrole::text) end, ', ' order by x)
+                (select string_agg(case when x = 0 then 'public' else quote_ident(pg_catalog.pg_get_userbyid(x)) end, ', ' order by x)
                    from unnest(p.polroles) as x),
                 ' using (' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')',
                 ' with check (' || pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) || ')')
@@ -1423,6 +1423,464 @@ exception when lock_not_available then
 end
 $fn$;
 
+-- Online rewrite of a table that held plaintext keys (section 11), the pg_repack way in plain SQL: a copy of
+-- the table (private.p2_rewrite_<oid>: same columns, the unique indexes first), a trigger on the table that
+-- logs the key of every row the app writes (private.p2_rewrite_log_<oid>), the rows copied in batches of
+-- pages, the other indexes built on the copy, the log replayed in batches, then one short transaction
+-- under the table's lock: the rest of the log replayed (what came in since the last batch), and the copy
+-- put in the table's place with everything the table carries. Only live rows are copied, into new files:
+-- no dead row version, and no value of a dropped column, keeps a key. Each step is kept in
+-- private.pending_rewrites (step, pages_done of pages_total, rows_replayed), so a re-run resumes.
+
+-- the key the copy and the log identify a row by: the primary key, else a unique index on NOT NULL
+-- columns (no predicate, no expression); NULL when there is none
+create or replace function pg_temp.p2_rewrite_key(p_rel regclass) returns text[]
+language sql stable
+as $fn$
+  select pg_temp.p2_column_names(p_rel, i.indkey::smallint[])
+    from pg_catalog.pg_index i
+   where i.indrelid = p_rel and i.indisunique and i.indisvalid and i.indimmediate and i.indpred is null and i.indexprs is null
+     and not exists (select 1 from pg_catalog.pg_attribute a
+                      where a.attrelid = p_rel and a.attnum = any (i.indkey::smallint[]) and not a.attnotnull)
+   order by i.indisprimary desc, i.indexrelid
+   limit 1
+$fn$;
+
+-- why a table cannot be rewritten online (it is then rewritten by CLUSTER, under its lock), or NULL: what
+-- the swap would not carry over exactly
+create or replace function pg_temp.p2_rewrite_blocker(p_rel regclass) returns text
+language plpgsql stable
+as $fn$
+declare
+  c record;
+  v_others text;
+begin
+  select * into c from pg_catalog.pg_class where oid = p_rel;
+  if pg_temp.p2_rewrite_key(p_rel) is null then
+    return 'no primary key or unique index on NOT NULL columns to identify its rows by';
+  elsif c.relkind <> 'r' or c.relispartition or c.relhassubclass or c.reloftype <> 0
+        or exists (select 1 from pg_catalog.pg_inherits i where i.inhrelid = p_rel) then
+    return 'it is partitioned, inherited or typed';
+  elsif c.relforcerowsecurity and not (select r.rolsuper or r.rolbypassrls from pg_catalog.pg_roles r where r.rolname = current_user) then
+    return 'FORCE ROW LEVEL SECURITY would hide rows from the copy';
+  elsif exists (select 1 from pg_catalog.pg_constraint k where k.conrelid = p_rel and k.contype = 'x') then
+    return 'an exclusion constraint cannot be attached to an index built beforehand';
+  end if;
+  -- what depends on the table or its row type, beyond what it carries itself and views of its owner
+  select string_agg(distinct pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ') into v_others
+    from pg_catalog.pg_depend d
+   where ((d.refclassid = 'pg_catalog.pg_class'::regclass and d.refobjid = p_rel)
+          or (d.refclassid = 'pg_catalog.pg_type'::regclass and d.refobjid = c.reltype))
+     and d.deptype in ('n', 'a')
+     and not (d.classid = 'pg_catalog.pg_class'::regclass
+              and (select x.relkind in ('i', 'S') from pg_catalog.pg_class x where x.oid = d.objid))
+     and not (d.classid = 'pg_catalog.pg_type'::regclass and d.objid in (c.reltype, (select t.typarray from pg_catalog.pg_type t where t.oid = c.reltype)))
+     and not (d.classid = 'pg_catalog.pg_constraint'::regclass)
+     and not (d.classid = 'pg_catalog.pg_trigger'::regclass)
+     and not (d.classid = 'pg_catalog.pg_attrdef'::regclass)
+     and not (d.classid = 'pg_catalog.pg_statistic_ext'::regclass)
+     and not (d.classid = 'pg_catalog.pg_publication_rel'::regclass)
+     and not (d.classid = 'pg_catalog.pg_policy'::regclass
+              and (select p.polrelid = p_rel from pg_catalog.pg_policy p where p.oid = d.objid))
+     and not (d.classid = 'pg_catalog.pg_rewrite'::regclass
+              and (select v.relkind = 'v' and pg_catalog.pg_has_role(v.relowner, 'USAGE')
+                     from pg_catalog.pg_rewrite w join pg_catalog.pg_class v on v.oid = w.ev_class where w.oid = d.objid));
+  if v_others is not null then
+    return format('%s depend(s) on it', v_others);
+  end if;
+  return null;
+end
+$fn$;
+
+-- the columns a copy writes (generated columns are computed again)
+create or replace function pg_temp.p2_rewrite_columns(p_rel regclass) returns text
+language sql stable
+as $fn$
+  select string_agg(quote_ident(a.attname), ', ' order by a.attnum)
+    from pg_catalog.pg_attribute a
+   where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+$fn$;
+
+-- the copy's name, and its log's
+create or replace function pg_temp.p2_rewrite_names(p_rel regclass, out shadow text, out log text, out log_function text)
+language sql immutable
+as $fn$
+  select format('private.%I', 'p2_rewrite_' || p_rel::oid), format('private.%I', 'p2_rewrite_log_' || p_rel::oid),
+         format('private.%I', 'p2_rewrite_log_' || p_rel::oid)
+$fn$;
+
+-- Step 1: the copy (the table's columns, defaults, identity, storage; its unique indexes, for the copy's
+-- ON CONFLICT and the replay), the log of keys and the function that fills it. Nothing of the table is
+-- locked yet. Idempotent: a re-run finds them.
+create or replace function pg_temp.p2_rewrite_prepare(p_rel regclass) returns void
+language plpgsql
+as $fn$
+declare
+  n record := pg_temp.p2_rewrite_names(p_rel);
+  c record;
+  v_key text[] := pg_temp.p2_rewrite_key(p_rel);
+  v_keys text := (select string_agg(quote_ident(k), ', ') from unnest(v_key) as k);
+  r record;
+begin
+  select * into c from pg_catalog.pg_class where oid = p_rel;
+  if to_regclass(n.shadow) is null then
+    execute format('create %s table %s (like %s including defaults including identity including generated including storage including compression)%s%s',
+                   case c.relpersistence when 'u' then 'unlogged' else '' end, n.shadow, p_rel,
+                   case when c.reloptions is not null then format(' with (%s)', array_to_string(c.reloptions, ', ')) else '' end,
+                   case when c.reltablespace <> 0 then format(' tablespace %I', (select t.spcname from pg_catalog.pg_tablespace t where t.oid = c.reltablespace)) else '' end);
+    execute format('revoke all on table %s from public, anon, authenticated, service_role', n.shadow);
+  end if;
+  for r in
+    select i.indexrelid, pg_catalog.pg_get_indexdef(i.indexrelid) as def
+      from pg_catalog.pg_index i where i.indrelid = p_rel and i.indisunique and i.indisvalid order by i.indexrelid
+  loop
+    execute format('create unique index if not exists %I on %s %s', 'p2r_' || r.indexrelid, n.shadow, substring(r.def from 'USING .*$'));
+  end loop;
+  if to_regclass(n.log) is null then
+    execute format('create table %s (seq bigint generated always as identity primary key, %s)', n.log,
+                   (select string_agg(format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' order by k.n)
+                      from unnest(v_key) with ordinality as k (col, n)
+                      join pg_catalog.pg_attribute a on a.attrelid = p_rel and a.attname = k.col));
+    execute format('revoke all on table %s from public, anon, authenticated, service_role', n.log);
+  end if;
+  -- the app's writes, logged by key (both keys of an update that changes it); a TRUNCATE empties the copy too
+  execute format($f$create or replace function %1$s() returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $body$
+begin
+  if tg_op = 'TRUNCATE' then
+    truncate %2$s;
+    truncate %3$s;
+    return null;
+  end if;
+  if tg_op in ('UPDATE', 'DELETE') then
+    insert into %3$s (%4$s) values (%5$s);
+  end if;
+  if tg_op = 'INSERT' or (tg_op = 'UPDATE' and (%6$s) is distinct from (%5$s)) then
+    insert into %3$s (%4$s) values (%6$s);
+  end if;
+  return null;
+end
+$body$$f$, n.log_function, n.shadow, n.log, v_keys,
+    (select string_agg(format('old.%I', k), ', ') from unnest(v_key) as k),
+    (select string_agg(format('new.%I', k), ', ') from unnest(v_key) as k));
+  execute format('revoke all on function %s() from public, anon, authenticated, service_role', n.log_function);
+end
+$fn$;
+
+-- Step 2: the trigger that logs the app's writes, created ENABLE ALWAYS. Creating it waits for the writes
+-- in flight on the table to end (its lock conflicts with theirs): every write after it is logged, and the
+-- copy's batches start after it. False when the lock is not granted within lock_timeout.
+create or replace function pg_temp.p2_rewrite_trigger(p_rel regclass) returns boolean
+language plpgsql
+as $fn$
+declare
+  n record := pg_temp.p2_rewrite_names(p_rel);
+begin
+  if not exists (select 1 from pg_catalog.pg_trigger t where t.tgrelid = p_rel and t.tgname = 'zz_p2_rewrite_log') then
+    execute format('create trigger zz_p2_rewrite_log after insert or update or delete on %s for each row execute function %s()',
+                   p_rel, n.log_function);
+    execute format('create trigger zz_p2_rewrite_log_truncate after truncate on %s for each statement execute function %s()',
+                   p_rel, n.log_function);
+    execute format('alter table %s enable always trigger zz_p2_rewrite_log', p_rel);
+    execute format('alter table %s enable always trigger zz_p2_rewrite_log_truncate', p_rel);
+  end if;
+  return true;
+exception when lock_not_available then
+  return false;
+end
+$fn$;
+
+-- One batch of the log replayed into the copy: the keys of up to p_limit entries taken out of the log (in
+-- one statement: exactly the entries this snapshot sees, so an entry of a write that commits later stays
+-- for a later batch), and for each key the copy made equal to the table now (a later write is logged
+-- again). A row of the copy that holds a unique value a replayed row now holds is stale (its own write is
+-- in the log): it goes first. Returns the number of keys replayed.
+create or replace function pg_temp.p2_rewrite_replay(p_rel regclass, p_limit integer) returns bigint
+language plpgsql
+as $fn$
+declare
+  n record := pg_temp.p2_rewrite_names(p_rel);
+  v_key text[] := pg_temp.p2_rewrite_key(p_rel);
+  v_keys text := (select string_agg(quote_ident(k), ', ') from unnest(v_key) as k);
+  v_on text := (select string_agg(format('t.%1$I = k.%1$I', k), ' and ') from unnest(v_key) as k);
+  v_count bigint;
+  r record;
+begin
+  execute format('create temporary table if not exists %I on commit delete rows as select %s from %s with no data',
+                 'p2_replay_keys_' || p_rel::oid, v_keys, n.log);
+  execute format('delete from pg_temp.%I', 'p2_replay_keys_' || p_rel::oid);
+  execute format('with taken as (delete from %1$s where seq in (select seq from %1$s order by seq limit %2$s) returning %3$s)
+                  insert into pg_temp.%4$I select distinct %3$s from taken', n.log, p_limit, v_keys, 'p2_replay_keys_' || p_rel::oid);
+  get diagnostics v_count = row_count;
+  if v_count = 0 then
+    return 0;
+  end if;
+  execute format('delete from %s as t using pg_temp.%I as k where %s', n.shadow, 'p2_replay_keys_' || p_rel::oid, v_on);
+  for r in
+    select i.indnullsnotdistinct as nnd, pg_temp.p2_column_names(i.indrelid, i.indkey::smallint[]) as cols
+      from pg_catalog.pg_index i
+     where i.indrelid = to_regclass(n.shadow) and i.indisunique
+       and pg_temp.p2_column_names(i.indrelid, i.indkey::smallint[]) <> v_key
+  loop
+    execute format('delete from %s as s using %s as t, pg_temp.%I as k where %s and %s', n.shadow, p_rel, 'p2_replay_keys_' || p_rel::oid, v_on,
+                   (select string_agg(format(case when r.nnd then 's.%1$I is not distinct from t.%1$I' else 's.%1$I = t.%1$I' end, x), ' and ')
+                      from unnest(r.cols) as x));
+  end loop;
+  execute format('insert into %1$s (%2$s) overriding system value select %3$s from %4$s as t join pg_temp.%5$I as k on %6$s on conflict do nothing',
+                 n.shadow, pg_temp.p2_rewrite_columns(p_rel),
+                 (select string_agg(format('t.%I', a.attname), ', ' order by a.attnum) from pg_catalog.pg_attribute a
+                   where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''),
+                 p_rel, 'p2_replay_keys_' || p_rel::oid, v_on);
+  update private.pending_rewrites as p set rows_replayed = p.rows_replayed + v_count where p.table_name = p_rel::text;
+  return v_count;
+end
+$fn$;
+
+-- the columns of a table as a comparable list (name, type, generated): the copy must still match the table
+create or replace function pg_temp.p2_rewrite_shape(p_rel regclass) returns text
+language sql stable
+as $fn$
+  select string_agg(format('%s %s %s', quote_ident(a.attname), pg_catalog.format_type(a.atttypid, a.atttypmod), a.attgenerated), ', '
+                    order by a.attnum)
+    from pg_catalog.pg_attribute a where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped
+$fn$;
+
+-- the grants of an ACL as GRANT statements on p_object (a column list in p_columns: column grants)
+create or replace function pg_temp.p2_grants_sql(p_acl aclitem[], p_kind text, p_object text, p_columns text default '') returns text
+language sql stable
+as $fn$
+  select coalesce(string_agg(format('grant %s%s on %s %s to %s%s;', x.privilege_type, p_columns, p_kind, p_object,
+                                    case when x.grantee = 0 then 'public' else quote_ident(pg_catalog.pg_get_userbyid(x.grantee)) end,
+                                    case when x.is_grantable then ' with grant option' else '' end), ' '), '')
+    from aclexplode(p_acl) as x
+$fn$;
+
+-- Step 5, in one short transaction under the table's lock (no one else writes it meanwhile): the rest of the
+-- log replayed, then the copy takes the table's place and everything the table carries: its indexes and
+-- their names, constraints (primary key and unique attached to the copy's indexes; checks and foreign keys,
+-- its own and other tables' that point at it, added NOT VALID, and validated after the commit where they
+-- were valid), triggers (enabled as they were), policies, row level security, replica identity, grants on
+-- the table and its columns, owner, comments, publication membership, extended statistics, column
+-- settings, the sequences its columns own, its identity's sequence (name and current value), and the views
+-- that read it (made again from their definitions). The old table and its files go with the commit.
+-- Returns the constraints to validate ('table|constraint'), or NULL when the lock is not granted within
+-- lock_timeout.
+create or replace function pg_temp.p2_rewrite_swap(p_rel regclass) returns text[]
+language plpgsql
+as $fn$
+declare
+  n record := pg_temp.p2_rewrite_names(p_rel);
+  c record;
+  v_nsp text;
+  v_name text;
+  v_old text;
+  v_after text := '';
+  v_views text := '';
+  v_validate text[] := '{}';
+  r record;
+begin
+  execute format('lock table %s in access exclusive mode', p_rel);
+  while pg_temp.p2_rewrite_replay(p_rel, 100000) > 0 loop
+  end loop;
+  if pg_temp.p2_rewrite_shape(p_rel) is distinct from pg_temp.p2_rewrite_shape(to_regclass(n.shadow)) then
+    raise exception '%: its columns changed while it was copied: re-run this file (the copy is made again)', p_rel
+      using errcode = 'object_not_in_prerequisite_state';
+  end if;
+  select * into c from pg_catalog.pg_class where oid = p_rel;
+  v_nsp := (select nspname from pg_catalog.pg_namespace where oid = c.relnamespace);
+  v_name := format('%I.%I', v_nsp, c.relname);
+  v_old := format('%I.%I', v_nsp, 'p2_old_' || p_rel::oid);
+  -- constraints: the keys on the copy's indexes; checks and foreign keys NOT VALID, validated after the commit
+  for r in
+    select k.oid, k.conname, k.contype, k.conindid, k.convalidated, k.condeferrable, k.condeferred, pg_catalog.pg_get_constraintdef(k.oid) as def,
+           pg_catalog.obj_description(k.oid, 'pg_constraint') as note
+      from pg_catalog.pg_constraint k where k.conrelid = p_rel and k.contype in ('p', 'u', 'c', 'f') order by k.contype, k.conname
+  loop
+    if r.contype in ('p', 'u') then
+      v_after := v_after || format('alter table %s add constraint %I %s using index %I%s%s;', v_name, r.conname,
+                                   case r.contype when 'p' then 'primary key' else 'unique' end, 'p2r_' || r.conindid,
+                                   case when r.condeferrable then ' deferrable' else '' end,
+                                   case when r.condeferred then ' initially deferred' else '' end);
+    else
+      v_after := v_after || format('alter table %s add constraint %I %s%s;', v_name, r.conname, r.def,
+                                   case when r.convalidated then ' not valid' else '' end);
+      if r.convalidated then
+        v_validate := v_validate || format('%s|%s', v_name, r.conname);
+      end if;
+    end if;
+    if r.note is not null then
+      v_after := v_after || format('comment on constraint %I on %s is %L;', r.conname, v_name, r.note);
+    end if;
+  end loop;
+  -- foreign keys of other tables that point at it: dropped now, added again NOT VALID
+  for r in
+    select k.conrelid::regclass as tbl, k.conname, k.convalidated, pg_catalog.pg_get_constraintdef(k.oid) as def,
+           pg_catalog.obj_description(k.oid, 'pg_constraint') as note
+      from pg_catalog.pg_constraint k where k.confrelid = p_rel and k.conrelid <> p_rel and k.contype = 'f' order by 1, 2
+  loop
+    execute format('alter table %s drop constraint %I', r.tbl, r.conname);
+    v_after := v_after || format('alter table %s add constraint %I %s%s;', r.tbl, r.conname, r.def,
+                                 case when r.convalidated then ' not valid' else '' end)
+               || coalesce(format('comment on constraint %I on %s is %L;', r.conname, r.tbl, r.note), '');
+    if r.convalidated then
+      v_validate := v_validate || format('%s|%s', r.tbl, r.conname);
+    end if;
+  end loop;
+  -- indexes not behind a constraint: the copy's take their names; comments of all
+  for r in
+    select i.indexrelid, ic.relname, pg_catalog.obj_description(i.indexrelid, 'pg_class') as note,
+           exists (select 1 from pg_catalog.pg_constraint k where k.conindid = i.indexrelid and k.conrelid = p_rel) as constrained
+      from pg_catalog.pg_index i join pg_catalog.pg_class ic on ic.oid = i.indexrelid where i.indrelid = p_rel order by 2
+  loop
+    if not r.constrained then
+      v_after := v_after || format('alter index %I.%I rename to %I;', v_nsp, 'p2r_' || r.indexrelid, r.relname);
+    end if;
+    if r.note is not null then
+      v_after := v_after || format('comment on index %I.%I is %L;', v_nsp, r.relname, r.note);
+    end if;
+  end loop;
+  -- triggers (not the log's) and policies, made again from their definitions
+  v_after := v_after || coalesce((select string_agg(pg_temp.p2_trigger_sql(t.oid), ' ' order by t.tgname) from pg_catalog.pg_trigger t
+                                   where t.tgrelid = p_rel and not t.tgisinternal and t.tgname not like 'zz\_p2\_rewrite\_log%'), '')
+                     || coalesce((select string_agg(pg_temp.p2_policy_sql(p.oid), ' ' order by p.polname) from pg_catalog.pg_policy p
+                                   where p.polrelid = p_rel), '');
+  -- row level security, replica identity, owner, grants, comments, publications, statistics
+  v_after := v_after
+    || case when c.relrowsecurity then format('alter table %s enable row level security;', v_name) else '' end
+    || case when c.relforcerowsecurity then format('alter table %s force row level security;', v_name) else '' end
+    || case c.relreplident
+         when 'f' then format('alter table %s replica identity full;', v_name)
+         when 'n' then format('alter table %s replica identity nothing;', v_name)
+         when 'i' then format('alter table %s replica identity using index %I;', v_name,
+                              (select ic.relname from pg_catalog.pg_index i join pg_catalog.pg_class ic on ic.oid = i.indexrelid
+                                where i.indrelid = p_rel and i.indisreplident))
+         else '' end
+    || format('alter table %s owner to %I;', v_name, pg_catalog.pg_get_userbyid(c.relowner))
+    || format('revoke all on table %s from public%s;', v_name,
+              coalesce((select string_agg(distinct ', ' || quote_ident(pg_catalog.pg_get_userbyid(x.grantee)), '')
+                          from aclexplode((select s.relacl from pg_catalog.pg_class s where s.oid = to_regclass(n.shadow))) as x
+                         where x.grantee <> 0), ''))
+    || case when c.relacl is null then format('grant all on table %s to %I;', v_name, pg_catalog.pg_get_userbyid(c.relowner))
+            else pg_temp.p2_grants_sql(c.relacl, 'table', v_name) end
+    || coalesce(format('comment on table %s is %L;', v_name, pg_catalog.obj_description(p_rel, 'pg_class')), '')
+    || coalesce((select string_agg(
+                   coalesce(format('comment on column %s.%I is %L;', v_name, a.attname, pg_catalog.col_description(p_rel, a.attnum)), '')
+                   || pg_temp.p2_grants_sql(a.attacl, 'table', v_name, format(' (%I)', a.attname))
+                   || case when a.attstattarget is not null and a.attstattarget >= 0
+                           then format('alter table %s alter column %I set statistics %s;', v_name, a.attname, a.attstattarget) else '' end
+                   || case when a.attoptions is not null
+                           then format('alter table %s alter column %I set (%s);', v_name, a.attname, array_to_string(a.attoptions, ', ')) else '' end,
+                   '' order by a.attnum)
+                  from pg_catalog.pg_attribute a where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped), '')
+    || coalesce((select string_agg(format('alter publication %I add table only %s%s%s;', p.pubname, v_name,
+                                          case when pr.prattrs is not null then format(' (%s)', (select string_agg(quote_ident(a.attname), ', ' order by a.attnum)
+                                                                                                  from pg_catalog.pg_attribute a where a.attrelid = p_rel and a.attnum = any (pr.prattrs))) else '' end,
+                                          coalesce(format(' where (%s)', pg_catalog.pg_get_expr(pr.prqual, pr.prrelid)), '')), ' ' order by p.pubname)
+                  from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid where pr.prrelid = p_rel), '')
+    || coalesce((select string_agg(pg_catalog.pg_get_statisticsobjdef(s.oid) || ';'
+                                   || case when s.stxstattarget is not null and s.stxstattarget >= 0
+                                           then format('alter statistics %I.%I set statistics %s;', (select ns.nspname from pg_catalog.pg_namespace ns where ns.oid = s.stxnamespace), s.stxname, s.stxstattarget)
+                                           else '' end, ' ' order by s.stxname)
+                  from pg_catalog.pg_statistic_ext s where s.stxrelid = p_rel), '');
+  -- sequences: those its columns own follow the copy's columns; an identity's takes the old one's name and value
+  for r in
+    select s.oid::regclass as seq, a.attname, a.attidentity <> '' as is_identity, s.relname as seqname,
+           pg_catalog.pg_get_serial_sequence(n.shadow, a.attname) as copy_seq, s.relacl
+      from pg_catalog.pg_depend d join pg_catalog.pg_class s on s.oid = d.objid and s.relkind = 'S'
+      join pg_catalog.pg_attribute a on a.attrelid = p_rel and a.attnum = d.refobjsubid
+     where d.classid = 'pg_catalog.pg_class'::regclass and d.refobjid = p_rel and d.deptype in ('a', 'i')
+  loop
+    if r.is_identity then
+      execute format('select setval(%L, last_value, is_called) from %s', r.copy_seq, r.seq);
+      v_after := v_after || format('alter sequence %I.%I rename to %I;', v_nsp, split_part(r.copy_seq, '.', 2), r.seqname)
+                         || case when r.relacl is not null then format('revoke all on sequence %I.%I from public;', v_nsp, r.seqname)
+                                 || pg_temp.p2_grants_sql(r.relacl, 'sequence', format('%I.%I', v_nsp, r.seqname)) else '' end;
+    else
+      execute format('alter sequence %s owned by none', r.seq);
+      v_after := v_after || format('alter sequence %s owned by %s.%I;', r.seq, v_name, r.attname);
+    end if;
+  end loop;
+  -- views that read it: made again once the copy bears its name
+  for r in
+    select distinct v.oid::regclass as view, v.reloptions
+      from pg_catalog.pg_depend d join pg_catalog.pg_rewrite w on w.oid = d.objid join pg_catalog.pg_class v on v.oid = w.ev_class
+     where d.classid = 'pg_catalog.pg_rewrite'::regclass and d.refobjid = p_rel and v.relkind = 'v' and v.oid <> p_rel
+  loop
+    v_views := v_views || format('create or replace view %s%s as %s', r.view,
+                                 case when r.reloptions is not null then format(' with (%s)', array_to_string(r.reloptions, ', ')) else '' end,
+                                 rtrim(pg_catalog.pg_get_viewdef(r.view), ';')) || ';';
+  end loop;
+  -- the swap itself: the copy takes the name, the views follow it, the old table and its files go
+  execute format('alter table %s rename to %I', v_name, 'p2_old_' || p_rel::oid);
+  execute format('alter table %s set schema %I', n.shadow, v_nsp);
+  execute format('alter table %I.%I rename to %I', v_nsp, 'p2_rewrite_' || p_rel::oid, c.relname);
+  if v_views <> '' then
+    execute v_views;
+  end if;
+  execute format('drop table %s', v_old);
+  execute v_after;
+  execute format('drop table %s', n.log);
+  execute format('drop function %s()', n.log_function);
+  return v_validate;
+exception when lock_not_available then
+  return null;
+end
+$fn$;
+
+-- The rewrite by CLUSTER, where the online one cannot carry the table over (pg_temp.p2_rewrite_blocker) or
+-- where truthsource.rewrite_method is 'cluster': ACCESS EXCLUSIVE for the whole rewrite. CLUSTER keeps every
+-- row version that some transaction may still see (a snapshot of this database older than the removal, or
+-- a transaction anywhere in the cluster that was already writing then): it waits (bounded) for those to
+-- end first. False when they did not end in time (the table is left for a re-run, with a warning).
+create or replace function pg_temp.p2_rewrite_by_cluster(p_table text, p_reason text, p_removed_in xid) returns boolean
+language plpgsql
+as $fn$
+declare
+  v_index text;
+  v_blockers text;
+  v_deadline constant timestamptz := clock_timestamp() + interval '60 seconds';
+begin
+  loop
+    perform pg_catalog.pg_stat_clear_snapshot();
+    select string_agg(b.who, '; ' order by b.who) into v_blockers
+      from (select format('pid %s (%s, database %s, %s, %s, since %s: %s)', a.pid, a.backend_type, coalesce(a.datname, '-'),
+                          coalesce(nullif(a.application_name, ''), '-'), a.state, coalesce(a.xact_start, a.backend_start),
+                          left(a.query, 60)) as who
+              from pg_catalog.pg_stat_activity as a
+             where a.pid <> pg_catalog.pg_backend_pid()
+               and (age(a.backend_xid) >= age(p_removed_in)
+                    or (a.datname = current_database() and age(a.backend_xmin) >= age(p_removed_in)))
+            union all
+            select format('prepared transaction %s (database %s)', x.gid, x.database)
+              from pg_catalog.pg_prepared_xacts as x
+             where age(x.transaction) >= age(p_removed_in)) as b;
+    exit when v_blockers is null or clock_timestamp() > v_deadline;
+    perform pg_catalog.pg_sleep(0.2);
+  end loop;
+  if v_blockers is not null then
+    raise warning '%: transactions % may still see its old row versions: not rewritten; re-run this file when they have ended',
+      p_table, v_blockers;
+    return false;
+  end if;
+  select ic.relname into v_index
+    from pg_catalog.pg_index i join pg_catalog.pg_class ic on ic.oid = i.indexrelid
+   where i.indrelid = to_regclass(p_table) and i.indisvalid and i.indisunique and i.indpred is null
+   order by i.indisprimary desc, ic.relname
+   limit 1;
+  if v_index is null then
+    raise warning '%: no index to CLUSTER on (%): run VACUUM FULL % yourself', p_table, p_reason, p_table;
+    return false;
+  end if;
+  execute format('cluster %s using %I', p_table, v_index);
+  execute format('alter table %s set without cluster', p_table);
+  raise notice '%: rewritten by CLUSTER (%)', p_table, p_reason;
+  return true;
+end
+$fn$;
+
 -- ====================================================================================================
 -- 2. Unique rules and ids checked, and the tables' locks taken first
 -- ====================================================================================================
@@ -1674,6 +2132,19 @@ create table if not exists private.pending_backfills (
   planned_at timestamptz not null default now(),
   constraint pending_backfills_pkey primary key (table_name, source)
 );
+-- (a database where an earlier release made it empty gets the new kinds and their columns)
+alter table private.pending_backfills add column if not exists dflt text;
+alter table private.pending_backfills add column if not exists fill_expr text;
+do $$
+begin
+  if pg_catalog.pg_get_constraintdef((select c.oid from pg_catalog.pg_constraint c
+                                       where c.conname = 'pending_backfills_kind_check'
+                                         and c.conrelid = 'private.pending_backfills'::regclass)) !~ 'fill' then
+    alter table private.pending_backfills drop constraint pending_backfills_kind_check;
+    alter table private.pending_backfills add constraint pending_backfills_kind_check check (kind in ('carry', 'split', 'convert', 'fill'));
+  end if;
+end
+$$;
 revoke all on table private.pending_backfills from public, anon, authenticated, service_role;
 comment on table private.pending_backfills is
   'Legacy columns that 001_core_schema.sql carries, converts or fills after its locked transaction, in batches (rows_done of rows_total), then swaps in.';
@@ -1796,11 +2267,22 @@ create table if not exists private.pending_rewrites (
   reason text not null,
   removed_in xid not null default pg_current_xact_id()::xid,
   requested_at timestamptz not null default now(),
+  step text not null default 'planned' check (step in ('planned', 'trigger', 'copy', 'index', 'replay', 'validate')),
+  pages_total bigint,
+  pages_done bigint not null default 0,
+  rows_replayed bigint not null default 0,
+  validate text[] not null default '{}',
   constraint pending_rewrites_pkey primary key (table_name)
 );
+-- (a database where an earlier release made it empty gets the progress columns)
+alter table private.pending_rewrites add column if not exists step text not null default 'planned';
+alter table private.pending_rewrites add column if not exists pages_total bigint;
+alter table private.pending_rewrites add column if not exists pages_done bigint not null default 0;
+alter table private.pending_rewrites add column if not exists rows_replayed bigint not null default 0;
+alter table private.pending_rewrites add column if not exists validate text[] not null default '{}';
 revoke all on table private.pending_rewrites from public, anon, authenticated, service_role;
 comment on table private.pending_rewrites is
-  'Tables that 001_core_schema.sql rewrites (CLUSTER) at its end, after the transaction that removed plaintext secrets from them has committed.';
+  'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed; step and progress of each.';
 
 -- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
 create table if not exists private.redaction_keys (
@@ -2677,57 +3159,182 @@ create unique index concurrently if not exists api_keys_pkey on public.api_keys 
 -- runbook: no-transaction
 create unique index concurrently if not exists security_events_pkey on public.security_events (id);
 
--- tables that held plaintext keys are rewritten now that their old row versions are dead
+-- Tables that held plaintext keys rewritten now that their old row versions are dead, online by default
+-- (pg_temp.p2_rewrite_*, section 1: a copy, a log of the app's writes, batches of pages, the log replayed,
+-- then one short transaction under the table's lock whose work follows what the app wrote since the last
+-- batch, not the table's size), or by CLUSTER under the table's lock where the online way cannot carry the
+-- table over exactly (named in a notice) or where truthsource.rewrite_method is 'cluster'. Every step
+-- commits and is kept in private.pending_rewrites (step; pages_done of pages_total; rows_replayed), so a
+-- re-run resumes where an interrupted run stopped; a copy that no longer matches its table is made again.
 -- runbook: no-transaction
 do $$
 declare
   r record;
-  v_index text;
-  v_blockers text;
-  v_deadline constant timestamptz := clock_timestamp() + interval '60 seconds';
+  n record;
+  v_rel regclass;
+  v_method constant text := lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online'));
+  v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
+  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
+                                  then current_setting('lock_timeout') else '500ms' end;
+  v_stage text;
+  v_why text;
+  v_behind text;
+  v_tries integer;
+  v_page bigint;
+  v_pages bigint;
+  v_count bigint;
+  v_validate text[];
+  i record;
 begin
-  for r in select p.table_name, p.reason, p.removed_in from private.pending_rewrites as p order by p.table_name loop
-    -- CLUSTER keeps every row version that some transaction may still see: a snapshot of this database
-    -- older than the removal, or a transaction anywhere in the cluster that was already writing then
-    -- (it holds back every snapshot's xmin, ours included). Wait (bounded) for those to end.
-    loop
-      perform pg_catalog.pg_stat_clear_snapshot();
-      select string_agg(b.who, '; ' order by b.who) into v_blockers
-        from (select format('pid %s (%s, database %s, %s, %s, since %s: %s)', a.pid, a.backend_type, coalesce(a.datname, '-'),
-                            coalesce(nullif(a.application_name, ''), '-'), a.state, coalesce(a.xact_start, a.backend_start),
-                            left(a.query, 60)) as who
-                from pg_catalog.pg_stat_activity as a
-               where a.pid <> pg_catalog.pg_backend_pid()
-                 and (age(a.backend_xid) >= age(r.removed_in)
-                      or (a.datname = current_database() and age(a.backend_xmin) >= age(r.removed_in)))
-              union all
-              select format('prepared transaction %s (database %s)', x.gid, x.database)
-                from pg_catalog.pg_prepared_xacts as x
-               where age(x.transaction) >= age(r.removed_in)) as b;
-      exit when v_blockers is null or clock_timestamp() > v_deadline;
-      perform pg_catalog.pg_sleep(0.2);
-    end loop;
-    if v_blockers is not null then
-      raise warning '%: transactions % may still see its old row versions: not rewritten; re-run this file when they have ended',
-        r.table_name, v_blockers;
+  if v_method not in ('online', 'cluster') then
+    raise exception 'truthsource.rewrite_method is %: online (the default) or cluster', quote_literal(v_method)
+      using errcode = 'invalid_parameter_value';
+  end if;
+  for r in select p.* from private.pending_rewrites as p order by p.table_name loop
+    v_rel := to_regclass(r.table_name);
+    v_stage := r.step;
+    if v_rel is null then
+      delete from private.pending_rewrites as p where p.table_name = r.table_name;
+      commit;
       continue;
     end if;
-    if to_regclass(r.table_name) is not null then
-      select ic.relname into v_index
-        from pg_catalog.pg_index i join pg_catalog.pg_class ic on ic.oid = i.indexrelid
-       where i.indrelid = to_regclass(r.table_name) and i.indisvalid and i.indisunique and i.indpred is null
-       order by i.indisprimary desc, ic.relname
-       limit 1;
-      if v_index is null then
-        raise warning '%: no index to CLUSTER on (%): run VACUUM FULL % yourself', r.table_name, r.reason, r.table_name;
-        continue;
+    n := pg_temp.p2_rewrite_names(v_rel);
+    v_why := case when v_method = 'cluster' then 'truthsource.rewrite_method is cluster' else pg_temp.p2_rewrite_blocker(v_rel) end;
+    if v_stage = 'planned' and v_why is not null then
+      raise notice '%: rewritten by CLUSTER, under its lock: %', v_rel, v_why;
+      if pg_temp.p2_rewrite_by_cluster(r.table_name, r.reason, r.removed_in) then
+        delete from private.pending_rewrites as p where p.table_name = r.table_name;
       end if;
-      execute format('cluster %s using %I', r.table_name, v_index);
-      execute format('alter table %s set without cluster', r.table_name);
-      raise notice '%: rewritten (%)', r.table_name, r.reason;
+      commit;
+      continue;
     end if;
+    -- a copy that no longer matches its table (a re-run of the body changed the table) is made again
+    if v_stage in ('copy', 'index', 'replay')
+       and pg_temp.p2_rewrite_shape(v_rel) is distinct from pg_temp.p2_rewrite_shape(to_regclass(n.shadow)) then
+      execute format('drop table if exists %s', n.shadow);
+      execute format('truncate %s', n.log);
+      v_stage := 'planned';
+    end if;
+    -- 1. the copy, its unique indexes, the log
+    if v_stage = 'planned' then
+      perform pg_temp.p2_rewrite_prepare(v_rel);
+      v_stage := 'trigger';
+      update private.pending_rewrites as p set step = v_stage where p.table_name = r.table_name;
+      commit;
+    end if;
+    -- 2. the trigger that logs the app's writes (its lock is waited for at most lock_timeout at a time)
+    if v_stage = 'trigger' then
+      v_tries := 0;
+      loop
+        perform set_config('lock_timeout', v_timeout, true);
+        exit when pg_temp.p2_rewrite_trigger(v_rel);
+        v_tries := v_tries + 1;
+        if v_tries >= 120 then
+          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', v_rel, v_timeout, v_tries
+            using errcode = 'lock_not_available';
+        end if;
+        commit;
+        perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
+      end loop;
+      v_stage := 'copy';
+      update private.pending_rewrites as p
+         set step = v_stage, pages_done = 0, pages_total = pg_catalog.pg_relation_size(v_rel) / current_setting('block_size')::bigint
+       where p.table_name = r.table_name;
+      commit;
+    end if;
+    -- 3. the rows copied in batches of pages, each its own transaction (a row the app changes meanwhile is
+    -- logged, and replayed below)
+    if v_stage = 'copy' then
+      select p.pages_done, p.pages_total into v_page, v_pages from private.pending_rewrites as p where p.table_name = r.table_name;
+      while v_page < v_pages loop
+        loop
+          v_behind := private.replication_backlog();
+          exit when v_behind is null;
+          raise notice 'paused: %', v_behind;
+          perform pg_catalog.pg_sleep(1);
+        end loop;
+        execute format('insert into %s (%s) overriding system value select %s from %s where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid
+                        on conflict do nothing', n.shadow, pg_temp.p2_rewrite_columns(v_rel), pg_temp.p2_rewrite_columns(v_rel), v_rel,
+                       v_page, v_page + v_step);
+        update private.pending_rewrites as p set pages_done = v_page + v_step where p.table_name = r.table_name;
+        commit;
+        v_page := v_page + v_step;
+      end loop;
+      v_stage := 'index';
+      update private.pending_rewrites as p set step = v_stage where p.table_name = r.table_name;
+      commit;
+    end if;
+    -- 4. the table's other indexes built on the copy (no one else uses it), one transaction each
+    if v_stage = 'index' then
+      for i in
+        select x.indexrelid, pg_catalog.pg_get_indexdef(x.indexrelid) as def
+          from pg_catalog.pg_index x
+         where x.indrelid = v_rel and not x.indisunique and x.indisvalid order by 1
+      loop
+        execute format('create index if not exists %I on %s %s', 'p2r_' || i.indexrelid, n.shadow, substring(i.def from 'USING .*$'));
+        commit;
+      end loop;
+      v_stage := 'replay';
+      update private.pending_rewrites as p set step = v_stage where p.table_name = r.table_name;
+      commit;
+    end if;
+    -- 5. the log replayed in batches until what is left fits one batch, then the swap in one short transaction
+    if v_stage = 'replay' then
+      loop
+        loop
+          v_behind := private.replication_backlog();
+          exit when v_behind is null;
+          raise notice 'paused: %', v_behind;
+          perform pg_catalog.pg_sleep(1);
+        end loop;
+        v_count := pg_temp.p2_rewrite_replay(v_rel, 10000);
+        commit;
+        exit when v_count < 10000;
+      end loop;
+      v_tries := 0;
+      loop
+        perform set_config('lock_timeout', v_timeout, true);
+        v_validate := pg_temp.p2_rewrite_swap(v_rel);
+        exit when v_validate is not null;
+        v_tries := v_tries + 1;
+        if v_tries >= 120 then
+          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', v_rel, v_timeout, v_tries
+            using errcode = 'lock_not_available';
+        end if;
+        commit;
+        perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
+        perform pg_temp.p2_rewrite_replay(v_rel, 10000);
+        commit;
+      end loop;
+      v_stage := 'validate';
+      update private.pending_rewrites as p set step = v_stage, validate = v_validate where p.table_name = r.table_name
+      returning p.pages_total, p.rows_replayed into v_pages, v_count;
+      commit;
+      raise notice '%: rewritten online: % pages copied, % written rows replayed, then swapped in (%)', r.table_name, v_pages, v_count, r.reason;
+    end if;
+  end loop;
+end
+$$;
+
+-- the constraints the online rewrites added back NOT VALID where they were valid (the table's own checks and
+-- foreign keys, other tables' keys that point at it), validated one by one, each in a short transaction of
+-- its own under SHARE UPDATE EXCLUSIVE (the app reads and writes meanwhile); then the rewrite is done
+-- runbook: no-transaction
+do $$
+declare
+  r record;
+  v_item text;
+begin
+  for r in select p.table_name, p.validate from private.pending_rewrites as p where p.step = 'validate' order by 1 loop
+    foreach v_item in array r.validate loop
+      begin
+        execute format('alter table %s validate constraint %I', split_part(v_item, '|', 1), split_part(v_item, '|', 2));
+      exception when check_violation or foreign_key_violation then
+        raise warning '%: % no longer holds for every row: it stays NOT VALID', split_part(v_item, '|', 1), split_part(v_item, '|', 2);
+      end;
+      commit;
+    end loop;
     delete from private.pending_rewrites as p where p.table_name = r.table_name;
-    -- each table's ACCESS EXCLUSIVE ends with its own rewrite
     commit;
   end loop;
 end
