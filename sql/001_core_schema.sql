@@ -1170,8 +1170,8 @@ as $fn$
                    from unnest(p.polroles) as x),
                 ' using (' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')',
                 ' with check (' || pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) || ')')
-         || coalesce(format(' comment on policy %I on %s is %L;', p.polname, p.polrelid::regclass,
-                            pg_catalog.obj_description(p.oid, 'pg_policy')), '')
+         || coalesce(format(' comment on policy %I on %s is ', p.polname, p.polrelid::regclass)
+                     || quote_literal(pg_catalog.obj_description(p.oid, 'pg_policy')) || ';', '')
     from pg_catalog.pg_policy as p where p.oid = p_policy
 $fn$;
 
@@ -1184,8 +1184,8 @@ as $fn$
                              when 'R' then format(' alter table %s enable replica trigger %I;', t.tgrelid::regclass, t.tgname)
                              when 'A' then format(' alter table %s enable always trigger %I;', t.tgrelid::regclass, t.tgname)
                              else '' end
-         || coalesce(format(' comment on trigger %I on %s is %L;', t.tgname, t.tgrelid::regclass,
-                            pg_catalog.obj_description(t.oid, 'pg_trigger')), '')
+         || coalesce(format(' comment on trigger %I on %s is ', t.tgname, t.tgrelid::regclass)
+                     || quote_literal(pg_catalog.obj_description(t.oid, 'pg_trigger')) || ';', '')
     from pg_catalog.pg_trigger as t where t.oid = p_trigger
 $fn$;
 
@@ -1724,7 +1724,7 @@ begin
     execute format('alter table %s drop constraint %I', r.tbl, r.conname);
     v_after := v_after || format('alter table %s add constraint %I %s%s;', r.tbl, r.conname, r.def,
                                  case when r.convalidated then ' not valid' else '' end)
-               || coalesce(format('comment on constraint %I on %s is %L;', r.conname, r.tbl, r.note), '');
+               || coalesce(format('comment on constraint %I on %s is ', r.conname, r.tbl) || quote_literal(r.note) || ';', '');
     if r.convalidated then
       v_validate := v_validate || format('%s|%s', r.tbl, r.conname);
     end if;
@@ -1765,9 +1765,9 @@ begin
                          where x.grantee <> 0), ''))
     || case when c.relacl is null then format('grant all on table %s to %I;', v_name, pg_catalog.pg_get_userbyid(c.relowner))
             else pg_temp.p2_grants_sql(c.relacl, 'table', v_name) end
-    || coalesce(format('comment on table %s is %L;', v_name, pg_catalog.obj_description(p_rel, 'pg_class')), '')
+    || coalesce(format('comment on table %s is ', v_name) || quote_literal(pg_catalog.obj_description(p_rel, 'pg_class')) || ';', '')
     || coalesce((select string_agg(
-                   coalesce(format('comment on column %s.%I is %L;', v_name, a.attname, pg_catalog.col_description(p_rel, a.attnum)), '')
+                   coalesce(format('comment on column %s.%I is ', v_name, a.attname) || quote_literal(pg_catalog.col_description(p_rel, a.attnum)) || ';', '')
                    || pg_temp.p2_grants_sql(a.attacl, 'table', v_name, format(' (%I)', a.attname))
                    || case when a.attstattarget is not null and a.attstattarget >= 0
                            then format('alter table %s alter column %I set statistics %s;', v_name, a.attname, a.attstattarget) else '' end
@@ -1778,7 +1778,7 @@ begin
     || coalesce((select string_agg(format('alter publication %I add table only %s%s%s;', p.pubname, v_name,
                                           case when pr.prattrs is not null then format(' (%s)', (select string_agg(quote_ident(a.attname), ', ' order by a.attnum)
                                                                                                   from pg_catalog.pg_attribute a where a.attrelid = p_rel and a.attnum = any (pr.prattrs))) else '' end,
-                                          coalesce(format(' where (%s)', pg_catalog.pg_get_expr(pr.prqual, pr.prrelid)), '')), ' ' order by p.pubname)
+                                          coalesce(' where (' || pg_catalog.pg_get_expr(pr.prqual, pr.prrelid) || ')', '')), ' ' order by p.pubname)
                   from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid where pr.prrelid = p_rel), '')
     || coalesce((select string_agg(pg_catalog.pg_get_statisticsobjdef(s.oid) || ';'
                                    || case when s.stxstattarget is not null and s.stxstattarget >= 0
