@@ -342,7 +342,8 @@ comment on function public.validate_org_slug(text) is
 -- replay)', 'WAL archiving 40 segments behind'), or NULL: nothing behind, nothing streams or archives, or
 -- the caller may not read those figures (pg_read_all_stats for the replicas' lag, pg_monitor for the
 -- archive's status directory). A replica whose replay is stuck shows a lag that grows (PostgreSQL
--- estimates it from the WAL sent since).
+-- estimates it from the WAL sent since); one that has replayed all there is is not behind, whatever lag it
+-- reported last.
 create or replace function private.replication_backlog() returns text
 language plpgsql
 volatile
@@ -372,7 +373,7 @@ begin
                   pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.replay_lsn)))
       into v_reason
       from pg_catalog.pg_stat_replication as r
-     where r.replay_lag > v_max_lag * interval '1 second'
+     where r.replay_lag > v_max_lag * interval '1 second' and r.replay_lsn < pg_catalog.pg_current_wal_lsn()
      order by r.replay_lag desc
      limit 1;
     if v_reason is not null then

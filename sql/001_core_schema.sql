@@ -2914,10 +2914,11 @@ comment on table public.security_events is 'Append-only security events (severit
 -- 11. After the commit (no transaction): redaction and backfills in batches, swaps, rewrites, indexes, rules
 -- ====================================================================================================
 
--- Every batch loop below waits between two batches, after the batch's commit (no lock, no row held), while
+-- Every batch loop below waits between two batches, after the batch's commit, while
 -- private.replication_backlog() (000_core_functions.sql) names a streaming replica further behind than
--- truthsource.max_replica_lag seconds, or WAL archiving behind: it says 'paused: <why>' and sleeps a
--- second at a time (wait event PgSleep), then goes on. Where nothing streams, nothing waits.
+-- truthsource.max_replica_lag seconds (10 by default), or WAL archiving behind: it says 'paused: <why>' and
+-- sleeps a second at a time (wait event PgSleep) in a transaction of its own that holds no lock and no row,
+-- then goes on. Where nothing streams, nothing waits.
 
 -- copies of plaintext keys redacted in batches of pages (a TID range scan each), each batch its own short
 -- transaction: the rows of a batch that hold a copy go through the table's zz_p2_redact trigger, which also
@@ -2954,6 +2955,7 @@ begin
         v_behind := private.replication_backlog();
         exit when v_behind is null;
         raise notice 'paused: %', v_behind;
+        commit;
         perform pg_catalog.pg_sleep(1);
       end loop;
       -- the migration's own writes: updated_at kept (the trigger above sees the flag), the log's
@@ -3061,6 +3063,7 @@ begin
         v_behind := private.replication_backlog();
         exit when v_behind is null;
         raise notice 'paused: %', v_behind;
+        commit;
         perform pg_catalog.pg_sleep(1);
       end loop;
       -- the migration's own writes (updated_at kept by the trigger); the log's append-only rule lets the
@@ -3251,6 +3254,7 @@ begin
           v_behind := private.replication_backlog();
           exit when v_behind is null;
           raise notice 'paused: %', v_behind;
+          commit;
           perform pg_catalog.pg_sleep(1);
         end loop;
         execute format('insert into %s (%s) overriding system value select %s from %s where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid
@@ -3285,6 +3289,7 @@ begin
           v_behind := private.replication_backlog();
           exit when v_behind is null;
           raise notice 'paused: %', v_behind;
+          commit;
           perform pg_catalog.pg_sleep(1);
         end loop;
         v_count := pg_temp.p2_rewrite_replay(v_rel, 10000);

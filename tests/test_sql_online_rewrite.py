@@ -15,8 +15,8 @@ import threading
 
 import psycopg2
 
-from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, physical_hits, split_file,
-                        wait_until, waiting_backend)
+from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, apply_psycopg2, data_fingerprint, physical_hits,
+                        split_file, wait_until)
 
 PHASE_TWO = PHASE_FILES[1]
 APP_NAME = "p2-rewrite-test"
@@ -82,21 +82,8 @@ def carried(db) -> tuple[str, list, dict]:
 
 
 def run_phase_two(db, settings: str = "") -> str:
-    """The whole phase the engine's way, with session settings; the notices."""
-    body, tail = split_file(PHASE_TWO)
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"set truthsource.backfill_batch_pages = 1; {settings}")
-            cur.execute(body)
-        conn.commit()
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for statement in tail:
-                cur.execute(statement)
-        return "\n".join(conn.notices)
-    finally:
-        conn.close()
+    """The whole phase (batches of one page), with session settings; the notices."""
+    return "\n".join(apply_psycopg2(db, PHASE_TWO, f"set truthsource.backfill_batch_pages = 1; {settings}"))
 
 
 def cluster_reference(make_db):
