@@ -5,13 +5,16 @@
 --          private.colleague_ids() (what the policies call, arrays of uuid: for the caller, auth.uid(),
 --          never another user);
 --          private.append_only() (the logs' trigger);
---          private.pending_rewrites (tables to rewrite once plaintext secrets are gone; empty at the end);
---          private.pending_backfills (the logs' legacy columns still to carry after the commit; empty at the end).
+--          work queues, empty at the end: private.pending_backfills (columns to carry, convert or fill after
+--          the commit), private.backfill_stashes and private.backfill_leftovers (what the swaps need to know
+--          without reading a table), private.pending_rewrites (tables to rewrite once plaintext secrets are
+--          gone, with each rewrite's step); while a rewrite runs, its copy and log in private
+--          (p2_rewrite_<oid>, p2_rewrite_log_<oid>).
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
 -- Contents
---   1. Prerequisites, unique rules checked, and the tables' locks taken first
---   2. Migration helpers (pg_temp: this session only)
+--   1. Prerequisites and migration helpers (pg_temp: this session only)
+--   2. Unique rules and ids checked, and the tables' locks taken first
 --   3. The core tables, as created on an empty database
 --   4. Legacy shapes converged: policies, columns, carried data, primary keys
 --   5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
@@ -20,55 +23,88 @@
 --   8. Policy helpers, append-only logs, updated_at triggers
 --   9. Row-level security, policies and grants
 --  10. Legacy triggers named, documentation in the catalog
---  11. After the commit (no transaction): copies of keys redacted and the logs carried in batches,
---      the logs' legacy columns dropped, rewrites, indexes built concurrently, rules validated, the logs' keys
+--  11. After the commit (no transaction): redaction and backfills in batches, swaps, rewrites, indexes,
+--      primary keys, rules validated, foreign keys replaced
 --
 -- Notes
 -- * Idempotent; no transaction control in here. The runbook engine runs the body in one transaction,
---   then each statement marked as no-transaction (all at the end: concurrent index builds on tables
---   that may hold production data, and the rewrite below) on its own; psql -f runs it statement by
+--   then each statement marked as no-transaction (all at the end: batches, swaps, rewrites and concurrent
+--   index builds on tables that may hold production data) on its own; psql -f runs it statement by
 --   statement.
+-- * Under the body's lock (ACCESS EXCLUSIVE on the eight core tables) no row of them is read or written,
+--   whatever the legacy shape (api_keys' plaintext keys and flags excepted: a few rows per organization,
+--   whose plaintext must be gone at the commit): the body changes the catalog and plans the data work,
+--   which runs after the commit in batches of pages, each its own short transaction, while the app reads
+--   and writes. The reads that must come before anything changes (duplicates under a unique rule or in
+--   the ids) come before the locks.
 -- * Legacy shapes are read from the catalog, not assumed. For each table the contract names, a spec
 --   (pg_temp.p2_spec() below: column, type, default, NOT NULL, legacy synonyms) drives the convergence:
 --   - a missing column takes a legacy synonym of the same type by rename (no rewrite), else it is added;
---   - legacy synonym columns still present are carried into it: values that convert fill empty cells,
---     values that do not convert (or that disagree with a value already there) are kept in a jsonb
---     column legacy_data under the legacy column's name; then the legacy column is dropped;
---   - a same-named column of another type is converted in place when every value converts losslessly
---     (varchar to text, numeric(10,2) to numeric(12,2): no rewrite), else carried as above;
+--   - legacy synonym columns still present are carried into it after the commit: values that convert
+--     fill empty cells, values that do not convert (or that disagree with a value already there) are
+--     kept in a jsonb column legacy_data under the legacy column's name; then the legacy column is dropped;
+--   - a same-named column of another type is converted in place where only the catalog changes (varchar
+--     to text, numeric(10,2) to numeric(12,2), a timestamp read as UTC without an index on it), else the
+--     pgroll way: the contract's column is added under a hidden name (p2_new_<column>), a trigger keeps it
+--     in step with what the app writes into the legacy one, the rows are converted in batches, and one
+--     short transaction swaps it in (the legacy column dropped, the new one renamed, its default,
+--     comment, owned sequences, policies, triggers and the contract's checks put back; a legacy index
+--     on it is named in a warning with its definition). A log's columns (audit_logs, security_events) are
+--     carried instead: the contract's column takes the name at once (its policy reads organization_id);
 --   - key columns (ids and references) of another type stop the phase: they are not guessed at;
 --   - legacy columns the contract does not name stay, without NOT NULL if they have no default.
---   Every table's primary key is id: a legacy key on other columns stays as a unique constraint; a
---   legacy integer id that nothing references is kept as legacy_id and the table gets uuid ids (but
---   audit_logs keeps a legacy id of any type). Special cases by meaning: audit_logs.changes holding
---   {"old": ..., "new": ...} is split into old_data/new_data; api_keys' active/is_active/enabled/revoked
---   flags become revoked_at; inventory without organization_id takes its product's.
---   The logs (audit_logs, security_events) are append-only and hold most rows: their carries are only
---   planned under the lock (private.pending_backfills, a trigger that carries what the app writes
---   meanwhile); after the commit they run in batches of pages, each its own short transaction, and a
---   last short transaction drops the legacy columns (section 11). Same rules, same end state. The migration's
---   own writes run with the tables' user triggers off, so legacy updated_at values stay as they were.
+--   Every table's primary key is id, built after the commit where it is missing (a unique index built
+--   concurrently, attached once id is NOT NULL): a legacy key on other columns stays meanwhile and its
+--   columns keep their uniqueness as a constraint; a legacy integer id that nothing references is kept as
+--   legacy_id and the table gets uuid ids, filled in batches (but audit_logs keeps a legacy id of any
+--   type). Special cases by meaning: audit_logs.changes holding {"old": ..., "new": ...} is split into
+--   old_data/new_data; api_keys' active/is_active/enabled/revoked flags become revoked_at; inventory
+--   without organization_id takes its product's (filled in batches).
+--   The data work is planned under the lock (private.pending_backfills, and per table a trigger,
+--   enabled ALWAYS, that does it for what the app writes meanwhile); after the commit the batches send
+--   the rows already there through that trigger; then one short transaction per table, under lock_timeout
+--   and retried, drops the legacy columns and swaps the converted ones in without reading the table (the
+--   trigger saw every write since the commit, the batches every page there was). Same rules, same end
+--   state as a conversion under the lock. The migration's own writes keep legacy updated_at values as
+--   they were.
+-- * Batches yield to replicas: between two batches, while private.replication_backlog() (phase 1) names
+--   a streaming replica further behind than truthsource.max_replica_lag seconds (default 10; 0 or off:
+--   never) or WAL archiving behind, the phase says 'paused: <why>' and waits, holding nothing.
 -- * Plaintext API keys (api_keys.key, api_key, secret, token, ...): key_hash = sha256 hex of the key
 --   (kept when newer code already wrote one), key_prefix = its first characters (at most 12, at most a
 --   third of the key); the column is dropped under the lock. Every copy of a plaintext key in any text
 --   or json column of any public table is redacted after the commit, in batches, while a trigger redacts
 --   what the app writes meanwhile (the keys wait in private.redaction_keys, owner only, truncated when
---   done). The tables that held a key or a copy are then rewritten (CLUSTER, at the end of
---   the file, once the transaction that removed the plaintext has committed: a rewrite inside it would
---   copy the old row versions) so that no dead row version keeps it; private.pending_rewrites holds the
---   list in between, so an interrupted run finishes the job when re-run. A transaction that was open
---   before the rewrite keeps old row versions alive (CLUSTER must copy what it may still see): run it in
---   the maintenance window (the rewrite waits up to a minute for older transactions of this database to end,
---   then warns and leaves the job for a re-run; verify_data_integrity() reports it as an error meanwhile).
---   WAL, replicas and earlier backups still hold the plaintext: rotate those keys.
+--   done). The tables that held a key or a copy are then rewritten (at the end of the file, once the
+--   transaction that removed the plaintext has committed: a rewrite inside it would copy the old row
+--   versions) so that no dead row version keeps it; private.pending_rewrites holds the list and each
+--   rewrite's step in between, so an interrupted run finishes the job when re-run. The rewrite is online
+--   (pg_repack's way, in plain SQL): a copy of the table, a trigger that logs the keys of the rows the app
+--   writes, the rows copied in batches of pages, the other indexes built on the copy, the log replayed in
+--   batches, then one short transaction under the table's lock replays what is left of the log and puts
+--   the copy in the table's place with everything the table carries (indexes, constraints, the foreign
+--   keys that point at it, triggers, policies, RLS, replica identity, grants, owner, comments,
+--   publications, statistics, sequences, views): its work follows what the app wrote since the last
+--   batch, not the table's size. Only live rows are copied, into new files. Where the online way cannot
+--   carry a table over exactly (no key to identify rows by, an exclusion constraint, inheritance, an
+--   object of another kind that depends on the table) or where truthsource.rewrite_method is 'cluster',
+--   the table is rewritten by CLUSTER under its lock instead, as before: a transaction that was open before
+--   the rewrite keeps old row versions alive (CLUSTER must copy what it may still see), so it waits up to
+--   a minute for older transactions to end, then warns and leaves the job for a re-run
+--   (verify_data_integrity() reports it as an error meanwhile). WAL, replicas and earlier backups still
+--   hold the plaintext: rotate those keys.
 -- * Rules: constraints are named after the rule they enforce. On rows already there they are added
 --   NOT VALID inside the locked transaction (no scan there) and validated after its commit, one rule per
 --   short transaction under SHARE UPDATE EXCLUSIVE, so the app keeps reading and writing while the rows
 --   are checked; NOT NULL goes the same way (a NOT VALID check, validated, then SET NOT NULL without a
---   scan and the check dropped). Legacy rows that break a rule are kept
---   unchanged and reported by verify_data_integrity() and the preflight, while every new write is
---   checked. An UPDATE that leaves such a row still breaking its rule is refused, naming the rule:
---   fix the row in the same statement. Legacy CHECK constraints on these tables are replaced by the
+--   scan and the check dropped). The rules on a column the batches write (carried into, filled) come with
+--   its swap; a legacy row a batch cannot write because it breaks a rule is left for the swap, which
+--   writes it with the table's NOT VALID rules set aside for that moment (private.backfill_leftovers).
+--   A foreign key whose ON DELETE (or target) changes is added beside the legacy one NOT VALID, validated,
+--   then in one short transaction the legacy key goes and the contract's takes its name. Legacy rows that
+--   break a rule are kept unchanged and reported by verify_data_integrity() and the preflight, while every
+--   new write is checked. An UPDATE that leaves such a row still breaking its rule is refused, naming the
+--   rule: fix the row in the same statement. Legacy CHECK constraints on these tables are replaced by the
 --   contract's (each dropped one is named in a notice). Duplicates that a unique rule forbids stop the
 --   phase before anything changes.
 -- * Indexes: every foreign key is covered; an existing index that matches a planned one is renamed
@@ -432,7 +468,10 @@ $fn$;
 create or replace function pg_temp.p2_column_dependents(p_rel regclass, p_col text) returns text
 language sql stable
 as $fn$
-  select string_agg(pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ' order by 1)
+  select string_agg(distinct case when d.classid = 'pg_catalog.pg_rewrite'::regclass
+                                  then pg_catalog.pg_describe_object('pg_catalog.pg_class'::regclass,
+                                                                     (select w.ev_class from pg_catalog.pg_rewrite w where w.oid = d.objid), 0)
+                                  else pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) end, ', ')
     from pg_catalog.pg_attribute a
     join pg_catalog.pg_depend d on d.refclassid = 'pg_catalog.pg_class'::regclass and d.refobjid = a.attrelid and d.refobjsubid = a.attnum
    where a.attrelid = p_rel and a.attname = p_col and d.deptype in ('n', 'a')
@@ -487,6 +526,12 @@ declare
   v_legacy text;
   r record;
 begin
+  v_blockers := pg_temp.p2_column_dependents(p_rel, p_col);
+  if v_blockers is not null then
+    raise exception '%.% is % but the contract needs %, and % depend(s) on it', p_rel, p_col, p_from, p_to, v_blockers
+      using errcode = 'dependent_objects_still_exist',
+            hint = 'Drop those objects (re-create them after this phase), then re-run this file. Nothing was changed.';
+  end if;
   if pg_temp.p2_alters_in_place(p_rel, p_col, p_from, p_to) then
     for r in
       select c.conname, pg_catalog.pg_get_constraintdef(c.oid) as def
@@ -501,12 +546,6 @@ begin
     execute format('alter table %s alter column %I type %s', p_rel, p_col, p_to);
     raise notice '%: column % converted from % to %', p_rel, p_col, p_from, p_to;
     return;
-  end if;
-  v_blockers := pg_temp.p2_column_dependents(p_rel, p_col);
-  if v_blockers is not null then
-    raise exception '%.% is % but the contract needs %, and % depend(s) on it', p_rel, p_col, p_from, p_to, v_blockers
-      using errcode = 'dependent_objects_still_exist',
-            hint = 'Drop those objects (re-create them after this phase), then re-run this file. Nothing was changed.';
   end if;
   if p_rel in ('public.audit_logs'::regclass, 'public.security_events'::regclass) then
     -- a log is written, hardly read, and its policies read organization_id: the contract's column takes the
@@ -3316,6 +3355,9 @@ begin
       returning p.pages_total, p.rows_replayed into v_pages, v_count;
       commit;
       raise notice '%: rewritten online: % pages copied, % written rows replayed, then swapped in (%)', r.table_name, v_pages, v_count, r.reason;
+      -- the new table has no planner statistics yet (CLUSTER kept the old ones)
+      execute format('analyze %s', r.table_name);
+      commit;
     end if;
   end loop;
 end

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg2
+
 from runbooks.contract import CORE_TABLES
 from runbooks.engine import parse_file
 from sqlhelpers import PHASE_FILES, apply_psql, catalog_summary, contract_columns, row_counts
@@ -131,3 +133,25 @@ def test_values_that_convert_are_converted_and_the_others_kept_in_legacy_data_th
                         where conname in ('products_organization_id_fkey', 'inventory_product_id_fkey') order by 1""") == [
         ("inventory_product_id_fkey", "c", True), ("products_organization_id_fkey", "c", True)]
     assert db.query("select count(*) from private.pending_backfills") == [(0,)]
+
+
+def test_a_view_reading_a_column_whose_type_must_change_stops_the_phase_before_anything_changes_naming_it(make_db):
+    db = unseen_db(make_db)
+    db.execute("create view public.price_list as select sku, price from public.products")
+    schema = db.schema_dump()
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            for statement in (s for s in parse_file(PHASE_TWO) if s.transactional):
+                try:
+                    cur.execute(statement.text)
+                except Exception as exc:   # the body's transaction is rolled back
+                    conn.rollback()
+                    assert isinstance(exc, psycopg2.errors.DependentObjectsStillExist), exc
+                    assert "but the contract needs text, and view price_list depend(s) on it" in str(exc)
+                    break
+            else:
+                raise AssertionError("the phase did not stop")
+    finally:
+        conn.close()
+    assert db.schema_dump() == schema
