@@ -14,7 +14,7 @@
 --
 -- Contents
 --   1. Prerequisites and migration helpers (pg_temp: this session only)
---   2. Unique rules and ids checked, and the tables' locks taken first
+--   2. Unique rules and ids checked, work queues, and the tables' locks taken first
 --   3. The core tables, as created on an empty database
 --   4. Legacy shapes converged: policies, columns, carried data, primary keys
 --   5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
@@ -1921,7 +1921,7 @@ end
 $fn$;
 
 -- ====================================================================================================
--- 2. Unique rules and ids checked, and the tables' locks taken first
+-- 2. Unique rules and ids checked, work queues, and the tables' locks taken first
 -- ====================================================================================================
 
 -- Unique rules and ids checked before the locks, by a read that lets the app go on: a duplicate stops the
@@ -1976,6 +1976,113 @@ begin
   end loop;
 end
 $$;
+
+-- The phase's work queues in private (no app table is locked for them, so they come before the locks):
+-- what the body plans and the statements after its commit do, each emptied as its work is done.
+
+-- the data changes the legacy shapes need, done after the commit in batches (section 11; empty at the end)
+create table if not exists private.pending_backfills (
+  ord bigint generated always as identity,
+  table_name text not null,
+  kind text not null check (kind in ('carry', 'split', 'convert', 'fill')),
+  target text not null,
+  source text not null,
+  stash_key text not null,
+  from_type text not null,
+  to_type text not null,
+  legacy_data_added boolean not null default false,
+  dflt text,
+  fill_expr text,
+  rows_total bigint,
+  rows_done bigint not null default 0,
+  planned_at timestamptz not null default now(),
+  constraint pending_backfills_pkey primary key (table_name, source)
+);
+-- (a database where an earlier release made it empty gets the new kinds and their columns)
+alter table private.pending_backfills add column if not exists dflt text;
+alter table private.pending_backfills add column if not exists fill_expr text;
+do $$
+begin
+  if pg_catalog.pg_get_constraintdef((select c.oid from pg_catalog.pg_constraint c
+                                       where c.conname = 'pending_backfills_kind_check'
+                                         and c.conrelid = 'private.pending_backfills'::regclass)) !~ 'fill' then
+    alter table private.pending_backfills drop constraint pending_backfills_kind_check;
+    alter table private.pending_backfills add constraint pending_backfills_kind_check check (kind in ('carry', 'split', 'convert', 'fill'));
+  end if;
+end
+$$;
+revoke all on table private.pending_backfills from public, anon, authenticated, service_role;
+comment on table private.pending_backfills is
+  'Legacy columns that 001_core_schema.sql carries, converts or fills after its locked transaction, in batches (rows_done of rows_total), then swaps in.';
+
+-- the tables whose backfill kept a value in legacy_data (written by the backfill trigger; the swap reads it)
+create table if not exists private.backfill_stashes (
+  table_name text not null,
+  constraint backfill_stashes_pkey primary key (table_name)
+);
+revoke all on table private.backfill_stashes from public, anon, authenticated, service_role;
+comment on table private.backfill_stashes is
+  'Tables where 001_core_schema.sql kept a legacy value in legacy_data, so that legacy_data stays; empty at the end.';
+
+-- the rows a batch could not write because they break a rule added NOT VALID: written in the table's short
+-- locked transaction at the end of its step (pg_temp.p2_write_leftovers; empty at the end)
+create table if not exists private.backfill_leftovers (
+  table_name text not null,
+  kind text not null check (kind in ('backfill', 'redaction')),
+  row_ctid tid not null,
+  constraint backfill_leftovers_pkey primary key (table_name, kind, row_ctid)
+);
+revoke all on table private.backfill_leftovers from public, anon, authenticated, service_role;
+comment on table private.backfill_leftovers is
+  'Rows of legacy shape that break a rule added NOT VALID, left by the batches of 001_core_schema.sql for a short locked step; empty at the end.';
+
+-- tables to rewrite once this transaction has committed (the end of this file empties it)
+create table if not exists private.pending_rewrites (
+  table_name text not null,
+  reason text not null,
+  removed_in xid not null default pg_current_xact_id()::xid,
+  requested_at timestamptz not null default now(),
+  step text not null default 'planned' check (step in ('planned', 'trigger', 'copy', 'index', 'replay', 'validate')),
+  pages_total bigint,
+  pages_done bigint not null default 0,
+  rows_replayed bigint not null default 0,
+  validate text[] not null default '{}',
+  constraint pending_rewrites_pkey primary key (table_name)
+);
+-- (a database where an earlier release made it empty gets the progress columns)
+alter table private.pending_rewrites add column if not exists step text not null default 'planned';
+alter table private.pending_rewrites add column if not exists pages_total bigint;
+alter table private.pending_rewrites add column if not exists pages_done bigint not null default 0;
+alter table private.pending_rewrites add column if not exists rows_replayed bigint not null default 0;
+alter table private.pending_rewrites add column if not exists validate text[] not null default '{}';
+revoke all on table private.pending_rewrites from public, anon, authenticated, service_role;
+comment on table private.pending_rewrites is
+  'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed; step and progress of each.';
+
+-- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
+create table if not exists private.redaction_keys (
+  plaintext text not null,
+  constraint redaction_keys_pkey primary key (plaintext)
+);
+revoke all on table private.redaction_keys from public, anon, authenticated, service_role;
+comment on table private.redaction_keys is
+  'Plaintext api keys whose copies 001_core_schema.sql redacts after its locked transaction; truncated when that is done.';
+
+-- the redaction's batches per table (section 11): pages done of pages total, rows redacted
+create table if not exists private.pending_redactions (
+  table_name text not null,
+  text_expr text not null,
+  first_column text not null,
+  prefix text not null,
+  pages_total bigint,
+  pages_done bigint not null default 0,
+  rows_redacted bigint not null default 0,
+  done_at timestamptz,
+  constraint pending_redactions_pkey primary key (table_name)
+);
+revoke all on table private.pending_redactions from public, anon, authenticated, service_role;
+comment on table private.pending_redactions is
+  'Tables whose copies of plaintext api keys 001_core_schema.sql redacts after its locked transaction, in batches; empty at the end.';
 
 -- no JIT in this transaction: compiling a plan costs hundreds of milliseconds on the key set's queries,
 -- spent under the tables' locks for statements that run once (under psql -f: for this statement only)
@@ -2153,62 +2260,6 @@ begin
 end
 $$;
 
--- the data changes the legacy shapes need, done after the commit in batches (section 11; empty at the end)
-create table if not exists private.pending_backfills (
-  ord bigint generated always as identity,
-  table_name text not null,
-  kind text not null check (kind in ('carry', 'split', 'convert', 'fill')),
-  target text not null,
-  source text not null,
-  stash_key text not null,
-  from_type text not null,
-  to_type text not null,
-  legacy_data_added boolean not null default false,
-  dflt text,
-  fill_expr text,
-  rows_total bigint,
-  rows_done bigint not null default 0,
-  planned_at timestamptz not null default now(),
-  constraint pending_backfills_pkey primary key (table_name, source)
-);
--- (a database where an earlier release made it empty gets the new kinds and their columns)
-alter table private.pending_backfills add column if not exists dflt text;
-alter table private.pending_backfills add column if not exists fill_expr text;
-do $$
-begin
-  if pg_catalog.pg_get_constraintdef((select c.oid from pg_catalog.pg_constraint c
-                                       where c.conname = 'pending_backfills_kind_check'
-                                         and c.conrelid = 'private.pending_backfills'::regclass)) !~ 'fill' then
-    alter table private.pending_backfills drop constraint pending_backfills_kind_check;
-    alter table private.pending_backfills add constraint pending_backfills_kind_check check (kind in ('carry', 'split', 'convert', 'fill'));
-  end if;
-end
-$$;
-revoke all on table private.pending_backfills from public, anon, authenticated, service_role;
-comment on table private.pending_backfills is
-  'Legacy columns that 001_core_schema.sql carries, converts or fills after its locked transaction, in batches (rows_done of rows_total), then swaps in.';
-
--- the tables whose backfill kept a value in legacy_data (written by the backfill trigger; the swap reads it)
-create table if not exists private.backfill_stashes (
-  table_name text not null,
-  constraint backfill_stashes_pkey primary key (table_name)
-);
-revoke all on table private.backfill_stashes from public, anon, authenticated, service_role;
-comment on table private.backfill_stashes is
-  'Tables where 001_core_schema.sql kept a legacy value in legacy_data, so that legacy_data stays; empty at the end.';
-
--- the rows a batch could not write because they break a rule added NOT VALID: written in the table's short
--- locked transaction at the end of its step (pg_temp.p2_write_leftovers; empty at the end)
-create table if not exists private.backfill_leftovers (
-  table_name text not null,
-  kind text not null check (kind in ('backfill', 'redaction')),
-  row_ctid tid not null,
-  constraint backfill_leftovers_pkey primary key (table_name, kind, row_ctid)
-);
-revoke all on table private.backfill_leftovers from public, anon, authenticated, service_role;
-comment on table private.backfill_leftovers is
-  'Rows of legacy shape that break a rule added NOT VALID, left by the batches of 001_core_schema.sql for a short locked step; empty at the end.';
-
 -- converge every core table that exists in another shape: columns added, renamed or planned (no row written)
 do $$
 declare
@@ -2299,54 +2350,6 @@ $$;
 -- ====================================================================================================
 -- 5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
 -- ====================================================================================================
-
--- tables to rewrite once this transaction has committed (the end of this file empties it)
-create table if not exists private.pending_rewrites (
-  table_name text not null,
-  reason text not null,
-  removed_in xid not null default pg_current_xact_id()::xid,
-  requested_at timestamptz not null default now(),
-  step text not null default 'planned' check (step in ('planned', 'trigger', 'copy', 'index', 'replay', 'validate')),
-  pages_total bigint,
-  pages_done bigint not null default 0,
-  rows_replayed bigint not null default 0,
-  validate text[] not null default '{}',
-  constraint pending_rewrites_pkey primary key (table_name)
-);
--- (a database where an earlier release made it empty gets the progress columns)
-alter table private.pending_rewrites add column if not exists step text not null default 'planned';
-alter table private.pending_rewrites add column if not exists pages_total bigint;
-alter table private.pending_rewrites add column if not exists pages_done bigint not null default 0;
-alter table private.pending_rewrites add column if not exists rows_replayed bigint not null default 0;
-alter table private.pending_rewrites add column if not exists validate text[] not null default '{}';
-revoke all on table private.pending_rewrites from public, anon, authenticated, service_role;
-comment on table private.pending_rewrites is
-  'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed; step and progress of each.';
-
--- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
-create table if not exists private.redaction_keys (
-  plaintext text not null,
-  constraint redaction_keys_pkey primary key (plaintext)
-);
-revoke all on table private.redaction_keys from public, anon, authenticated, service_role;
-comment on table private.redaction_keys is
-  'Plaintext api keys whose copies 001_core_schema.sql redacts after its locked transaction; truncated when that is done.';
-
--- the redaction's batches per table (section 11): pages done of pages total, rows redacted
-create table if not exists private.pending_redactions (
-  table_name text not null,
-  text_expr text not null,
-  first_column text not null,
-  prefix text not null,
-  pages_total bigint,
-  pages_done bigint not null default 0,
-  rows_redacted bigint not null default 0,
-  done_at timestamptz,
-  constraint pending_redactions_pkey primary key (table_name)
-);
-revoke all on table private.pending_redactions from public, anon, authenticated, service_role;
-comment on table private.pending_redactions is
-  'Tables whose copies of plaintext api keys 001_core_schema.sql redacts after its locked transaction, in batches; empty at the end.';
 
 -- plaintext api keys: hashed, prefixed and dropped here; their copies are redacted after the commit
 do $$
