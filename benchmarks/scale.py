@@ -1,10 +1,12 @@
 """The deployment at production scale, measured side by side; prints ratios and asserts nothing.
 
-    .venv/bin/python -m benchmarks.scale [--sizes 100k,1M] [--pg-bin /usr/lib/postgresql/15/bin]
-        [--data-dir /var/tmp/truthsource-bench] [--timeout 900] [--json out.json] [--markdown out.md]
+    .venv/bin/python -m benchmarks.scale [--sizes 100k,1M] [--shapes legacy,variant,unseen]
+        [--pg-bin /usr/lib/postgresql/15/bin] [--data-dir /var/tmp/truthsource-bench] [--timeout 900]
+        [--json out.json] [--markdown out.md]
 
-For each size, on fresh clones of the generated legacy database (benchmarks/scale_fixture.py,
-cached as a template database):
+For each size and legacy shape (--shapes: benchmarks/scale_fixture.py's, one report section each, its
+ACCESS EXCLUSIVE windows among them), on fresh clones of the generated legacy database
+(benchmarks/scale_fixture.py, cached as a template database):
 
 - the three phases through the apply engine (as `runbook deploy` applies them) against raw
   `psql -1 -v ON_ERROR_STOP=1 -f` of the same file (its `-- runbook: no-transaction` tail, which
@@ -175,7 +177,11 @@ def row_counts(pg, dbname: str) -> dict[str, int]:
             for table in LEGACY_TABLES:
                 cur.execute(f"select count(*) from public.{table}")
                 counts[table] = cur.fetchone()[0]
-            cur.execute("select count(*) from public.inventory where location like 'bench-app-%'")
+            # (a legacy shape without inventory.location, the variant's, gets none of the app's inserts)
+            cur.execute("select count(*) from pg_attribute where attrelid = 'public.inventory'::regclass "
+                        "and attname = 'location' and not attisdropped")
+            has_location = cur.fetchone()[0] > 0
+            cur.execute("select count(*) from public.inventory where location like 'bench-app-%'" if has_location else "select 0")
             counts["inventory inserted by the app"] = cur.fetchone()[0]
             return counts
     finally:
@@ -222,12 +228,14 @@ def split_for_psql(path: Path, into: Path) -> list[tuple[Path, bool]]:
 
 
 def apply_psql(pg, dbname: str, parts: list[tuple[Path, bool]]) -> None:
-    for part, single in parts:
-        proc = subprocess.run([str(pg.binary("psql")), "-X", "-q", *(["-1"] if single else []),
-                               "-v", "ON_ERROR_STOP=1", "-d", f"service={dbname}", "-f", str(part)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"psql -f {part.name} failed: {_psql_error(proc.stderr)}")
+    """One psql session, as the engine uses one connection (the tail calls the body's pg_temp helpers):
+    a single-transaction part between begin and commit (what -1 does), the others statement by statement."""
+    args = [a for part, single in parts
+            for a in ((["-c", "begin", "-f", str(part), "-c", "commit"]) if single else ["-f", str(part)])]
+    proc = subprocess.run([str(pg.binary("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", f"service={dbname}", *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"psql -f {' -f '.join(part.name for part, _ in parts)} failed: {_psql_error(proc.stderr)}")
 
 
 def _psql_error(stderr: str) -> str:
@@ -625,11 +633,13 @@ def measure_org_products(pg, dbname: str, size: Size, repeat: int = 50) -> dict:
     return result
 
 
-def measure_size(pg, size: Size, settings: Settings, files, progress=print, template: str | None = None) -> dict:
-    """Every figure for one size (see the module docstring)."""
-    result: dict = {"size": asdict(size)}
+def measure_size(pg, size: Size, settings: Settings, files, progress=print, template: str | None = None,
+                 shape: str = "legacy") -> dict:
+    """Every figure for one size and legacy shape (see the module docstring)."""
+    result: dict = {"size": {**asdict(size), "label": size.label if shape == "legacy" else f"{size.label} {shape}"},
+                    "shape": shape}
     if template is None:
-        template, built = scale_fixture.ensure_template(pg, size, progress=lambda *_: None)
+        template, built = scale_fixture.ensure_template(pg, size, progress=lambda *_: None, shape=shape)
         result["template"] = {"name": template, "built_s": None if built is None else round(built, 2)}
     else:
         result["template"] = {"name": template, "built_s": None}
@@ -923,9 +933,9 @@ def _load() -> str:
 
 
 def run_benchmark(pg, sizes: list[Size], settings: Settings, progress=print,
-                  template: str | None = None) -> dict:
-    """Every figure for every size on a started server (its client environment set). `template`
-    names an already generated database to clone instead of the size's cached template."""
+                  template: str | None = None, shapes: tuple[str, ...] = ("legacy",)) -> dict:
+    """Every figure for every size and legacy shape on a started server (its client environment set).
+    `template` names an already generated database to clone instead of the size's cached template."""
     with tempfile.TemporaryDirectory(prefix="truthsource-bench-sql-") as tmp:
         files = phase_files(settings.sql_rev, Path(tmp))
         server_version = admin_execute(pg, "select current_setting('server_version')")[0][0]
@@ -940,7 +950,8 @@ def run_benchmark(pg, sizes: list[Size], settings: Settings, progress=print,
         }
         report = {"meta": meta, "sizes": []}
         for size in sizes:
-            report["sizes"].append(measure_size(pg, size, settings, files, progress, template))
+            for shape in shapes:
+                report["sizes"].append(measure_size(pg, size, settings, files, progress, template, shape))
     return report
 
 
@@ -950,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M", help="comma-separated: tiny, 100k, 1M, 10M or ORGSxPRODUCTS (default 1M)")
+    parser.add_argument("--shapes", default="legacy", help="comma-separated legacy shapes (benchmarks/scale_fixture.py: "
+                                                           "legacy, variant, unseen, or transforms joined by '+'; default legacy)")
     parser.add_argument("--pg-bin", help="PostgreSQL bin directory (default: the embedded wheel's)")
     parser.add_argument("--data-dir", help="keep the server's cluster (and the templates) here between runs, "
                                            "e.g. /var/tmp/truthsource-bench")
@@ -965,6 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = list(dict.fromkeys(scale_fixture.parse_size(s) for s in args.sizes.split(",") if s.strip()))
         if not sizes:
             raise ValueError("--sizes names no size")
+        shapes = tuple(dict.fromkeys(scale_fixture.parse_shape(s)[0] for s in args.shapes.split(",") if s.strip())) or ("legacy",)
         if args.timeout <= 0 or args.clients < 1 or args.think_ms < 0 or args.sample_ms <= 0:
             raise ValueError("--timeout and --sample-ms must be positive, --clients at least 1, --think-ms >= 0")
         if args.sql_rev:
@@ -985,7 +999,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with runner.environment(pg.client_env()):
-            report = run_benchmark(pg, sizes, settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
+            report = run_benchmark(pg, sizes, settings, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                                   shapes=shapes)
     finally:
         pg.stop()
     print(render(report))

@@ -22,8 +22,20 @@ is, on the Supabase shim), the rows are generated, N organizations x M products:
   without an organization.
 
 Sizes: tiny (2 x 200, the smoke test), 100k (100 x 100,000), 1M (1,000 x 1,000,000, the default),
-10M (10,000 x 10,000,000), or ORGSxPRODUCTS. The template is named after the size and a digest
-of everything that shapes it, so a changed generator builds a new one and drops the old.
+10M (10,000 x 10,000,000), or ORGSxPRODUCTS.
+
+Shapes (--shape): the rows are generated in the audited fixture's shape, then the schema is changed into
+another legacy shape the phases converge (TRANSFORMS: each a column conversion or a table variant, in plain
+ALTER statements; generation time, not the benchmark's): 'legacy' (the audited fixture as it is, the
+default), 'variant' (the table variants of tests/fixtures/legacy_variant.sql: memberships keyed by
+organization and user without id, inventory without organization, other column names), 'unseen' (every
+column conversion of tests/fixtures/legacy_unseen.sql at once: unbounded numeric price, character(3)
+currency, varchar SKU, an enum role, numeric and smallint quantities, naive timestamps under an index,
+json settings, text ids in the log, foreign keys ON DELETE RESTRICT, nullable columns, no checks), or
+transforms joined to a shape by '+' (e.g. legacy+price_numeric), one conversion at a time.
+
+The template is named after the size, the shape and a digest of everything that shapes it, so a changed
+generator builds a new one and drops the old.
 """
 
 from __future__ import annotations
@@ -213,6 +225,81 @@ GENERATE_SQL = [
 ]
 
 
+# Each transform changes the generated (audited fixture's) schema into one legacy shape the phases converge.
+TRANSFORMS: dict[str, tuple[str, ...]] = {
+    # column conversions that read or rewrite rows (converted online by phase 2)
+    "price_numeric": ("alter table public.products alter column price type numeric",),
+    "currency_char": ("alter table public.products add column currency character(3) not null default 'EUR'",),
+    "sku_varchar": ("alter table public.products alter column sku type varchar(64)",),
+    "role_enum": ("create type public.member_role as enum ('owner', 'admin', 'member', 'viewer', 'editor')",
+                  "alter table public.organization_members drop constraint organization_members_role_check",
+                  "alter table public.organization_members alter column role drop default",
+                  "alter table public.organization_members alter column role type public.member_role using role::public.member_role",
+                  "alter table public.organization_members alter column role set default 'member'"),
+    "quantity_numeric": ("alter table public.inventory alter column quantity type numeric",),
+    "reserved_smallint": ("alter table public.inventory alter column reserved_quantity type smallint",),
+    "timestamps_naive": ("alter table public.products alter column created_at type timestamp using created_at at time zone 'UTC'",
+                         "alter table public.products alter column updated_at type timestamp using updated_at at time zone 'UTC'",
+                         "create index products_created_at_legacy_idx on public.products (created_at)",
+                         "alter table public.audit_logs alter column created_at type timestamp using created_at at time zone 'UTC'"),
+    "settings_json": ("alter table public.organizations alter column settings type json",),
+    "audit_text_ids": ("alter table public.audit_logs alter column organization_id type text",),
+    # rules a legacy table lacks or states otherwise
+    "fk_restrict": ("alter table public.products drop constraint products_organization_id_fkey",
+                    "alter table public.products add constraint products_organization_id_fkey foreign key (organization_id) "
+                    "references public.organizations (id) on delete restrict",
+                    "alter table public.inventory drop constraint inventory_product_id_fkey",
+                    "alter table public.inventory add constraint inventory_product_id_fkey foreign key (product_id) "
+                    "references public.products (id) on delete restrict"),
+    "nullable": ("alter table public.products alter column sku drop not null, alter column name drop not null, "
+                 "alter column price drop not null",),
+    "checks_missing": ("alter table public.products drop constraint products_name_length",
+                       "alter table public.organization_members drop constraint if exists organization_members_role_check"),
+    # table variants (tests/fixtures/legacy_variant.sql)
+    "members_without_id": ("alter table public.organization_members drop constraint organization_members_pkey",
+                           "alter table public.organization_members drop column id",
+                           "alter table public.organization_members drop constraint organization_members_organization_id_user_id_key",
+                           "alter table public.organization_members rename column organization_id to org_id",
+                           "alter table public.organization_members add primary key (org_id, user_id)"),
+    "inventory_without_org": ("drop policy if exists inventory_admin_write on public.inventory",
+                              "alter table public.inventory drop column organization_id",
+                              "alter table public.inventory rename column location to warehouse",
+                              "alter table public.inventory rename column quantity to qty",
+                              "alter table public.inventory rename column reserved_quantity to reserved"),
+    "variant_names": ("alter table public.profiles rename column full_name to display_name",
+                      "alter table public.products rename column price to unit_price",
+                      "alter table public.products alter column unit_price type numeric(14, 4)",
+                      "alter table public.audit_logs rename column organization_id to org_id",
+                      "alter table public.audit_logs rename column user_id to actor_id",
+                      "alter table public.audit_logs rename column action to operation",
+                      "alter table public.audit_logs rename column entity_type to resource_type",
+                      "alter table public.audit_logs rename column entity_id to resource_id",
+                      "alter table public.audit_logs alter column ip type varchar(45)",
+                      "alter table public.audit_logs rename column ip to ip_addr",
+                      "alter table public.api_keys rename column name to label",
+                      "alter table public.api_keys rename column key to api_key",
+                      "alter table public.api_keys rename column is_active to active"),
+}
+SHAPES: dict[str, tuple[str, ...]] = {
+    "legacy": (),
+    "variant": ("members_without_id", "inventory_without_org", "variant_names", "timestamps_naive"),
+    "unseen": ("price_numeric", "currency_char", "sku_varchar", "role_enum", "quantity_numeric", "reserved_smallint",
+               "timestamps_naive", "settings_json", "audit_text_ids", "fk_restrict", "nullable", "checks_missing"),
+}
+
+
+def parse_shape(text: str) -> tuple[str, tuple[str, ...]]:
+    """'legacy', 'variant', 'unseen', or a shape and transforms joined by '+': (label, transforms in
+    order); ValueError names what is unknown."""
+    parts = [p.strip() for p in text.strip().split("+")]
+    unknown = [p for p in parts if p not in SHAPES and p not in TRANSFORMS]
+    if not text.strip() or unknown:
+        raise ValueError(f"shape {text!r}: use one of {', '.join(SHAPES)}, or transforms joined by '+' "
+                         f"({', '.join(TRANSFORMS)})")
+    transforms = [t for p in parts for t in (SHAPES[p] if p in SHAPES else (p,))]
+    return "+".join(parts), tuple(dict.fromkeys(transforms))
+
+
 def expected_counts(size: Size) -> dict[str, int]:
     """The rows the generator writes, per table (what the smoke test checks)."""
     orgs = range(1, size.orgs + 1)
@@ -231,18 +318,22 @@ def expected_counts(size: Size) -> dict[str, int]:
     }
 
 
-def digest(size: Size) -> str:
-    """What shapes the template: the shim, the legacy DDL, the generator, the size."""
-    parts = [paths.SHIM_FILE.read_text(), legacy_ddl(), *GENERATE_SQL, repr(size)]
+def digest(size: Size, shape: str = "legacy") -> str:
+    """What shapes the template: the shim, the legacy DDL, the generator, the size, the shape's transforms."""
+    transforms = [sql for t in parse_shape(shape)[1] for sql in TRANSFORMS[t]]
+    parts = [paths.SHIM_FILE.read_text(), legacy_ddl(), *GENERATE_SQL, repr(size), *transforms]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:10]
 
 
-def template_name(size: Size) -> str:
-    return f"{TEMPLATE_PREFIX}{size.label.lower()}_{digest(size)}"
+def template_name(size: Size, shape: str = "legacy") -> str:
+    label = parse_shape(shape)[0]
+    tag = "" if label == "legacy" else re.sub(r"[^a-z0-9]+", "_", label.lower()) + "_"
+    return f"{TEMPLATE_PREFIX}{size.label.lower()}_{tag}{digest(size, shape)}"
 
 
-def generate(conn, size: Size, progress=print) -> None:
-    """Load the shim and the legacy DDL into an empty database and generate the rows (one transaction)."""
+def generate(conn, size: Size, progress=print, shape: str = "legacy") -> None:
+    """Load the shim and the legacy DDL into an empty database, generate the rows, and change the schema
+    into the shape asked for (one transaction)."""
     fixtures.load_shim(conn)
     params = {"orgs": size.orgs, "products": size.products, "per_org": size.per_org}
     with conn.cursor() as cur:
@@ -253,6 +344,11 @@ def generate(conn, size: Size, progress=print) -> None:
             started = time.perf_counter()
             cur.execute(statement, params)
             progress(f"  {cur.rowcount:>10} rows  {time.perf_counter() - started:7.1f}s  {_first_line(statement)}")
+        for transform in parse_shape(shape)[1]:
+            started = time.perf_counter()
+            for statement in TRANSFORMS[transform]:
+                cur.execute(statement)
+            progress(f"  {'shape':>10}       {time.perf_counter() - started:7.1f}s  {transform}")
     conn.commit()
 
 
@@ -283,10 +379,10 @@ def template_exists(pg, name: str) -> bool:
         conn.close()
 
 
-def ensure_template(pg, size: Size, progress=print) -> tuple[str, float | None]:
+def ensure_template(pg, size: Size, progress=print, shape: str = "legacy") -> tuple[str, float | None]:
     """(template name, seconds spent building it, or None when it was cached). Built under a
     temporary name and renamed when complete, so an interrupted build is never taken for a template."""
-    name = template_name(size)
+    name = template_name(size, shape)
     if template_exists(pg, name):
         return name, None
     building = f"{name}_building"
@@ -298,10 +394,10 @@ def ensure_template(pg, size: Size, progress=print) -> tuple[str, float | None]:
             cur.execute(f"create database {building} template template0")
     finally:
         conn.close()
-    progress(f"generating {size.orgs} organizations x {size.products} products into {building}")
+    progress(f"generating {size.orgs} organizations x {size.products} products ({shape} shape) into {building}")
     conn = psycopg2.connect(pg.conninfo(building))
     try:
-        generate(conn, size, progress)
+        generate(conn, size, progress, shape)
         vacuum_analyze(conn)
     finally:
         conn.close()
@@ -309,9 +405,9 @@ def ensure_template(pg, size: Size, progress=print) -> tuple[str, float | None]:
     try:
         with conn.cursor() as cur:
             cur.execute(f"alter database {building} rename to {name}")
-            cur.execute("select datname from pg_database where datname like %s and datname <> %s",
-                        (f"{TEMPLATE_PREFIX}{size.label.lower()}\\_%", name))
-            for (stale,) in cur.fetchall():   # an older generator's template of this size
+            cur.execute("select datname from pg_database where datname ~ %s and datname <> %s",
+                        ("^" + re.escape(name[:-len(digest(size, shape))]) + "[0-9a-f]{10}$", name))
+            for (stale,) in cur.fetchall():   # an older generator's template of this size and shape
                 cur.execute(f'drop database if exists "{stale}" with (force)')
     finally:
         conn.close()
@@ -324,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Generate (or find cached) the legacy database of a size.")
     parser.add_argument("--size", default="1M", help="tiny, 100k, 1M, 10M or ORGSxPRODUCTS (default 1M)")
+    parser.add_argument("--shape", default="legacy", help="legacy, variant, unseen, or a shape and transforms joined by '+' "
+                                                          "(default legacy)")
     parser.add_argument("--pg-bin", help="PostgreSQL bin directory (default: the embedded wheel's)")
     parser.add_argument("--data-dir", help="keep the server's cluster here, so the template survives the run")
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.size)
+        parse_shape(args.shape)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -339,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with runner.environment(pg.client_env()):
-            name, seconds = ensure_template(pg, size)
+            name, seconds = ensure_template(pg, size, shape=args.shape)
         print(f"{name}: " + ("cached" if seconds is None else f"built in {seconds:.1f}s"))
     finally:
         pg.stop()

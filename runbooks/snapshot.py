@@ -65,8 +65,12 @@ LEGACY_CHECKSUM_METHOD = "md5-sorted"
 # and a later step of it empties it (private.pending_rewrites: the tables 001_core_schema.sql
 # rewrites after its commit, emptied as each is done; private.pending_backfills: the logs' legacy
 # columns it carries after its commit), so a re-run after an interruption finds it drained: fewer
-# rows in a queue is work done, not data lost. Add a queue here when a phase adds one.
-WORK_QUEUES = frozenset({"private.pending_rewrites", "private.pending_backfills"})
+# rows in a queue is work done, not data lost. Add a queue here when a phase adds one. An online rewrite
+# that was interrupted also leaves its copy and its log (private.p2_rewrite_<oid>, private.p2_rewrite_log_<oid>):
+# gone once a re-run finishes the rewrite, as a queue drains.
+WORK_QUEUES = frozenset({"private.pending_rewrites", "private.pending_backfills", "private.backfill_stashes",
+                         "private.backfill_leftovers"})
+WORK_QUEUE_PREFIXES = ("private.p2_rewrite_",)
 SYSTEM_SCHEMA_SQL = ("n.nspname not in ('pg_catalog', 'information_schema') "
                      "and n.nspname !~ '^pg_(toast|temp_|toast_temp_)'")
 COUNT_STATUSES = ("same", "more", "FEWER", "MISSING", "new", "drained")
@@ -470,7 +474,7 @@ class Comparison:
         out += [f"{r.table}: table is gone (had {r.before} rows)" for r in self.missing_tables]
         out += [f"{r.table}: new table ({r.after} rows)" for r in self.counts if r.status == "new"]
         out += [f"{r.table}: {r.before} -> {r.after} rows ({r.delta:+d})" for r in self.counts if r.status == "more"]
-        out += [f"{r.table}: {r.before} -> {r.after} rows ({r.delta:+d}): work queue drained (not a loss)"
+        out += [f"{r.table}: {r.before} -> {r.after or 0} rows ({(r.after or 0) - r.before:+d}): work queue drained (not a loss)"
                 for r in self.drained_queues]
         for kind in self.differing_kinds:
             diff = self.differences[kind]
@@ -511,13 +515,18 @@ def checksum_method(snap: dict) -> str:
     return snap.get("checksum_method", LEGACY_CHECKSUM_METHOD)
 
 
+def is_work_queue(table: str) -> bool:
+    """One of the deployment's own transient tables (WORK_QUEUES, WORK_QUEUE_PREFIXES)."""
+    return table in WORK_QUEUES or table.startswith(WORK_QUEUE_PREFIXES)
+
+
 def _count_status(table: str, before: int | None, after: int | None) -> str:
     if after is None:
-        return "MISSING"
+        return "drained" if is_work_queue(table) else "MISSING"
     if before is None:
         return "new"
     if after < before:
-        return "drained" if table in WORK_QUEUES else "FEWER"
+        return "drained" if is_work_queue(table) else "FEWER"
     return "same" if after == before else "more"
 
 

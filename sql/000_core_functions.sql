@@ -1,5 +1,5 @@
 -- 000_core_functions.sql: one updated-at trigger function, the guide's helpers, legacy duplicates re-pointed and dropped
--- Deploys: schema private; public.update_updated_at_column(); public.get_user_organization_id(uuid);
+-- Deploys: schema private; private.replication_backlog(); public.update_updated_at_column(); public.get_user_organization_id(uuid);
 --          public.is_org_member(uuid, uuid); public.is_org_admin(uuid, uuid); public.validate_sku(text);
 --          public.validate_org_slug(text); one trigger update_<table>_updated_at on every table that
 --          had an updated-at trigger and on every public table with an updated_at column.
@@ -334,6 +334,68 @@ as $$
 $$;
 comment on function public.validate_org_slug(text) is
   'A valid organization slug: 3 to 63 characters, lowercase letters and digits, single hyphens between them.';
+
+-- What the long data steps of the later phases wait for between two batches (001_core_schema.sql after its
+-- commit): a streaming replica further behind than truthsource.max_replica_lag seconds (default 10; 0 or
+-- off: never wait), or WAL archiving further behind than truthsource.max_archive_backlog segments waiting
+-- (default 64; 0 or off: never wait). The reason as text ('replica 14 s behind (standby1, 120 MB to
+-- replay)', 'WAL archiving 40 segments behind'), or NULL: nothing behind, nothing streams or archives, or
+-- the caller may not read those figures (pg_read_all_stats for the replicas' lag, pg_monitor for the
+-- archive's status directory). A replica whose replay is stuck shows a lag that grows (PostgreSQL
+-- estimates it from the WAL sent since); one that has replayed all there is is not behind, whatever lag it
+-- reported last.
+create or replace function private.replication_backlog() returns text
+language plpgsql
+volatile
+set search_path = ''
+as $$
+declare
+  v_lag_setting constant text := lower(btrim(coalesce(current_setting('truthsource.max_replica_lag', true), '')));
+  v_archive_setting constant text := lower(btrim(coalesce(current_setting('truthsource.max_archive_backlog', true), '')));
+  v_max_lag numeric;
+  v_max_ready bigint;
+  v_ready bigint;
+  v_reason text;
+begin
+  if v_lag_setting !~ '^(|off|[0-9]+(\.[0-9]+)?)$' then
+    raise exception 'truthsource.max_replica_lag is %: a number of seconds, or off', quote_literal(v_lag_setting)
+      using errcode = 'invalid_parameter_value';
+  end if;
+  if v_archive_setting !~ '^(|off|[0-9]+)$' then
+    raise exception 'truthsource.max_archive_backlog is %: a number of WAL segments, or off', quote_literal(v_archive_setting)
+      using errcode = 'invalid_parameter_value';
+  end if;
+  v_max_lag := case v_lag_setting when '' then 10 when 'off' then 0 else v_lag_setting::numeric end;
+  v_max_ready := case v_archive_setting when '' then 64 when 'off' then 0 else v_archive_setting::bigint end;
+  if v_max_lag > 0 then
+    select format('replica %s s behind (%s, %s to replay)', round(extract(epoch from r.replay_lag)),
+                  coalesce(nullif(r.application_name, ''), host(r.client_addr), 'standby'),
+                  pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.replay_lsn)))
+      into v_reason
+      from pg_catalog.pg_stat_replication as r
+     where r.replay_lag > v_max_lag * interval '1 second' and r.replay_lsn < pg_catalog.pg_current_wal_lsn()
+     order by r.replay_lag desc
+     limit 1;
+    if v_reason is not null then
+      return v_reason;
+    end if;
+  end if;
+  if v_max_ready > 0 and current_setting('archive_mode') <> 'off' then
+    begin
+      select count(*) into v_ready from pg_catalog.pg_ls_archive_statusdir() as f where f.name like '%.ready';
+    exception when insufficient_privilege then
+      v_ready := null;
+    end;
+    if v_ready > v_max_ready then
+      return format('WAL archiving %s segments behind', v_ready);
+    end if;
+  end if;
+  return null;
+end
+$$;
+comment on function private.replication_backlog() is
+  'Why batches should wait now (a replica behind truthsource.max_replica_lag seconds, WAL archiving behind truthsource.max_archive_backlog segments), or NULL.';
+revoke all on function private.replication_backlog() from public, anon, authenticated;
 
 -- consolidate the updated-at functions: re-point every trigger, then drop the duplicates
 do $$

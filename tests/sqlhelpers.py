@@ -77,13 +77,16 @@ def psql_error(db, path: Path) -> str:
     return failed.value.stderr
 
 
-def apply_psycopg2(db, path: Path) -> list[str]:
+def apply_psycopg2(db, path: Path, settings: str = "") -> list[str]:
     """Plain psycopg2: the body in ONE transaction (cursor.execute of the text), then each marked
-    statement in autocommit. Returns the server's notices."""
+    statement in autocommit, in a session with `settings` (SET statements) run first. Returns the
+    server's notices."""
     body, tail = split_file(path)
     conn = db.connect()
     try:
         with conn.cursor() as cur:
+            if settings:
+                cur.execute(settings)
             cur.execute(body)
         conn.commit()
         conn.autocommit = True

@@ -293,3 +293,10 @@ def test_an_autocommit_connection_is_left_outside_any_transaction_with_its_setti
             assert cur.fetchone() == (True, '"$user", public')
     finally:
         conn.close()
+
+
+def test_an_interrupted_rewrites_copy_gone_after_the_rerun_is_a_drained_queue_not_a_missing_table():
+    from runbooks.snapshot import _count_status
+    assert _count_status("private.p2_rewrite_16501", 42, None) == "drained"
+    assert _count_status("private.backfill_leftovers", 3, 0) == "drained"
+    assert _count_status("public.p2_rewrite_notes", 42, None) == "MISSING"
