@@ -35,12 +35,14 @@ with run as (
    where datname = current_database() and application_name = any(%(run)s)
 )
 select a.pid, a.usename::text as role, a.application_name,
-       left(regexp_replace(a.query, '\s+', ' ', 'g'), 160) as query, a.wait_event as lock,
-       (select min(l.waitstart) from pg_catalog.pg_locks l where l.pid = a.pid and not l.granted) as waitstart,
+       left(regexp_replace(a.query, '\s+', ' ', 'g'), 160) as query, l.mode || coalesce(' on ' || l.relation::regclass,
+                                                                         ' (' || l.locktype || ')') as lock,
+       l.waitstart,
        clock_timestamp() as seen_at,
        array(select unnest(pg_catalog.pg_blocking_pids(a.pid)) intersect select pid from run) as held_by,
        exists (select 1 from run where xact_start is not null) as run_in_transaction
   from pg_catalog.pg_stat_activity a
+  join pg_catalog.pg_locks l on l.pid = a.pid and not l.granted   -- a backend waits for one lock at a time
  where a.datname = current_database() and a.backend_type = 'client backend'
    and a.wait_event_type = 'Lock' and a.pid <> pg_backend_pid()
    and a.pid not in (select pid from run)

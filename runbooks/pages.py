@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jinja2 import DictLoader
 
-from . import records
+from . import footprint, records
 
 INDEX = records.INDEX_FILE
 COLLAPSE_AFTER = 25   # rows: a longer table is collapsed (complete, one click away)
@@ -317,6 +317,8 @@ def index_page(manifest: dict) -> str:
     if backup:
         rows.append(("backup", html.escape(f"{backup.get('file')} ({backup.get('bytes')} bytes), "
                                            f"sha256 {backup.get('sha256')}")))
+    rows += [(label, f'<span id="{element}">{html.escape(text)}</span>')
+             for label, element, text in footprint.card_rows(manifest)]   # app impact; WAL and disk
     if manifest.get("error"):
         rows.insert(0, ("error", html.escape(manifest["error"])))
     card = (f'<section class="runbook-card" id="runbook-card" style="--verdict:{_colour(kind)}">'

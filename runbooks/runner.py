@@ -25,7 +25,7 @@ import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import connection, engine, identity, kernel_guard, pages, promotion, records, watch
+from . import connection, engine, footprint, identity, kernel_guard, pages, promotion, records, watch
 from .notebook import VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -340,6 +340,9 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
     decided = promotion.read(record.path)   # the preflight's promotion decision and its evidence
     if decided is not None:
         manifest["promotion"] = decided
+    measured = footprint.gather(record.path)   # per phase: what the app felt, the WAL and disk used
+    if measured is not None:
+        manifest["footprint"] = measured
     redacted = records.redact_data(manifest, secrets)
     if redacted != manifest:
         manifest = redacted
