@@ -7,6 +7,13 @@ run as root, so when we are root the server runs as an existing unprivileged acc
 It listens on 127.0.0.1 only, on a free port, with scram-sha-256 authentication: the
 superuser's random password reaches clients only through a private ``.pgpass`` file and a
 ``pg_service.conf`` entry, the same libpq means a real target uses.
+
+Two profiles: *throwaway* (the default: fsync off, for rehearsals and tests) and *durable*
+(``durable=True``: fsync, synchronous_commit and full_page_writes on, ``wal_level = logical``,
+WAL archived to a directory of the cluster, as a production server runs), and a streaming
+physical replica of either (:meth:`EmbeddedPostgres.start_replica`: ``pg_basebackup`` into a
+second cluster of the same binaries, on a replication slot), for figures a DBA can plan by
+and for tests of replica lag.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
+
 BIN_ENV = "RUNBOOKS_PG_BIN"
 USER_ENV = "RUNBOOKS_PG_USER"
 SUPERUSER = "postgres"
@@ -43,6 +52,21 @@ _THROWAWAY_SETTINGS = {
     "log_min_messages": "warning",
     "password_encryption": "scram-sha-256",
 }
+
+# A production server: every write durable, WAL for logical decoding and archived (PITR), and room
+# for streaming replicas. ``archive_command`` is completed with the cluster's archive directory.
+_DURABLE_SETTINGS = {
+    **_THROWAWAY_SETTINGS,
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "wal_level": "logical",
+    "archive_mode": "on",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+}
+ARCHIVE_DIR = "wal_archive"
+REPLICA_SLOT = "truthsource_replica"
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -175,11 +199,14 @@ class ClientFiles:
 
 
 class EmbeddedPostgres:
-    """One throwaway server: ``with EmbeddedPostgres() as pg: ...``."""
+    """One throwaway server: ``with EmbeddedPostgres() as pg: ...`` (``durable=True``: as production runs)."""
 
     SETTINGS = _THROWAWAY_SETTINGS   # written into a new cluster's postgresql.auto.conf
+    DURABLE_SETTINGS = _DURABLE_SETTINGS
 
-    def __init__(self, bin_dir: Path | str | None = None):
+    def __init__(self, bin_dir: Path | str | None = None, *, durable: bool = False):
+        self.durable = durable
+        self.replicas: list[EmbeddedReplica] = []
         found = Path(bin_dir) if bin_dir else find_bin_dir()
         self.account = _run_as_user()
         self.bin_dir = _reachable_install(found, self.account)
@@ -202,8 +229,25 @@ class EmbeddedPostgres:
         assert self._root is not None, "server not started"
         return self._root / "server.log"
 
+    @property
+    def archive_dir(self) -> Path:
+        """Where a durable server archives its WAL (``archive_command``)."""
+        assert self._root is not None, "server not started"
+        return self._root / ARCHIVE_DIR
+
     def binary(self, name: str) -> Path:
         return self.bin_dir / name
+
+    def settings(self) -> dict[str, str]:
+        """What a new cluster is configured with: the profile's settings, archiving completed."""
+        if not self.durable:
+            return dict(self.SETTINGS)
+        return {**self.DURABLE_SETTINGS, **self._overrides(),
+                "archive_command": f"test ! -f {self.archive_dir}/%f && cp %p {self.archive_dir}/%f"}
+
+    def _overrides(self) -> dict[str, str]:
+        """Settings a subclass adds on top of the durable profile (the benchmark's checkpoint spacing)."""
+        return {k: v for k, v in self.SETTINGS.items() if k not in _THROWAWAY_SETTINGS}
 
     @property
     def major(self) -> int:
@@ -215,9 +259,10 @@ class EmbeddedPostgres:
             return {}
         return {"user": self.account.pw_uid, "group": self.account.pw_gid, "extra_groups": []}
 
-    def _run(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    def _run(self, args: list[str], timeout: float = 60, env_extra: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(self._root)})
+        env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(self._root), **(env_extra or {})})
         # Temporary files, not pipes: the postmaster that pg_ctl forks would inherit a pipe
         # and keep it open, and reading it to EOF would then hang.
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -283,8 +328,12 @@ class EmbeddedPostgres:
                        "--no-sync"], timeout=600)  # bounds a hang only: a busy machine is slow
         finally:
             pwfile.unlink(missing_ok=True)
+        if self.durable:
+            self.archive_dir.mkdir(mode=0o700)
+            if self.account is not None:
+                os.chown(self.archive_dir, self.account.pw_uid, self.account.pw_gid)
         with open(self.data_dir / "postgresql.auto.conf", "a") as conf:
-            for key, value in self.SETTINGS.items():
+            for key, value in self.settings().items():
                 conf.write(f"{key} = '{value}'\n")
 
     def _write_client_files(self) -> None:
@@ -315,7 +364,29 @@ class EmbeddedPostgres:
         except ValueError:  # not the main thread: atexit still covers us
             self._previous_sigterm = None
 
+    def execute_admin(self, sql: str) -> list[tuple]:
+        """One statement as the superuser on the maintenance database, outside any transaction."""
+        conn = psycopg2.connect(self.conninfo(), passfile=str(self.client.pgpass_file))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def start_replica(self) -> "EmbeddedReplica":
+        """A streaming physical replica of this server, started and caught up (see EmbeddedReplica)."""
+        replica = EmbeddedReplica(self).start()
+        self.replicas.append(replica)
+        return replica
+
+    def _stop_replicas(self) -> None:
+        while self.replicas:
+            self.replicas.pop().stop()
+
     def stop(self) -> None:
+        self._stop_replicas()   # a standby outliving its primary would retry its connection forever
         if self._root is None:
             return
         root, self._root = self._root, None
@@ -353,3 +424,62 @@ class EmbeddedPostgres:
     def client_env(self) -> dict[str, str]:
         assert self.client is not None, "server not started"
         return self.client.env()
+
+
+class EmbeddedReplica(EmbeddedPostgres):
+    """A hot standby of an embedded primary: ``pg_basebackup -R`` over a physical replication slot
+    (the primary keeps the WAL it has not replayed), streaming on a port of its own.
+
+    It is read-only; ``replica.pause_replay()`` / ``resume_replay()`` hold and release replay, so a
+    test or a benchmark sees the primary's ``pg_stat_replication`` lag grow for real."""
+
+    def __init__(self, primary: EmbeddedPostgres):
+        super().__init__(primary.bin_dir, durable=primary.durable)
+        self.primary = primary
+        self._password = primary._password   # a copy of the primary's catalog: the same superuser
+
+    def start(self) -> "EmbeddedReplica":
+        if self._root is not None:
+            return self
+        self._root = Path(tempfile.mkdtemp(prefix="truthsource-pgreplica-"))
+        client_dir = Path(tempfile.mkdtemp(prefix="truthsource-pgclient-"))  # ours only, 0700
+        if self.account is not None:
+            os.chown(self._root, self.account.pw_uid, self.account.pw_gid)
+        self.client = ClientFiles(client_dir / "pg_service.conf", client_dir / "pgpass")
+        atexit.register(self.stop)
+        self._base_backup()
+        self.port = _free_port()
+        self._run([str(self.binary("pg_ctl")), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
+                   "-t", "300", "-o", f"-p {self.port}", "start"], timeout=600)
+        self._write_client_files()
+        return self
+
+    def _base_backup(self) -> None:
+        """The primary's cluster copied over its replication protocol, with the standby's settings
+        (-R: primary_conninfo and standby.signal) and a slot that keeps the WAL the standby needs."""
+        passfile = self._root / "primary.pgpass"   # the server account's, for the standby's walreceiver too
+        passfile.write_text(f"{self.primary.host}:{self.primary.port}:*:{SUPERUSER}:{self._password}\n")
+        passfile.chmod(0o600)
+        if self.account is not None:
+            os.chown(passfile, self.account.pw_uid, self.account.pw_gid)
+        self.primary.execute_admin(
+            f"select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = '{REPLICA_SLOT}'")
+        sync = [] if self.durable else ["--no-sync"]
+        # bounds a hang only: a benchmark's primary holds gigabytes
+        self._run([str(self.binary("pg_basebackup")), "-D", str(self.data_dir), "-R", "-X", "stream",
+                   "-C", "-S", REPLICA_SLOT, "--checkpoint=fast", *sync,
+                   "-d", f"{self.primary.conninfo()} passfile={passfile}"], timeout=6 * 3600)
+
+    def pause_replay(self) -> None:
+        self.execute_admin("select pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self.execute_admin("select pg_wal_replay_resume()")
+
+    def stop(self) -> None:
+        primary_up = self.primary._root is not None and self.primary.port is not None
+        super().stop()
+        if primary_up:   # the slot would otherwise keep WAL on the primary forever
+            self.primary.execute_admin(
+                f"select pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                f"where slot_name = '{REPLICA_SLOT}' and not active")

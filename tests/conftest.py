@@ -220,3 +220,28 @@ def legacy_db(make_db) -> Database:
 def migrated_db(make_db) -> Database:
     """The legacy state after the three phases, applied as a deployment applies them."""
     return make_db("legacy@3")
+
+
+@pytest.fixture(scope="session")
+def _replicated_pg():
+    """One durable PostgreSQL 18 (fsync on, wal_level logical, WAL archived) streaming to a hot standby."""
+    pg = EmbeddedPostgres(durable=True).start()
+    try:
+        pg.start_replica()
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def _replicated_templates(_replicated_pg):
+    return Server(_replicated_pg, "pg18-replicated")
+
+
+@pytest.fixture
+def replicated_server(_replicated_templates):
+    """A production-like server for tests of WAL and replica lag: durable, archiving, and streaming to
+    ``replicated_server.pg.replicas[0]`` (pause its replay to make lag grow for real). Its templates and
+    ``create_database`` work as ``server``'s; libpq's environment points at it during the test only."""
+    with runner.environment(_replicated_templates.pg.client_env()):
+        yield _replicated_templates
