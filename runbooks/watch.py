@@ -183,7 +183,12 @@ class Heartbeat:
         try:
             with self._conn.cursor() as cur:
                 cur.execute(BACKLOG_SQL)
-                cur.execute(f"select {BACKLOG_FUNCTION}" if cur.fetchone()[0] else LAG_SQL)
+                if cur.fetchone()[0]:   # judged by this session's limit (the default), not the run's: may be None
+                    cur.execute(f"select {BACKLOG_FUNCTION}")
+                    reason = cur.fetchone()[0]
+                    if reason:
+                        return reason
+                cur.execute(LAG_SQL)
                 row = cur.fetchone()
                 return row[0] if row else None
         except Exception:   # a role that may not read the lag: the pause is said without its reason
