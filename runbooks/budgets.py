@@ -83,12 +83,14 @@ class PhaseNeed:
     disk_bytes: int = 0
     wal_bytes: int = 0
     reasons: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)   # the tables it rewrites or updates every row of
 
-    def add(self, disk: float, wal: float, reason: str) -> None:
+    def add(self, disk: float, wal: float, reason: str, tables=()) -> None:
         self.disk_bytes += int(disk)
         self.wal_bytes += int(wal)
         if disk or wal:
             self.reasons.append(reason)
+            self.tables += [t for t in tables if t not in self.tables]
 
 
 def _widens(have: str, accepted: tuple[str, ...]) -> bool:
@@ -129,10 +131,11 @@ def _phase_two(need: PhaseNeed, public: dict, legacy: list[dict], conversions: d
     for row in legacy:
         if row.get("legacy_log") and row["table_name"] in public:
             heap = public[row["table_name"]]["heap_bytes"]
-            need.add(heap * grown, heap * updated, f"{row['table_name']}'s legacy columns carried into every row")
+            need.add(heap * grown, heap * updated, f"{row['table_name']}'s legacy columns carried into every row",
+                     [row["table_name"]])
     for table, columns in sorted(conversions.items()):
         heap = public[table]["heap_bytes"] if table in public else 0
-        need.add(heap * grown, heap * updated, f"{table}: {', '.join(columns)} converted in every row")
+        need.add(heap * grown, heap * updated, f"{table}: {', '.join(columns)} converted in every row", [table])
     converged = sum(public[t]["heap_bytes"] for t in CORE_TABLES if t in public)
     indexes = converged * RATIOS["new indexes per byte of the converged tables' heap"]
     need.add(indexes, indexes, "indexes built on the converged tables")
@@ -140,8 +143,8 @@ def _phase_two(need: PhaseNeed, public: dict, legacy: list[dict], conversions: d
         rewritten = [public[t] for t in estimate.KEY_HOLDING_TABLES if t in public]
         largest = max((r["total_bytes"] for r in rewritten), default=0)   # one at a time: old and new side by side
         wal = sum(r["total_bytes"] for r in rewritten) * RATIOS["WAL per byte of a table rewritten (heap and indexes)"]
-        need.add(largest, wal, "tables that held plaintext keys rewritten (" + ", ".join(
-            r["table_name"] for r in rewritten) + ")")
+        names = [r["table_name"] for r in rewritten]
+        need.add(largest, wal, f"tables that held plaintext keys rewritten ({', '.join(names)})", names)
 
 
 def runner_need(sizes: list[dict]) -> tuple[int, str]:
