@@ -185,7 +185,8 @@ def wal_notes(result: dict) -> list[str]:
 
 
 def prediction_rows(result: dict) -> list[list]:
-    """Per phase: duration, WAL and disk, predicted and measured (engine with the app's traffic)."""
+    """Per phase: duration, WAL and disk (the database's growth and the temporary files), predicted and measured
+    (the engine with the app's traffic)."""
     predicted = result.get("predicted") or {}
     rows = []
     for p in result["engine"]["phases"]:
@@ -196,12 +197,19 @@ def prediction_rows(result: dict) -> list[list]:
                      _x(seconds, predicted.get("seconds", {}).get(version)),
                      _b(predicted.get("wal", {}).get(version)), _b(used.get("wal_bytes")),
                      _x(used.get("wal_bytes"), predicted.get("wal", {}).get(version)),
-                     _b(predicted.get("disk", {}).get(version)), _b(used.get("server_extra_bytes")),
-                     _x(used.get("server_extra_bytes"), predicted.get("disk", {}).get(version))])
+                     _b(predicted.get("disk", {}).get(version)), _b(disk_used(used)),
+                     _x(disk_used(used), predicted.get("disk", {}).get(version))])
     deploy = (result.get("deploy") or {}).get("record") or {}
     rows.append(["runner (the record)", "", "", "", "", "", "", _b(predicted.get("runner_bytes")),
                  _b(deploy.get("record_bytes")), _x(deploy.get("record_bytes"), predicted.get("runner_bytes"))])
     return rows
+
+
+def disk_used(used: dict) -> int | None:
+    """The server disk a phase used at most: the database's growth, and its temporary files (sorts)."""
+    if used.get("server_extra_bytes") is None:
+        return None
+    return max(used["server_extra_bytes"], 0) + (used.get("temp_bytes") or 0)
 
 
 def _fmt_s(seconds) -> str:
