@@ -80,6 +80,7 @@ SAMPLER_NAME = "bench locks"      # ... and of the pg_locks sampler: a timed-out
 RULE_SQLSTATES = ("23",)          # integrity rules (check, unique, not null, foreign key) ...
 RLS_REJECTION = "row-level security"   # ... and RLS policies (42501 with this message): writes the rules reject
 SLOW_SECONDS = 0.1                # an app statement slower than this counts as blocked
+DEPLOY_STEPS = 5                  # `runbook deploy` runs five notebooks: it is given five steps' timeout
 STATEMENTS_SHOWN = 12             # phase 2's slowest statements whose growth is shown
 LEGACY_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory", "audit_logs",
                  "api_keys")
@@ -664,9 +665,9 @@ def measure_deploy(pg, template: str, tag: str, size: Size, settings: Settings, 
             read, _ = run_step(pg, "one sequential read of every table",
                                lambda: production.sequential_read(pg, name), settings.timeout, name)
             with ResourceMeter(connection.from_service(name)) as used:
+                bound = DEPLOY_STEPS * settings.timeout   # five notebooks, each bounded like one step
                 step, proc = run_step(pg, "runbook deploy", lambda: production.run_deploy(
-                    production.deploy_command(name, records, settings.max_replica_lag), settings.timeout),
-                    settings.timeout + 120, name)
+                    production.deploy_command(name, records, settings.max_replica_lag), bound), bound + 120, name)
     finally:
         drop(pg, name)
     result = {"step": asdict(step), "floor": {"pg_dump": asdict(dump), "seq_read": asdict(read)},
