@@ -901,8 +901,9 @@ def render_production(r: dict, h, markdown: bool) -> list[str]:
              (p.get("traffic") or {}).get("failed", "-")] for p in r["engine"]["phases"]]
     out.append(_table(["phase", "the record", "clients: longest statement (s)", "clients: failed"], rows, markdown))
     out.append(h(f"{label}: the preflight's predictions against what the engine's run measured"))
-    out.append(_table(["phase", "duration predicted (s)", "measured (s)", "ratio", "WAL predicted", "WAL measured",
-                       "WAL ratio", "disk predicted", "disk measured", "disk ratio"], production.prediction_rows(r), markdown))
+    out.append(_table(["phase", "duration predicted (s)", "measured (s)", "measured / predicted", "WAL predicted",
+                       "WAL measured", "WAL measured / predicted", "disk predicted", "disk measured (growth + temp)",
+                       "disk measured / predicted"], production.prediction_rows(r), markdown))
     if r.get("deploy"):
         d = r["deploy"]
         out.append(h(f"{label}: runbook deploy as a process (with app traffic), its floor, and where the rest goes"))
