@@ -45,7 +45,7 @@ select a.pid, a.usename::text as role, a.application_name,
   join pg_catalog.pg_locks l on l.pid = a.pid and not l.granted   -- a backend waits for one lock at a time
  where a.datname = current_database() and a.backend_type = 'client backend'
    and a.wait_event_type = 'Lock' and a.pid <> pg_backend_pid()
-   and a.pid not in (select pid from run)
+   and a.pid not in (select pid from run) and a.application_name not like 'runbook%%'   -- the runbooks' own
 union all   -- one row even when nobody waits: whether the run holds locks sets the next interval
 select null, null, null, null, null, null, clock_timestamp(), null,
        exists (select 1 from run where xact_start is not null)

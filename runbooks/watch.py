@@ -23,6 +23,8 @@ from .checks import human_duration
 
 # Backends of this project's runs: the engine names its connections "runbook run <run id>".
 RUNBOOK_APPLICATIONS = ("runbook%",)
+# ... but not the watchers beside a run (heartbeats, impact.py's and resources.py's samplers)
+WATCHERS = ("runbook heartbeat", "runbook impact", "runbook resources")
 
 ACTIVITY_SQL = r"""
 select a.pid, a.application_name, a.state,
@@ -40,6 +42,7 @@ select a.pid, a.application_name, a.state,
   left join pg_catalog.pg_stat_progress_cluster cl on cl.pid = a.pid
  where a.datname = current_database() and a.pid <> pg_backend_pid()
    and a.state is distinct from 'idle' and a.application_name like any (%s)
+   and a.application_name <> all (%s)
  order by a.pid
 """
 
@@ -131,7 +134,7 @@ class Heartbeat:
             self._conn = connection.connect(self.target, application_name="runbook heartbeat",
                                             readonly=True, autocommit=True)
         with self._conn.cursor() as cur:
-            cur.execute(ACTIVITY_SQL, (list(self.applications),))
+            cur.execute(ACTIVITY_SQL, (list(self.applications), list(WATCHERS)))
             names = [d.name for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
