@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.scale [--sizes 100k,1M] [--pg-bin /usr/lib/postgresql/15/bin]
         [--data-dir /var/tmp/truthsource-bench] [--timeout 900] [--json out.json] [--markdown out.md]
-        [--throwaway] [--shape NAME[,NAME]] [--max-replica-lag 10] [--no-deploy-process]
+        [--throwaway] [--max-replica-lag 10] [--no-deploy-process]
 
 For each size, on fresh clones of the generated legacy database (benchmarks/scale_fixture.py,
 cached as a template database):
@@ -30,8 +30,8 @@ cached as a template database):
 The server is production-like by default (benchmarks/server.py): fsync, synchronous_commit and
 full_page_writes on, wal_level logical, WAL archived, a hot standby streaming from it; `--throwaway`
 measures on the old rehearsal server instead (fsync off: flatters every write), and every table says
-which. `--shape NAME[,NAME]` measures the generator's legacy shapes (scale_fixture.py) and prints the
-longest ACCESS EXCLUSIVE per shape.
+which. Where the report holds legacy shapes (scale_fixture.py's), the longest ACCESS EXCLUSIVE per shape
+closes it.
 
 Every measured step has a timeout: a step that runs away is stopped (its backends terminated)
 and reported as "did not finish in N s".
@@ -474,7 +474,6 @@ class Settings:
     sql_rev: str | None = None     # phase files as committed at this revision (None: as on disk)
     max_replica_lag: float = 10    # seconds: the batches pause while a replica is further behind
     deploy_process: bool = True    # also time `runbook deploy` as a process, beside its floor
-    shapes: tuple = (None,)        # legacy shapes of the generator (None: the fixture's own)
 
 
 def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: str, work: Path) -> dict:
@@ -724,6 +723,7 @@ def measure_size(pg, size: Size, settings: Settings, files, progress=print, temp
             result["deploy"] = measure_deploy(pg, template, tag, size, settings, work)
     result["figures"] = figures(result)
     result["load_at_end"] = _load()
+    prune(pg)
     return result
 
 
@@ -812,8 +812,8 @@ def render(report: dict, markdown: bool = False) -> str:
     out.append(_table(["fact", "value"], [[k, v] for k, v in _flat_meta(meta)], markdown))
     for r in report["sizes"]:
         s = r["size"]
-        label = (f"{s['label']}{' shape ' + r['shape'] if r.get('shape') else ''}: {s['orgs']} organizations x "
-                 f"{s['products']} products, {meta['server'].get('profile_short', '')}")
+        label = (f"{s['label']}: {s['orgs']} organizations x {s['products']} products, "
+                 f"{meta['server'].get('profile_short', '')}")
         built = r["template"]["built_s"]
         out.append(h(f"{label} (template {'built in %.1f s' % built if built is not None else 'cached'}, "
                      f"clone {r['clone_s']} s)"))
@@ -928,7 +928,7 @@ def shape_rows(report: dict) -> list[list]:
             for table, v in ((p.get("access_exclusive") or {}).get("tables") or {}).items():
                 if v["longest_s"] > longest[0]:
                     longest = (v["longest_s"], table.removeprefix("public."), p["phase"])
-        rows.append([r["size"]["label"], r.get("shape") or "fixture", f"{longest[0]:.2f}", longest[1], longest[2]])
+        rows.append([r["size"]["label"], r.get("shape") or "legacy", f"{longest[0]:.2f}", longest[1], longest[2]])
     return rows
 
 
@@ -1033,10 +1033,9 @@ def _load() -> str:
 
 
 def run_benchmark(pg, sizes: list[Size], settings: Settings, progress=print,
-                  template: str | None = None, built: dict | None = None) -> dict:
-    """Every figure for every size (and legacy shape) on a started server (its client environment set).
-    `template` names an already generated database to clone instead of the size's cached template;
-    `built` says how long prepare() took to generate each template."""
+                  template: str | None = None) -> dict:
+    """Every figure for every size on a started server (its client environment set). `template`
+    names an already generated database to clone instead of the size's cached template."""
     from benchmarks.server import profile
 
     with tempfile.TemporaryDirectory(prefix="truthsource-bench-sql-") as tmp:
@@ -1054,14 +1053,7 @@ def run_benchmark(pg, sizes: list[Size], settings: Settings, progress=print,
         }
         report = {"meta": meta, "sizes": []}
         for size in sizes:
-            for shape in settings.shapes:
-                named = template or shaped_template(pg, size, shape, progress)[0]
-                result = measure_size(pg, size, settings, files, progress, named)
-                seconds = (built or {}).get((size.label, shape))
-                result["template"]["built_s"] = None if seconds is None else round(seconds, 2)
-                result["shape"] = shape
-                report["sizes"].append(result)
-                prune(pg)
+            report["sizes"].append(measure_size(pg, size, settings, files, progress, template))
     return report
 
 
@@ -1072,29 +1064,27 @@ def short_profile(pg) -> str:
     return f"durable server, {replicas} streaming replica{'s' if replicas != 1 else ''}"
 
 
-def shaped_template(pg, size: Size, shape: str | None, progress=print) -> tuple[str, float | None]:
-    """The size's template in a legacy shape of the generator (scale_fixture's shapes; None: the fixture's)."""
-    if shape is None:
-        return scale_fixture.ensure_template(pg, size, progress=progress)
-    if "shape" not in inspect.signature(scale_fixture.ensure_template).parameters:
-        raise ValueError(f"--shape {shape}: this generator (benchmarks/scale_fixture.py) has no shapes yet")
-    return scale_fixture.ensure_template(pg, size, progress=progress, shape=shape)
+def ensure_template(pg, size: Size, shape: str = "legacy", progress=print) -> tuple[str, float | None]:
+    """The size's template, in a legacy shape where the generator (scale_fixture.py) has shapes."""
+    if "shape" in inspect.signature(scale_fixture.ensure_template).parameters:
+        return scale_fixture.ensure_template(pg, size, progress=progress, shape=shape)
+    return scale_fixture.ensure_template(pg, size, progress=progress)
 
 
-def prepare(pg, sizes: list[Size], settings: Settings, progress=print) -> dict:
-    """Every template generated (or found) first, then, on a durable server, the streaming replica started
-    (its pg_basebackup copies the templates too): how long each template took to build."""
-    built = {}
+def prepare(pg, sizes: list[Size], progress=print, shapes: tuple[str, ...] = ("legacy",)) -> None:
+    """Every template generated (or found) first, then, on a durable server, the streaming replica started:
+    its pg_basebackup copies the templates too, and none is generated while it streams."""
     for size in sizes:
-        for shape in settings.shapes:
-            built[(size.label, shape)] = shaped_template(pg, size, shape, progress)[1]
+        for shape in shapes:
+            _, built = ensure_template(pg, size, shape, progress)
+            if built is not None:
+                progress(f"[{size.label} {shape}] template built in {built:.1f} s")
     prune(pg)
     if getattr(pg, "durable", False):
         started = time.perf_counter()
         progress("starting the streaming replica (pg_basebackup of the cluster)")
         pg.start_replica()
         progress(f"replica streaming after {time.perf_counter() - started:.1f} s")
-    return built
 
 
 def prune(pg) -> None:
@@ -1123,8 +1113,6 @@ def main(argv: list[str] | None = None) -> int:
                              "replica) instead of the durable one with a streaming replica: flatters every write")
     parser.add_argument("--max-replica-lag", type=float, default=10,
                         help="seconds a replica may fall behind before the batches pause (default 10; 0: never)")
-    parser.add_argument("--shape", help="comma-separated legacy shapes of the generator (scale_fixture.py; "
-                                        "default: the fixture's own): the longest ACCESS EXCLUSIVE per shape")
     parser.add_argument("--no-deploy-process", action="store_true",
                         help="skip timing `runbook deploy` as a process beside its floor")
     parser.add_argument("--json", help="write the whole report as JSON here")
@@ -1137,9 +1125,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout <= 0 or args.clients < 1 or args.think_ms < 0 or args.sample_ms <= 0 or args.max_replica_lag < 0:
             raise ValueError("--timeout and --sample-ms must be positive, --clients at least 1, --think-ms and "
                              "--max-replica-lag >= 0")
-        shapes = tuple(dict.fromkeys(x.strip() for x in args.shape.split(",") if x.strip())) if args.shape else (None,)
-        if not shapes:
-            raise ValueError("--shape names no shape")
         if args.sql_rev:
             subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.sql_rev}^{{commit}}"],
                            check=True, capture_output=True)
@@ -1151,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = Settings(clients=args.clients, think_ms=args.think_ms, sample_ms=args.sample_ms,
                         timeout=args.timeout, sql_rev=args.sql_rev, max_replica_lag=args.max_replica_lag,
-                        deploy_process=not args.no_deploy_process, shapes=shapes)
+                        deploy_process=not args.no_deploy_process)
     try:
         pg = start_server(args.pg_bin, args.data_dir, throwaway=args.throwaway)
     except EmbeddedPostgresError as exc:
@@ -1160,12 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         with runner.environment(pg.client_env()):
-            try:
-                built = prepare(pg, sizes, settings, progress=say)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            report = run_benchmark(pg, sizes, settings, progress=say, built=built)
+            prepare(pg, sizes, progress=say)
+            report = run_benchmark(pg, sizes, settings, progress=say)
     finally:
         pg.stop()
     if args.json:   # first: a long run's figures survive whatever happens to the tables

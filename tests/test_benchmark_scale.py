@@ -142,7 +142,3 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
         "select datname from pg_database where datname like 'bench\\_%'")}
     assert not left, f"the benchmark left databases behind: {left}"
 
-
-def test_a_legacy_shape_the_generator_does_not_know_is_refused_before_anything_is_measured(capsys):
-    assert scale.main(["--sizes", "tiny", "--shape", "no_such_shape", "--no-deploy-process"]) == 2
-    assert "no_such_shape" in capsys.readouterr().err
