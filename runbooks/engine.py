@@ -527,7 +527,7 @@ def replica_lag_setting(seconds: float) -> str:
     """truthsource.max_replica_lag as the batches read it: seconds ('10', '2.5'), '0' never pauses."""
     if seconds < 0:
         raise ValueError(f"max_replica_lag must be 0 (never pause) or a number of seconds, not {seconds!r}")
-    return f"{seconds:g}"
+    return f"{seconds:.6f}".rstrip("0").rstrip(".")   # no exponent: the phase files read digits ('1e-05' is none)
 
 
 def _drop_invalid_index(conn, schema: str, name: str) -> None:

@@ -40,7 +40,7 @@ def phase_file(tmp_path, sql: str):
     return path
 
 
-@pytest.mark.parametrize("limit, seen", [(2.5, "2.5"), (0, "0"), (None, None)])
+@pytest.mark.parametrize("limit, seen", [(2.5, "2.5"), (0, "0"), (10, "10"), (0.00001, "0.00001"), (None, None)])
 def test_max_replica_lag_reaches_the_session_that_applies_the_phase(empty_db, tmp_path, limit, seen):
     probe = phase_file(tmp_path, "create table public.limit_seen as "
                                  "select current_setting('truthsource.max_replica_lag', true) as seconds;")
