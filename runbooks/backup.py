@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, identity, pgtools
+from . import connection, identity, pgtools, records
 from .records import sha256_of
 
 INFO_FILE = "backup.json"
@@ -328,7 +328,7 @@ class DumpInProgress:
         if self.process.poll() is None:
             self.process.kill()
             self.process.communicate()
-        self.partial.unlink(missing_ok=True)
+        records.remove(self.partial)
 
 
 def start_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id: str, *,
@@ -337,8 +337,7 @@ def start_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id:
     """Start pg_dump -Fc of the target into dest_dir/<dbname>-<run_id>.dump.partial (see `take_backup`)."""
     if not _SAFE_RUN_ID.match(run_id):
         raise BackupError(f"run id {run_id!r} cannot name a file (letters, digits, '.', '_', '-')")
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = records.make_folder(Path(dest_dir))
 
     facts, taken_at = _server_clock(target, run_id, with_facts=True)
     public_init_privs = snapshot.public_init_privs if snapshot else _public_init_privs(target, run_id)
@@ -352,10 +351,10 @@ def start_backup(target: connection.Target, dest_dir: str | os.PathLike, run_id:
     if final.exists():
         raise BackupError(f"{final} already exists: a backup is never overwritten (new run id?)")
     partial = final.with_name(final.name + ".partial")
-    partial.unlink(missing_ok=True)
+    records.remove(partial)
     # the dump holds every row (password hashes, the legacy plaintext keys): readable by its owner
     # alone, from the first byte (pg_dump truncates the file it is given and keeps its mode)
-    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    records.create_empty(partial)
     started = time.perf_counter()
     process = subprocess.Popen(
         [str(pg_dump.path), "--format=custom", f"--compress={compression}", "--no-password",
@@ -373,12 +372,12 @@ def finish_backup(dump: DumpInProgress, *, full: bool = True) -> BackupInfo:
     dump_seconds = time.perf_counter() - dump.started
     warnings = list(dump.warnings)
     if dump.process.returncode != 0:
-        partial.unlink(missing_ok=True)
+        records.remove(partial)
         raise BackupError(f"pg_dump {pg_dump.version} of database {facts['database']!r} failed (exit "
                           f"{describe_exit(dump.process.returncode)}): {redact(stderr.strip()) or 'no message'}")
     if stderr.strip():
         warnings.append("pg_dump: " + redact(stderr.strip()))
-    partial.rename(final)
+    records.rename(partial, final)
 
     _, finished_at = _server_clock(dump.target, dump.run_id)
 
@@ -400,7 +399,7 @@ def finish_backup(dump: DumpInProgress, *, full: bool = True) -> BackupInfo:
         dump_seconds=round(dump_seconds, 3), verify_seconds=round(time.perf_counter() - started, 3),
         warnings=warnings, public_init_privs=dump.public_init_privs,
         snapshot_id=dump.snapshot_id, identity=facts["identity"])
-    (dump.dest / INFO_FILE).write_text(json.dumps(info.as_dict(), indent=2, sort_keys=True) + "\n")
+    records.write_text(dump.dest / INFO_FILE, json.dumps(info.as_dict(), indent=2, sort_keys=True) + "\n")
     return info
 
 

@@ -31,6 +31,9 @@ class Check:
     columns: list[str] | None = None
     sql: str | None = None
     displayed: bool = field(default=False, repr=False, compare=False)  # Run.check showed it already
+    # facts for the run's record (the sign-off, a phase's SQL file and sha256, the backup a rollback
+    # restores): not shown with the check; the notebook's verdict carries them to the manifest
+    facts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.status not in STATUSES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import budgets, connection, engine, promotion, records, runner, signoff
+from . import budgets, connection, engine, preflight, promotion, records, runner, signoff
 from .engine import EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -25,8 +26,9 @@ REFUSALS = (UsageError, connection.TargetError, records.RecordError, signoff.Sig
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
+    group = parser.add_mutually_exclusive_group()   # neither: libpq's environment, as the notebooks
+    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured); "
+                       "without --service or --target: PGSERVICE, else PGHOST, PGPORT, PGDATABASE, PGUSER")
     group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
     parser.add_argument("--targets-file", metavar="PATH",
                         help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_records(p)
 
     p = commands.add_parser("status", help="what is applied, with checksums, and whether the files still match")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--service", metavar="NAME", help="a libpq service from pg_service.conf (PGSERVICEFILE honoured); "
+                       "without --service, --target or --all: PGSERVICE, else PGHOST, PGPORT, PGDATABASE, PGUSER")
     group.add_argument("--target", metavar="NAME", help="an entry of the targets file")
     group.add_argument("--all", action="store_true",
                        help="every target of the targets file: which phase file digests are applied where")
@@ -81,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the targets file (default ${connection.TARGETS_ENV}, else ./{connection.DEFAULT_TARGETS_FILE}, else the project root's)")
     _add_records(p)
 
-    p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID")
+    p = commands.add_parser("records", help="read records: list, show RUN_ID, verify RUN_ID; seal and finish runs")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_records(sub.add_parser("list", help="every record, oldest first"))
     for name, text in (("show", "a record's manifest, readably"), ("verify", "re-hash every file against the manifest"),
-                       ("seal", "make a run stepped through by hand in JupyterLab a sealed record")):
+                       ("seal", "make a run stepped through by hand in JupyterLab a sealed record"),
+                       ("finish", "finish the database's witness of a sealed run, left open (the target out of reach)")):
         q = sub.add_parser(name, help=text)
         q.add_argument("run_id", metavar="RUN_ID")
         _add_records(q)
@@ -104,9 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+# What libpq reads to find a server when no service or target is named (the notebooks' target_kind = None).
+LIBPQ_TARGET_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER")
+
+
+def from_libpq_environment(say=None) -> connection.Target:
+    """The target libpq's environment names (PGSERVICE, else PGHOST, PGPORT...), as a notebook whose
+    target_kind is None resolves it; said on stderr. Nothing exported: refused, naming what to give."""
+    say = say or _stderr
+    if os.environ.get("PGSERVICE"):
+        target = connection.from_environment()
+        say(f"target: service {target.name!r} (from PGSERVICE; no --service or --target given)")
+        return target
+    given = [f"{name}={os.environ[name]}" for name in LIBPQ_TARGET_ENV if os.environ.get(name)]
+    if not given:
+        raise UsageError("no target: give --service NAME or --target NAME, or export PGSERVICE (as `runbook sandbox` "
+                         "prints) or PGHOST, PGPORT, PGDATABASE and PGUSER")
+    say(f"target: libpq's environment ({', '.join(given)}; no --service or --target given)")
+    return connection.from_environment()
+
+
 def resolve_target(args) -> connection.Target:
-    target = (connection.from_service(args.service) if args.service
-              else connection.from_targets_file(args.target, args.targets_file))
+    if args.service:
+        target = connection.from_service(args.service)
+    elif args.target:
+        target = connection.from_targets_file(args.target, args.targets_file)
+    else:
+        target = from_libpq_environment()
     try:  # a transaction-mode pooler is refused (TransactionPoolerError, exit 2) before anything runs
         connection.refuse_transaction_pooler(target)
     except psycopg2.OperationalError:
@@ -210,6 +242,7 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
     """`runbook deploy`'s plan on one target (the fleet's partitions run this too): the sign-off and
     the promotion rule are asked first, and a refusal raises UsageError before anything changes."""
     problems = signoff.problems(params, production=target.production, confirmed=confirmed)
+    problems += changed_files_problem(target, force=bool(params.get("force")))
     decision = promotion.decide(target, records_root, override=params.get("promotion_override"),
                                 max_age_days=params.get("promotion_max_age_days"))
     if not decision.allowed:
@@ -224,6 +257,22 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
         raise UsageError("refused: " + "; ".join(problems))
     return runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=records_root, parameters=params,
                            progress=progress)
+
+
+def changed_files_problem(target: connection.Target, *, force: bool) -> list[str]:
+    """An applied phase file that changed on disk since, unless forced (the preflight asks the same); an
+    unreachable target says nothing here: the run reports it, with its record."""
+    if force:
+        return []
+    try:
+        conn = connection.connect(target, application_name="runbook deploy check", readonly=True, autocommit=True)
+    except psycopg2.OperationalError:
+        return []
+    try:
+        changed = preflight.changed_files(preflight.phase_states(conn))
+    finally:
+        conn.close()
+    return [preflight.changed_refusal(changed)] if changed else []
 
 
 def cmd_verify(args) -> int:
@@ -245,10 +294,6 @@ def cmd_rollback(args) -> int:
     target = resolve_target(args)
     given = parse_parameters(args.parameter, ("rollback",))
     return finished(args, rollback(target, args.run, given, confirmed=args.yes, records_root=args.records))
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 def rollback(target: connection.Target, run_id: str, params: dict, *, confirmed: bool, records_root: Path,
@@ -375,13 +420,17 @@ def cmd_records(args) -> int:
         for r in rows:
             started = _utc(datetime.fromisoformat(r["started_at"])) if r.get("started_at") else "?"
             print(_fit(f"{r['run_id']}  {r['command'] or '?':<16} {r['target'] or '?':<20} {started:<19}  "
-                       f"{r['verdict']}"))
+                       f"{r['verdict_text']}"))
         return EXIT_OK
     if args.action == "seal":
         from .by_hand import seal
         from .paths import NOTEBOOK_DIR
 
         return seal(args.records, args.run_id, args.notebooks or NOTEBOOK_DIR).exit_code
+    if args.action == "finish":
+        from .witness import finish
+
+        return finish(args.records, args.run_id)
     record = records.Record.open(args.records, args.run_id)
     if args.action == "show":
         print(records.describe(record))

@@ -218,6 +218,20 @@ def finish_run(conn, run_id: str, verdict: str) -> bool:
     return done
 
 
+def open_witnesses(conn, current_run_id: str = "") -> list[dict]:
+    """Every run whose witness is not finished ({run_id, backup_sha256}), `current_run_id` left out."""
+    with conn.cursor() as cur:
+        if not _table_readable(cur, RUNS_TABLE):
+            rows = []
+        else:
+            cur.execute(f"select run_id, backup_sha256 from {RUNS_TABLE} where finished_at is null and run_id <> %s "
+                        "order by recorded_at", (current_run_id,))
+            rows = [{"run_id": r[0], "backup_sha256": r[1]} for r in cur.fetchall()]
+    if not conn.autocommit:
+        conn.rollback()
+    return rows
+
+
 def unfinished_runs(conn, current_run_id: str = "") -> list[dict]:
     """Runs that took a backup and never finished (their runner died, or they were stepped through
     by hand and never sealed), since the last run that finished and not rolled back since; oldest

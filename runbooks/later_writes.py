@@ -23,13 +23,14 @@ keys in memory at a time (~150 MB of Python for 1M rows).
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg2 import sql
 
-from . import snapshot
+from . import records, snapshot
 
 ROW_STATE_FILE = "post-deployment-rows.json.gz"   # in the deployment's record, written by the verification
 SQL_FILE = "later_writes.sql"                      # in the rollback's record
@@ -103,8 +104,10 @@ def take_row_state(conn, lock_timeout: str = "30s") -> dict:
 
 def save_row_state(state: dict, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
+    records.make_folder(path.parent)
+    # keys and row hashes tell which rows exist: a data file (records.DATA_FILES), the owner's alone
+    with records.open_for_writing(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as zipped, \
+            io.TextIOWrapper(zipped, encoding="utf-8") as f:
         json.dump(state, f, sort_keys=True)
     return path
 

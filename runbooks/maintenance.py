@@ -4,7 +4,7 @@ One notebook (``06_maintenance``) holds all three cadences; ``start(run, cadence
 ``Plan`` whose ``section(...)`` runs a cadence's cells or skips them visibly (each skipped cell
 says so, and the verdict lists the skipped cadences).
 
-Everything here reads, on the notebook's read-only connection, except two writes, each made
+Everything here reads, on the notebook's read-only connection, except three writes, each made
 through its own connection in its own transaction:
 
 - ``apply_retention`` (weekly, only with ``apply_retention = True``): ``apply_data_retention(false)``
@@ -13,9 +13,16 @@ through its own connection in its own transaction:
 - ``backup_verification`` (monthly): a fresh ``pg_dump -Fc`` into the run's record folder,
   verified with ``backup.verify_backup``, and written as one row of ``backup_verifications``.
 
-Counters in ``pg_stat_database`` grow from the last statistics reset; the daily check keeps them
-in the record (``maintenance/database_activity.json``) and reports what changed since the
-previous daily run of the same database found beside this record.
+- ``database_activity`` (daily): the counters it read, one row of ``truthsource.maintenance_runs``.
+
+Counters in ``pg_stat_database`` grow from the last statistics reset, often the server's start: a
+share of rollbacks since then is not a figure of the day. The daily check keeps each reading in
+the database's own history (``truthsource.maintenance_runs``, and in the record as
+``maintenance/database_activity.json``) and judges the rates over the interval since the last
+daily run of the same database (same oid, same statistics reset); the first one records the
+baseline and judges no rate. The runbooks' own transactions that undo their work by design (the
+verification's cases, the snapshots' consistent reads) end with COMMIT (verification.rolled_back,
+snapshot._consistent_read), so the rolled-back share counts the app's failures, not the runbooks'.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
-from . import backup, connection, contract, pgtools, troubleshooting
+from . import backup, connection, contract, pgtools, records, troubleshooting
 from .checks import Check, fetch, sql_check
 from .troubleshooting import APP_SCHEMAS_SQL
 
@@ -175,63 +182,129 @@ _COUNTERS = ("commits", "rollbacks", "deadlocks", "conflicts", "temp_files", "te
              "checksum_failures")
 
 
-def _previous_activity(record_dir: Path, key: dict) -> dict | None:
-    """The newest database_activity.json of an earlier run (beside this record) for the same database."""
-    found = None
-    for path in sorted(record_dir.parent.glob(f"*/{ACTIVITY_FILE}")):
-        if path.parent.parent.name >= record_dir.name:
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("key") == key:
-            found = data
-    return found
+MAINTENANCE_TABLE = "truthsource.maintenance_runs"
+MAINTENANCE_DDL = f"""
+-- each maintenance run's reading of pg_stat_database: the next run of its cadence judges the interval between
+create table if not exists {MAINTENANCE_TABLE} (
+  run_id text primary key,
+  cadence text not null check (cadence in ('daily', 'weekly', 'monthly')),
+  datid oid not null,
+  stats_reset timestamptz,
+  read_at timestamptz not null,
+  counters jsonb not null,
+  recorded_by text not null default current_user
+);
+comment on table {MAINTENANCE_TABLE} is 'TruthSource runbooks: each maintenance run''s pg_stat_database counters'"""
+LAST_READING_SQL = f"""select run_id, to_char(read_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') as read_at, counters
+from {MAINTENANCE_TABLE}
+where cadence = %(cadence)s and datid = %(datid)s and stats_reset is not distinct from %(stats_reset)s
+  and run_id <> %(run_id)s
+order by read_at desc limit 1"""
+RECORD_READING_SQL = f"""insert into {MAINTENANCE_TABLE} (run_id, cadence, datid, stats_reset, read_at, counters)
+values (%(run_id)s, %(cadence)s, %(datid)s, %(stats_reset)s, %(read_at)s, %(counters)s)
+on conflict (run_id) do update set read_at = excluded.read_at, counters = excluded.counters"""
 
 
-@sql_check(ACTIVITY_SQL, "error and performance signals (pg_stat_database)")
-def database_activity(conn, run, *, max_rollback_ratio: float = 0.05, min_cache_hit_ratio: float = 0.95,
-                      max_temp_bytes: int = 1_000_000_000) -> Check:
-    row = fetch(conn, ACTIVITY_SQL)[0]
-    reset = row["stats_reset"].isoformat() if row["stats_reset"] else None
-    key = {"target": run.target.describe(), "server": f"{run.facts['server_address']}:{run.facts['server_port']}",
-           "datid": row["datid"], "stats_reset": reset}
-    current = {k: row[k] for k in _COUNTERS}
-    previous = _previous_activity(Path(run.record_dir), key)
-    path = Path(run.record_dir) / ACTIVITY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "read_at": row["read_at"], "run_id": run.run_id, "counters": current},
-                               indent=1, sort_keys=True, default=str) + "\n")
-    if previous:
-        window = f"since the daily run {previous['run_id']} ({previous['read_at']})"
-        delta = {k: current[k] - previous["counters"].get(k, 0) for k in _COUNTERS}
-    else:
-        window = "since statistics were reset" + (f" ({reset[:10]})" if reset else " (never: since the cluster began)")
-        delta = current
+def last_reading(conn, cadence: str, row: dict, run_id: str) -> dict | None:
+    """The last reading of this database's counters by a maintenance run of `cadence` (same statistics
+    reset), from the history; None when there is none (or the history cannot be read)."""
+    try:
+        # asked first, so that a database without the table yet does not count a failed statement
+        if not fetch(conn, f"select to_regclass('{MAINTENANCE_TABLE}') is not null as kept")[0]["kept"]:
+            return None
+        found = fetch(conn, LAST_READING_SQL, {"cadence": cadence, "datid": row["datid"],
+                                               "stats_reset": row["stats_reset"], "run_id": run_id})
+    except psycopg2.Error:   # not readable by this role
+        if not conn.autocommit:
+            conn.rollback()
+        return None
+    return found[0] if found else None
+
+
+def keep_reading(run, cadence: str, row: dict, current: dict) -> str | None:
+    """This run's reading into the history, on a connection of its own; None, or why it could not."""
+    from . import engine
+
+    write = connection.connect(run.target, application_name=f"runbook maintenance {run.run_id}"[:63])
+    try:
+        engine.ensure_history(write)
+        with write.cursor() as cur:
+            cur.execute(f"select to_regclass('{MAINTENANCE_TABLE}') is null")
+            if cur.fetchone()[0]:
+                cur.execute(MAINTENANCE_DDL)
+            cur.execute(RECORD_READING_SQL, {"run_id": run.run_id, "cadence": cadence, "datid": row["datid"],
+                                             "stats_reset": row["stats_reset"], "read_at": row["read_at"],
+                                             "counters": json.dumps(current)})
+        write.commit()
+        return None
+    except psycopg2.Error as exc:
+        write.rollback()
+        return (exc.diag.message_primary or str(exc)).strip()
+    finally:
+        write.close()
+
+
+def _activity_signals(delta: dict, judged: bool, max_rollback_ratio: float, min_cache_hit_ratio: float,
+                      max_temp_bytes: int) -> list[tuple]:
+    """(signal, value, threshold, status) of the counters' deltas; rates and counts are judged only over
+    an interval (`judged`): a checksum failure is an error whenever it happened."""
     transactions = delta["commits"] + delta["rollbacks"]
     blocks = delta["blks_hit"] + delta["blks_read"]
     rollback_ratio = delta["rollbacks"] / transactions if transactions else 0.0
     hit_ratio = delta["blks_hit"] / blocks if blocks else 1.0
-    signals = [
+
+    def judge(bad: bool) -> str:
+        return ("warning" if bad else "ok") if judged else "not judged"
+    return [
         ("checksum failures", delta["checksum_failures"], "0", "error" if delta["checksum_failures"] else "ok"),
-        ("deadlocks", delta["deadlocks"], "0", "warning" if delta["deadlocks"] else "ok"),
-        ("recovery conflicts (standbys)", delta["conflicts"], "0", "warning" if delta["conflicts"] else "ok"),
+        ("deadlocks", delta["deadlocks"], "0", judge(delta["deadlocks"] > 0)),
+        ("recovery conflicts (standbys)", delta["conflicts"], "0", judge(delta["conflicts"] > 0)),
         ("rolled-back share of transactions", f"{rollback_ratio:.2%} of {transactions}", f"<= {max_rollback_ratio:.0%}",
-         "warning" if transactions >= 100 and rollback_ratio > max_rollback_ratio else "ok"),
+         judge(transactions >= 100 and rollback_ratio > max_rollback_ratio)),
         ("buffer cache hit ratio", f"{hit_ratio:.2%} of {blocks} blocks", f">= {min_cache_hit_ratio:.0%}",
-         "warning" if blocks >= 10_000 and hit_ratio < min_cache_hit_ratio else "ok"),
+         judge(blocks >= 10_000 and hit_ratio < min_cache_hit_ratio)),
         ("temporary files (sorts and hashes spilling to disk)", f"{delta['temp_files']} ({delta['temp_bytes']} bytes)",
-         f"<= {max_temp_bytes} bytes", "warning" if delta["temp_bytes"] > max_temp_bytes else "ok"),
+         f"<= {max_temp_bytes} bytes", judge(delta["temp_bytes"] > max_temp_bytes)),
     ]
+
+
+@sql_check(ACTIVITY_SQL + ";\n-- the last daily run's reading of the same database, from the history:\n"
+           + LAST_READING_SQL + ";\n-- and this run's, kept for the next one (a connection of its own):\n"
+           + RECORD_READING_SQL, "error and performance signals (pg_stat_database)")
+def database_activity(conn, run, *, cadence: str = "daily", max_rollback_ratio: float = 0.05,
+                      min_cache_hit_ratio: float = 0.95, max_temp_bytes: int = 1_000_000_000) -> Check:
+    """pg_stat_database's signals over the interval since the last run of `cadence` on this database,
+    kept in the history (the first run records the baseline and judges no rate)."""
+    row = fetch(conn, ACTIVITY_SQL)[0]
+    reset = row["stats_reset"].isoformat() if row["stats_reset"] else None
+    current = {k: row[k] for k in _COUNTERS}
+    previous = last_reading(conn, cadence, row, run.run_id)
+    not_kept = keep_reading(run, cadence, row, current)
+    records.make_folder((Path(run.record_dir) / ACTIVITY_FILE).parent)
+    records.write_text(Path(run.record_dir) / ACTIVITY_FILE, json.dumps(
+        {"datid": row["datid"], "stats_reset": reset, "read_at": row["read_at"], "run_id": run.run_id,
+         "cadence": cadence, "previous": previous, "counters": current}, indent=1, sort_keys=True, default=str) + "\n")
+    if previous:
+        window = f"since the {cadence} run {previous['run_id']} ({previous['read_at']})"
+        delta = {k: current[k] - previous["counters"].get(k, 0) for k in _COUNTERS}
+    else:
+        window = (f"since statistics were reset ({reset[:10] if reset else 'never: since the cluster began'}): no "
+                  f"earlier {cadence} run of this database in {MAINTENANCE_TABLE}, so this reading is the baseline "
+                  f"and rates are judged from the next {cadence} run on")
+        delta = current
     rows = [{"signal": "window", "value": window, "threshold": "", "status": ""}]
-    rows += [{"signal": s, "value": v, "threshold": t, "status": st} for s, v, t, st in signals]
+    rows += [{"signal": s, "value": v, "threshold": t, "status": st}
+             for s, v, t, st in _activity_signals(delta, bool(previous), max_rollback_ratio, min_cache_hit_ratio,
+                                                  max_temp_bytes)]
+    if not_kept:
+        rows.append({"signal": "kept in the history", "value": f"no: {not_kept}", "threshold": "", "status": "warning"})
     worst = "error" if any(r["status"] == "error" for r in rows) else \
         "warning" if any(r["status"] == "warning" for r in rows) else "ok"
     flagged = [r["signal"] for r in rows if r["status"] in ("warning", "error")]
     summary = ((", ".join(flagged) if flagged else "no errors, nothing above its threshold")
-               + f" ({'since the previous daily run' if previous else 'since statistics were reset'}). "
-               "Server logs are read where the platform keeps them (Supabase: Logs Explorer).")
+               + (f" (since the previous {cadence} run, {previous['run_id']})" if previous else
+                  f" (first {cadence} run of this database: baseline recorded, rates judged from the next one)")
+               + ". Server logs are read where the platform keeps them (Supabase: Logs Explorer).")
     return Check("database_activity", worst, summary, rows=rows, columns=["signal", "value", "threshold", "status"])
 
 

@@ -23,6 +23,9 @@ from .pages import html_table
 from .paths import PROJECT_ROOT
 
 VERDICT_MIME = "application/vnd.truthsource.verdict+json"
+# The verdict output's metadata: what the record reads besides the verdict (its checks' facts, the kernel's
+# own timing), kept out of the compared outputs (they differ from run to run).
+VERDICT_METADATA = "truthsource_verdict"
 
 
 def _display(obj=None, **kwargs):
@@ -103,6 +106,53 @@ def show_frames_as_tables(shell) -> None:
     shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, as_html)
 
 
+class KernelTimer:
+    """How long this kernel has spent executing cells since the setup cell began: the kernel's own
+    timing (its cells' run times; the setup cell from when the frontend sent it, so the imports before
+    setup() count), never the idle time between cells a DBA takes. A notebook's real duration by hand."""
+
+    running: "KernelTimer | None" = None   # the kernel's timer: setup run again starts a new one
+
+    def __init__(self, shell):
+        self.total = 0.0
+        self.current: float | None = time.monotonic() - _seconds_since_request(shell)
+        self.shell = shell
+        if shell is not None:
+            if KernelTimer.running is not None:
+                KernelTimer.running.stop()
+            shell.events.register("pre_run_cell", self._started)
+            shell.events.register("post_run_cell", self._ended)
+            KernelTimer.running = self
+
+    def stop(self) -> None:
+        self.shell.events.unregister("pre_run_cell", self._started)
+        self.shell.events.unregister("post_run_cell", self._ended)
+
+    def _started(self, *args) -> None:
+        self.current = time.monotonic()
+
+    def _ended(self, *args) -> None:
+        if self.current is not None:
+            self.total += time.monotonic() - self.current
+            self.current = None
+
+    def seconds(self) -> float:
+        """Time spent executing so far, the running cell included."""
+        running = time.monotonic() - self.current if self.current is not None else 0.0
+        return round(self.total + running, 2)
+
+
+def _seconds_since_request(shell) -> float:
+    """How long ago the frontend asked for the cell now running (0 where the kernel cannot say)."""
+    from datetime import datetime, timezone
+
+    try:
+        sent = shell.kernel.get_parent("shell")["header"]["date"]
+        return max(0.0, (datetime.now(timezone.utc) - sent).total_seconds())
+    except (AttributeError, KeyError, TypeError):
+        return 0.0
+
+
 class Verdict(dict):
     """Run.verdict()'s result: a dict that a notebook does not display a second time."""
 
@@ -128,6 +178,7 @@ class Run:
     stop_on_error: bool = True
     by_hand: bool = False             # no runbook command gave a run id: by_hand.py keeps the run's journal
     joined: dict | None = None        # the by-hand preflight whose run this notebook joined
+    timer: KernelTimer | None = None  # the kernel's own execution time (a by-hand notebook's duration)
 
     # -- display -------------------------------------------------------------------------
     def header(self) -> None:
@@ -168,8 +219,11 @@ class Run:
         verdict = {"notebook": self.notebook, "run_id": self.run_id,
                    "status": "failed" if failed else "passed",
                    "checks": [{"name": c.name, "status": c.status, "summary": c.summary} for c in self.checks]}
+        kept = {"facts": {k: v for c in self.checks for k, v in c.facts.items()},
+                "kernel_seconds": self.timer.seconds() if self.timer else None}
         _display(table(verdict["checks"], columns=["name", "status", "summary"]))
-        _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True)
+        _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True,
+                 metadata={VERDICT_METADATA: kept})
         if self.by_hand:
             from . import by_hand as by_hand_runs
 
@@ -199,31 +253,53 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
         from . import by_hand as by_hand_runs
 
         connection.refuse_transaction_pooler(target)
-        joined = by_hand_runs.joined_run(notebook, target, require_preflight=require_preflight,
-                                         max_age_hours=preflight_max_age_hours)
+        joined = by_hand_runs.joined_run(notebook, target, now=_identity_if_joining(notebook, target),
+                                         require_preflight=require_preflight, max_age_hours=preflight_max_age_hours)
         if joined:
             run_id, record_dir = joined["run_id"], record_dir or joined["record_dir"]
     run_id = run_id or records.new_run_id()
     folder = Path(record_dir) if record_dir else (by_hand_runs.records_root() if by_hand
                                                  else PROJECT_ROOT / "records") / run_id
-    folder.mkdir(parents=True, exist_ok=True)
+    records.make_folder(folder)   # a sealed record refuses: nothing writes into it
     app = f"runbook {run_id} {notebook}"[:63]  # PostgreSQL keeps 63 bytes of application_name
 
     def factory():
         return connection.connect(target, application_name=app, readonly=True)
 
+    timer = KernelTimer(_shell())
     conn = factory()
     conn.autocommit = True
     run = Run(notebook=notebook, target=target, run_id=run_id,
               operator=operator or records.operator_facts()["operator"], record_dir=folder, conn=conn,
               facts=connection.server_facts(conn), stop_on_error=stop_on_error, by_hand=by_hand,
-              joined=joined)
+              joined=joined, timer=timer)
     if by_hand:
         by_hand_runs.start(run)
     configure_ipython_sql(factory)
     if show_header:
         run.header()
     return run
+
+
+def _identity_if_joining(notebook: str, target: connection.Target):
+    """The target's identity, for a notebook that may join a by-hand preflight's run (only the very
+    database that preflight saw is joined); None for the others."""
+    from . import by_hand as by_hand_runs, identity
+
+    if notebook not in by_hand_runs.JOINS_THE_PREFLIGHT:
+        return None
+    conn = connection.connect(target, application_name=f"runbook {notebook} identity"[:63], readonly=True,
+                              autocommit=True)
+    try:
+        return identity.read_identity(conn)
+    finally:
+        conn.close()
+
+
+def _shell():
+    from IPython import get_ipython
+
+    return get_ipython()
 
 
 def details(summary: str, text: str) -> None:

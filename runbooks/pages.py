@@ -39,6 +39,7 @@ CSS = """
 .runbook-card table.runbook-facts td { text-align: left; padding: 2px 0; vertical-align: top; }
 .runbook-card a { color: #0969da; text-decoration: underline; }
 .runbook-production { color: #fff; background: #cf222e; padding: 0 6px; border-radius: 3px; font-weight: bold; }
+.runbook-detail { margin: 8px 0 0; padding-left: 20px; }
 .runbook-cell-label { font-family: system-ui, sans-serif; font-weight: bold; color: #57606a; margin: 16px 0 2px; }
 main > .runbook-card, main > .runbook-cell-label { margin-left: calc(var(--jp-cell-prompt-width, 64px) + 20px); }
 table.runbook-table { margin-left: 0; margin-right: 0; border-collapse: collapse; }
@@ -143,17 +144,79 @@ def _production(manifest: dict) -> str:
 
 
 def _commit(manifest: dict) -> str:
-    project = manifest.get("project") or {}
-    commit = project.get("git_commit")
-    text = f"{commit[:12]}" if commit else "no git commit"
-    if project.get("git_dirty"):
-        text += " (with uncommitted changes)"
-    return html.escape(f"{text}; truthsource-runbooks {project.get('version', '?')}")
+    return html.escape(records.commit_text(manifest.get("project") or {}))
 
 
 def _who(manifest: dict) -> str:
     who = manifest.get("operator") or {}
     return html.escape(f"{who.get('operator', '?')} (os user {who.get('os_user', '?')} on {who.get('host', '?')})")
+
+
+# -- the facts of a run's header card: each a small function of the manifest giving rows (label, HTML) --
+# The index's card and every notebook's card list them in this order; a new fact is one more function.
+
+def _approval_rows(manifest: dict) -> list[tuple[str, str]]:
+    """Who approved, under which change ticket: always shown, "none" where none was given."""
+    signoff = manifest.get("signoff") or {}
+    return [("approver", html.escape(str(signoff.get("approver") or "none"))),
+            ("change ticket", html.escape(str(signoff.get("change_ticket") or "none")))]
+
+
+def _rollback_rows(manifest: dict) -> list[tuple[str, str]]:
+    """A rollback: the run it rolls back, the backup it restored, and its own safety dump."""
+    rows = []
+    if manifest.get("rolls_back"):
+        rows.append(("rolls back", f"run {html.escape(manifest['rolls_back'])}"))
+    restored = manifest.get("restored_backup")
+    if restored:
+        rows.append(("backup restored", html.escape(
+            f"run {restored.get('run_id')}: {restored.get('file')} ({restored.get('bytes')} bytes, taken "
+            f"{restored.get('taken_at')}), sha256 {restored.get('sha256')}")))
+    return rows
+
+
+def _backup_rows(manifest: dict) -> list[tuple[str, str]]:
+    """The backup this run took: a rollback's safety dump, any other run's backup."""
+    backup = manifest.get("backup")
+    if not backup:
+        return []
+    label = "safety dump" if manifest.get("rolls_back") or manifest.get("restored_backup") else "backup"
+    return [(label, html.escape(f"{backup.get('file')} ({backup.get('bytes')} bytes), sha256 {backup.get('sha256')}"))]
+
+
+def _promotion_rows(manifest: dict) -> list[tuple[str, str]]:
+    """A production run's staging evidence, or the override an auditor must see."""
+    promotion = records.promotion_summary(manifest.get("promotion"))
+    if not promotion:
+        return []
+    label, text = promotion
+    return [(label, f'<span id="runbook-promotion">{html.escape(text)}</span>')]
+
+
+def _discarded_rows(manifest: dict) -> list[tuple[str, str]]:
+    """A rollback that discarded rows written since the deployment: how many, of which tables, where kept."""
+    from .verdicts import discarded_text
+
+    discarded = manifest.get("discarded")
+    return [("discarded", html.escape(discarded_text(discarded, None)))] if discarded else []
+
+
+def run_facts(manifest: dict) -> list[tuple[str, str]]:
+    """The facts of a run both cards show, in order (label, HTML)."""
+    rows = [("who", _who(manifest)), ("target", _target(manifest)), ("production", _production(manifest)),
+            ("commit", _commit(manifest))]
+    for facts in RUN_FACTS:
+        rows += facts(manifest)
+    return rows
+
+
+def _footprint_rows(manifest: dict) -> list[tuple[str, str]]:
+    """What the app felt and the WAL and disk the run's phases used (footprint.py), where they were measured."""
+    return [(label, f'<span id="{element}">{html.escape(text)}</span>')
+            for label, element, text in footprint.card_rows(manifest)]
+
+
+RUN_FACTS = (_approval_rows, _rollback_rows, _backup_rows, _promotion_rows, _discarded_rows, _footprint_rows)
 
 
 def _facts_table(rows: list[tuple[str, str]]) -> str:
@@ -180,19 +243,38 @@ def _counts_of(entry: dict) -> str:
 
 # -- the card on each notebook's page --------------------------------------------------------
 
+# Where a notebook's duration comes from (runner.seconds_of), as its card says it.
+SECONDS_FROM = {"papermill": "papermill's timing", "cell timing": "its cells' timing", "kernel": "the kernel's timing",
+                "journal": "from its setup cell to its verdict"}
+
+
+def _verdict_text(manifest: dict) -> str:
+    from .verdicts import text_of
+
+    return manifest.get("verdict_text") or text_of(str(manifest.get("verdict") or "unknown"), 0)
+
+
+def _sql_file_rows(entry: dict) -> list[tuple[str, str]]:
+    """A phase notebook's SQL file and the sha256 it applied (its file check's facts)."""
+    facts = entry.get("facts") or {}
+    if not facts.get("sql_file"):
+        return []
+    return [("SQL file", html.escape(f"{facts['sql_file']}, sha256 {facts.get('sql_sha256')}"))]
+
+
 def notebook_card(manifest: dict, entry: dict, step: str) -> str:
-    """The header card of one executed notebook: its verdict first, then who, when and where."""
+    """The header card of one executed notebook: its verdict first, then the run's (the one verdict,
+    worded as everywhere), who, when and where."""
     outcome = records.outcome_text(entry)
     failure = (f"cell {entry.get('failed_cell')}: {entry.get('error')}" if entry.get("failed_cell")
                else entry.get("error"))
+    source = SECONDS_FROM.get(entry.get("seconds_from"), "")
     rows = [("run", f'{html.escape(manifest["run_id"])} — runbook {html.escape(manifest["command"])} '
                     f'(<a href="../{INDEX}">all notebooks of this run</a>)'),
-            ("who", _who(manifest)),
+            ("run verdict", f'<span class="runbook-run-verdict">{html.escape(_verdict_text(manifest))}</span>'),
             ("when", f"{_when(entry.get('started_at'))} → {_when(entry.get('finished_at'))} "
-                     f"({_duration(entry.get('seconds'))})"),
-            ("target", _target(manifest)),
-            ("production", _production(manifest)),
-            ("commit", _commit(manifest))]
+                     f"({_duration(entry.get('seconds'))}" + (f", {html.escape(source)}" if source else "") + ")"),
+            *run_facts(manifest), *_sql_file_rows(entry)]
     # where it stopped, the facts, then what the counts count (so many warnings never push the facts down)
     flagged = [(html.escape(c["status"]), html.escape(f"{c.get('name')}: {c.get('summary')}"))
                for c in entry.get("checks") or [] if c.get("status") in ("warning", "error")]
@@ -282,16 +364,27 @@ def export_notebook(nb_path: Path, card: str) -> Path:
     maintenance cadence one line."""
     from nbconvert import HTMLExporter
 
+    html_path = records.check_writable(nb_path.with_suffix(".html"))   # a sealed record: refused before any work
     exporter = HTMLExporter(extra_loaders=[DictLoader({"runbook_record.html.j2": TEMPLATE})],
                             template_file="runbook_record.html.j2")
     exporter.register_preprocessor(_collapse_preprocessor(), enabled=True)
     body, _ = exporter.from_filename(str(nb_path), resources={"runbook_card": card, "runbook_css": CSS})
-    html_path = nb_path.with_suffix(".html")
-    html_path.write_text(body)
+    records.write_text(html_path, body)
     return html_path
 
 
 # -- a run's index.html ----------------------------------------------------------------------
+
+def _verdict_detail(manifest: dict) -> str:
+    """Each warning and error the verdict counts, named (as the terminal and `records show` print them)."""
+    from .verdicts import item_text
+
+    items = manifest.get("verdict_detail") or []
+    if not items:
+        return ""
+    return ('<ul class="runbook-detail" id="runbook-verdict-detail">'
+            + "".join(f"<li>{html.escape(item_text(item))}</li>" for item in items) + "</ul>")
+
 
 def index_page(manifest: dict) -> str:
     """A run's front page: the verdict and its facts in the first screen, then its notebooks."""
@@ -300,32 +393,17 @@ def index_page(manifest: dict) -> str:
     errors = sum(records.check_counts(entry)[1] for entry in notebooks)
     verdict = str(manifest.get("verdict") or "unknown")
     kind = verdict if verdict != "passed" else ("warnings" if warnings else "passed")
-    verdict_text = verdict + (f" with {records.plural(warnings, 'warning')}" if verdict == "passed" and warnings else "")
-    rows = [("who", _who(manifest)),
-            ("when", f"{_when(manifest.get('started_at'))} → {_when(manifest.get('finished_at'))} "
+    verdict_text = _verdict_text(manifest)
+    rows = [("when", f"{_when(manifest.get('started_at'))} → {_when(manifest.get('finished_at'))} "
                      f"({_duration(_seconds_between(manifest.get('started_at'), manifest.get('finished_at')))})"),
-            ("target", _target(manifest)),
-            ("production", _production(manifest)),
-            ("commit", _commit(manifest))]
-    if manifest.get("rolls_back"):
-        rows.append(("rolls back", f"run {html.escape(manifest['rolls_back'])}"))
-    promotion = records.promotion_summary(manifest.get("promotion"))
-    if promotion:   # a production run's staging evidence, or the override an auditor must see
-        label, text = promotion
-        rows.append((label, f'<span id="runbook-promotion">{html.escape(text)}</span>'))
-    backup = manifest.get("backup")
-    if backup:
-        rows.append(("backup", html.escape(f"{backup.get('file')} ({backup.get('bytes')} bytes), "
-                                           f"sha256 {backup.get('sha256')}")))
-    rows += [(label, f'<span id="{element}">{html.escape(text)}</span>')
-             for label, element, text in footprint.card_rows(manifest)]   # app impact; WAL and disk
+            *run_facts(manifest)]
     if manifest.get("error"):
         rows.insert(0, ("error", html.escape(manifest["error"])))
     card = (f'<section class="runbook-card" id="runbook-card" style="--verdict:{_colour(kind)}">'
             f"<h1>Run {html.escape(manifest.get('run_id', '?'))} — runbook {html.escape(manifest.get('command', '?'))}</h1>"
-            f'<span class="runbook-verdict" id="runbook-verdict">{html.escape(verdict_text.upper())}</span>'
+            f'<span class="runbook-verdict" id="runbook-verdict">{html.escape(verdict_text)}</span>'
             f'<span class="runbook-counts">{_count_words(warnings, errors)}</span>'
-            f"{_facts_table(rows)}</section>")
+            f"{_facts_table(rows)}{_verdict_detail(manifest)}</section>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1.0">'
             f"<title>Run {html.escape(manifest.get('run_id', '?'))}: {html.escape(verdict_text)}</title>"
@@ -380,5 +458,5 @@ def _parameters(manifest: dict) -> str:
 
 def write_index(folder: Path, manifest: dict) -> Path:
     path = Path(folder) / INDEX
-    path.write_text(index_page(manifest))
+    records.write_text(path, index_page(manifest))
     return path

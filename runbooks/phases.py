@@ -30,7 +30,13 @@ class Phase:
         self.statements = engine.parse_file(self.path)
 
     def file_check(self) -> Check:
-        """The file, its sha256, and what the history says about this phase."""
+        """The file, its sha256, and what the history says about this phase (the file and its sha256 go
+        to the run's record: the phase's card names them)."""
+        check = self._file_check()
+        check.facts = {"sql_file": f"sql/{self.path.name}", "sql_sha256": self.sha256}
+        return check
+
+    def _file_check(self) -> Check:
         history = engine.read_history(self.run.conn)
         previous = engine.latest_applied(history).get(self.version)
         rows = [{"file": f"sql/{self.path.name}", "sha256": self.sha256, "statements": len(self.statements),

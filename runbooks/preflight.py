@@ -317,18 +317,35 @@ def phase_states(conn) -> list[dict]:
              "run": p.applied["run_id"] if p.applied else ""} for p in engine.phase_states(conn)]
 
 
+def changed_files(rows: list[dict]) -> list[str]:
+    """The phase files (names) that changed on disk since they were applied, from `phase_states` rows."""
+    return [r["file"] for r in rows if "CHANGED" in r["state"]]
+
+
+def changed_refusal(files: list[str]) -> str:
+    """Why a deployment over applied files that changed is refused, and how to go on (one wording:
+    the preflight's check and `runbook deploy`'s refusal)."""
+    return (f"{', '.join(files)} changed since it was applied (its sha256 on disk differs from the deployment "
+            "history's): refused before anything changes. Re-applying a changed file must be said: `runbook deploy "
+            "... -p force true` (by hand: force = True in the preflight's and the phase's parameters), recorded as "
+            "forced; or put back the file that was applied")
+
+
 @sql_check(HISTORY_SQL, "what is applied already, and do the files still match")
-def applied_phases(conn) -> Check:
+def applied_phases(conn, force: bool = False) -> Check:
+    """Pending and applied phases; an applied file that changed since is refused here, before the
+    backup and phase 1, unless `force` (then a warning: the phase re-applies it, recorded as forced)."""
     rows = phase_states(conn)
-    changed = [r["phase"] for r in rows if "CHANGED" in r["state"]]
+    changed = changed_files(rows)
     missing = [r["phase"] for r in rows if "MISSING" in r["state"]]
     pending = [r["phase"] for r in rows if r["state"].startswith("pending")]
     if missing:
         return Check("applied_phases", "error", f"phase file(s) of {', '.join(missing)} missing on disk", rows=rows)
+    if changed and not force:
+        return Check("applied_phases", "error", changed_refusal(changed), rows=rows)
     if changed:
-        return Check("applied_phases", "warning",
-                     f"phase(s) {', '.join(changed)} changed since applied: their notebooks refuse unless forced",
-                     rows=rows)
+        return Check("applied_phases", "warning", f"{', '.join(changed)} changed since applied: re-applied as "
+                     "forced (force = True), the history says so", rows=rows)
     return Check("applied_phases", "ok", f"{len(pending)} phase(s) to apply: {', '.join(pending) or 'none'}",
                  rows=rows)
 
@@ -370,7 +387,18 @@ CHECKLIST = (
 
 def signoff_check(*, production: bool, approver=None, change_ticket=None, maintenance_window=None,
                   stakeholders_notified=False, rollback_plan_confirmed=False, now: datetime | None = None) -> Check:
-    """The guide's checklist, signed off: required (and the window enforced) for production."""
+    """The guide's checklist, signed off: required (and the window enforced) for production. The
+    approver and the change ticket go to the run's record (its header card), as given or none."""
+    check = _signoff_check(production=production, approver=approver, change_ticket=change_ticket,
+                           maintenance_window=maintenance_window, stakeholders_notified=stakeholders_notified,
+                           rollback_plan_confirmed=rollback_plan_confirmed, now=now)
+    check.facts = {"signoff": {"approver": approver, "change_ticket": change_ticket,
+                               "maintenance_window": maintenance_window}}
+    return check
+
+
+def _signoff_check(*, production: bool, approver, change_ticket, maintenance_window, stakeholders_notified,
+                   rollback_plan_confirmed, now: datetime | None) -> Check:
     params = {"approver": approver, "change_ticket": change_ticket, "maintenance_window": maintenance_window,
               "stakeholders_notified": stakeholders_notified, "rollback_plan_confirmed": rollback_plan_confirmed}
     now = now or datetime.now(timezone.utc)

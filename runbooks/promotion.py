@@ -260,7 +260,7 @@ def check(target: connection.Target, record_dir: Path, *, override: str | None =
 
 
 def write(record_dir: Path, decision: Decision) -> None:
-    (Path(record_dir) / PROMOTION_FILE).write_text(json.dumps(decision.as_dict(), indent=2) + "\n")
+    records.write_text(Path(record_dir) / PROMOTION_FILE, json.dumps(decision.as_dict(), indent=2) + "\n")
 
 
 def read(record_dir: Path) -> dict | None:

@@ -11,6 +11,8 @@ to the folder is detected.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import getpass
 import hashlib
 import html
@@ -40,6 +42,10 @@ DEFAULT_RECORDS_DIR = Path("records")
 
 class RecordError(Exception):
     """A record is missing, malformed, or does not match its manifest."""
+
+
+class SealedRecord(RecordError):
+    """A write into a sealed record: once its manifest is written, nothing changes a record."""
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -72,29 +78,163 @@ def sql_checksums() -> dict[str, str]:
 
 
 def project_facts() -> dict:
-    """Project version and the git commit the run used (dirty when files differ from it)."""
+    """Project version and the git commit the run used: dirty when files differ from it, except the
+    runbook notebooks executed in place (by hand, JupyterLab saves their outputs over them), which
+    are listed apart while their cells' sources are the commit's."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         project_version = version("truthsource-runbooks")
     except PackageNotFoundError:
         project_version = "unknown"
-    facts = {"version": project_version, "git_commit": None, "git_dirty": None}
+    return {"version": project_version, **git_facts(PROJECT_ROOT)}
+
+
+def git_facts(root: Path) -> dict:
+    """The commit checked out at `root`, whether files differ from it, and which notebooks differ only
+    by having been executed in place."""
+    facts = {"git_commit": None, "git_dirty": None, "git_executed_notebooks": []}
     try:
-        git = ["git", "-C", str(PROJECT_ROOT)]
+        git = ["git", "-C", str(root)]
         facts["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
                                              check=True).stdout.strip()
         status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True).stdout
-        facts["git_dirty"] = bool(status.strip())
+        changed = [line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip()]
+        executed = [name for name in changed if _only_executed(git, Path(root), name)]
+        facts["git_dirty"] = bool(set(changed) - set(executed))
+        facts["git_executed_notebooks"] = executed
     except (OSError, subprocess.CalledProcessError):
         pass  # not a clone: the version alone identifies the code
     return facts
 
 
+def _only_executed(git: list[str], root: Path, name: str) -> bool:
+    """A notebook that differs from the commit only by what running it adds (outputs, execution
+    counts, metadata, the values in its parameters cell): its cells' sources are the commit's."""
+    import nbformat
+
+    if not name.endswith(".ipynb"):
+        return False
+    try:
+        committed = subprocess.run(git + ["show", f"HEAD:{name}"], capture_output=True, text=True, check=True).stdout
+        return _sources(nbformat.reads(committed, as_version=4)) == _sources(nbformat.read(root / name, as_version=4))
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return False
+
+
+def _sources(nb) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source) for cell in nb.cells
+            if not {"parameters", "injected-parameters"} & set(cell.get("metadata", {}).get("tags", []))]
+
+
+def commit_text(project: dict) -> str:
+    """The commit a run used, as the record says it: clean, executed in place, or with changes."""
+    commit = project.get("git_commit")
+    text = f"{commit[:12]}" if commit else "no git commit"
+    executed = [Path(name).stem for name in project.get("git_executed_notebooks") or []]
+    if project.get("git_dirty"):
+        text += " (with uncommitted changes)"
+    elif commit:
+        text += " (clean" + (f"; executed in place: {', '.join(executed)}" if executed else "") + ")"
+    return f"{text}; truthsource-runbooks {project.get('version', '?')}"
+
+
 def operator_facts(operator: str | None = None) -> dict:
     os_user = getpass.getuser()
     return {"operator": operator or os_user, "os_user": os_user, "host": socket.gethostname()}
+
+
+# -- writing into a record -------------------------------------------------------------------
+# Every file a run keeps is written through these few functions (one guard: `check_writable`), so
+# a sealed record refuses every writer alike, and a file that holds the database's data is
+# readable by its owner alone from its first byte.
+
+# Files that hold the database's rows or what identifies them (dumps, the rows a rollback discarded,
+# keys and row hashes): mode 0600. The others (notebooks, pages, the manifest) are the auditor's.
+DATA_FILES = ("*.dump", "*.dump.partial", "later_writes.sql", "later_writes.json", "post-deployment-rows.json.gz")
+
+
+def holds_data(path) -> bool:
+    """Whether a record's file holds the database's data (and is written readable by its owner only)."""
+    return any(fnmatch.fnmatchcase(Path(path).name, pattern) for pattern in DATA_FILES)
+
+
+def sealed_folder(path) -> Path | None:
+    """The sealed record that `path` is, or lies in (files lie at most one folder deep: backup/,
+    notebooks/, maintenance/); None when it is in none."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
+
+
+def check_writable(path) -> Path:
+    """The guard every writer passes: a path in a sealed record is refused (SealedRecord)."""
+    sealed = sealed_folder(path)
+    if sealed is not None:
+        raise SealedRecord(f"record {sealed} is sealed (its {MANIFEST}, seal {sha256_of(sealed / MANIFEST)[:12]}…, "
+                           f"vouches for every file in it): nothing writes into a sealed record "
+                           f"({Path(path).relative_to(sealed) if Path(path) != sealed else 'the folder'} refused)")
+    return Path(path)
+
+
+def _mode(path) -> int:
+    return 0o600 if holds_data(path) else 0o666   # less the umask
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Write a record's file whole (a temporary file renamed over it), with its mode from the start."""
+    path = check_writable(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _mode(path)), "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def open_for_writing(path, mode: str = "wb"):
+    """A record's file opened to write ("w", "wb") or append ("a", "ab") as a stream (a kernel's log,
+    a gzipped state), with its mode from the first byte."""
+    path = check_writable(path)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    descriptor = os.open(path, flags, _mode(path))
+    if holds_data(path):
+        os.fchmod(descriptor, 0o600)   # a file that existed keeps its mode otherwise
+    with os.fdopen(descriptor, mode) as stream:
+        yield stream
+
+
+def create_empty(path) -> Path:
+    """A new, empty file (never one that exists), with its mode: for a tool that writes into it (pg_dump)."""
+    path = check_writable(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _mode(path)))
+    return path
+
+
+def make_folder(path) -> Path:
+    path = check_writable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def rename(source, destination) -> Path:
+    check_writable(source)
+    os.replace(source, check_writable(destination))
+    return Path(destination)
+
+
+def remove(path) -> None:
+    """Remove a record's file (nothing when it is gone already)."""
+    if Path(path).exists():
+        check_writable(path).unlink()
 
 
 # -- secrets ---------------------------------------------------------------------------------
@@ -132,11 +272,11 @@ def secret_forms(secrets: list[str]) -> list[bytes]:
     return sorted(forms, key=len, reverse=True)
 
 
-def find_secrets(folder: Path, secrets: list[str]) -> list[str]:
-    """Files under `folder` that contain any of `secrets` (names only, never the secret)."""
+def find_secrets(folder: Path, secrets: list[str], names: list[str] | None = None) -> list[str]:
+    """Files under `folder` (or those `names` in it) that contain any of `secrets` (names only, never the secret)."""
     hits = []
     needles = secret_forms(secrets)
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(folder.rglob("*")) if names is None else [folder / name for name in names]:
         if path.is_file():
             data = path.read_bytes()
             if any(n in data for n in needles):
@@ -144,15 +284,17 @@ def find_secrets(folder: Path, secrets: list[str]) -> list[str]:
     return hits
 
 
-def redact_files(folder: Path, secrets: list[str]) -> list[str]:
-    """Replace every secret in every file under `folder`; the names of the files that held one."""
-    leaked = find_secrets(folder, secrets)
+def redact_files(folder: Path, secrets: list[str], names: list[str] | None = None) -> list[str]:
+    """Replace every secret in every file under `folder` (or those `names` in it); the names of the
+    files that held one."""
+    check_writable(folder)
+    leaked = find_secrets(folder, secrets, names)
     for name in leaked:
         path = folder / name
         data = path.read_bytes()
         for form in secret_forms(secrets):
             data = data.replace(form, REDACTED.encode())
-        path.write_bytes(data)
+        write_bytes(path, data)
     return leaked
 
 
@@ -194,8 +336,13 @@ class Record:
     @classmethod
     def create(cls, root: Path, run_id: str) -> "Record":
         record = cls(Path(root), check_run_id(run_id))
-        (record.path / NOTEBOOKS_DIR).mkdir(parents=True, exist_ok=False)
+        record.path.mkdir(parents=True, exist_ok=False)   # a new run's folder: never one that exists
+        make_folder(record.path / NOTEBOOKS_DIR)
         return record
+
+    @property
+    def sealed(self) -> bool:
+        return self.manifest_path.is_file()
 
     @classmethod
     def open(cls, root: Path, run_id: str) -> "Record":
@@ -220,11 +367,10 @@ class Record:
         in the folder, the index included, into the manifest."""
         from .pages import write_index   # pages renders records' facts: imported late, no cycle
 
+        check_writable(self.manifest_path)   # sealed once: a record is never sealed again
         write_index(self.path, manifest)
         manifest = dict(manifest, format=FORMAT, files=self.file_hashes())
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-        tmp.replace(self.manifest_path)
+        write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
 
     def file_hashes(self) -> dict[str, str]:
         return {str(p.relative_to(self.path)): sha256_of(p)
@@ -271,7 +417,8 @@ def list_records(root: Path) -> list[dict]:
                 m = {"verdict": "unreadable manifest"}
             rows.append({"run_id": folder.name, "command": m.get("command"),
                          "target": (m.get("target") or {}).get("name"),
-                         "started_at": m.get("started_at"), "verdict": m.get("verdict")})
+                         "started_at": m.get("started_at"), "verdict": m.get("verdict"),
+                         "verdict_text": m.get("verdict_text") or str(m.get("verdict")).upper()})
     return rows
 
 
@@ -344,21 +491,27 @@ def describe(record: Record) -> str:
     server = m.get("server") or {}
     who = m.get("operator") or {}
     project = m.get("project") or {}
+    from .verdicts import lines as verdict_lines, text_of   # verdicts reads records: imported late, no cycle
+
     lines = [
-        f"run {m.get('run_id')}: {m.get('command')} — verdict {str(m.get('verdict')).upper()}",
+        f"run {m.get('run_id')}: {m.get('command')} — verdict {m.get('verdict_text') or text_of(str(m.get('verdict')), 0)}",
         f"  who:     {who.get('operator')} (os user {who.get('os_user')} on {who.get('host')})",
         f"  when:    {m.get('started_at')} → {m.get('finished_at')}",
         f"  target:  {target.get('kind')} {target.get('name')}"
         + (" (production)" if target.get("production") else "")
         + (f", database {server.get('database')} on {server.get('server_address')}:{server.get('server_port')}"
            f" as {server.get('current_user')}, PostgreSQL {server.get('server_version')}" if server else ""),
-        f"  project: {project.get('version')} at {project.get('git_commit') or 'no git commit'}"
-        + (" (with uncommitted changes)" if project.get("git_dirty") else ""),
+        f"  project: {commit_text(project)}",
     ]
     if (record.path / INDEX_FILE).is_file():
         lines.append(f"  page:    {(record.path / 'index.html').resolve()} (open it in a browser, offline)")
+    signoff = m.get("signoff") or {}
+    lines.append(f"  approver: {signoff.get('approver') or 'none'}; change ticket: {signoff.get('change_ticket') or 'none'}")
     if m.get("rolls_back"):
         lines.append(f"  rolls back: run {m['rolls_back']}")
+    restored = m.get("restored_backup")
+    if restored:
+        lines.append(f"  backup restored: run {restored.get('run_id')}: {restored.get('file')} sha256 {restored.get('sha256')}")
     lines += _promotion_lines(m.get("promotion"))
     if m.get("error"):
         lines.append(f"  error:   {m['error']}")
@@ -366,7 +519,8 @@ def describe(record: Record) -> str:
     lines += [f"    {name}  sha256 {digest}" for name, digest in (m.get("sql_files") or {}).items()]
     backup = m.get("backup")
     if backup:
-        lines.append(f"  backup:  {backup.get('file')} ({backup.get('bytes')} bytes) sha256 {backup.get('sha256')}")
+        label = "safety dump" if m.get("rolls_back") or restored else "backup"
+        lines.append(f"  {label}:  {backup.get('file')} ({backup.get('bytes')} bytes) sha256 {backup.get('sha256')}")
     if m.get("parameters"):
         lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
     lines.append("  notebooks:")
@@ -374,4 +528,5 @@ def describe(record: Record) -> str:
         extra = f"  cell {nb.get('failed_cell')}: {nb.get('error')}" if nb.get("status") == "failed" else ""
         seconds = f"{nb['seconds']:.1f}s" if nb.get("seconds") is not None else ""
         lines.append(f"    {nb.get('name'):<16} {outcome_text(nb):<26} {seconds:>7}  {nb.get('file') or ''}{extra}")
+    lines += verdict_lines(m, record.path)
     return "\n".join(lines)

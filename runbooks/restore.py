@@ -53,11 +53,14 @@ e.g. ``private``) is **dropped**; one only in the backup is **created** from it.
    feeder killed with the runner and its kernel) would commit half a restore; this one's COMMIT is
    its last line, and a script that never reaches it is rolled back by the server:
 
-   - the default privileges of the connecting role (global, and in the kept schemas; and of any
-     role reset above) go back to the built-in ones. An object gets the default privileges of
-     the role that creates it, and the connecting role creates every object here, so each one
-     starts with exactly the privileges pg_dump's GRANTs are relative to; the archive's DEFAULT
-     ACL entries of these roles come last and put theirs back. No other role's are touched;
+   - the default privileges of the connecting role (global, and in the kept schemas; of the owners
+     of the extensions it re-creates as their owner; and of any role reset above) go back to the
+     built-in ones. An object gets the default privileges of the role that creates it, and these
+     roles create every object here, so each one starts with exactly the privileges pg_dump's
+     GRANTs are relative to (an extension's owner with default privileges in its schema, as
+     Supabase's ``postgres`` has in ``public``, would otherwise grant its functions to the API
+     roles); the archive's DEFAULT ACL entries of these roles come last and put theirs back. No
+     other role's are touched;
    - ``DROP SCHEMA ... CASCADE`` of the dropped schemas; the kept ones are emptied: their
      extensions (``DROP EXTENSION ... CASCADE``), then every object in them that is not part of
      another one or of an extension (relations first, then sequences, types and domains,
@@ -996,9 +999,12 @@ def _replaced_schemas(ctx: _PlanContext, changed: list[EntryKey],
 
 
 def _reset_roles(ctx: _PlanContext, changed: list[EntryKey]) -> set[str]:
-    """The roles whose default privileges are reset and restored: the connecting one, and those whose
-    kept default privileges changed, when it acts for them (a blocker otherwise)."""
-    roles = {ctx.user}
+    """The roles whose default privileges are reset and restored: the connecting one, the owners of the
+    extensions re-created as their owner (their members must get the privileges the archive gives them,
+    not what the owner's default privileges would add: Supabase's postgres grants all on functions in
+    public to the API roles), and those whose kept default privileges changed, when it acts for them
+    (a blocker otherwise)."""
+    roles = {ctx.user} | {ctx.extension_owners[x][0] for x in ctx.extensions if x in ctx.extension_owners}
     for key in changed:
         if key.type != "DEFAULT ACL" or (key.namespace is not None and key.namespace not in ctx.schemas.kept):
             continue

@@ -177,7 +177,17 @@ class Rollback:
 
     # -- 1. find the backup ----------------------------------------------------------------------
     def locate(self) -> Check:
-        """The run's record: its backup.json, its snapshot.json and (when sealed) its manifest agree."""
+        """The run's record: its backup.json, its snapshot.json and (when sealed) its manifest agree. The
+        backup it restores goes to this rollback's record (its header card names it beside the safety dump)."""
+        check = self._locate()
+        if self.info is not None:
+            check.facts = {"restored_backup": {
+                "run_id": self.rollback_run_id, "file": f"{records.BACKUP_DIR}/{self.info.file_name}",
+                "sha256": self.info.sha256, "bytes": self.info.size_bytes, "taken_at": self.info.taken_at,
+                "record": str(self.folder.resolve())}}
+        return check
+
+    def _locate(self) -> Check:
         title = f"the backup of run {self.rollback_run_id}"
         rows = [{"fact": "record folder", "value": str(self.folder)}]
         if not self.folder.is_dir():
@@ -292,17 +302,20 @@ class Rollback:
             return Check("later_writes", "ok", f"none: every app table is as the verification recorded it at "
                          f"{writes.since}", title=title)
         record = Path(self.run.record_dir)
-        (record / later_writes.SQL_FILE).write_text(later_writes.later_writes_sql(self.run.conn, writes,
-                                                                                  self.rollback_run_id))
-        (record / later_writes.SUMMARY_FILE).write_text(json.dumps(writes.as_dict(), indent=1) + "\n")
+        # app rows as upserts: a data file (records.DATA_FILES), readable by its owner only
+        records.write_text(record / later_writes.SQL_FILE,
+                           later_writes.later_writes_sql(self.run.conn, writes, self.rollback_run_id))
+        records.write_text(record / later_writes.SUMMARY_FILE, json.dumps(writes.as_dict(), indent=1) + "\n")
         if not discard:
             return Check("later_writes", "error", LATER_WRITES_REFUSED.format(
                 what=_what_would_be_lost(writes), run=self.rollback_run_id, since=writes.since,
                 tables=writes.describe()), title=title, rows=rows, columns=columns)
-        return Check("later_writes", "warning", f"discarding {_what_would_be_lost(writes)} since the deployment "
-                     f"(discard_later_writes): {writes.describe()}. Kept in this run's record as "
-                     f"{later_writes.SQL_FILE}: re-apply with psql -X -v ON_ERROR_STOP=1 -f {later_writes.SQL_FILE}",
-                     title=title, rows=rows, columns=columns)
+        kept = (record / later_writes.SQL_FILE).resolve()
+        check = Check("later_writes", "warning", f"discarding {_what_would_be_lost(writes)} since the deployment "
+                      f"(discard_later_writes): {writes.describe()}. Kept in this run's record as {kept}: re-apply "
+                      f"with psql -X -v ON_ERROR_STOP=1 -f {kept}", title=title, rows=rows, columns=columns)
+        check.facts = {"discarded": {"rows": writes.total, "tables": writes.describe(), "file": later_writes.SQL_FILE}}
+        return check
 
     def show_verify_command(self) -> None:
         path = self.backup_path if self.info else "<backup>"

@@ -25,8 +25,9 @@ import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import connection, engine, footprint, identity, kernel_guard, pages, promotion, records, watch
-from .notebook import VERDICT_MIME
+from . import (by_hand, connection, engine, footprint, identity, kernel_guard, pages, promotion, records, verdicts,
+               watch, witness)
+from .notebook import VERDICT_METADATA, VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
 # The runbook notebooks, in the order a deployment runs them.
@@ -41,6 +42,8 @@ NOTEBOOKS = {
     "troubleshooting": "07_troubleshooting.ipynb",
 }
 DEPLOY_PLAN = ("preflight", "phase1", "phase2", "phase3", "verification")
+# Commands that change the database: a by-hand run of the target is superseded (its pointer removed).
+SUPERSEDES_BY_HAND = ("deploy", "rollback")
 LOCK_WAIT_ENV = "RUNBOOK_LOCK_WAIT"  # seconds a run waits for another run on the same database
 
 
@@ -63,7 +66,7 @@ class IPCKernelManager(AsyncKernelManager):
         if self.kernel_log is None:
             return await super()._async_launch_kernel(kernel_cmd, **kw)
         # The kernel's chatter (shutdown noise, warnings) belongs in the record, not on the terminal.
-        with open(self.kernel_log, "ab") as log:
+        with records.open_for_writing(self.kernel_log, "ab") as log:
             return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
 
 
@@ -162,11 +165,13 @@ def environment(values: dict[str, str]):
 
 
 def _verdict_of(nb) -> dict | None:
+    """The notebook's verdict as its last cell displayed it, with what its output's metadata keeps
+    (the checks' facts, the kernel's own timing) merged in."""
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if VERDICT_MIME in data:
-                return data[VERDICT_MIME]
+                return {**data[VERDICT_MIME], **output.get("metadata", {}).get(VERDICT_METADATA, {})}
     return None
 
 
@@ -183,6 +188,48 @@ def _export_html(nb_path: Path, manifest: dict, entry: dict, step: str) -> Path:
     """The HTML beside the notebook, opening with its header card, fetching nothing (pages.py).
     The card is added at export, not as a cell: the executed notebook stays what ran."""
     return pages.export_notebook(nb_path, pages.notebook_card(manifest, entry, step))
+
+
+def seconds_of(nb, fallback: float | None) -> tuple[float | None, str]:
+    """A notebook's real duration and where it comes from: papermill's metadata (it executed it), else
+    the cells' own timing as JupyterLab records it, else the kernel's own timing kept in its verdict,
+    else `fallback` (the journal's times, from the setup cell to the verdict)."""
+    papermill_seconds = (nb.metadata.get("papermill") or {}).get("duration")
+    if papermill_seconds is not None:
+        return round(float(papermill_seconds), 2), "papermill"
+    cells = [_cell_seconds(cell) for cell in nb.cells if cell.get("cell_type") == "code"]
+    if any(seconds is not None for seconds in cells):
+        return round(sum(seconds or 0.0 for seconds in cells), 2), "cell timing"
+    verdict = _verdict_of(nb) or {}
+    if verdict.get("kernel_seconds") is not None:
+        return round(float(verdict["kernel_seconds"]), 2), "kernel"
+    return fallback, "journal"
+
+
+def _cell_seconds(cell) -> float | None:
+    """A cell's run time as JupyterLab records it (Settings › Notebook › Record cell timing)."""
+    from datetime import datetime
+
+    timing = cell.get("metadata", {}).get("execution") or {}
+    try:
+        return (datetime.fromisoformat(timing["shell.execute_reply"].replace("Z", "+00:00"))
+                - datetime.fromisoformat(timing["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def note_results(nb, entry: dict) -> None:
+    """What an executed notebook says about itself, into its manifest entry: its verdict's checks and
+    facts (a failed verdict fails it), whether its phase was skipped."""
+    verdict = _verdict_of(nb)
+    if verdict is not None:
+        entry["checks"] = verdict.get("checks", [])
+        if verdict.get("facts"):
+            entry["facts"] = verdict["facts"]
+        if verdict.get("status") == "failed":
+            entry["status"] = "failed"
+    if _skipped_phase(nb):
+        entry["skipped"] = True
 
 
 def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connection.Target, *,
@@ -214,6 +261,7 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
         with engine.run_lock(target, run_id, float(os.environ.get(LOCK_WAIT_ENV, "30"))) as lock_conn:
             connected = True
             manifest["server"] = connection.server_facts(lock_conn)
+            _settle_earlier_runs(command, target, lock_conn, [records_root, by_hand.records_root()], run_id, progress)
             if "preflight" in steps:
                 _report_unfinished(lock_conn, run_id, progress)
             failed = False
@@ -232,9 +280,15 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
         outcome.error = manifest["error"] = refusal or f"{type(exc).__name__}: {exc}"
         progress(f"  {'refused' if outcome.verdict == 'refused' else 'failed'}: {manifest['error']}")
     _seal(record, manifest, outcome)
-    progress(f"record: {record.path}\nseal: sha256 of manifest.json {record.seal()} (note it in the change ticket)"
-             f"\nverdict: {outcome.verdict.upper()}")
+    say_sealed(record, progress)
     return outcome
+
+
+def say_sealed(record: records.Record, progress=print) -> None:
+    """What every run ends by printing: the record, its seal, and its verdict with what it counts."""
+    progress(f"record: {record.path}\nseal: sha256 of manifest.json {record.seal()} (note it in the change ticket)")
+    for line in verdicts.lines(record.manifest(), record.path):
+        progress(line)
 
 
 def _refusal(exc: Exception, target: connection.Target, connected: bool) -> str | None:
@@ -260,7 +314,7 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
     source = notebook_path(step)
     declared = notebook_parameters(step)
     values = {k: v for k, v in {**common, **parameters}.items() if k in declared}
-    output = record.path / records.NOTEBOOKS_DIR / f"{number:02d}-{source.stem}.ipynb"
+    output = records.check_writable(record.path / records.NOTEBOOKS_DIR / f"{number:02d}-{source.stem}.ipynb")
     entry.update(file=str(output.relative_to(record.path)), parameters=sorted(values))
     started = time.monotonic()
     entry["started_at"] = records.utc_now()
@@ -274,28 +328,33 @@ def _run_notebook(step, number, total, record, common, parameters, manifest, ent
         entry.update(status="failed", failed_cell=exc.exec_count, error=f"{exc.ename}: {exc.evalue}".strip())
     except Exception as exc:  # the kernel died, the notebook could not be read...
         entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-    entry["seconds"] = round(time.monotonic() - started, 2)
+    entry["seconds"] = entry["wall_seconds"] = round(time.monotonic() - started, 2)
     entry["finished_at"] = records.utc_now()
     if output.exists():
         nb = nbformat.read(output, as_version=4)
-        verdict = _verdict_of(nb)
-        if verdict is not None:
-            entry["checks"] = verdict.get("checks", [])
-            if verdict.get("status") == "failed":
-                entry["status"] = "failed"
-        if _skipped_phase(nb):
-            entry["skipped"] = True
+        note_results(nb, entry)
+        entry["seconds"], entry["seconds_from"] = seconds_of(nb, entry["wall_seconds"])
         nb.metadata["truthsource"] = {
             "run_id": manifest["run_id"], "command": manifest["command"], "step": step,
             "operator": manifest["operator"], "target": manifest["target"],
             "status": entry["status"], "seconds": entry["seconds"], "sql_files": manifest["sql_files"],
             "project": manifest["project"],
         }
-        nbformat.write(nb, output)
-        entry["html"] = str(_export_html(output, manifest, entry, step).relative_to(record.path))
+        records.write_text(output, nbformat.writes(nb))   # its HTML is written when the record is sealed
     progress(f"[{number}/{total}] {source.stem}: {records.outcome_text(entry)} ({entry['seconds']:.1f}s)"
              + (f"\n      cell {entry.get('failed_cell')}: {entry.get('error')}" if entry["status"] == "failed" else ""))
     return entry["status"] == "passed"
+
+
+def _settle_earlier_runs(command: str, target: connection.Target, conn, roots: list[Path], run_id: str,
+                         progress) -> None:
+    """Before this run: witnesses left open of runs whose records are sealed are finished, and a by-hand
+    run of this target is superseded by a command that changes the database (its pointer removed)."""
+    for line in witness.reconcile(conn, roots, run_id):
+        progress(f"  {line}")
+    if command in SUPERSEDES_BY_HAND:
+        for path in by_hand.clear_pointers(target.kind, target.name, roots):
+            progress(f"  {path.name} removed: runbook {command} supersedes the by-hand run it named")
 
 
 def _report_unfinished(conn, run_id: str, progress) -> None:
@@ -320,6 +379,8 @@ def _kernel_manager_for(record: records.Record) -> type:
 
 
 def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
+    """Seal the record: secrets redacted, the verdict decided once, each notebook's page written with
+    it, every file hashed into the manifest. Nothing writes into the folder afterwards."""
     # A secret that reached any file, or the manifest itself (a password typed as a parameter), is
     # redacted and fails the run: a record never keeps one. Files first, so their hashes are of what stays.
     secrets = records.known_secrets()
@@ -332,10 +393,6 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
                               "format": info["format"], "toc_entries": info["toc_entries"],
                               "pg_dump": (info.get("pg_dump") or {}).get("version"),
                               "server_version": info["server_version"]}
-    for entry in manifest["notebooks"]:
-        for key, digest in (("file", "sha256"), ("html", "html_sha256")):
-            if entry.get(key):
-                entry[digest] = records.sha256_of(record.path / entry[key])
     manifest["finished_at"] = records.utc_now()
     decided = promotion.read(record.path)   # the preflight's promotion decision and its evidence
     if decided is not None:
@@ -343,6 +400,7 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
     measured = footprint.gather(record.path)   # per phase: what the app felt, the WAL and disk used
     if measured is not None:
         manifest["footprint"] = measured
+    _facts_into_manifest(manifest)
     redacted = records.redact_data(manifest, secrets)
     if redacted != manifest:
         manifest = redacted
@@ -350,9 +408,35 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
     if leaked:
         outcome.verdict = "failed"
         manifest["error"] = f"a secret appeared in {', '.join(leaked)}; redacted there"
-    manifest["verdict"] = outcome.verdict
+    manifest.update(verdicts.decide(manifest, outcome.verdict))
+    _export_pages(record, manifest, secrets)
     outcome.notebooks = manifest["notebooks"]
     record.write_manifest(manifest)
+
+
+def _facts_into_manifest(manifest: dict) -> None:
+    """The facts the notebooks' checks gave their verdicts, where the record's header card reads them:
+    the preflight's sign-off (else the parameters given), the backup a rollback restored."""
+    facts = {k: v for entry in manifest["notebooks"] for k, v in (entry.get("facts") or {}).items()}
+    parameters = manifest.get("parameters") or {}
+    manifest["signoff"] = facts.get("signoff") or {k: parameters.get(k) for k in ("approver", "change_ticket")}
+    if facts.get("restored_backup"):
+        manifest["restored_backup"] = facts["restored_backup"]
+
+
+def _export_pages(record: records.Record, manifest: dict, secrets: list[str]) -> None:
+    """Each kept notebook's HTML, its card showing the run's verdict, then the sha256 of both; a
+    secret on a page is redacted there too (the pages are written after the files were scanned)."""
+    for entry in manifest["notebooks"]:
+        if entry.get("file") and (record.path / entry["file"]).is_file():
+            step = entry.get("step") or entry["name"]
+            entry["html"] = str(_export_html(record.path / entry["file"], manifest, entry, step).relative_to(record.path))
+    pages_written = [entry["html"] for entry in manifest["notebooks"] if entry.get("html")]
+    records.redact_files(record.path, secrets, names=pages_written)
+    for entry in manifest["notebooks"]:
+        for key, digest in (("file", "sha256"), ("html", "html_sha256")):
+            if entry.get(key):
+                entry[digest] = records.sha256_of(record.path / entry[key])
 
 
 def _relative(path: Path) -> str:

@@ -53,6 +53,7 @@ from pathlib import Path
 import psycopg2.extensions
 from psycopg2 import sql
 
+from . import records
 from .contract import HISTORY_SCHEMA, PLATFORM_SCHEMAS, is_app_schema  # noqa: F401 (is_app_schema: read here by others)
 
 SNAPSHOT_FORMAT = 2
@@ -100,6 +101,7 @@ def _consistent_read(conn, lock_timeout: str, snapshot_id: str | None = None):
         raise SnapshotError("take_snapshot needs a connection that is not inside a transaction "
                             "(commit or roll back first)")
     cur = conn.cursor()
+    read = False
     try:
         if conn.autocommit:
             cur.execute("begin isolation level repeatable read, read only")
@@ -116,12 +118,15 @@ def _consistent_read(conn, lock_timeout: str, snapshot_id: str | None = None):
                               set_config('lock_timeout', %s, true), set_config('jit', 'off', true)""",
                     (lock_timeout,))
         yield cur
+        read = True
     finally:
+        # A read-only transaction that read what it wanted ends with COMMIT (it changed nothing): ended by
+        # ROLLBACK it would count as a failed one in pg_stat_database, which maintenance judges.
         if not conn.closed:
             if conn.autocommit:
-                cur.execute("rollback")   # psycopg2 does not know of the transaction we began
+                cur.execute("commit" if read else "rollback")   # psycopg2 does not know of the transaction we began
             else:
-                conn.rollback()
+                conn.commit() if read else conn.rollback()
         cur.close()
 
 
@@ -389,8 +394,8 @@ def take_snapshot(conn, *, checksum_row_limit: int | None = None, lock_timeout: 
 
 def save_snapshot(snap: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
+    records.make_folder(path.parent)
+    records.write_text(path, json.dumps(snap, indent=1, sort_keys=True) + "\n")
     return path
 
 

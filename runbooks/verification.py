@@ -106,8 +106,12 @@ insert into public.security_events (organization_id, user_id, event_type, severi
   ('{ORG_A}', '{USERS['admin']}', 'runbook.verification', 'low', '{BENIGN_IP}'),
   ('{ORG_B}', '{USERS['other_admin']}', 'runbook.verification', 'low', '{BENIGN_IP}');"""
 
+UNDONE = "runbook_verification"   # the savepoint every verification transaction's work is rolled back to
 SEED_REF = ("begin isolation level read committed, read write;\n"
+            f"savepoint {UNDONE};\n"
             "-- the synthetic users, organizations and rows: verification.SEED_SQL, shown in full above")
+# how each verification transaction ends: its work undone, the empty transaction committed
+UNDO_REF = f"-- then: rollback to savepoint {UNDONE}; commit;  (nothing stays: the transaction commits empty)"
 
 THREAT_SQL = f"""insert into public.threat_intelligence (ip_address, threat_type, severity, source, updated_at)
 values ('{THREAT_IP}/32', 'runbook-verification', 'critical', 'runbook verification (synthetic)', '{STAMP}')"""
@@ -115,7 +119,11 @@ values ('{THREAT_IP}/32', 'runbook-verification', 'critical', 'runbook verificat
 
 @contextmanager
 def rolled_back(conn, *, lock_timeout: str = "2s", statement_timeout: str = "60s"):
-    """A read-write transaction on `conn` (read-only by default in notebooks) that is ALWAYS rolled back.
+    """A read-write transaction on `conn` (read-only by default in notebooks) whose work is ALWAYS undone:
+    rolled back to a savepoint taken before it, and only then is the transaction, empty by now, ended
+    with COMMIT (when that rollback did not happen, with ROLLBACK). Nothing it did stays, and the
+    runbooks' own checks never count as rolled-back transactions in pg_stat_database, whose share of
+    rollbacks maintenance judges as the app's errors.
 
     Short lock and statement timeouts: verification never queues behind the application.
     """
@@ -129,14 +137,27 @@ def rolled_back(conn, *, lock_timeout: str = "2s", statement_timeout: str = "60s
             cur.execute("set transaction isolation level read committed, read write")
         cur.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
                     (lock_timeout, statement_timeout))
+        cur.execute(f"savepoint {UNDONE}")
         yield cur
     finally:
         if not conn.closed:
-            if conn.autocommit:
-                cur.execute("rollback")
-            else:
-                conn.rollback()
+            _end_undone(conn, cur)
         cur.close()
+
+
+def _end_undone(conn, cur) -> None:
+    """Roll the work back to the savepoint, then commit the empty transaction; if the savepoint cannot
+    be rolled back to (it was never taken, the transaction is gone), roll back the whole of it."""
+    try:
+        cur.execute(f"rollback to savepoint {UNDONE}")
+        undone = True
+    except psycopg2.Error:
+        undone = False
+    end = "commit" if undone else "rollback"
+    if conn.autocommit:
+        cur.execute(end)
+    else:
+        conn.commit() if undone else conn.rollback()
 
 
 @contextmanager
@@ -259,7 +280,7 @@ UPDATED_AT_SQL = (UPDATED_AT_TABLES_SQL + ";\n\n" + SEED_REF + "\n" + THREAT_SQL
                   + "-- an outline: any other table with updated_at, its name in place of <table>, one existing row\n"
                   + touch_updated_at_sql("<table>") + ";\n"
                   "-- and the guide's call, which must fail:\nselect public.update_updated_at_column();\n"
-                  "-- then: rollback")
+                  + UNDO_REF)
 
 
 @verification_check(UPDATED_AT_SQL, "the updated-at trigger moves updated_at (a real update, rolled back)",
@@ -345,7 +366,7 @@ def helper_call_sql(function: str, args: tuple) -> str:
 
 HELPERS_SQL = (SEED_REF + "\n\n-- each call in a savepoint, with untyped literals, as the guide calls them:\n"
                + "".join(helper_call_sql(function, args) + ";\n" for function, args, *_ in HELPER_CASES)
-               + "-- then: rollback")
+               + UNDO_REF)
 
 
 @verification_check(HELPERS_SQL, "get_user_organization_id, is_org_member, is_org_admin on synthetic users",
@@ -430,7 +451,7 @@ SUSPICIOUS_SQL = (SEED_REF + "\n\n-- benign: a fresh address and user, no histor
                   f"'{THREAT_IP}', '{{}}') from generate_series(1, {FAILED_LOGINS});\n"
                   f"select * from public.detect_suspicious_activity('{ORG_A}', '{THREAT_IP}', '{USERS['member']}');\n"
                   "select count(*) from public.security_events where event_type = 'suspicious_activity' "
-                  f"and user_id = '{USERS['member']}';\n-- then: rollback")
+                  f"and user_id = '{USERS['member']}';\n" + UNDO_REF)
 
 
 @verification_check(SUSPICIOUS_SQL, "detect_suspicious_activity(org, ip, user) on synthetic activity",
@@ -506,7 +527,7 @@ RLS_CASES = (
 )
 RLS_SQL = (SEED_REF + "\n\n-- each case in a savepoint, as PostgREST runs a request:\n"
            + "".join(case_sql(who, what, sql) for who, what, sql, _ in RLS_CASES)
-           + "-- then: rollback")
+           + UNDO_REF)
 
 
 def _expected_text(expected) -> str:
@@ -586,7 +607,7 @@ COMPLIANCE_SQL = (SEED_REF + "\n" + EXPIRED_LOGS_SQL + ";\n\n-- the verification
                   "and just after the dry run (in its savepoint):\n"
                   + SYNTHETIC_LOGS_SQL + ";\n\n-- each case in a savepoint:\n"
                   + "".join(case_sql(who, what, sql) for who, what, sql, _ in COMPLIANCE_CASES)
-                  + "-- then, as the connecting role:\n" + PLAINTEXT_SQL + ";\n-- then: rollback")
+                  + "-- then, as the connecting role:\n" + PLAINTEXT_SQL + ";\n" + UNDO_REF)
 
 
 def _synthetic_logs(cur) -> dict[str, tuple[int, str]]:
@@ -1111,16 +1132,39 @@ def _readable(conn, table: str) -> bool:
     return row["readable"]
 
 
+class LintCouldNotRun(Exception):
+    """A lint's SQL failed on this database's catalog (a column it expects is missing...)."""
+
+
+def _lint_rows(conn, query: str) -> list[dict]:
+    """One lint's rows; a lint whose SQL the catalog cannot run raises LintCouldNotRun (the
+    connection is left usable: autocommit, or the failed transaction rolled back)."""
+    try:
+        return fetch(conn, query)
+    except psycopg2.Error as exc:
+        if not conn.autocommit:
+            conn.rollback()
+        message = (exc.diag.message_primary or str(exc)).strip()
+        raise LintCouldNotRun(f"[{exc.pgcode}] {message}" if exc.pgcode else message) from None
+
+
 def _raw_findings(conn, lints) -> list[dict]:
     """Every lint's findings at the level its SQL gives ({lint, level, object, detail}), and a row per lint
-    that found nothing (object '')."""
+    that found nothing (object ''). A lint that cannot run here is advice missing, not a finding: a row
+    at level warning with `could_not_run`, and the other lints still run."""
     rows = []
     for lint, level, rule, query, *needs in lints:
         if needs and not _readable(conn, needs[0]):
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: no {needs[0]} here to read"})
             continue
+        try:
+            result = _lint_rows(conn, query)
+        except LintCouldNotRun as exc:
+            rows.append({"lint": lint, "level": "warning", "object": "", "detail": f"could not run: {exc}",
+                         "could_not_run": True})
+            continue
         # (object, detail) rows, or (object, detail, level) where the level depends on whose the object is
-        found = sorted(tuple(r.values()) + (level,) for r in fetch(conn, query))
+        found = sorted(tuple(r.values()) + (level,) for r in result)
         if not found:
             rows.append({"lint": lint, "level": level, "object": "", "detail": f"ok: {rule}"})
         for obj, detail, row_level, *_ in found:
@@ -1199,7 +1243,16 @@ def advisor_fix(lint: str, obj: str, detail: str = "") -> str:
 
 def advisor_findings(conn) -> list[dict]:
     """The findings of every advisor lint, security and performance, as their SQL levels them."""
-    return [r for r in _raw_findings(conn, SECURITY_LINTS) + _raw_findings(conn, PERFORMANCE_LINTS) if r["object"]]
+    return [r for r in _advisor_rows(conn) if r["object"]]
+
+
+def _advisor_rows(conn) -> list[dict]:
+    return _raw_findings(conn, SECURITY_LINTS) + _raw_findings(conn, PERFORMANCE_LINTS)
+
+
+def could_not_run(rows: list[dict]) -> str:
+    """The lints that could not run, each with its error ("" when every lint ran)."""
+    return "; ".join(f"{r['lint']} {r['detail']}" for r in rows if r.get("could_not_run"))
 
 
 @verification_check("-- every advisor lint of the verification (security_lints and performance_lints, shown there):\n"
@@ -1209,10 +1262,11 @@ def advisor_findings(conn) -> list[dict]:
 def advisor_baseline(conn, record_dir) -> Check:
     """The preflight's baseline: what the verification's advisor lints find before anything changes, kept as
     advisor_baseline.json in the run's record; the verification reports these as pre-existing."""
-    found = advisor_findings(conn)
+    every = _advisor_rows(conn)
+    found, failed = [r for r in every if r["object"]], could_not_run(every)
     path = Path(record_dir) / ADVISOR_BASELINE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
+    records.make_folder(path.parent)
+    records.write_text(path, json.dumps({"findings": found}, indent=1, sort_keys=True) + "\n")
     # legacy updated-at functions: phase 1 re-points their triggers and drops them
     replaced = {f["function"] for f in fetch(conn, UPDATED_AT_FUNCTIONS_SQL) if not f["extension_member"]}
 
@@ -1224,12 +1278,16 @@ def advisor_baseline(conn, record_dir) -> Check:
     rows = [{"lint": f["lint"], "level": f["level"], "object": f["object"], "whose": whose(f),
              "fix": advisor_fix(f["lint"], f["object"], f["detail"]) if whose(f) == "not the deployment's" else ""}
             for f in found]
+    rows += [{"lint": r["lint"], "level": "warning", "object": "", "whose": "", "fix": r["detail"]}
+             for r in every if r.get("could_not_run")]
     theirs = [r for r in rows if r["whose"] == "not the deployment's" and r["level"] == "error"]
     columns = ["lint", "level", "object", "whose", "fix"]
-    if theirs:
-        return Check("advisor_baseline", "warning", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE}; "
-                     f"{len(theirs)} on objects that are not the deployment's would fail a verification, which will "
-                     "report them as pre-existing warnings: " + "; ".join(f"{r['object']} ({r['fix']})" for r in theirs),
+    if theirs or failed:
+        return Check("advisor_baseline", "warning", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE}"
+                     + (f"; {len(theirs)} on objects that are not the deployment's would fail a verification, which "
+                        "will report them as pre-existing warnings: "
+                        + "; ".join(f"{r['object']} ({r['fix']})" for r in theirs) if theirs else "")
+                     + (f"; advice missing, the other lints ran: {failed}" if failed else ""),
                      rows=rows, columns=columns)
     return Check("advisor_baseline", "ok", f"{len(found)} finding(s) recorded in {ADVISOR_BASELINE_FILE} (the verification "
                  "reports those still there as pre-existing)", rows=rows, columns=columns)
@@ -1272,18 +1330,21 @@ def _run_lints(conn, name: str, lints, record_dir=None, baseline_dir=None) -> Ch
     failing = [r for r in rows if r["object"] and r["level"] == "error"]
     warned = [r for r in rows if r["object"] and r["level"] == "warning"]
     older = [r for r in warned if "; fix: " in r["detail"]]
+    failed = could_not_run(rows)
+    missing = f"; advice missing, the other lints ran: {failed}" if failed else ""
     source = (f"against the preflight's advisor baseline {baseline[1]}" if baseline else
               f"no advisor baseline ({ADVISOR_BASELINE_FILE} of a preflight): findings on the deployment's objects "
               "fail, others are warnings")
     columns = ["lint", "level", "object", "detail"]
     if failing:
         return Check(name, "error", f"{len(failing)} finding(s) the contract forbids: "
-                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing) + f" ({source})",
+                     + "; ".join(f"{r['lint']}: {r['object']}" for r in failing) + f" ({source})" + missing,
                      rows=rows, columns=columns)
-    if warned:
+    if warned or failed:
         fixes = "".join(f"; {r['lint']}: {r['object']} (fix: {r['detail'].rsplit('; fix: ', 1)[1]})" for r in older)
-        return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s): "
-                     + ", ".join(sorted({r["lint"] for r in warned})) + fixes, rows=rows, columns=columns)
+        return Check(name, "warning", f"no error ({source}); {len(warned)} warning(s)"
+                     + (": " + ", ".join(sorted({r["lint"] for r in warned})) if warned else "") + fixes + missing,
+                     rows=rows, columns=columns)
     notes = [r for r in rows if r["object"] and r["level"] == "info"]
     noted = (f" ({len(notes)} note(s): " + ", ".join(sorted({r["lint"] for r in notes})) + ")") if notes else ""
     return Check(name, "ok", f"all {len(lints)} lints pass" + noted, rows=rows, columns=columns)
@@ -1312,7 +1373,7 @@ LATENCY_QUERIES = (
     ("admin", "its organization's api keys", f"select id, name, key_prefix from public.api_keys where organization_id = {_A}"),
 )
 LATENCY_SQL = (SEED_REF + "\n\n-- each query in a savepoint, timed 3 times, the best kept:\n"
-               + "".join(case_sql(who, what, sql) for who, what, sql in LATENCY_QUERIES) + "-- then: rollback")
+               + "".join(case_sql(who, what, sql) for who, what, sql in LATENCY_QUERIES) + UNDO_REF)
 
 
 @verification_check(LATENCY_SQL, "query latency through RLS, as API users", "query_latency")

@@ -13,11 +13,12 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import psycopg2
 
-from runbooks import cli, connection, engine, notebook, records, snapshot
+from runbooks import cli, connection, engine, notebook, preflight, records, snapshot
 from sqlhelpers import query_once, wait_until
 
 
@@ -86,6 +87,20 @@ def target_entry(name: str, server, dbname: str, *, production: bool = False) ->
     """One [targets.NAME] table of a targets file: a database of the test server, as its superuser."""
     return (f'\n[targets.{name}]\nhost = "127.0.0.1"\nport = {server.pg.port}\ndbname = "{dbname}"\n'
             f'user = "postgres"\nsslmode = "disable"\n' + ("production = true\n" if production else ""))
+
+
+def preflight_record(db, folder: Path, run_id: str) -> None:
+    """What the preflight leaves, as its notebook takes it: the database's identity, the snapshot and
+    the backup of one moment, and the backup's witness in the database (no manifest: unsealed)."""
+    conn = readonly(db)
+    try:
+        assert preflight.database_identity(conn, db.target, run_id).status == "ok"
+        with preflight.one_moment(SimpleNamespace(target=db.target, run_id=run_id)) as moment:
+            assert preflight.snapshot(conn, folder, moment=moment).status == "ok"
+            assert preflight.backup(conn, db.target, folder, run_id, snapshot=moment).status == "ok"
+        assert preflight.witness_backup(conn, db.target, folder, run_id, "deployer").status == "ok"
+    finally:
+        conn.close()
 
 
 # -- what a run shows -------------------------------------------------------------------------

@@ -180,3 +180,31 @@ def test_with_pg_graphql_other_tables_signed_in_users_or_anon_may_read_are_repor
     assert check.status == "ok" and "pg_graphql_authenticated_table_exposed" in check.summary.split("note(s): ")[1]
     on(db, "drop schema graphql cascade")                  # pg_graphql gone: nothing is exposed through it
     assert graphql_findings(db) == {}
+
+
+# Storage as an older Supabase (or a project's own schema named storage) has it: buckets without `public`
+OLD_STORAGE = """create schema storage;
+                 create table storage.buckets (id text primary key, name text not null);
+                 create table storage.objects (id uuid primary key, bucket_id text references storage.buckets (id));
+                 alter table storage.objects enable row level security"""
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_lint_that_cannot_run_on_this_catalog_is_a_warning_naming_it_and_its_error_and_the_others_still_run(
+        make_db, tmp_path, autocommit):
+    db = make_db("empty@3")
+    on(db, OLD_STORAGE)
+    on(db, SHOP + "; create policy items_open on shop.items for update to authenticated using (1 = 1)")
+    conn = db.connect(readonly=True, autocommit=autocommit)
+    try:
+        security = verification.security_lints(conn)
+        baseline = verification.advisor_baseline(conn, tmp_path)
+    finally:
+        conn.close()
+    said = "public_bucket_allows_listing could not run: [42703] column b.public does not exist"
+    for check in (security, baseline):
+        assert check.status == "warning", check.summary
+        assert said in check.summary
+    # the other lints ran: the open policy elsewhere than public is still reported
+    assert ("policy_always_true", "items_open on shop.items") in {(r["lint"], r["object"]) for r in security.rows}
+    assert (tmp_path / verification.ADVISOR_BASELINE_FILE).is_file()

@@ -151,6 +151,52 @@ def test_status_says_when_an_applied_file_changed_on_disk(empty_db, capsys):
     assert "CHANGED on disk" in capsys.readouterr().out
 
 
+def test_a_deploy_over_an_applied_file_that_changed_is_refused_before_anything_changes_unless_forced(
+        migrated_db, tmp_path, capsys):
+    migrated_db.execute("update truthsource.deployment_history set sha256 = repeat('0', 64) where version = '002'")
+    rows = migrated_db.query("select count(*) from truthsource.deployment_history")
+    assert runbook("deploy", "--service", migrated_db.name, "--records", tmp_path / "records") == 2
+    said = capsys.readouterr().err
+    assert "002_production_enhancements.sql changed since it was applied" in said and "-p force true" in said
+    assert migrated_db.query("select count(*) from truthsource.deployment_history") == rows
+    assert not (tmp_path / "records").exists()   # refused before a record was opened
+
+
+LIBPQ_TARGET_ENV = ("PGSERVICE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER")
+
+
+def test_without_service_or_target_a_command_uses_libpqs_environment_as_the_notebooks_do_and_says_so(
+        migrated_db, monkeypatch, capsys):
+    for name in LIBPQ_TARGET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGSERVICE", migrated_db.name)
+    assert runbook("status") == 0
+    out, err = capsys.readouterr()
+    assert f"service {migrated_db.name}: database {migrated_db.name}" in out
+    assert f"target: service '{migrated_db.name}' (from PGSERVICE; no --service or --target given)" in err
+    monkeypatch.delenv("PGSERVICE")
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(migrated_db.server.port))
+    monkeypatch.setenv("PGDATABASE", migrated_db.name)
+    monkeypatch.setenv("PGUSER", "postgres")
+    assert runbook("status") == 0
+    out, err = capsys.readouterr()
+    assert f"database {migrated_db.name} on 127.0.0.1:{migrated_db.server.port}" in out
+    assert (f"target: libpq's environment (PGHOST=127.0.0.1, PGPORT={migrated_db.server.port}, "
+            f"PGDATABASE={migrated_db.name}, PGUSER=postgres; no --service or --target given)") in err
+
+
+def test_without_service_target_or_any_libpq_environment_a_command_is_refused_naming_what_to_give(
+        monkeypatch, tmp_path, capsys):
+    for name in LIBPQ_TARGET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert runbook("status") == 2
+    assert runbook("deploy", "--records", tmp_path / "records") == 2
+    said = capsys.readouterr().err
+    assert "no target: give --service NAME or --target NAME, or export PGSERVICE" in said
+    assert not (tmp_path / "records").exists()
+
+
 def test_records_list_on_an_empty_folder_says_so(tmp_path, capsys):
     assert runbook("records", "list", "--records", tmp_path) == 0
     assert "no records" in capsys.readouterr().out

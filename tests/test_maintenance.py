@@ -11,6 +11,7 @@ import pytest
 from runbooks import backup, cli, maintenance, records, runner, snapshot
 
 from runhelpers import checks_of, executed_notebook, make_run, notebook_text, snapshot_of
+from sqlhelpers import wait_until
 
 # Old and recent log rows, and policies to apply to them: security events are kept 30 days (not the
 # default year), threat intelligence retention is switched off, rate-limit windows keep their 2 days.
@@ -196,17 +197,49 @@ def test_retention_refuses_to_apply_above_its_row_limit_and_deletes_nothing(migr
     assert counts(migrated_db) == before
 
 
-def test_the_daily_signals_are_counted_since_the_previous_daily_run_of_the_same_database(migrated_db, run_on):
+def stats_of(db) -> dict:
+    [(commits, rollbacks)] = db.query("select xact_commit, xact_rollback from pg_stat_database "
+                                      "where datname = current_database()")
+    return {"commits": commits, "rollbacks": rollbacks}
+
+
+def test_the_daily_rates_are_judged_since_the_last_daily_run_kept_in_the_history_not_since_the_server_began(
+        migrated_db, run_on, tmp_path):
     first = run_on(migrated_db, "20260101T000000Z-aaaaaa")
     check = maintenance.database_activity(first.conn, first)
-    assert check.status == "ok" and "(since statistics were reset)" in check.summary
-    assert check.rows[0]["value"].startswith("since statistics were reset")
-    second = run_on(migrated_db, "20260102T000000Z-aaaaaa")
-    check = maintenance.database_activity(second.conn, second)
-    assert "(since the previous daily run)" in check.summary
+    assert check.status == "ok" and "first daily run of this database: baseline recorded" in check.summary
+    assert {r["signal"]: r["status"] for r in check.rows}["rolled-back share of transactions"] == "not judged"
+    assert migrated_db.query(f"select run_id, cadence from {maintenance.MAINTENANCE_TABLE}") == [
+        ("20260101T000000Z-aaaaaa", "daily")]
+    baseline = json.loads((first.record_dir / maintenance.ACTIVITY_FILE).read_text())["counters"]
+
+    # the runbooks' own verification undoes its work in five transactions; the app rolls back one of its own
+    from runbooks import verification
+    conn = migrated_db.connect(readonly=True, autocommit=True)
+    for _ in range(5):
+        with verification.rolled_back(conn) as cur:
+            cur.execute("insert into public.organizations (name, slug) values ('Undone', 'undone-org')")
+    conn.close()
+    app = migrated_db.connect()
+    with app.cursor() as cur:
+        cur.execute("insert into public.organizations (name, slug) values ('Rolled back', 'rolled-back-org')")
+    app.rollback()
+    app.close()
+    wait_until(lambda: stats_of(migrated_db)["rollbacks"] > baseline["rollbacks"], "the app's rollback counted")
+    assert migrated_db.query("select count(*) from public.organizations where slug in ('undone-org', "
+                             "'rolled-back-org')") == [(0,)]   # nothing of either stayed
+
+    # the next daily run, its record elsewhere: the interval comes from the database's own history
+    second = make_run(migrated_db, tmp_path / "elsewhere" / "20260102T000000Z-aaaaaa", "20260102T000000Z-aaaaaa")
+    try:
+        check = maintenance.database_activity(second.conn, second)
+    finally:
+        second.close()
+    assert "(since the previous daily run, 20260101T000000Z-aaaaaa)" in check.summary
     assert check.rows[0]["value"].startswith("since the daily run 20260101T000000Z-aaaaaa")
-    saved = json.loads((second.record_dir / maintenance.ACTIVITY_FILE).read_text())
-    assert saved["run_id"] == second.run_id and saved["counters"]["commits"] > 0
+    counters = json.loads((second.record_dir / maintenance.ACTIVITY_FILE).read_text())["counters"]
+    assert counters["rollbacks"] - baseline["rollbacks"] == 1          # the app's, not the verification's
+    assert counters["commits"] - baseline["commits"] >= 5
 
 
 def test_a_critical_security_event_fails_the_daily_check_and_a_high_one_warns(migrated_db, run_on):

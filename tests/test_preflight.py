@@ -277,8 +277,21 @@ def test_the_history_tells_pending_phases_and_files_changed_since_they_were_appl
         check = preflight.applied_phases(conn)
     finally:
         conn.close()
-    assert check.status == "warning" and "001" in check.summary
+    assert check.status == "error" and "001" in check.summary and "-p force true" in check.summary
     assert {r["phase"]: r["state"] for r in check.rows}["001"] == "applied, FILE CHANGED"
+
+
+def test_a_file_changed_since_applied_is_refused_by_the_preflight_unless_forced_and_then_warned(migrated_db):
+    migrated_db.execute("update truthsource.deployment_history set sha256 = repeat('0', 64) where version = '002'")
+    conn = readonly(migrated_db)
+    try:
+        refused, forced = preflight.applied_phases(conn), preflight.applied_phases(conn, force=True)
+    finally:
+        conn.close()
+    assert refused.status == "error"
+    assert "002_production_enhancements.sql changed since it was applied" in refused.summary
+    assert "-p force true" in refused.summary and "force = True" in refused.summary
+    assert forced.status == "warning" and "re-applied as forced" in forced.summary
 
 
 # -- backup and snapshot ---------------------------------------------------------------------------

@@ -430,3 +430,37 @@ def test_an_extension_whose_owner_could_not_re_create_it_is_a_rollback_blocker_b
         conn.close()
     assert any(f"extension pg_buffercache (in public) is owned by {role}, which may not create it" in b
                for b in blockers), blockers
+
+
+def test_an_extension_re_created_under_its_owners_default_privileges_gets_exactly_the_grants_it_had(
+        empty_db, tmp_path, server):
+    """Supabase's postgres has default privileges in public (grant all on functions to anon, authenticated,
+    service_role); an extension created there before them has none of those grants, and a rollback that
+    re-creates it as its owner must not give them. pgcrypto where the server has it (Debian's 15; the
+    embedded 18 is built without OpenSSL), else ltree: another extension of many functions."""
+    db = empty_db
+    owner = db.query("select current_user")[0][0]
+    [(extension,)] = db.query("select name from pg_available_extensions where name in ('pgcrypto', 'ltree') "
+                              "order by name = 'pgcrypto' desc limit 1")
+    db.execute(f"""alter default privileges for role {owner} in schema public
+                     revoke all on functions from anon, authenticated, service_role;
+                   create extension {extension} with schema public;
+                   alter default privileges for role {owner} in schema public
+                     grant all on functions to anon, authenticated, service_role""")
+    record(db, "000", "earlier-run")
+    before = snapshot_of(db)
+    info = take_backup(db.target, tmp_path, "run-1")
+    db.execute("create table public.made_by_the_deployment (id int primary key)")
+    role, target = another_superuser(db, server, "restorer")
+    plan = plan_restore(target, info.path, info.sha256, run_id="run-1", operator="carol")
+    assert plan.describe()["extensions_recreated"] == [f"{extension} (as its owner {owner})"]
+    execute_plan(plan, target)
+    assert_identical(before, snapshot_of(db))
+    granted = db.query("""select count(*) from pg_proc p join pg_depend d on d.objid = p.oid
+                            and d.classid = 'pg_proc'::regclass and d.deptype = 'e'
+                          join pg_extension x on x.oid = d.refobjid and x.extname = %s
+                          where array_to_string(p.proacl, ',') like '%%anon=%%'""", (extension,))
+    assert granted == [(0,)]
+    # the owner's default privileges themselves are as they were
+    assert db.query(f"""select count(*) from pg_default_acl where defaclrole = '{owner}'::regrole
+                          and defaclnamespace = 'public'::regnamespace and defaclobjtype = 'f'""") == [(1,)]

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -14,23 +13,9 @@ from runbooks import engine, identity, preflight, records, restore, runner, snap
 from runbooks.paths import PHASES
 from runbooks.rollback import Rollback, RollbackError
 
-from runhelpers import (assert_identical, deploy_in_a_process, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
+from runhelpers import (assert_identical, deploy_in_a_process, preflight_record, hold_phase_two, wait_for_phase_two, executed_notebook, history, make_run, readonly, run_check, runbook,
                         snapshot_of)
 from sqlhelpers import wait_until
-
-
-def preflight_record(db, folder: Path, run_id: str) -> None:
-    """What the preflight leaves, as its notebook takes it: the database's identity, the snapshot and
-    the backup of one moment, and the backup's witness in the database (no manifest: unsealed)."""
-    conn = readonly(db)
-    try:
-        assert preflight.database_identity(conn, db.target, run_id).status == "ok"
-        with preflight.one_moment(SimpleNamespace(target=db.target, run_id=run_id)) as moment:
-            assert preflight.snapshot(conn, folder, moment=moment).status == "ok"
-            assert preflight.backup(conn, db.target, folder, run_id, snapshot=moment).status == "ok"
-        assert preflight.witness_backup(conn, db.target, folder, run_id, "deployer").status == "ok"
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -440,8 +425,45 @@ def test_runbook_rollback_with_discard_later_writes_restores_and_keeps_the_rows_
     assert_identical(snapshot.load_snapshot(folder / "snapshot.json"), snapshot_of(db))
     [rollback_run] = [p.name for p in tmp_path.iterdir() if p.name not in (run_id, "rollback-run")]
     record = records.Record.open(tmp_path, rollback_run)
-    checks = {c["name"]: c["status"] for c in record.manifest()["notebooks"][0]["checks"]}
+    manifest = record.manifest()
+    checks = {c["name"]: c["status"] for c in manifest["notebooks"][0]["checks"]}
     assert checks["later_writes"] == "warning" and checks["rollback_proof"] == "ok"
     assert record.verify() == []                               # the script is part of the sealed record
+    # one verdict, worded alike in the terminal, records show, the manifest, the index and the card; the
+    # rows discarded said with their tables and where they are kept
+    kept = (record.path / "later_writes.sql").resolve()
+    discarded = ("discarded 4 row(s) written since the deployment (public.inventory: 1 inserted, 0 updated, 0 "
+                 "deleted; public.products: 1 inserted, 1 updated, 1 deleted); kept in " + str(kept))
+    text = manifest["verdict_text"]
+    assert text.startswith("PASSED WITH ") and f"verdict: {text}\n" in captured.out
+    assert "warning: 01-05_rollback later_writes: discarding 4 row(s)" in captured.out and discarded in captured.out
+    assert runbook("records", "show", rollback_run, "--records", tmp_path) == 0
+    shown = capsys.readouterr().out
+    assert f"verdict {text}\n" in shown and f"verdict: {text}\n" in shown and discarded in shown
+    assert f'id="runbook-verdict">{text}<' in (record.path / "index.html").read_text()
+    card = (record.path / manifest["notebooks"][0]["html"]).read_text()
+    assert f'<span class="runbook-run-verdict">{text}</span>' in card
+    # the card names the backup restored and the safety dump, each with its sha256
+    restored = manifest["restored_backup"]
+    assert restored["run_id"] == run_id and restored["sha256"] in card and manifest["backup"]["sha256"] in card
+    assert ">backup restored<" in card and ">safety dump<" in card
+    # every file that holds data is readable by its owner only: the dumps, the rows discarded, the row hashes
+    assert modes(record.path) | modes(folder) >= {"later_writes.sql": 0o600, "later_writes.json": 0o600,
+                                                  "post-deployment-rows.json.gz": 0o600}.items()
+    for path in [*record.path.rglob("*"), *folder.rglob("*")]:
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == (0o600 if records.holds_data(path) else 0o666 & ~umask()), path
+    assert {p.name for p in [*record.path.rglob("*.dump"), *folder.rglob("*.dump")]} and all(
+        p.stat().st_mode & 0o777 == 0o600 for p in [*record.path.rglob("*.dump"), *folder.rglob("*.dump")])
     db.psql_file(record.path / "later_writes.sql")
     assert products(db) == written
+
+
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def modes(folder: Path) -> set[tuple[str, int]]:
+    return {(p.name, p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()}
