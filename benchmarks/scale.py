@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.scale [--sizes 100k,1M] [--shapes legacy,variant,unseen]
         [--pg-bin /usr/lib/postgresql/15/bin] [--data-dir /var/tmp/truthsource-bench] [--timeout 900]
-        [--json out.json] [--markdown out.md]
+        [--json out.json] [--markdown out.md] [--throwaway] [--max-replica-lag 10] [--no-deploy-process]
 
 For each size and legacy shape (--shapes: benchmarks/scale_fixture.py's, one report section each, its
 ACCESS EXCLUSIVE windows among them), on fresh clones of the generated legacy database
@@ -22,7 +22,17 @@ ACCESS EXCLUSIVE windows among them), on fresh clones of the generated legacy da
 - an organization's 50 products as an `authenticated` member against `service_role`;
 - phases 1-2 once more through the engine with no app traffic: the deployment's own cost, each
   statement timed (the legacy app's queries take a share of the cores that grows with the data);
-- with several sizes, how each figure grows, and how phase 2's slowest statements grow.
+- with several sizes, how each figure grows, and how phase 2's slowest statements grow;
+- production conditions (benchmarks/production.py): each phase's WAL beside the tables it rewrites, the
+  replica's largest lag, the archive's backlog and the server's extra disk; what the app felt as the
+  record keeps it; the preflight's predictions of duration, WAL and disk against what the run measured;
+  and `runbook deploy` timed as the process a DBA runs, beside its floor, with where the rest goes.
+
+The server is production-like by default (benchmarks/server.py): fsync, synchronous_commit and
+full_page_writes on, wal_level logical, WAL archived, a hot standby streaming from it; `--throwaway`
+measures on the old rehearsal server instead (fsync off: flatters every write), and every table says
+which. Where the report holds legacy shapes (scale_fixture.py's), the longest ACCESS EXCLUSIVE per shape
+closes it.
 
 Every measured step has a timeout: a step that runs away is stopped (its backends terminated)
 and reported as "did not finish in N s".
@@ -31,6 +41,7 @@ and reported as "did not finish in N s".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -55,10 +66,13 @@ if __package__ in (None, ""):   # run as a script: make `benchmarks` importable
 import psycopg2  # noqa: E402
 from prettytable import PrettyTable, TableStyle  # noqa: E402
 
-from benchmarks import scale_fixture  # noqa: E402
+from benchmarks import production, scale_fixture  # noqa: E402
 from benchmarks.scale_fixture import Size  # noqa: E402
 from runbooks import backup, connection, engine, paths, restore, runner, snapshot  # noqa: E402
 from runbooks import preflight as preflight_module  # noqa: E402
+from runbooks import impact, resources  # noqa: E402
+from runbooks.impact import ImpactSampler  # noqa: E402
+from runbooks.resources import ResourceMeter  # noqa: E402
 from runbooks.verification import act_as  # noqa: E402
 
 APP_NAME = "bench app"            # application_name of the traffic clients
@@ -66,12 +80,13 @@ SAMPLER_NAME = "bench locks"      # ... and of the pg_locks sampler: a timed-out
 RULE_SQLSTATES = ("23",)          # integrity rules (check, unique, not null, foreign key) ...
 RLS_REJECTION = "row-level security"   # ... and RLS policies (42501 with this message): writes the rules reject
 SLOW_SECONDS = 0.1                # an app statement slower than this counts as blocked
+DEPLOY_STEPS = 5                  # `runbook deploy` runs five notebooks: it is given five steps' timeout
 STATEMENTS_SHOWN = 12             # phase 2's slowest statements whose growth is shown
 LEGACY_TABLES = ("organizations", "profiles", "organization_members", "products", "inventory", "audit_logs",
                  "api_keys")
 GOALS = {   # the issue's goals, shown beside the figures (never asserted)
     "phase 2 (engine)": "<= 120 s",
-    "deploy end to end": "<= 300 s",
+    "runbook deploy (the process)": "<= 1.5x its floor, <= 300 s at 1M",
     "preflight backup + snapshot / raw pg_dump": "<= 1.3x",
     "rollback / raw pg_restore": "<= 1.3x",
     "org's 50 products, authenticated / service_role": "<= 1.5x",
@@ -463,6 +478,8 @@ class Settings:
     sample_ms: float = 50          # pg_locks sampling interval
     timeout: float = 900           # seconds any measured step may take
     sql_rev: str | None = None     # phase files as committed at this revision (None: as on disk)
+    max_replica_lag: float = 10    # seconds: the batches pause while a replica is further behind
+    deploy_process: bool = True    # also time `runbook deploy` as a process, beside its floor
 
 
 def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: str, work: Path) -> dict:
@@ -478,19 +495,24 @@ def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: 
             phases.append({"phase": number, "file": path.name,
                            "step": asdict(Step(name, status="skipped", detail=f"{failed} did not finish"))})
             continue
+        apply = engine.ApplyEngine(target, run_id=run_id, operator="benchmark",
+                                   max_replica_lag=settings.max_replica_lag)
         if how == "engine":
             def work_fn(version=version, path=path):
-                return engine.ApplyEngine(target, run_id=run_id, operator="benchmark").apply(version, path)
+                return apply.apply(version, path)
         else:
             parts = split_for_psql(path, work)
 
             def work_fn(parts=parts):
                 apply_psql(pg, dbname, parts)
         with LockSampler(pg, dbname, settings.sample_ms / 1000) as sampler, \
-                AppTraffic(pg, dbname, people, settings.clients, settings.think_ms / 1000, f"{how}{number}") as app:
+                AppTraffic(pg, dbname, people, settings.clients, settings.think_ms / 1000, f"{how}{number}") as app, \
+                ResourceMeter(target) as used, (ImpactSampler(target, (apply.application_name,)) if how == "engine"
+                                                else contextlib.nullcontext()) as felt:
             step, applied = run_step(pg, name, work_fn, settings.timeout, dbname)
         phases.append({"phase": number, "file": path.name, "step": asdict(step), "traffic": app.summary(),
-                       "access_exclusive": sampler.summary(), "statements": statement_times(applied)})
+                       "access_exclusive": sampler.summary(), "statements": statement_times(applied),
+                       "resources": used.summary(), **({"impact": felt.summary()} if felt else {})})
         if step.status != "ok":
             failed = f"phase {number}"
     after = row_counts(pg, dbname)
@@ -633,6 +655,34 @@ def measure_org_products(pg, dbname: str, size: Size, repeat: int = 50) -> dict:
     return result
 
 
+def measure_deploy(pg, template: str, tag: str, size: Size, settings: Settings, work: Path) -> dict:
+    """`runbook deploy` as a DBA runs it (a process of its own), with the app's traffic throughout, and the
+    floor's pieces measured on the same clone first: raw pg_dump -Fc and one sequential read of every table."""
+    name = clone(pg, template, f"bench_d_{tag}")
+    records = work / "deploy-records"
+    try:
+        people = personas(pg, name, size)
+        with AppTraffic(pg, name, people, settings.clients, settings.think_ms / 1000, "deploy") as app, \
+                LockSampler(pg, name, settings.sample_ms / 1000) as sampler:
+            dump, _ = run_step(pg, "raw pg_dump -Fc", lambda: subprocess.run(
+                [str(pg.binary("pg_dump")), "-Fc", "-f", str(work / "floor.dump"), "-d", f"service={name}"],
+                check=True, capture_output=True), settings.timeout, name)
+            read, _ = run_step(pg, "one sequential read of every table",
+                               lambda: production.sequential_read(pg, name), settings.timeout, name)
+            with ResourceMeter(connection.from_service(name)) as used:
+                bound = DEPLOY_STEPS * settings.timeout   # five notebooks, each bounded like one step
+                step, proc = run_step(pg, "runbook deploy", lambda: production.run_deploy(
+                    production.deploy_command(name, records, settings.max_replica_lag), bound), bound + 120, name)
+    finally:
+        drop(pg, name)
+    result = {"step": asdict(step), "floor": {"pg_dump": asdict(dump), "seq_read": asdict(read)},
+              "exit_code": proc.returncode if proc is not None else None, "record": production.deploy_breakdown(records),
+              "resources": used.summary(), "access_exclusive": sampler.summary(), "traffic": app.summary()}
+    if proc is not None and proc.returncode != 0:
+        result["output_tail"] = (proc.stdout + proc.stderr)[-2000:]
+    return result
+
+
 def measure_size(pg, size: Size, settings: Settings, files, progress=print, template: str | None = None,
                  shape: str = "legacy") -> dict:
     """Every figure for one size and legacy shape (see the module docstring)."""
@@ -652,6 +702,7 @@ def measure_size(pg, size: Size, settings: Settings, files, progress=print, temp
         try:
             legacy = row_counts(pg, eng)
             result["counts"] = legacy
+            result["predicted"] = production.predictions(eng)
             progress(f"[{size.label}] preflight: snapshot + backup, raw pg_dump")
             pre = measure_preflight(pg, eng, work, settings)
             result["preflight"] = {k: pre[k] for k in ("preflight", "parts", "raw_pg_dump")}
@@ -675,8 +726,12 @@ def measure_size(pg, size: Size, settings: Settings, files, progress=print, temp
             result["alone"] = measure_alone(pg, alone, files[:2], settings)
         finally:
             drop(pg, alone)
+        if settings.deploy_process:
+            progress(f"[{size.label}] runbook deploy as a process, with app traffic, and its floor")
+            result["deploy"] = measure_deploy(pg, template, tag, size, settings, work)
     result["figures"] = figures(result)
     result["load_at_end"] = _load()
+    prune(pg)
     return result
 
 
@@ -727,9 +782,10 @@ def figures(r: dict) -> list[dict]:
     o = r["org_products"]
     add("org's 50 products, authenticated (ms)", o["authenticated"]["median_ms"], o["service_role"]["median_ms"],
         "service_role (ms)", "org's 50 products, authenticated / service_role")
-    parts = [_s(pre["preflight"]), engine_total, _s(v["verify_data_integrity"]), _s(v["get_database_stats"])]
-    add("deploy end to end (preflight + phases + verification)",
-        sum(parts) if all(x is not None for x in parts) else None, None, "")
+    d = r.get("deploy")
+    if d:
+        add("runbook deploy (the process)", _s(d["step"]), production.floor_seconds(r),
+            "floor: pg_dump -Fc + psql phases + a read of every table", ours_text=_text(d["step"]))
     return rows
 
 
@@ -764,7 +820,8 @@ def render(report: dict, markdown: bool = False) -> str:
     out.append(_table(["fact", "value"], [[k, v] for k, v in _flat_meta(meta)], markdown))
     for r in report["sizes"]:
         s = r["size"]
-        label = f"{s['label']}: {s['orgs']} organizations x {s['products']} products"
+        label = (f"{s['label']}: {s['orgs']} organizations x {s['products']} products, "
+                 f"{meta['server'].get('profile_short', '')}")
         built = r["template"]["built_s"]
         out.append(h(f"{label} (template {'built in %.1f s' % built if built is not None else 'cached'}, "
                      f"clone {r['clone_s']} s)"))
@@ -806,6 +863,7 @@ def render(report: dict, markdown: bool = False) -> str:
                                  for t, v in sorted(tables.items(), key=lambda kv: -kv[1]["longest_s"]))
                 rows.append([how, p["phase"], held or "none seen"])
         out.append(_table(["by", "phase", "tables held (longest / total s)"], rows, markdown))
+        out += render_production(r, h, markdown)
         out.append(h(f"{s['label']}: the legacy rows after the phases (converge, lose nothing)"))
         rows = []
         for how in ("engine", "psql"):
@@ -821,6 +879,9 @@ def render(report: dict, markdown: bool = False) -> str:
                  f"preflight parts: {r['preflight']['parts']}",
                  f"verify_data_integrity(): {_integrity_summary(r['verification']['integrity_rows'])}"]
         out.append(("\n" if markdown else "") + "\n".join(("- " if markdown else "  ") + e for e in extra))
+    if any(r.get("shape") for r in report["sizes"]):
+        out.append(h("The longest ACCESS EXCLUSIVE per legacy shape (engine, any phase, any table)"))
+        out.append(_table(["size", "shape", "longest (s)", "table", "phase"], shape_rows(report), markdown))
     if len(report["sizes"]) > 1:
         out.append(h("How each figure grows"))
         out.append(_table(["figure", *[r["size"]["label"] for r in report["sizes"]], "growth"],
@@ -830,6 +891,53 @@ def render(report: dict, markdown: bool = False) -> str:
         out.append(_table(["line", "statement", *[r["size"]["label"] for r in report["sizes"]], "growth"],
                           statement_growth_rows(report), markdown))
     return "\n".join(out) + "\n"
+
+
+def render_production(r: dict, h, markdown: bool) -> list[str]:
+    """The tables of production conditions (benchmarks/production.py): WAL, replica and disk per phase,
+    what the app felt as the record keeps it, predictions against measurements, runbook deploy as a process."""
+    label, out = r["size"]["label"], []
+    out.append(h(f"{label}: WAL, replica and disk per phase (as every record measures them)"))
+    out.append(_table(["by", "phase", "WAL", "tables it rewrites (size)", "WAL / their size", "replicas (largest lag)",
+                       "archive behind (segments)", "server disk +", "temp files"],
+                      production.resource_rows(r), markdown))
+    notes = production.wal_notes(r)
+    if notes:
+        out.append(("\n" if markdown else "") + "\n".join(("- " if markdown else "  ") + n for n in notes))
+    out.append(h(f"{label}: what the app felt, as the record keeps it (impact sampler) and as the clients saw it"))
+    rows = [[p["phase"], impact.describe(p.get("impact")), (p.get("traffic") or {}).get("longest_wait_s", "-"),
+             (p.get("traffic") or {}).get("failed", "-")] for p in r["engine"]["phases"]]
+    out.append(_table(["phase", "the record", "clients: longest statement (s)", "clients: failed"], rows, markdown))
+    out.append(h(f"{label}: the preflight's predictions against what the engine's run measured"))
+    out.append(_table(["phase", "duration predicted (s)", "measured (s)", "measured / predicted", "WAL predicted",
+                       "WAL measured", "WAL measured / predicted", "disk predicted", "disk measured (growth + temp)",
+                       "disk measured / predicted"], production.prediction_rows(r), markdown))
+    if r.get("deploy"):
+        d = r["deploy"]
+        out.append(h(f"{label}: runbook deploy as a process (with app traffic), its floor, and where the rest goes"))
+        out.append(_table(["step", "seconds", "note"], production.deploy_rows(r), markdown))
+        record = d.get("record") or {}
+        lines = [f"exit code {d.get('exit_code')}, verdict {record.get('verdict')}"
+                 + (f": {record.get('error')}" if record.get("error") else ""),
+                 f"the record says: app impact: {record.get('impact_text', '-')}; {record.get('resources_text', '-')}",
+                 f"the clients saw: longest statement {d['traffic'].get('longest_wait_s')} s, "
+                 f"failed {_counts(d['traffic']['failed'], d['traffic']['failed_by_sqlstate'])}",
+                 f"measured beside it: {resources.describe(d.get('resources'))}"]
+        out.append(("\n" if markdown else "") + "\n".join(("- " if markdown else "  ") + x for x in lines))
+    return out
+
+
+def shape_rows(report: dict) -> list[list]:
+    """Per size and shape: the longest ACCESS EXCLUSIVE window the engine's pass held, on which table."""
+    rows = []
+    for r in report["sizes"]:
+        longest = (0.0, "-", "-")
+        for p in r["engine"]["phases"]:
+            for table, v in ((p.get("access_exclusive") or {}).get("tables") or {}).items():
+                if v["longest_s"] > longest[0]:
+                    longest = (v["longest_s"], table.removeprefix("public."), p["phase"])
+        rows.append([r["size"]["label"], r.get("shape") or "legacy", f"{longest[0]:.2f}", longest[1], longest[2]])
+    return rows
 
 
 def _counts(total: int, by: dict) -> str:
@@ -936,23 +1044,56 @@ def run_benchmark(pg, sizes: list[Size], settings: Settings, progress=print,
                   template: str | None = None, shapes: tuple[str, ...] = ("legacy",)) -> dict:
     """Every figure for every size and legacy shape on a started server (its client environment set).
     `template` names an already generated database to clone instead of the size's cached template."""
+    from benchmarks.server import profile
+
     with tempfile.TemporaryDirectory(prefix="truthsource-bench-sql-") as tmp:
         files = phase_files(settings.sql_rev, Path(tmp))
         server_version = admin_execute(pg, "select current_setting('server_version')")[0][0]
         meta = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_facts(),
-            "server": {"version": server_version, "bin": str(pg.bin_dir)},
+            "server": {"version": server_version, "bin": str(pg.bin_dir), "profile": profile(pg),
+                       "profile_short": short_profile(pg)},
             "git": git_facts(settings.sql_rev),
             "sql_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for _, p in files},
             "settings": {"clients": settings.clients, "think_ms": settings.think_ms, "sample_ms": settings.sample_ms,
-                         "timeout_s": settings.timeout},
+                         "timeout_s": settings.timeout, "max_replica_lag_s": settings.max_replica_lag},
         }
         report = {"meta": meta, "sizes": []}
         for size in sizes:
             for shape in shapes:
                 report["sizes"].append(measure_size(pg, size, settings, files, progress, template, shape))
     return report
+
+
+def short_profile(pg) -> str:
+    if not getattr(pg, "durable", False):
+        return "THROWAWAY server (fsync off)"
+    replicas = len(getattr(pg, "replicas", []))
+    return f"durable server, {replicas} streaming replica{'s' if replicas != 1 else ''}"
+
+
+def prepare(pg, sizes: list[Size], progress=print, shapes: tuple[str, ...] = ("legacy",)) -> None:
+    """Every template generated (or found) first, then, on a durable server, the streaming replica started:
+    its pg_basebackup copies the templates too, and none is generated while it streams."""
+    for size in sizes:
+        for shape in shapes:
+            _, built = scale_fixture.ensure_template(pg, size, progress=progress, shape=shape)
+            if built is not None:
+                progress(f"[{size.label} {shape}] template built in {built:.1f} s")
+    prune(pg)
+    if getattr(pg, "durable", False):
+        started = time.perf_counter()
+        progress("starting the streaming replica (pg_basebackup of the cluster)")
+        pg.start_replica()
+        progress(f"replica streaming after {time.perf_counter() - started:.1f} s")
+
+
+def prune(pg) -> None:
+    """Empty the WAL archive between measurements (nothing restores from it here)."""
+    from benchmarks.server import prune_archive
+
+    prune_archive(pg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -971,6 +1112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--think-ms", type=float, default=20, help="each client's pause between statements (default 20)")
     parser.add_argument("--sample-ms", type=float, default=50, help="pg_locks sampling interval (default 50)")
     parser.add_argument("--sql-rev", help="apply the phase files as committed at this git revision (default: as on disk)")
+    parser.add_argument("--throwaway", action="store_true",
+                        help="the throwaway server (fsync, synchronous_commit, full_page_writes off; no archive, no "
+                             "replica) instead of the durable one with a streaming replica: flatters every write")
+    parser.add_argument("--max-replica-lag", type=float, default=10,
+                        help="seconds a replica may fall behind before the batches pause (default 10; 0: never)")
+    parser.add_argument("--no-deploy-process", action="store_true",
+                        help="skip timing `runbook deploy` as a process beside its floor")
     parser.add_argument("--json", help="write the whole report as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
     args = parser.parse_args(argv)
@@ -979,8 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sizes:
             raise ValueError("--sizes names no size")
         shapes = tuple(dict.fromkeys(scale_fixture.parse_shape(s)[0] for s in args.shapes.split(",") if s.strip())) or ("legacy",)
-        if args.timeout <= 0 or args.clients < 1 or args.think_ms < 0 or args.sample_ms <= 0:
-            raise ValueError("--timeout and --sample-ms must be positive, --clients at least 1, --think-ms >= 0")
+        if args.timeout <= 0 or args.clients < 1 or args.think_ms < 0 or args.sample_ms <= 0 or args.max_replica_lag < 0:
+            raise ValueError("--timeout and --sample-ms must be positive, --clients at least 1, --think-ms and "
+                             "--max-replica-lag >= 0")
         if args.sql_rev:
             subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.sql_rev}^{{commit}}"],
                            check=True, capture_output=True)
@@ -991,21 +1140,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --sql-rev {args.sql_rev!r} is no git revision of {ROOT}", file=sys.stderr)
         return 2
     settings = Settings(clients=args.clients, think_ms=args.think_ms, sample_ms=args.sample_ms,
-                        timeout=args.timeout, sql_rev=args.sql_rev)
+                        timeout=args.timeout, sql_rev=args.sql_rev, max_replica_lag=args.max_replica_lag,
+                        deploy_process=not args.no_deploy_process)
     try:
-        pg = start_server(args.pg_bin, args.data_dir)
+        pg = start_server(args.pg_bin, args.data_dir, throwaway=args.throwaway)
     except EmbeddedPostgresError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         with runner.environment(pg.client_env()):
-            report = run_benchmark(pg, sizes, settings, progress=lambda m: print(m, file=sys.stderr, flush=True),
-                                   shapes=shapes)
+            prepare(pg, sizes, progress=say, shapes=shapes)
+            report = run_benchmark(pg, sizes, settings, progress=say, shapes=shapes)
     finally:
         pg.stop()
-    print(render(report))
-    if args.json:
+    if args.json:   # first: a long run's figures survive whatever happens to the tables
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(render(report))
     if args.markdown:
         Path(args.markdown).write_text(render(report, markdown=True))
     return 0

@@ -1,11 +1,20 @@
-"""The benchmark's server: the embedded one, optionally on a data directory that outlives the run.
+"""The benchmark's server: production-like by default, optionally on a data directory that outlives the run.
+
+By default the server runs as a production server does (``runbooks.embedded``'s durable profile): fsync,
+synchronous_commit and full_page_writes on, ``wal_level = logical``, WAL archived to a directory of the
+cluster (``archive_command``), and a hot standby streaming from it (``pg_basebackup`` into a second
+embedded cluster of the same binaries, over a replication slot), so every write pays for durability and
+every phase's WAL is replayed somewhere. ``throwaway=True`` (``--throwaway``) is the old rehearsal
+profile — fsync, synchronous_commit and full_page_writes off, no archive, no replica — which flatters
+every write-heavy step; every table the benchmark prints names the profile it was measured on.
 
 A scale benchmark spends most of a first run generating its legacy database; kept as a template
 database in a persistent data directory (``--data-dir``), later runs clone it in seconds. The
-directory holds one PostgreSQL cluster per major version (``pg15``, ``pg18``), and the superuser's
-password beside it in a file readable by the invoking user only. When started as root the server
-runs as an unprivileged account (see runbooks.embedded), so the directory must not sit under a
-0700 home: /var/tmp is a good place.
+directory holds one PostgreSQL cluster per major version and profile (``pg15-durable``, ``pg18``
+for the throwaway one), and the superuser's password beside it in a file readable by the invoking user
+only. When started as root the server runs as an unprivileged account (see runbooks.embedded), so the
+directory must not sit under a 0700 home: /var/tmp is a good place. The archived WAL is only there to be
+archived: ``prune_archive`` empties it between measurements, so a long run does not fill the disk.
 """
 
 from __future__ import annotations
@@ -21,18 +30,22 @@ from runbooks import embedded
 from runbooks.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 PASSWORD_FILE = "superuser-password"
-# a benchmark writes gigabytes: fewer forced checkpoints (the throwaway settings stay: fsync off)
+# a benchmark writes gigabytes: fewer forced checkpoints (as a production server tuned for bulk work has)
 BENCH_SETTINGS = {"max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 
 
-class PersistentPostgres(EmbeddedPostgres):
-    """An embedded server whose cluster lives in `root` and is kept when the server stops."""
+class BenchPostgres(EmbeddedPostgres):
+    """The embedded server with the benchmark's checkpoint spacing, in either profile."""
 
     SETTINGS = {**embedded._THROWAWAY_SETTINGS, **BENCH_SETTINGS}
 
-    def __init__(self, root: Path | str, bin_dir: Path | str | None = None):
-        super().__init__(bin_dir)
-        self.persistent_root = Path(root).resolve() / f"pg{self.major}"
+
+class PersistentPostgres(BenchPostgres):
+    """An embedded server whose cluster lives in `root` and is kept when the server stops."""
+
+    def __init__(self, root: Path | str, bin_dir: Path | str | None = None, *, durable: bool = True):
+        super().__init__(bin_dir, durable=durable)
+        self.persistent_root = Path(root).resolve() / (f"pg{self.major}-durable" if durable else f"pg{self.major}")
 
     def start(self) -> "PersistentPostgres":
         if self._root is not None:
@@ -83,6 +96,7 @@ class PersistentPostgres(EmbeddedPostgres):
 
     def stop(self) -> None:
         """Stop the server and keep its cluster (the parent's stop would delete it)."""
+        self._stop_replicas()
         if self._root is None:
             return
         try:
@@ -96,11 +110,36 @@ class PersistentPostgres(EmbeddedPostgres):
             atexit.unregister(self.stop)
 
 
-def start_server(bin_dir: str | None, data_dir: str | None) -> EmbeddedPostgres:
-    """A started server: throwaway (the default) or kept in `data_dir`."""
+def start_server(bin_dir: str | None, data_dir: str | None, *, throwaway: bool = False) -> EmbeddedPostgres:
+    """A started server, durable (the default) or throwaway, kept in `data_dir` or in a temporary one.
+    The replica is started apart (``start_replica``), once the templates it would copy exist."""
     if bin_dir is not None:
         missing = [b for b in embedded.REQUIRED_BINARIES if not os.access(Path(bin_dir) / b, os.X_OK)]
         if missing:
             raise EmbeddedPostgresError(f"--pg-bin {bin_dir}: no usable {', '.join(missing)} there")
-    server = PersistentPostgres(data_dir, bin_dir) if data_dir else EmbeddedPostgres(bin_dir)
-    return server.start()
+    durable = not throwaway
+    server = PersistentPostgres(data_dir, bin_dir, durable=durable) if data_dir else BenchPostgres(bin_dir, durable=durable)
+    server.start()
+    prune_archive(server)
+    return server
+
+
+def prune_archive(pg: EmbeddedPostgres) -> int:
+    """Empty a durable server's WAL archive (nothing here restores from it): the bytes freed."""
+    if not pg.durable or not pg.archive_dir.is_dir():
+        return 0
+    freed = 0
+    for segment in pg.archive_dir.iterdir():
+        if segment.is_file():
+            freed += segment.stat().st_size
+            segment.unlink()
+    return freed
+
+
+def profile(pg: EmbeddedPostgres) -> str:
+    """The server's profile in words, for every table the benchmark prints."""
+    if not pg.durable:
+        return "THROWAWAY (fsync, synchronous_commit, full_page_writes off; no archive, no replica)"
+    replicas = len(pg.replicas)
+    return ("durable (fsync, synchronous_commit, full_page_writes on; wal_level logical; WAL archived; "
+            + (f"{replicas} streaming replica{'s' if replicas != 1 else ''})" if replicas else "no replica)"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 from dataclasses import dataclass, field
 
 STATUSES = ("ok", "info", "warning", "error")
@@ -116,6 +117,21 @@ def human_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "bytes": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+               "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4, "tb": 1024 ** 4,
+               "tib": 1024 ** 4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'20GB', '512 MB', '1.5TiB' or a number of bytes, as PostgreSQL reads sizes (a GB is 1024 MB);
+    a ValueError names what is accepted."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is no size: give a number with a unit, e.g. 20GB, 512MB or 1.5TB")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 def human_duration(seconds: float | None) -> str:

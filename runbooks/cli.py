@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, engine, preflight, promotion, records, runner, signoff
+from . import budgets, connection, engine, preflight, promotion, records, runner, signoff
 from .engine import EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -247,6 +247,12 @@ def deploy(target: connection.Target, params: dict, *, confirmed: bool, records_
                                 max_age_days=params.get("promotion_max_age_days"))
     if not decision.allowed:
         problems.append(decision.problem)
+    try:   # the disk the deployment needs, on the server and on the runner, against the free space known
+        problems += [p for p in (budgets.refusal(target, records_root, params),) if p]
+        if params.get("max_replica_lag") is not None:
+            engine.replica_lag_setting(params["max_replica_lag"])
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise UsageError("refused: " + "; ".join(problems))
     return runner.run_plan("deploy", runner.DEPLOY_PLAN, target, records_root=records_root, parameters=params,

@@ -1,7 +1,8 @@
 """Targets and connections: only through libpq's own means, never with a password in hand.
 
 A target is a libpq service (``pg_service.conf``, ``PGSERVICEFILE`` honoured), an entry of a
-targets file (TOML: host, port, dbname, user, sslmode, production, group), or the PG* environment.
+targets file (TOML: host, port, dbname, user, sslmode, production, group, server_disk_free), or the
+PG* environment.
 Passwords come from ``.pgpass``/``PGPASSFILE``/``PGPASSWORD`` and nowhere else: a target that
 carries one is refused, so no password can travel into a parameter, a notebook or a record.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+from .checks import parse_bytes
 from .paths import PROJECT_ROOT
 
 TARGETS_ENV = "RUNBOOK_TARGETS"
@@ -51,6 +53,7 @@ class Target:
     production: bool = False
     targets_file: str | None = None   # for kind "target": the file it came from
     group: str | None = None          # for kind "target": its group in the file (a fleet may deploy one group)
+    server_disk_free: str | None = None   # for kind "target": the server's free disk as the DBA knows it ("20GB")
 
     def conninfo(self, **extra: str) -> str:
         """A libpq connection string; libpq adds the password from its own sources."""
@@ -135,6 +138,7 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
         sslmode = "require"
         production = false
         group = "eu"        # optional: a fleet may be given one group of the file (fleet.Fleet.group)
+        server_disk_free = "20GB"   # optional: the server's free disk, where the role cannot see it (budgets.py)
     """
     file = targets_file_path(path)
     entries = _targets_of(file)
@@ -150,15 +154,22 @@ def from_targets_file(name: str, path: str | os.PathLike | None = None) -> Targe
     if group is not None and not (isinstance(group, str) and group.strip()):
         raise TargetError(f"target {name!r} in {file}: group must be a name in quotes (group = \"eu\"), "
                           f"not {group!r}")
+    disk_free = entry.pop("server_disk_free", None)
+    try:
+        if disk_free is not None:
+            parse_bytes(disk_free)
+    except ValueError as exc:
+        raise TargetError(f"target {name!r} in {file}: server_disk_free: {exc}") from None
     unknown = sorted(set(entry) - set(CONNINFO_KEYS))
     if unknown:
         raise TargetError(f"target {name!r} in {file}: unknown keys {', '.join(unknown)} "
-                          f"(allowed: {', '.join(CONNINFO_KEYS)}, production, group)")
+                          f"(allowed: {', '.join(CONNINFO_KEYS)}, production, group, server_disk_free)")
     for required in ("host", "dbname", "user"):
         if required not in entry:
             raise TargetError(f"target {name!r} in {file}: {required} is required")
     return Target(name=name, kind="target", params=entry, production=production,
-                  targets_file=str(file.resolve()), group=group)
+                  targets_file=str(file.resolve()), group=group,
+                  server_disk_free=None if disk_free is None else str(disk_free))
 
 
 def from_environment() -> Target:

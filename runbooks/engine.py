@@ -371,6 +371,7 @@ class ApplyEngine:
     lock_wait: float = 60.0          # seconds to wait for another runner
     progress: callable = None        # progress(Timing) after each statement
     on_retry: callable = None        # on_retry(attempt, delay, reason) before each pause for a retry
+    max_replica_lag: float | None = None   # seconds a replica may fall behind before the batches pause (0: never)
 
     @property
     def application_name(self) -> str:
@@ -383,6 +384,9 @@ class ApplyEngine:
         with conn.cursor() as cur:
             cur.execute("select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
                         (self.lock_timeout, self.statement_timeout))
+            if self.max_replica_lag is not None:   # the phase files' batches read it (unset: their default)
+                cur.execute("select set_config('truthsource.max_replica_lag', %s, false)",
+                            (replica_lag_setting(self.max_replica_lag),))
         return conn
 
     def apply(self, version: str, path: Path, *, force: bool = False, reapply: bool = False) -> ApplyResult:
@@ -517,6 +521,13 @@ class ApplyEngine:
         if self.on_retry:
             self.on_retry(attempt, delay, reason)
         time.sleep(delay)
+
+
+def replica_lag_setting(seconds: float) -> str:
+    """truthsource.max_replica_lag as the batches read it: seconds ('10', '2.5'), '0' never pauses."""
+    if seconds < 0:
+        raise ValueError(f"max_replica_lag must be 0 (never pause) or a number of seconds, not {seconds!r}")
+    return f"{seconds:.6f}".rstrip("0").rstrip(".")   # no exponent: the phase files read digits ('1e-05' is none)
 
 
 def _drop_invalid_index(conn, schema: str, name: str) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import by_hand as by_hand_runs, connection, records
+from . import connection, records
 from .checks import Check, CheckFailed
 from .pages import html_table
 from .paths import PROJECT_ROOT
@@ -225,6 +225,8 @@ class Run:
         _display({VERDICT_MIME: verdict, "text/plain": f"verdict: {verdict['status']}"}, raw=True,
                  metadata={VERDICT_METADATA: kept})
         if self.by_hand:
+            from . import by_hand as by_hand_runs
+
             by_hand_runs.finish(self, verdict["status"])
         if failed:
             raise CheckFailed(f"{len(failed)} check(s) failed: " + ", ".join(c.name for c in failed))
@@ -246,6 +248,10 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
     by_hand = run_id is None
     joined = None
     if by_hand:  # no runbook command checked the target for a pooler, nor gave a run
+        # imported here: by_hand imports nbformat, whose jsonschema parses a grammar at import for
+        # seconds (rfc3987_syntax), which every notebook of `runbook deploy` paid before it did anything
+        from . import by_hand as by_hand_runs
+
         connection.refuse_transaction_pooler(target)
         joined = by_hand_runs.joined_run(notebook, target, now=_identity_if_joining(notebook, target),
                                          require_preflight=require_preflight, max_age_hours=preflight_max_age_hours)
@@ -278,7 +284,7 @@ def setup(*, notebook: str, target_kind: str | None = None, target_name: str | N
 def _identity_if_joining(notebook: str, target: connection.Target):
     """The target's identity, for a notebook that may join a by-hand preflight's run (only the very
     database that preflight saw is joined); None for the others."""
-    from . import identity
+    from . import by_hand as by_hand_runs, identity
 
     if notebook not in by_hand_runs.JOINS_THE_PREFLIGHT:
         return None

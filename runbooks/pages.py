@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jinja2 import DictLoader
 
-from . import records
+from . import footprint, records
 
 INDEX = records.INDEX_FILE
 COLLAPSE_AFTER = 25   # rows: a longer table is collapsed (complete, one click away)
@@ -210,7 +210,13 @@ def run_facts(manifest: dict) -> list[tuple[str, str]]:
     return rows
 
 
-RUN_FACTS = (_approval_rows, _rollback_rows, _backup_rows, _promotion_rows, _discarded_rows)
+def _footprint_rows(manifest: dict) -> list[tuple[str, str]]:
+    """What the app felt and the WAL and disk the run's phases used (footprint.py), where they were measured."""
+    return [(label, f'<span id="{element}">{html.escape(text)}</span>')
+            for label, element, text in footprint.card_rows(manifest)]
+
+
+RUN_FACTS = (_approval_rows, _rollback_rows, _backup_rows, _promotion_rows, _discarded_rows, _footprint_rows)
 
 
 def _facts_table(rows: list[tuple[str, str]]) -> str:

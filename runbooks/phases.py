@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import catalog_changes, engine, estimate, lint, records, snapshot, watch
+from . import catalog_changes, engine, estimate, footprint, impact, lint, records, resources, snapshot, watch
 from .checks import Check
 from .notebook import Run, details, table
 from .paths import PHASES
@@ -19,6 +19,7 @@ class Phase:
     after: dict | None = None
     result: engine.ApplyResult | None = None
     statements: list = field(default_factory=list)
+    measured: dict | None = None     # what the app felt and the WAL and disk used (footprint.py)
 
     def __post_init__(self):
         paths = dict(PHASES)
@@ -63,9 +64,11 @@ class Phase:
         details(f"Full text of sql/{self.path.name} (sha256 {self.sha256})", self.path.read_text())
 
     def apply(self, *, force: bool = False, reapply: bool = False, lock_timeout: str = "500ms",
-              statement_timeout: str = "auto", lock_retries: int = 5, lock_wait: float = 60) -> engine.ApplyResult:
+              statement_timeout: str = "auto", lock_retries: int = 5, lock_wait: float = 60,
+              max_replica_lag: float | None = None) -> engine.ApplyResult:
         """Apply through the engine; raises (stopping the notebook) on any failure. A statement_timeout
-        of "auto" grows with the target's data (estimate.statement_timeout)."""
+        of "auto" grows with the target's data (estimate.statement_timeout). What the app felt and the WAL
+        and disk used are measured meanwhile and kept in the record (footprint.py)."""
         if statement_timeout == "auto":
             statement_timeout = estimate.statement_timeout(self.run.conn, self.version)
             print(f"statement_timeout {statement_timeout} (auto: {estimate.TIMEOUT_FACTOR}x this phase's estimate, "
@@ -75,6 +78,7 @@ class Phase:
                   flush=True)
 
         def on_retry(attempt: int, delay: float, reason: str) -> None:
+            app_impact.note_retry(attempt, delay, reason)
             print(f"  attempt {attempt}/{lock_retries + 1} rolled back, {reason}; retrying in {delay:.1f}s",
                   flush=True)
 
@@ -82,11 +86,17 @@ class Phase:
         apply_engine = engine.ApplyEngine(self.run.target, run_id=self.run.run_id, operator=self.run.operator,
                                           lock_timeout=lock_timeout, statement_timeout=statement_timeout,
                                           lock_retries=lock_retries, lock_wait=lock_wait, progress=progress,
-                                          on_retry=on_retry)
+                                          on_retry=on_retry, max_replica_lag=max_replica_lag)
+        run_backends = (apply_engine.application_name,)
         # a line at least every 10 s while the phase runs: long statements and lock waits are not silence
-        with watch.Heartbeat(self.run.target, what=f"phase {self.version}",
-                             applications=(apply_engine.application_name,)):
+        with watch.Heartbeat(self.run.target, what=f"phase {self.version}", applications=run_backends), \
+                impact.ImpactSampler(self.run.target, run_backends) as app_impact, \
+                resources.ResourceMeter(self.run.target) as used:
             self.result = apply_engine.apply(self.version, self.path, force=force, reapply=reapply)
+        if self.result.status != "skipped":
+            self.measured = {"impact": app_impact.summary(), "resources": used.summary(),
+                             "seconds": round(self.result.seconds, 3)}
+            footprint.write(self.run.record_dir, self.version, self.measured)
         self.after = snapshot.take_snapshot(self.run.conn, checksum_row_limit=0)
         r = self.result
         print(f"phase {self.version}: {r.status}"
@@ -100,6 +110,19 @@ class Phase:
                  "statement": t.summary, "notices": " | ".join(n.removeprefix("NOTICE:").strip() for n in t.notices)}
                 for t in sorted(self.result.timings, key=lambda t: -t.seconds)] if self.result else []
         return table(rows, columns=["#", "line", "seconds", "rows", "statement", "notices"])
+
+    def footprint(self) -> Check:
+        """What the app felt while the phase ran (who waited on the phase's locks, how long, what failed)
+        and the WAL, replica lag and disk it used, as the record keeps them."""
+        if self.measured is None:
+            return Check("footprint", "info", "not measured: the phase did not run (already applied)",
+                         title=f"phase {self.version}: what the app felt, and the WAL and disk it used")
+        return footprint.check(self.version, self.measured)
+
+    def app_waits(self):
+        """Each wait of an app session on the phase's locks, longest first (at most ten)."""
+        rows = impact.rows(self.measured["impact"]) if self.measured else []
+        return table(rows, columns=["session", "waited", "lock", "held by (run's pid)", "ended", "statement"])
 
     def changes(self) -> Check:
         """What the phase changed, read back from the catalog: objects added, altered (one row with

@@ -25,8 +25,8 @@ import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import (by_hand, connection, engine, identity, kernel_guard, pages, promotion, records, verdicts, watch,
-               witness)
+from . import (by_hand, connection, engine, footprint, identity, kernel_guard, pages, promotion, records, verdicts,
+               watch, witness)
 from .notebook import VERDICT_METADATA, VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -397,6 +397,9 @@ def _seal(record: records.Record, manifest: dict, outcome: Outcome) -> None:
     decided = promotion.read(record.path)   # the preflight's promotion decision and its evidence
     if decided is not None:
         manifest["promotion"] = decided
+    measured = footprint.gather(record.path)   # per phase: what the app felt, the WAL and disk used
+    if measured is not None:
+        manifest["footprint"] = measured
     _facts_into_manifest(manifest)
     redacted = records.redact_data(manifest, secrets)
     if redacted != manifest:

@@ -5,6 +5,7 @@ is otherwise silence, in the terminal and in the notebook. A :class:`Heartbeat` 
 backends from a connection of its own — ``pg_stat_activity`` by application name, the progress
 views of ``CREATE INDEX`` and ``CLUSTER``, phase 2's batch counts, ``pg_blocking_pids`` — and says
 what each is doing, for how long, who it waits for, and, where PostgreSQL reports progress, how far it is with rate and ETA.
+Batches paused while a replica falls behind say so with the reason ("paused: replica 14 s behind").
 
 It reads and never changes anything; when it cannot read (the server went away), it says so once
 and keeps quiet about it after.
@@ -22,6 +23,8 @@ from .checks import human_duration
 
 # Backends of this project's runs: the engine names its connections "runbook run <run id>".
 RUNBOOK_APPLICATIONS = ("runbook%",)
+# ... but not the watchers beside a run (heartbeats, impact.py's and resources.py's samplers)
+WATCHERS = ("runbook heartbeat", "runbook impact", "runbook resources")
 
 ACTIVITY_SQL = r"""
 select a.pid, a.application_name, a.state,
@@ -39,6 +42,7 @@ select a.pid, a.application_name, a.state,
   left join pg_catalog.pg_stat_progress_cluster cl on cl.pid = a.pid
  where a.datname = current_database() and a.pid <> pg_backend_pid()
    and a.state is distinct from 'idle' and a.application_name like any (%s)
+   and a.application_name <> all (%s)
  order by a.pid
 """
 
@@ -51,6 +55,18 @@ union all
 select 'redaction', table_name, pages_done, pages_total, 'pages'
   from private.pending_redactions where done_at is null
 order by 1, 2
+"""
+
+
+# Between batches, phase 2 sleeps while a replica falls behind or WAL archiving lags (wait event PgSleep):
+# the phase files' own reason, where the function exists and may be called, else the lag read here.
+BACKLOG_FUNCTION = "private.replication_backlog()"
+BACKLOG_SQL = f"""select case when to_regprocedure('{BACKLOG_FUNCTION}') is not null
+                              then has_function_privilege('{BACKLOG_FUNCTION}', 'execute') else false end"""
+LAG_SQL = """
+select 'replica ' || coalesce(round(extract(epoch from max(replay_lag)))::text || ' s',
+                              pg_size_pretty(max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)))) || ' behind'
+  from pg_stat_replication having count(*) > 0
 """
 
 
@@ -118,7 +134,7 @@ class Heartbeat:
             self._conn = connection.connect(self.target, application_name="runbook heartbeat",
                                             readonly=True, autocommit=True)
         with self._conn.cursor() as cur:
-            cur.execute(ACTIVITY_SQL, (list(self.applications),))
+            cur.execute(ACTIVITY_SQL, (list(self.applications), list(WATCHERS)))
             names = [d.name for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -156,11 +172,30 @@ class Heartbeat:
         text = f"    pid {row['pid']} {row['state']} {human_duration(row['seconds'])}: {redact(row['query'] or '')}"
         if row["wait_event_type"] == "Lock":
             text += f" — waiting for a {row['wait_event']} lock held by pid {', '.join(map(str, row['blockers'])) or '?'}"
+        elif row["wait_event"] == "PgSleep":
+            reason = self._backlog()
+            text += f" — paused: {reason}" if reason else " — paused between batches"
         elif row["wait_event_type"]:
             text += f" — waiting ({row['wait_event_type']}: {row['wait_event']})"
         if row["command"]:
             text += f" — {row['command'].lower()} of {row['relation']}: {row['phase']}{self._rate(row)}"
         return text
+
+    def _backlog(self) -> str | None:
+        """Why the batches pause ('replica 14 s behind', 'WAL archiving 40 segments behind'), or None."""
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(BACKLOG_SQL)
+                if cur.fetchone()[0]:   # judged by this session's limit (the default), not the run's: may be None
+                    cur.execute(f"select {BACKLOG_FUNCTION}")
+                    reason = cur.fetchone()[0]
+                    if reason:
+                        return reason
+                cur.execute(LAG_SQL)
+                row = cur.fetchone()
+                return row[0] if row else None
+        except Exception:   # a role that may not read the lag: the pause is said without its reason
+            return None
 
     def _rate(self, row: dict) -> str:
         """Blocks done / total, with rate and ETA from the previous sample of the same backend."""

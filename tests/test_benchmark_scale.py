@@ -120,9 +120,20 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
     assert result["rollback"]["rollback_counts_equal"] is True
     assert result["verification"]["integrity_rows"] and result["verification"]["stats_tables"] >= 8
     assert result["org_products"]["authenticated"]["rows"] == result["org_products"]["service_role"]["rows"] == 50
+    for phase in result["engine"]["phases"]:   # production conditions: what every record measures, per phase
+        assert phase["resources"]["wal_bytes"] > 0 and phase["resources"]["problem"] is None
+        assert phase["impact"]["problem"] is None
+    assert set(result["predicted"]["wal"]) == {"000", "001", "002"} and result["predicted"]["runner_bytes"] > 0
+    deploy = result["deploy"]
+    assert deploy["exit_code"] == 0 and deploy["record"]["verdict"] == "passed", deploy.get("output_tail")
+    assert [n["name"] for n in deploy["record"]["notebooks"]] == ["preflight", "phase1", "phase2", "phase3",
+                                                                  "verification"]
+    assert set(deploy["record"]["footprint"]) == {"000", "001", "002"} and deploy["record"]["record_bytes"] > 0
 
     text = scale.render(report)
     assert all(f["figure"] in text for f in result["figures"])
+    for table in ("WAL, replica and disk per phase", "the preflight's predictions", "runbook deploy as a process"):
+        assert table in text
     bigger = {**result, "size": {**result["size"], "label": "tiny again"}}
     grown = scale.render({**report, "sizes": [result, bigger]}, markdown=True)
     assert "How each figure grows" in grown and "| products" in grown
@@ -130,3 +141,4 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
     left = {name for (name,) in generated.query(
         "select datname from pg_database where datname like 'bench\\_%'")}
     assert not left, f"the benchmark left databases behind: {left}"
+
