@@ -87,6 +87,8 @@ def pytest_configure(config):
 def pytest_terminal_summary(terminalreporter):
     """The run's last lines, just above the counts: each group of tests that did not run here, and why."""
     yield
+    if terminalreporter.config.option.collectonly:
+        return
     groups: dict[str, set[str]] = {}
     for report in terminalreporter.stats.get("skipped", []):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

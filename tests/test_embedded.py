@@ -22,6 +22,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.both_versions   # RUNBOOKS_PG_BIN: the embedded server runs Debian's binaries too
 def test_the_server_runs_as_an_unprivileged_user_and_reports_its_version(server):
     pg = server.pg
     conn = psycopg2.connect(pg.conninfo())

@@ -18,6 +18,8 @@ from runhelpers import (assert_identical, deploy_in_a_process, hold_phase_two, w
                         snapshot_of)
 from sqlhelpers import wait_until
 
+pytestmark = pytest.mark.both_versions   # rollback restores with pg_restore and SQL that depend on the version
+
 
 def preflight_record(db, folder: Path, run_id: str) -> None:
     """What the preflight leaves, as its notebook takes it: the database's identity, the snapshot and
