@@ -7,7 +7,9 @@ every test runs on). A test that asks for ``server`` (or anything built on it) r
 whose behaviour depends on the server's version is marked ``@pytest.mark.both_versions`` (on the test,
 a class or a module's ``pytestmark``) and runs on each flavour: what the catalogs and privileges of 15 and
 18 differ in (the phase files converging, verification, preflight's privilege checks, restore and
-pg_dump/pg_restore matching, the SQL lints). Under pytest-xdist (``make test`` runs ``-n 2 --dist
+pg_dump/pg_restore matching, the SQL lints). A whole plan (marked ``slow``) in such a module still runs
+on 18 only, unless the test itself is marked: it drives through kernels the steps that the module's
+other tests check on both versions. Under pytest-xdist (``make test`` runs ``-n 2 --dist
 loadscope``) every worker is a process of its own with its own servers and templates, and a module's
 tests stay together on one worker, so module-scoped fixtures and ordered chains (the nbval regression)
 keep working.
@@ -216,11 +218,20 @@ class Server:
         self.admin_execute(f"drop database if exists {db.name} with (force)")
 
 
+def _on_every_flavour(definition) -> bool:
+    """Marked both_versions, itself or by its module or class; but a whole plan (marked slow) in such a
+    module runs on the first flavour only, unless the test itself is marked: it drives through kernels
+    the steps that the module's other tests check on every version."""
+    if definition.own_markers and any(m.name == "both_versions" for m in definition.own_markers):
+        return True
+    return bool(definition.get_closest_marker("both_versions")) and not definition.get_closest_marker("slow")
+
+
 def pytest_generate_tests(metafunc):
-    """Every test that uses `server` gets a flavour: each one if marked both_versions, else the first."""
+    """Every test that uses `server` gets a flavour: each one if it is version-dependent, else the first."""
     if "server" not in metafunc.fixturenames:
         return
-    wanted = FLAVOURS if metafunc.definition.get_closest_marker("both_versions") else FLAVOURS[:1]
+    wanted = FLAVOURS if _on_every_flavour(metafunc.definition) else FLAVOURS[:1]
     metafunc.parametrize("server", [name for name, _ in wanted], ids=[name for name, _ in wanted],
                          indirect=True, scope="session")
 
