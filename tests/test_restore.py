@@ -17,6 +17,8 @@ from runbooks.snapshot import compare_snapshots
 
 from runhelpers import assert_identical, history, snapshot_of
 
+pytestmark = pytest.mark.both_versions   # SET ROLE from 16, and a pg_restore newer than the server, depend on the version
+
 # The state before the deployment: what the backup holds.
 BEFORE_DEPLOY = """
 create extension if not exists citext with schema public;

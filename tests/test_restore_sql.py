@@ -4,6 +4,8 @@ import pytest
 
 from runbooks import restore_sql
 
+pytestmark = pytest.mark.both_versions   # the restore's SQL branches on the server's version (SET ROLE from 16)
+
 
 def test_a_created_public_gets_exactly_the_privileges_initdb_gives_it():
     assert restore_sql.public_baseline(None) == [

@@ -17,6 +17,8 @@ from runhelpers import (assert_identical, deploy_in_a_process, preflight_record,
                         snapshot_of)
 from sqlhelpers import wait_until
 
+pytestmark = pytest.mark.both_versions   # rollback restores with pg_restore and SQL that depend on the version
+
 
 @pytest.fixture
 def preflighted(legacy_db, tmp_path):

@@ -23,6 +23,8 @@ from runbooks.backup import take_backup
 
 from runhelpers import OwnerDatabase, assert_identical, history, snapshot_of
 
+pytestmark = pytest.mark.both_versions   # what an owner who is no superuser may do changed in 16
+
 VARIANT = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
 LEGACY = paths.LEGACY_FIXTURE_FILE
 _numbers = itertools.count()

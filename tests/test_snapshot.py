@@ -12,6 +12,8 @@ from runbooks.snapshot import (CHECKSUM_METHOD, LEGACY_CHECKSUM_METHOD, WORK_QUE
 
 from runhelpers import snapshot_of
 
+pytestmark = pytest.mark.both_versions   # the snapshot reads the catalogs of each version
+
 APP = """
 create table public.organizations (id int primary key, name text not null, updated_at timestamptz default now());
 create table public.members (org_id int references public.organizations(id), user_name text, role text

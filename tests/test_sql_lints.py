@@ -12,6 +12,8 @@ from runbooks import verification
 
 from sqlhelpers import CONTRACT_TABLES
 
+pytestmark = pytest.mark.both_versions   # the rules read the catalogs and privileges (MAINTAIN exists from 17)
+
 BASES = ("empty", "legacy", "variant")
 
 # functions the API roles may execute (everything else in public and private is for the DBA and service_role)

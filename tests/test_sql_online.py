@@ -11,11 +11,14 @@ from __future__ import annotations
 import threading
 
 import psycopg2
+import pytest
 
 from runbooks.verification import act_as
 from runbooks.watch import Heartbeat
 from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, find_text, split_file,
                         waiting_backend)
+
+pytestmark = pytest.mark.both_versions   # the locks phase 2's statements take, and how long they wait, are the server's
 
 PHASE_TWO = PHASE_FILES[1]
 APP_NAME = "p2-online-test"

@@ -13,6 +13,8 @@ from runbooks.checks import Check
 
 from runhelpers import readonly
 
+pytestmark = pytest.mark.both_versions   # the checks read the catalogs of each version
+
 ALL_CHECKS = (verification.phases_applied, verification.updated_at_trigger, verification.helper_functions,
               verification.data_integrity, verification.database_stats, verification.query_latency,
               verification.performance_lints, verification.suspicious_activity, verification.rls_spot_checks,
