@@ -67,6 +67,9 @@ TAG = "truthsource/"               # the prefix of every tag the fleet puts on a
 # What may be retried: the server ended the session mid-phase; the phase's transaction was rolled back.
 RETRYABLE_ERRORS = ("ConnectionLost",)
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+# A run's config names the loggers Dagster starts for it (else its default console logger); this one
+# prints a refusal as one line, without Dagster's stack (fleet_console). The sensor's runs name it.
+CONSOLE = {"console": {}}
 UnknownGroup = fleet_plan.UnknownGroup
 
 
@@ -464,7 +467,7 @@ def production_after_staging(context: dg.SensorEvaluationContext, fleet: Fleet):
         context.log.info(line)
     return [dg.RunRequest(run_key=f"{name}:{files_tag()}", partition_key=name,
                           tags=start_tags(fleet, name, "production"),
-                          run_config={"ops": {"production_deployment": {"config": config}}})
+                          run_config={"ops": {"production_deployment": {"config": config}}, "loggers": CONSOLE})
             for name in ready]
 
 
