@@ -388,8 +388,9 @@ def latest_deployment(instance: dg.DagsterInstance, asset, name: str) -> dict:
 def not_deployed(instance: dg.DagsterInstance, asset, stage: str, name: str) -> str | None:
     """Why a target has not deployed the phase files on disk, in a few words (None: its latest run did)."""
     run = latest_run(instance, stage, name)
-    if run is not None and run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
-        return (f"its latest run {run.status.value.lower()}: {run.tags.get(TAG + 'verdict', 'no verdict')}, "
+    ended = {dg.DagsterRunStatus.FAILURE: "failed", dg.DagsterRunStatus.CANCELED: "was canceled"}
+    if run is not None and run.status in ended:
+        return (f"its latest run {ended[run.status]}: {run.tags.get(TAG + 'verdict', 'no verdict')}, "
                 f"Dagster run {run.run_id[:8]}")
     if run is not None and not run.is_finished:
         return f"deploying now, Dagster run {run.run_id[:8]}"
