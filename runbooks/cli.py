@@ -329,8 +329,9 @@ def status_of_fleet(args) -> int:
     path = connection.targets_file_path(args.targets_file)
     targets = [connection.from_targets_file(name, path) for name in connection.target_names(path)]
     on_disk = {Path(name).name: digest for name, digest in promotion.phase_digests().items()}
-    print(f"{'target':<20} {'prod':<5} " + " ".join(f"{name[:22]:<23}" for name in on_disk))
-    print(f"{'(files on disk)':<20} {'':<5} " + " ".join(f"{digest[:12]:<23}" for digest in on_disk.values()))
+    widths = [max(23, len(name) + 1) for name in on_disk]   # a file's name whole: the header names it
+    print(f"{'target':<20} {'prod':<5} " + _columns(list(on_disk), widths))
+    print(f"{'(files on disk)':<20} {'':<5} " + _columns([digest[:12] for digest in on_disk.values()], widths))
     for target in targets:
         try:
             applied = promotion.applied_digests(target)
@@ -338,8 +339,7 @@ def status_of_fleet(args) -> int:
                      for name, digest in on_disk.items()]
         except psycopg2.OperationalError as exc:
             cells = ["unreachable: " + " ".join(str(exc).split())[:40]]
-        print(_fit(f"{target.name[:20]:<20} {'yes' if target.production else 'no':<5} "
-                   + " ".join(f"{cell:<23}" for cell in cells)))
+        print(_fit(f"{target.name[:20]:<20} {'yes' if target.production else 'no':<5} " + _columns(cells, widths)))
     print("(= : the applied file is the one on disk)")
     production = next((t for t in targets if t.production), None)
     if production is not None:
@@ -349,6 +349,11 @@ def status_of_fleet(args) -> int:
                                     f"no non-production deployment of the files on disk in the last "
                                     f"{decision.max_age_days:g} days: production would be refused"), 200))
     return EXIT_OK
+
+
+def _columns(cells: list[str], widths: list[int]) -> str:
+    """Cells padded to their columns' widths (the last one as it is)."""
+    return " ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
 
 
 WIDTH = 100   # what `status` and `records list` print fits a terminal this wide
