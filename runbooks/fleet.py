@@ -222,7 +222,7 @@ def start_tags(fleet: Fleet, name: str, stage: str) -> dict[str, str]:
         group = None   # not in the file (any more): the run refuses it
     return {TAG + "stage": stage, TAG + "target": name, TAG + "group": group or "",
             TAG + "phase_files": files_tag(),
-            **{TAG + "sha256/" + Path(path).name: digest for path, digest in promotion.phase_digests().items()}}
+            **{TAG + "sha256." + Path(path).name: digest for path, digest in promotion.phase_digests().items()}}
 
 
 def run_partition(context: dg.OpExecutionContext | dg.AssetExecutionContext, fleet: Fleet, plan, stage: str,

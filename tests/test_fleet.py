@@ -193,8 +193,8 @@ def test_two_targets_pass_with_sealed_records_and_the_run_shows_verdict_record_a
         assert tags["truthsource/stage"] == "staging" and tags["truthsource/target"] == name
         assert tags["truthsource/run_id"] == record.run_id and "truthsource/group" not in tags   # in no group
         assert tags["truthsource/phase_files"] == fleet.files_tag()
-        assert {k: v for k, v in tags.items() if k.startswith("truthsource/sha256/")} == {
-            f"truthsource/sha256/{Path(path).name}": digest for path, digest in promotion.phase_digests().items()}
+        assert {k: v for k, v in tags.items() if k.startswith("truthsource/sha256.")} == {
+            f"truthsource/sha256.{Path(path).name}": digest for path, digest in promotion.phase_digests().items()}
 
 
 def test_the_target_with_duplicate_skus_fails_with_its_record_and_is_not_retried(fleet_runs):
