@@ -300,6 +300,11 @@ class RemoteRecord(records.Record):
             raise
         return True
 
+    @property
+    def sealed(self) -> bool:
+        """A published record is sealed: its manifest is in the store (never written again)."""
+        return self.exists()
+
     def manifest_bytes(self) -> bytes:
         if self._manifest_bytes is None:
             self._manifest_bytes = self._read(records.MANIFEST)
