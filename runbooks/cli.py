@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import budgets, connection, engine, preflight, promotion, records, runner, signoff
+from . import budgets, connection, engine, preflight, promotion, records, runner, signoff, storage
 from .engine import EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -35,8 +35,8 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_records(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--records", metavar="DIR", type=Path, default=records.DEFAULT_RECORDS_DIR,
-                        help="where run records live (default ./records)")
+    parser.add_argument("--records", metavar="DIR", type=storage.argument, default=records.DEFAULT_RECORDS_DIR,
+                        help="where run records live: a folder (default ./records) or s3://bucket/prefix")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +202,9 @@ READS_RECORDS = ("records", "rollback")
 def check_records_folder(args) -> None:
     """Refuse a --records folder that cannot be meant, before anything runs (it changes nothing)."""
     folder = getattr(args, "records", None)
+    if storage.is_url(folder):
+        storage.location(folder).check()   # an object store: reachable, with the SDK's own credentials
+        return
     if folder is None or folder.is_dir():
         return
     if folder.exists():
@@ -283,7 +286,7 @@ def verify(target: connection.Target, records_root: Path, progress=print) -> run
     """`runbook verify`'s plan on one target (the fleet's verification runs this too): row counts are
     compared with the newest preflight snapshot of that target in the records, when there is one."""
     params = {}
-    baseline = records.latest_with_snapshot(records_root, target.describe())
+    baseline = storage.location(records_root).latest_with_snapshot(target.describe())
     if baseline:
         params["baseline_dir"] = str(baseline.resolve())
     return runner.run_plan("verify", ("verification",), target, records_root=records_root, parameters=params,
@@ -306,7 +309,8 @@ def rollback(target: connection.Target, run_id: str, params: dict, *, confirmed:
     if {"rollback_run_id", "rollback_record_dir"} & set(params):
         raise UsageError("the run to roll back is named by --run, not by a parameter")
     try:  # the record, the backup against its witness, the target's identity, writes since: before anything changes
-        source = examine_source(target, records_root, run_id, bool(params.get("discard_later_writes", False)))
+        source = examine_source(target, storage.location(records_root).fetch(run_id), run_id,
+                                bool(params.get("discard_later_writes", False)))
     except RollbackRefused as exc:
         raise UsageError(str(exc)) from None
     if not confirmed:
@@ -376,8 +380,9 @@ def status_of_fleet(args) -> int:
     path = connection.targets_file_path(args.targets_file)
     targets = [connection.from_targets_file(name, path) for name in connection.target_names(path)]
     on_disk = {Path(name).name: digest for name, digest in promotion.phase_digests().items()}
-    print(f"{'target':<20} {'prod':<5} " + " ".join(f"{name[:22]:<23}" for name in on_disk))
-    print(f"{'(files on disk)':<20} {'':<5} " + " ".join(f"{digest[:12]:<23}" for digest in on_disk.values()))
+    widths = [max(23, len(name) + 1) for name in on_disk]   # a file's name whole: the header names it
+    print(f"{'target':<20} {'prod':<5} " + _columns(list(on_disk), widths))
+    print(f"{'(files on disk)':<20} {'':<5} " + _columns([digest[:12] for digest in on_disk.values()], widths))
     for target in targets:
         try:
             applied = promotion.applied_digests(target)
@@ -385,8 +390,7 @@ def status_of_fleet(args) -> int:
                      for name, digest in on_disk.items()]
         except psycopg2.OperationalError as exc:
             cells = ["unreachable: " + " ".join(str(exc).split())[:40]]
-        print(_fit(f"{target.name[:20]:<20} {'yes' if target.production else 'no':<5} "
-                   + " ".join(f"{cell:<23}" for cell in cells)))
+        print(_fit(f"{target.name[:20]:<20} {'yes' if target.production else 'no':<5} " + _columns(cells, widths)))
     print("(= : the applied file is the one on disk)")
     production = next((t for t in targets if t.production), None)
     if production is not None:
@@ -396,6 +400,11 @@ def status_of_fleet(args) -> int:
                                     f"no non-production deployment of the files on disk in the last "
                                     f"{decision.max_age_days:g} days: production would be refused"), 200))
     return EXIT_OK
+
+
+def _columns(cells: list[str], widths: list[int]) -> str:
+    """Cells padded to their columns' widths (the last one as it is)."""
+    return " ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
 
 
 WIDTH = 100   # what `status` and `records list` print fits a terminal this wide
@@ -411,8 +420,9 @@ def _utc(moment) -> str:
 
 
 def cmd_records(args) -> int:
+    location = storage.location(args.records)   # a folder, or an object store other workers published to
     if args.action == "list":
-        rows = records.list_records(args.records)
+        rows = location.list_records()
         if not rows:
             print(f"no records in {args.records}")
             return EXIT_OK
@@ -424,14 +434,20 @@ def cmd_records(args) -> int:
         return EXIT_OK
     if args.action == "seal":
         from .by_hand import seal
+
+        if location.remote:
+            raise UsageError("records seal works on the local folder a run stepped through by hand was written to; "
+                             "give that folder as --records")
         from .paths import NOTEBOOK_DIR
 
         return seal(args.records, args.run_id, args.notebooks or NOTEBOOK_DIR).exit_code
     if args.action == "finish":
         from .witness import finish
 
+        if location.remote:
+            raise UsageError("records finish works on the local folder of the run; give that folder as --records")
         return finish(args.records, args.run_id)
-    record = records.Record.open(args.records, args.run_id)
+    record = location.open(args.run_id)
     if args.action == "show":
         print(records.describe(record))
         return EXIT_OK
@@ -476,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     except REFUSALS as exc:
         print(f"runbook {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except psycopg2.Error as exc:
+    except (psycopg2.Error, storage.PublishError) as exc:
         print(f"runbook {args.command}: {str(exc).strip()}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg2
 
-from . import connection, engine, identity, records
+from . import connection, engine, identity, records, storage
 from .checks import Check
 from .paths import PHASES, PROJECT_ROOT
 
@@ -125,8 +125,9 @@ def evidence_in_records(root: Path, digests: dict[str, str], oldest: datetime,
     """Sealed records of non-production runs that prove these files, newest first. Records that
     come close (a deployment of other files, or too old) are described in `misses`."""
     found = []
-    for row in reversed(records.list_records(root)):
-        record = records.Record(Path(root), row["run_id"])
+    location = storage.location(root)   # a local folder, or an object store other workers publish to
+    for row in reversed(location.list_records()):
+        record = location.open(row["run_id"])
         try:
             manifest = record.manifest()
         except records.RecordError:
@@ -137,7 +138,7 @@ def evidence_in_records(root: Path, digests: dict[str, str], oldest: datetime,
         problem = _why_not(manifest, record, digests, oldest)
         if problem is None:
             found.append(Evidence(run_id=row["run_id"], target=target, finished_at=manifest["finished_at"],
-                                  source="records", seal=record.seal(), record=str(record.path.resolve())))
+                                  source="records", seal=record.seal(), record=location.record_url(row["run_id"])))
         elif misses is not None and manifest.get("command") == "deploy":
             misses.append(f"run {row['run_id']} on {target.get('kind')} {target.get('name')!r}: {problem}")
     return found
@@ -204,7 +205,7 @@ def decide(target: connection.Target, records_root: Path, *, override: str | Non
         return decision
     oldest = (now or datetime.now(timezone.utc)) - timedelta(days=max_age_days)
     misses: list[str] = []
-    found = evidence_in_records(Path(records_root), digests, oldest, misses)
+    found = evidence_in_records(records_root, digests, oldest, misses)
     if not found:
         found = _evidence_in_histories(targets_file or target.targets_file, digests, oldest, misses)
     if found:
@@ -219,11 +220,16 @@ def decide(target: connection.Target, records_root: Path, *, override: str | Non
     decision.problem = (
         f"production target {target.name!r} refused: no non-production target passed a full deployment with "
         f"verification of these phase files ({_short(digests)}) in the last {max_age_days:g} days "
-        f"(looked in the records folder {Path(records_root).resolve()} and the deployment history of the "
+        f"(looked in the records {_where(records_root)} and the deployment history of the "
         "non-production targets of the targets file)"
         + ("; nearest: " + "; ".join(misses[:3]) if misses else "")
         + ". Deploy these files to staging first, or pass -p promotion_override \"<reason>\" (recorded)")
     return decision
+
+
+def _where(records_root) -> str:
+    location = storage.location(records_root)
+    return f"at {location}" if location.remote else f"folder {Path(records_root).resolve()}"
 
 
 def _evidence_in_histories(targets_file, digests: dict[str, str], oldest: datetime, misses: list[str]) -> list[Evidence]:
@@ -244,7 +250,7 @@ def check(target: connection.Target, record_dir: Path, *, override: str | None =
     """The preflight's promotion step: decides (records beside this run's folder, the targets
     file's histories) and writes the decision into the run's record."""
     record_dir = Path(record_dir)
-    decision = decide(target, record_dir.parent, override=override, max_age_days=max_age_days, now=now)
+    decision = decide(target, storage.home_of(record_dir), override=override, max_age_days=max_age_days, now=now)
     write(record_dir, decision)
     rows = [{"phase file": name, "sha256": digest} for name, digest in decision.phase_files.items()]
     if not target.production:

@@ -25,8 +25,8 @@ import psycopg2
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
-from . import (by_hand, connection, engine, footprint, identity, kernel_guard, pages, promotion, records, verdicts,
-               watch, witness)
+from . import (by_hand, connection, engine, footprint, identity, kernel_guard, pages, promotion, records, storage,
+               verdicts, watch, witness)
 from .notebook import VERDICT_METADATA, VERDICT_MIME
 from .paths import NOTEBOOK_DIR, PROJECT_ROOT
 
@@ -236,9 +236,13 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
              records_root: Path, parameters: dict | None = None, operator: str | None = None,
              progress=print, run_id: str | None = None, manifest_extra: dict | None = None) -> Outcome:
     """Run the notebooks of a plan against a target and seal the record; never raises for a
-    failed notebook (the outcome says so), only for refusals made before anything ran."""
+    failed notebook (the outcome says so), only for refusals made before anything ran (and PublishError
+    when the sealed record could not be published to an object store: it is kept locally)."""
     logging.getLogger("papermill").setLevel(logging.WARNING)
     run_id = run_id or records.new_run_id()
+    location = storage.location(records_root)   # an object store: written here first, published once sealed
+    location.check()
+    records_root = location.workdir()
     new_folder = not Path(records_root).exists()
     record = records.Record.create(Path(records_root), run_id)
     who = records.operator_facts(operator or (parameters or {}).get("operator"))
@@ -281,6 +285,7 @@ def run_plan(command: str, steps: tuple[str, ...] | list[str], target: connectio
         progress(f"  {'refused' if outcome.verdict == 'refused' else 'failed'}: {manifest['error']}")
     _seal(record, manifest, outcome)
     say_sealed(record, progress)
+    outcome.record = location.publish(record, progress)   # PublishError: the sealed record stays where it is
     return outcome
 
 

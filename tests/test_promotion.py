@@ -9,6 +9,7 @@ import html
 import re
 import shutil
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -169,6 +170,8 @@ def test_the_preflight_notebook_refuses_production_without_evidence_the_same_way
 def test_status_all_shows_which_digests_each_target_has_applied(fleet, staging, capsys):
     assert runbook("status", "--all", "--targets-file", fleet["targets"], "--records", staging["root"]) == 0
     out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["target", "prod", *(Path(name).name for name in promotion.phase_digests())]   # no name cut
     staging_line = next(line for line in out.splitlines() if line.startswith("staging "))
     prod_line = next(line for line in out.splitlines() if line.startswith("prod "))
     for digest in promotion.phase_digests().values():
