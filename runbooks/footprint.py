@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import impact, resources
+from . import impact, records, resources
 from .checks import Check, human_bytes
 
 FOLDER = "footprint"
@@ -21,11 +21,9 @@ LONGEST_WAIT_GOAL = 1.0   # seconds: no app statement waits longer on a lock a p
 
 def write(record_dir: Path, version: str, measured: dict) -> Path:
     """Keep one phase's figures in the record (before it is sealed)."""
-    folder = Path(record_dir) / FOLDER
-    folder.mkdir(exist_ok=True)
-    path = folder / f"phase-{version}.json"
-    path.write_text(json.dumps({"phase": version, **measured}, indent=1, default=str) + "\n")
-    return path
+    folder = records.make_folder(Path(record_dir) / FOLDER)
+    return records.write_text(folder / f"phase-{version}.json",
+                              json.dumps({"phase": version, **measured}, indent=1, default=str) + "\n")
 
 
 def gather(record_dir: Path) -> dict | None:

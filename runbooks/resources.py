@@ -2,7 +2,7 @@
 
 A :class:`ResourceMeter` reads, beside the phase (``sampling.Sampler``):
 
-- the WAL written meanwhile: ``pg_current_wal_lsn()`` before and after (``pg_wal_lsn_diff``; the app's
+- the WAL written meanwhile: ``pg_current_wal_insert_lsn()`` before and after (``pg_wal_lsn_diff``; the app's
   writes included) — every byte a replica must replay and the archive must keep;
 - the largest replica lag seen (``pg_stat_replication``: bytes between the primary's WAL and what each
   standby replayed, and the ``replay_lag`` the server measured), where the role may read it (a role
@@ -25,7 +25,7 @@ from .sampling import Sampler
 INTERVAL = 1.0   # seconds between samples: pg_database_size stats every file of the database
 
 START_SQL = """
-select pg_current_wal_lsn() as lsn, pg_database_size(current_database()) as database_bytes,
+select pg_current_wal_insert_lsn() as lsn, pg_database_size(current_database()) as database_bytes,
        (select temp_bytes from pg_stat_database where datname = current_database()) as temp_bytes,
        current_setting('archive_mode') as archive_mode
 """
@@ -49,7 +49,7 @@ select (select count(*) from pg_stat_replication) as replicas,
        pg_database_size(current_database()) as database_bytes
 """
 END_SQL = """
-select pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint as wal_bytes,
+select pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)::bigint as wal_bytes,
        (select temp_bytes from pg_stat_database where datname = current_database()) as temp_bytes
 """
 

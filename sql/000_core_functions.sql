@@ -352,10 +352,14 @@ as $$
 declare
   v_lag_setting constant text := lower(btrim(coalesce(current_setting('truthsource.max_replica_lag', true), '')));
   v_archive_setting constant text := lower(btrim(coalesce(current_setting('truthsource.max_archive_backlog', true), '')));
+  v_now constant numeric := extract(epoch from pg_catalog.clock_timestamp());
+  v_current constant pg_catalog.pg_lsn := pg_catalog.pg_current_wal_lsn();
   v_max_lag numeric;
   v_max_ready bigint;
   v_ready bigint;
   v_reason text;
+  v_lsns pg_catalog.pg_lsn[];
+  v_times numeric[];
 begin
   if v_lag_setting !~ '^(|off|[0-9]+(\.[0-9]+)?)$' then
     raise exception 'truthsource.max_replica_lag is %: a number of seconds, or off', quote_literal(v_lag_setting)
@@ -368,14 +372,37 @@ begin
   v_max_lag := case v_lag_setting when '' then 10 when 'off' then 0 else v_lag_setting::numeric end;
   v_max_ready := case v_archive_setting when '' then 64 when 'off' then 0 else v_archive_setting::bigint end;
   if v_max_lag > 0 then
-    select format('replica %s s behind (%s, %s to replay)', round(extract(epoch from r.replay_lag)),
+    -- A replica is as far behind as the oldest WAL position it has not replayed: this session notes
+    -- (position, time) at each call in truthsource.replica_lag_samples (a setting: no table, so read-only
+    -- sessions too) and keeps those some replica has not replayed yet. pg_stat_replication's replay_lag
+    -- alone would not do: it stays NULL for a standby whose replay stopped right after it caught up, and
+    -- keeps an old figure once it has caught up until it replays again; it serves only a first call.
+    select coalesce(array_agg(pg_catalog.split_part(x, '@', 1)::pg_catalog.pg_lsn order by n), '{}'),
+           coalesce(array_agg(pg_catalog.split_part(x, '@', 2)::numeric order by n), '{}')
+      into v_lsns, v_times
+      from pg_catalog.unnest(pg_catalog.string_to_array(
+             nullif(current_setting('truthsource.replica_lag_samples', true), ''), ';')) with ordinality as t (x, n);
+    select format('replica %s s behind (%s, %s to replay)', round(r.behind_s),
                   coalesce(nullif(r.application_name, ''), host(r.client_addr), 'standby'),
-                  pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.replay_lsn)))
+                  pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(v_current, r.replay_lsn)))
       into v_reason
-      from pg_catalog.pg_stat_replication as r
-     where r.replay_lag > v_max_lag * interval '1 second' and r.replay_lsn < pg_catalog.pg_current_wal_lsn()
-     order by r.replay_lag desc
+      from (select r.application_name, r.client_addr, r.replay_lsn,
+                   case when cardinality(v_lsns) = 0 then extract(epoch from r.replay_lag)
+                        else (select v_now - min(s.at) from unnest(v_lsns, v_times) as s (lsn, at) where s.lsn > r.replay_lsn)
+                   end as behind_s
+              from pg_catalog.pg_stat_replication as r
+             where r.replay_lsn < v_current) as r
+     where r.behind_s > v_max_lag
+     order by r.behind_s desc
      limit 1;
+    -- kept: the samples some replica has not replayed, this call's among them: the oldest (it says how far
+    -- behind) and the newest 200 (they say it once the replica passes the oldest)
+    perform set_config('truthsource.replica_lag_samples', coalesce((
+      select string_agg(format('%s@%s', s.lsn, s.at), ';' order by s.at)
+        from (select s.*, row_number() over (order by s.at) as oldest, row_number() over (order by s.at desc) as newest
+                from unnest(v_lsns || v_current, v_times || v_now) as s (lsn, at)
+               where exists (select from pg_catalog.pg_stat_replication as r where r.replay_lsn < s.lsn)) as s
+       where s.oldest = 1 or s.newest <= 200), ''), false);
     if v_reason is not null then
       return v_reason;
     end if;

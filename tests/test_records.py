@@ -103,16 +103,20 @@ def test_the_runbooks_write_into_records_only_through_the_guarded_writers():
     assert write_calls() == ALLOWED_WRITES
 
 
-# Writes outside records.py, none into a record: the embedded server's cluster, service and password
-# files and the sandbox's exports (embedded.py, sandbox.py), a restore's temporary directory
-# (restore.py), Jupyter's runtime directory (runner.py), and papermill writing the executed notebook
-# into the run's new folder (runner.py, after records.check_writable of that path).
+# Writes outside records.py, none into a record: the embedded server's cluster (its WAL archive among
+# them), service and password files and the sandbox's exports (embedded.py, sandbox.py), a restore's temporary directory
+# (restore.py), Jupyter's runtime directory (runner.py), papermill writing the executed notebook
+# into the run's new folder (runner.py, after records.check_writable of that path), and an object store's
+# private working folders (storage.py: its marker, copies fetched to read, and a record's local copy
+# removed once the store holds it sealed).
 ALLOWED_WRITES = {
-    ("embedded.py", "chmod"), ("embedded.py", "chown"), ("embedded.py", "copytree"), ("embedded.py", "open"),
+    ("embedded.py", "chmod"), ("embedded.py", "chown"), ("embedded.py", "copytree"), ("embedded.py", "mkdir"),
+    ("embedded.py", "open"),
     ("embedded.py", "rename"), ("embedded.py", "rmtree"), ("embedded.py", "touch"), ("embedded.py", "unlink"),
     ("embedded.py", "write_text"), ("sandbox.py", "unlink"), ("sandbox.py", "write_text"),
     ("restore.py", "open"), ("restore.py", "write_text"),
     ("runner.py", "execute_notebook"), ("runner.py", "mkdir"),
+    ("storage.py", "mkdir"), ("storage.py", "rmtree"), ("storage.py", "write_text"),
 }
 WRITING_CALLS = {"write_text", "write_bytes", "mkdir", "makedirs", "unlink", "remove", "rename", "replace", "rmtree",
                  "copytree", "copy", "copyfile", "copy2", "move", "touch", "chmod", "chown", "execute_notebook",

@@ -115,7 +115,7 @@ def test_phase_twos_batches_pause_while_the_replica_is_behind_and_go_on_once_it_
         with runner.environment({"PGOPTIONS": "-c truthsource.backfill_batch_pages=1"}):
             replica.pause_replay()
             try:
-                apply = engine.ApplyEngine(db.target, run_id=RUN_ID, max_replica_lag=1)
+                apply = engine.ApplyEngine(db.target, run_id=RUN_ID, max_replica_lag=0.001)
                 outcome: dict = {}
                 thread = threading.Thread(target=lambda: outcome.setdefault(
                     "result", apply.apply("001", dict(paths.PHASES)["001"])))

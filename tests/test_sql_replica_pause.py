@@ -27,6 +27,13 @@ select 1000 + n, 'update', 'product', '0c000000-0000-4000-8000-000000000001', js
 BACKLOG_SQL = "select set_config('truthsource.max_replica_lag', %s, false), private.replication_backlog()"
 
 
+def backlog(conn, limit: str) -> str | None:
+    """private.replication_backlog()'s answer on this session, under that limit."""
+    with conn.cursor() as cur:
+        cur.execute(BACKLOG_SQL, (limit,))
+        return cur.fetchone()[1]
+
+
 def test_phase_two_pauses_between_batches_while_the_replica_is_behind_and_finishes_once_it_catches_up(replicated_server):
     (replica,) = replicated_server.pg.replicas
     db = replicated_server.create_database("legacy@1")
@@ -35,7 +42,7 @@ def test_phase_two_pauses_between_batches_while_the_replica_is_behind_and_finish
     def phase_two():
         try:
             outcome["notices"] = apply_psycopg2(db, PHASE_TWO, f"set application_name = '{APP_NAME}'; "
-                                                "set truthsource.backfill_batch_pages = 1; set truthsource.max_replica_lag = 1")
+                                                "set truthsource.backfill_batch_pages = 1; set truthsource.max_replica_lag = 0.001")
         except psycopg2.Error as exc:
             outcome["error"] = exc
 
@@ -50,7 +57,11 @@ def test_phase_two_pauses_between_batches_while_the_replica_is_behind_and_finish
         assert db.query("""select c.relname, l.mode from pg_locks l join pg_stat_activity a using (pid) join pg_class c on c.oid = l.relation
                             where a.application_name = %s and c.relnamespace in ('public'::regnamespace, 'private'::regnamespace)""",
                         (APP_NAME,)) == [], "no lock held while it waits"
-        [(_, why)] = db.query(BACKLOG_SQL, ("1",))
+        asked = db.connect(autocommit=True)   # one session: its samples say for how long the replica is behind
+        try:
+            why = wait_until(lambda: backlog(asked, "1"), "the replica said behind")
+        finally:
+            asked.close()
         assert why.startswith("replica ") and " s behind (" in why
         replica.resume_replay()
         resumed = True
