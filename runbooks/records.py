@@ -415,11 +415,16 @@ def list_records(root: Path) -> list[dict]:
                 m = json.loads((folder / MANIFEST).read_text())
             except json.JSONDecodeError:
                 m = {"verdict": "unreadable manifest"}
-            rows.append({"run_id": folder.name, "command": m.get("command"),
-                         "target": (m.get("target") or {}).get("name"),
-                         "started_at": m.get("started_at"), "verdict": m.get("verdict"),
-                         "verdict_text": m.get("verdict_text") or str(m.get("verdict")).upper()})
+            rows.append(headline(folder.name, m))
     return rows
+
+
+def headline(run_id: str, manifest: dict) -> dict:
+    """A record's headline facts, wherever it is kept: what `records list` prints."""
+    return {"run_id": run_id, "command": manifest.get("command"),
+            "target": (manifest.get("target") or {}).get("name"),
+            "started_at": manifest.get("started_at"), "verdict": manifest.get("verdict"),
+            "verdict_text": manifest.get("verdict_text") or str(manifest.get("verdict")).upper()}
 
 
 def latest_with_snapshot(root: Path, target: dict) -> Path | None:

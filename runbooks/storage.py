@@ -79,12 +79,6 @@ def home_of(record_dir) -> "str | Path":
     return marker.read_text().strip() if marker.is_file() else root
 
 
-def _row(run_id: str, manifest: dict) -> dict:
-    """A record's headline facts, as records.list_records gives them."""
-    return {"run_id": run_id, "command": manifest.get("command"), "target": (manifest.get("target") or {}).get("name"),
-            "started_at": manifest.get("started_at"), "verdict": manifest.get("verdict")}
-
-
 # -- a local folder --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -186,7 +180,7 @@ class ObjectStore:
                 if records.RUN_ID_PATTERN.match(run_id):
                     record = RemoteRecord.at(self, run_id)
                     if record.exists():
-                        rows.append(_row(run_id, record.manifest()))
+                        rows.append(records.headline(run_id, record.manifest()))
         return sorted(rows, key=lambda row: row["run_id"])
 
     def open(self, run_id: str) -> "RemoteRecord":
