@@ -239,11 +239,19 @@ def remove(path) -> None:
 
 # -- secrets ---------------------------------------------------------------------------------
 
+# What the object store's client reads its keys from (records at s3://): never a record's.
+_CLOUD_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_CLOUD_SECRET_KEYS = re.compile(r"^\s*(aws_secret_access_key|aws_session_token)\s*=\s*(\S+)", re.MULTILINE)
+
+
 def known_secrets() -> list[str]:
-    """Passwords this process could hand to libpq: PGPASSWORD and every .pgpass entry."""
-    found = []
-    if os.environ.get("PGPASSWORD"):
-        found.append(os.environ["PGPASSWORD"])
+    """What this process could hand to libpq (PGPASSWORD, every .pgpass entry) or to the object
+    store records are published to (the AWS secret key and session token, from the environment
+    or the shared credentials file)."""
+    found = [os.environ[name] for name in ("PGPASSWORD", *_CLOUD_SECRET_VARIABLES) if os.environ.get(name)]
+    credentials = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials")
+    with contextlib.suppress(OSError):
+        found += [value for _, value in _CLOUD_SECRET_KEYS.findall(credentials.read_text())]
     passfile = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
     try:
         lines = passfile.read_text().splitlines()

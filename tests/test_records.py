@@ -164,7 +164,25 @@ def test_known_secrets_come_from_pgpassword_and_the_pgpass_file(tmp_path, monkey
     passfile.write_text("# comment\nhost:5432:*:alice:s3cr3t\\:colon\ndb:*:*:bob:tiny\n")
     monkeypatch.setenv("PGPASSFILE", str(passfile))
     monkeypatch.setenv("PGPASSWORD", "from-the-environment")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     assert records.known_secrets() == ["from-the-environment", "s3cr3t:colon"]
+
+
+def test_the_object_stores_secret_key_and_token_are_secrets_too_from_the_environment_or_credentials_file(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = file-secret-key\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-key")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-session-token")
+    assert records.known_secrets() == ["env-secret-key", "env-session-token", "file-secret-key"]
+    (tmp_path / "record").mkdir()
+    (tmp_path / "record" / "run.ipynb").write_text('{"x": "file-secret-key"}')
+    assert records.find_secrets(tmp_path / "record", records.known_secrets()) == ["run.ipynb"]
 
 
 def test_secrets_are_found_by_file_name_only(tmp_path):
