@@ -451,15 +451,17 @@ SLUG_RULE = "^[a-z0-9]+(-[a-z0-9]+)*$"
 CONTRACT_ROLES = ("owner", "admin", "member", "viewer")
 
 # (rule, table, columns it needs, query returning (affected, sample), what happens to such rows)
-# Samples never hold a secret: keys are counted, never shown.
+# Samples never hold a secret: keys are counted, never shown. A legacy column may be of any type (an
+# enum role, a varchar or citext sku): each is read as text, so the rule's query runs on every shape.
 LEGACY_RULES = (
     ("SKU not valid per validate_sku (lowercase, too short, bad characters)", "products", ("sku",),
-     f"select count(*), string_agg(sku, ', ' order by sku) from public.products where not coalesce(sku ~ '{SKU_RULE}', false)"),
+     f"select count(*), string_agg(sku::text, ', ' order by sku::text) from public.products "
+     f"where not coalesce(sku::text ~ '{SKU_RULE}', false)"),
     ("SKU repeated within an organization, ignoring case", "products", ("organization_id", "sku"),
-     "select coalesce(sum(n), 0)::bigint, string_agg(k, ', ' order by k) from (select upper(sku) as k, count(*) as n "
-     "from public.products group by organization_id, upper(sku) having count(*) > 1) d"),
+     "select coalesce(sum(n), 0)::bigint, string_agg(k, ', ' order by k) from (select upper(sku::text) as k, count(*) as n "
+     "from public.products group by organization_id, upper(sku::text) having count(*) > 1) d"),
     ("negative price", "products", ("price",),
-     "select count(*), string_agg(coalesce(sku, id::text), ', ' order by coalesce(sku, id::text)) from public.products where price < 0"),
+     "select count(*), string_agg(coalesce(sku::text, id::text), ', ' order by coalesce(sku::text, id::text)) from public.products where price < 0"),
     ("negative stock (quantity < 0)", "inventory", ("quantity",),
      "select count(*), string_agg(id::text, ', ' order by id::text) from public.inventory where quantity < 0"),
     ("reserved quantity not between 0 and the quantity", "inventory", ("quantity", "reserved_quantity"),
@@ -472,11 +474,11 @@ LEGACY_RULES = (
      "select count(*), string_agg(p.id::text, ', ' order by p.id::text) from public.profiles p "
      "where not exists (select 1 from auth.users u where u.id = p.id)"),
     ("member role other than owner, admin, member, viewer", "organization_members", ("role",),
-     "select count(*), string_agg(role, ', ' order by role) from public.organization_members "
-     "where role is null or role not in ('owner', 'admin', 'member', 'viewer')"),
+     "select count(*), string_agg(distinct coalesce(role::text, '(null)'), ', ' order by coalesce(role::text, '(null)')) from public.organization_members "
+     "where role is null or role::text not in ('owner', 'admin', 'member', 'viewer')"),
     ("organization slug not valid per validate_org_slug", "organizations", ("slug",),
-     f"select count(*), string_agg(coalesce(slug, '(null)'), ', ' order by slug) from public.organizations "
-     f"where not coalesce(length(slug) between 3 and 63 and slug ~ '{SLUG_RULE}', false)"),
+     f"select count(*), string_agg(coalesce(slug::text, '(null)'), ', ' order by slug::text) from public.organizations "
+     f"where not coalesce(length(slug::text) between 3 and 63 and slug::text ~ '{SLUG_RULE}', false)"),
 )
 COLUMNS_SQL = """
 select c.relname as table_name, a.attname as column_name
