@@ -49,13 +49,13 @@ def test_a_legacy_database_gets_an_estimate_per_phase(legacy_db):
 
 
 def test_a_production_deployment_that_does_not_fit_the_rest_of_its_window_is_refused(legacy_db):
-    window = "2026-01-01T00:00Z/2026-01-01T00:00:05Z"   # five seconds left
+    window = "2026-01-01T00:00Z/2026-01-01T00:00:02Z"   # two seconds left: phase 2's fixed cost alone is more
     with legacy_db.connect(readonly=True) as conn:
         refused = estimate.duration(conn, production=True, maintenance_window=window, now=WINDOW_START)
         warned = estimate.duration(conn, production=False, maintenance_window=window, now=WINDOW_START)
         fits = estimate.duration(conn, production=True, maintenance_window="2026-01-01T00:00Z/2026-01-01T04:00Z",
                                  now=WINDOW_START)
-    assert refused.status == "error" and "does not fit the 5s left of the maintenance window" in refused.summary
+    assert refused.status == "error" and "does not fit the 2s left of the maintenance window" in refused.summary
     assert warned.status == "warning"
     assert fits.status == "info" and "fits the 4h00m left of the window" in fits.summary
 
