@@ -503,7 +503,12 @@ def dagster_home(folder: Path) -> Path:
     """An instance on SQLite storage in a folder of its own, as `DAGSTER_HOME` of a Dagster process."""
     home = folder / "dagster-home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # Dagster's local compute log manager mirrors a step's output to the terminal through `tail -F`, which it
+    # stops as the step ends: on a busy machine the step's last lines (its failure) never reach the terminal
+    # (dagster-io/dagster#23336). Without capture, the step writes to the terminal itself (README, Fleets).
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\ncompute_logs:\n"
+                                       "  module: dagster._core.storage.noop_compute_log_manager\n"
+                                       "  class: NoOpComputeLogManager\n")
     return home
 
 
