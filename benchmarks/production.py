@@ -43,12 +43,12 @@ def predictions(dbname: str) -> dict:
     try:
         sizes = fetch(conn, budgets.TABLES_SQL)
         legacy = fetch(conn, estimate.SIZES_SQL)
-        conversions = budgets.converted_tables(fetch(conn, budgets.COLUMN_TYPES_SQL, (list(budgets.CORE_TABLES),)))
+        conversions = estimate.conversions(conn)
     finally:
         conn.close()
     public = {r["table_name"]: r["total_bytes"] for r in sizes if r["schema_name"] == "public"}
     needs = budgets.phase_needs(sizes, legacy, conversions, set())
-    return {"seconds": {p.version: round(p.seconds, 2) for p in estimate.estimate_phases(legacy, set())},
+    return {"seconds": {p.version: round(p.seconds, 2) for p in estimate.estimate_phases(legacy, set(), conversions)},
             "disk": {n.version: n.disk_bytes for n in needs}, "wal": {n.version: n.wal_bytes for n in needs},
             "tables": {n.version: n.tables for n in needs},
             "tables_bytes": {n.version: sum(public.get(t, 0) for t in n.tables) for n in needs},

@@ -34,7 +34,7 @@ import psycopg2
 
 from . import connection, engine, estimate
 from .checks import Check, fetch, human_bytes, parse_bytes, sql_check
-from .contract import CORE_TABLE_COLUMNS, CORE_TABLES
+from .contract import CORE_TABLES
 
 MARGIN = 1.5        # the need times this must fit the free space known
 FULL_SHARE = 0.90   # ... and leave the server's disk at most this full
@@ -63,12 +63,6 @@ select n.nspname::text as schema_name, c.relname::text as table_name, pg_relatio
  where c.relkind in ('r', 'p', 'm') and n.nspname not in ('pg_catalog', 'information_schema')
    and n.nspname !~ '^pg_'
 """
-# columns of the converged tables whose type the phases change by reading every row (not a widening)
-COLUMN_TYPES_SQL = """
-select c.relname::text as table_name, a.attname::text as column_name, format_type(a.atttypid, a.atttypmod) as type
-  from pg_attribute a join pg_class c on c.oid = a.attrelid
- where c.relnamespace = 'public'::regnamespace and c.relname = any(%s) and a.attnum > 0 and not a.attisdropped
-"""
 SERVER_SQL = """
 select (select setting from pg_settings where name = 'data_directory') as data_directory,   -- hidden from most roles
        (select rolsuper from pg_roles where rolname = current_user)
@@ -94,24 +88,6 @@ class PhaseNeed:
         if disk or wal:
             self.reasons.append(reason)
             self.tables += [t for t in tables if t not in self.tables]
-
-
-def _widens(have: str, accepted: tuple[str, ...]) -> bool:
-    """A type change that reads no row: varchar/char to text, numeric(p,2) to numeric(12,2) with p <= 12."""
-    if "text" in accepted and (have.startswith("character varying") or have.startswith("character(")):
-        return True
-    digits = [int(x) for x in have.removeprefix("numeric(").rstrip(")").split(",")] if have.startswith("numeric(") else []
-    return "numeric(12,2)" in accepted and len(digits) == 2 and digits[0] <= 12 and digits[1] == 2
-
-
-def converted_tables(columns: list[dict]) -> dict[str, list[str]]:
-    """The converged tables with a column whose type must change by rewriting rows, and those columns."""
-    found: dict[str, list[str]] = {}
-    for row in columns:
-        accepted = CORE_TABLE_COLUMNS.get(row["table_name"], {}).get(row["column_name"])
-        if accepted and row["type"] not in accepted and not _widens(row["type"], accepted):
-            found.setdefault(row["table_name"], []).append(f"{row['column_name']} {row['type']}")
-    return found
 
 
 def phase_needs(sizes: list[dict], legacy: list[dict], conversions: dict[str, list[str]],
@@ -260,7 +236,7 @@ def assess(conn, records_dir: Path, *, given: list[tuple[int, str]], conn_factor
     """The budgets of the phases still to apply against the free space known (`given`: sizes the DBA gave)."""
     sizes = fetch(conn, TABLES_SQL)
     legacy = fetch(conn, estimate.SIZES_SQL)
-    conversions = converted_tables(fetch(conn, COLUMN_TYPES_SQL, (list(CORE_TABLES),)))
+    conversions = estimate.conversions(conn)
     applied = {s.version for s in engine.phase_states(conn) if s.state == "applied, file matches"}
     server = fetch(conn, SERVER_SQL)[0]
     held = server["archive_mode"] in ("on", "always") or server["slots"] > 0
@@ -290,7 +266,7 @@ def given_sizes(parameter: str | None, target: connection.Target | None) -> list
 # -- the preflight's check, and the command's refusal -------------------------------------------------
 
 @sql_check("-- each table's heap, data and indexes (no scan)\n" + TABLES_SQL.strip()
-           + ";\n\n-- the converged tables' column types (a conversion that rewrites rows)\n" + COLUMN_TYPES_SQL.strip()
+           + ";\n\n-- the converged tables' column types (a conversion that rewrites rows)\n" + estimate.COLUMN_TYPES_SQL.strip()
            + ";\n\n-- where WAL goes, and whether this role may ask the server's OS for its free space\n"
            + SERVER_SQL.strip() + ";\n\n-- only where it may (rolled back):\n" + DF_SQL.replace("%s", "'df -Pk <data_directory> <data_directory>/pg_wal'"),
            "disk and WAL, predicted, against the free space known")

@@ -28,28 +28,29 @@ from .contract import CORE_TABLE_COLUMNS, CORE_TABLES, PLAINTEXT_KEY_COLUMNS
 GIB = 1024 ** 3
 MARGIN = 1.5   # the estimate times this must fit the rest of a production maintenance window
 
-# Seconds per GiB of heap and fixed seconds per phase, measured on the benchmark's durable server (fsync,
-# synchronous_commit and full_page_writes on, WAL archived, a streaming replica; PostgreSQL 18, 2 cores under a
-# load of 7-9) at 100k products with no app traffic (BENCHMARKS.md): the body 1.4 s, the redaction's batches
-# 2.1 s for 0.044 GiB of public tables, the logs' batches 18.7 s for 0.021 GiB of audit_logs (a commit, WAL
-# flushed, per batch of 64 pages), their legacy columns dropped 0.16 s, the rewrite 1.0 s, the concurrent index
-# builds 3.0 s and the rules validated 2.5 s for 0.044 GiB of converged tables; phase 1 0.4 s, phase 3 0.4 s.
-# Rounded up (a busy server takes longer): the estimate errs long. The benchmark prints each phase's
-# prediction beside what the run measured; re-derive these from its durable 1M run when the phase files change.
-# The durable 1M run of 2026-12-07 (PostgreSQL 15, quiet machine, the app's traffic on) measured phases 1 and 3
-# at 0.05-0.16 s whatever the size or shape (hence their fixed costs) and phase 2 at 0.57x (legacy), 1.59x
-# (variant) and 1.42x (unseen) of these rates' prediction: the conversions of a variant shape are batched
-# updates the rates below do not price separately yet.
+# Seconds per GiB of heap and fixed seconds per phase, fitted to the durable runs of 2026-12-07 (BENCHMARKS.md:
+# fsync, synchronous_commit and full_page_writes on, WAL archived, a streaming replica; PostgreSQL 15, 2 cores,
+# the benchmark's app traffic on) at 100k and 1M products, legacy, variant and unseen shapes. Phase 2 at 1M, per
+# statement: the logs' batches 101 s for 0.21 GiB of audit_logs (49.5 s with no app: the app's unindexed
+# legacy queries share the two cores), the online rewrite 30 s, the key search 10 s, the concurrent index builds
+# 13 s and the rules validated 6 s for 0.44 GiB of converged tables. A converted table (a column whose type
+# changes by reading every row) is updated in every row by the same batches, its indexes with it: the
+# unseen and variant shapes took 17-18 s more at 100k and 270-290 s more at 1M than the legacy one for 0.23-0.24
+# GiB of converted products and inventory. Phases 1 and 3 take 0.05-0.16 s whatever the size or shape. The
+# rates sit between the quiet and the busy figures, so every shape lands within 2x at both sizes; the
+# benchmark prints each phase's prediction beside what the run measured: re-derive them when the phase files
+# change.
 RATES = {
     "phase 000 fixed": 0.1,
-    "phase 001 fixed": 3.0,
+    "phase 001 fixed": 2.0,
     "phase 001 body per GiB of the converged tables": 10.0,
-    "phase 001 key search per GiB of public tables": 50.0,
-    "phase 001 log backfill per GiB of the logs in a legacy shape": 900.0,
+    "phase 001 key search per GiB of public tables": 20.0,
+    "phase 001 log backfill per GiB of the logs in a legacy shape": 350.0,
+    "phase 001 conversion per GiB of a converted table": 900.0,
     "phase 001 legacy columns dropped per GiB of those logs": 10.0,
-    "phase 001 indexes per GiB of the converged tables": 70.0,
-    "phase 001 validation per GiB of the converged tables": 60.0,
-    "phase 001 rewrite per GiB of the tables that held keys": 50.0,
+    "phase 001 indexes per GiB of the converged tables": 20.0,
+    "phase 001 validation per GiB of the converged tables": 13.0,
+    "phase 001 rewrite per GiB of the tables that held keys": 120.0,
     "phase 002 fixed": 0.1,
     "phase 002 validation per GiB of the converged tables": 0.05,
 }
@@ -79,6 +80,36 @@ order by heap_bytes desc
 """
 
 
+# columns of the converged tables whose type the phases change by reading every row (not a widening)
+COLUMN_TYPES_SQL = """
+select c.relname::text as table_name, a.attname::text as column_name, format_type(a.atttypid, a.atttypmod) as type
+  from pg_attribute a join pg_class c on c.oid = a.attrelid
+ where c.relnamespace = 'public'::regnamespace and c.relname = any(%s) and a.attnum > 0 and not a.attisdropped
+"""
+
+def _widens(have: str, accepted: tuple[str, ...]) -> bool:
+    """A type change that reads no row: varchar/char to text, numeric(p,2) to numeric(12,2) with p <= 12."""
+    if "text" in accepted and (have.startswith("character varying") or have.startswith("character(")):
+        return True
+    digits = [int(x) for x in have.removeprefix("numeric(").rstrip(")").split(",")] if have.startswith("numeric(") else []
+    return "numeric(12,2)" in accepted and len(digits) == 2 and digits[0] <= 12 and digits[1] == 2
+
+
+def converted_tables(columns: list[dict]) -> dict[str, list[str]]:
+    """The converged tables with a column whose type must change by rewriting rows, and those columns."""
+    found: dict[str, list[str]] = {}
+    for row in columns:
+        accepted = CORE_TABLE_COLUMNS.get(row["table_name"], {}).get(row["column_name"])
+        if accepted and row["type"] not in accepted and not _widens(row["type"], accepted):
+            found.setdefault(row["table_name"], []).append(f"{row['column_name']} {row['type']}")
+    return found
+
+
+def conversions(conn) -> dict[str, list[str]]:
+    """converted_tables of the target, read from the catalog."""
+    return converted_tables(fetch(conn, COLUMN_TYPES_SQL, (list(CORE_TABLES),)))
+
+
 @dataclass(frozen=True)
 class PhaseEstimate:
     version: str
@@ -94,15 +125,20 @@ class PhaseEstimate:
                                                    if self.applies and self.locked_tables else "none")}
 
 
-def estimate_phases(sizes: list[dict], applied: set[str]) -> list[PhaseEstimate]:
-    """Per phase, from table sizes (SIZES_SQL rows) and the versions already applied unchanged."""
+def estimate_phases(sizes: list[dict], applied: set[str], conversions: dict | None = None) -> list[PhaseEstimate]:
+    """Per phase, from table sizes (SIZES_SQL rows), the versions already applied unchanged and the
+    converted tables (converted_tables)."""
     gib = {r["table_name"]: r["heap_bytes"] / GIB for r in sizes}
     converged = sum(gib.get(t, 0) for t in CONVERGED_TABLES)
     plaintext = any(r["holds_plaintext_keys"] for r in sizes)
-    legacy_logs = sum(gib[r["table_name"]] for r in sizes if r.get("legacy_log"))
+    logs = {r["table_name"] for r in sizes if r.get("legacy_log")}
+    legacy_logs = sum(gib[t] for t in logs)
+    # a legacy log's conversions ride on its carry: the same batches, priced once
+    converted = sum(gib.get(t, 0) for t in (conversions or {}) if t not in logs)
     body = RATES["phase 001 fixed"] + converged * RATES["phase 001 body per GiB of the converged tables"]
     redaction = sum(gib.values()) * RATES["phase 001 key search per GiB of public tables"] if plaintext else 0
-    backfill = legacy_logs * RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+    backfill = (legacy_logs * RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+                + converted * RATES["phase 001 conversion per GiB of a converted table"])
     drop_legacy = legacy_logs * RATES["phase 001 legacy columns dropped per GiB of those logs"]
     rewritten = [t for t in KEY_HOLDING_TABLES if t in gib] if plaintext else []
     rewrite = sum(gib[t] for t in rewritten) * RATES["phase 001 rewrite per GiB of the tables that held keys"]
@@ -118,14 +154,15 @@ def estimate_phases(sizes: list[dict], applied: set[str]) -> list[PhaseEstimate]
     ]
 
 
-@sql_check(SIZES_SQL, "duration and lock windows, predicted")
+@sql_check(SIZES_SQL.strip() + ";\n\n-- the converged tables' column types (a conversion that rewrites rows)\n"
+           + COLUMN_TYPES_SQL.strip(), "duration and lock windows, predicted")
 def duration(conn, *, production: bool = False, maintenance_window: str | None = None,
              now: datetime | None = None) -> Check:
     """How long the phases still to apply will take and hold the app's tables; a production
     deployment whose estimate (with a margin) does not fit the rest of its window is refused."""
     sizes = fetch(conn, SIZES_SQL)
     applied = {s.version for s in engine.phase_states(conn) if s.state == "applied, file matches"}
-    phases = estimate_phases(sizes, applied)
+    phases = estimate_phases(sizes, applied, conversions(conn))
     total = sum(p.seconds for p in phases if p.applies)
     blocked = sum(p.lock_seconds for p in phases if p.applies)
     rows = [p.row() for p in phases]
@@ -149,7 +186,7 @@ TIMEOUT_FACTOR = 4         # times the phase's whole estimate: a runaway is stop
 def statement_timeout(conn, version: str) -> str:
     """The statement_timeout for a phase, grown with the data: no fixed limit that a database ten
     times larger would hit, and still a bound on a statement that runs away."""
-    [phase] = [p for p in estimate_phases(fetch(conn, SIZES_SQL), set()) if p.version == version]
+    [phase] = [p for p in estimate_phases(fetch(conn, SIZES_SQL), set(), conversions(conn)) if p.version == version]
     return timeout_for(phase)
 
 

@@ -114,15 +114,6 @@ def test_a_targets_file_may_say_the_servers_free_disk_and_a_wrong_size_is_refuse
         connection.from_targets_file("bad", file)
 
 
-def test_a_column_converted_by_reading_every_row_counts_and_a_widening_does_not():
-    columns = [{"table_name": "products", "column_name": "price", "type": "numeric"},
-               {"table_name": "products", "column_name": "sku", "type": "character varying(64)"},
-               {"table_name": "inventory", "column_name": "quantity", "type": "numeric(10,2)"},
-               {"table_name": "organizations", "column_name": "name", "type": "text"}]
-    assert budgets.converted_tables(columns) == {"products": ["price numeric"], "inventory": ["quantity numeric(10,2)"]}
-    assert budgets.converted_tables([{"table_name": "products", "column_name": "price", "type": "numeric(10,2)"}]) == {}
-
-
 def test_what_a_phase_needs_grows_with_the_tables_it_rewrites():
     def sizes(scale):
         return [{"schema_name": "public", "table_name": t, "heap_bytes": scale * 100, "data_bytes": scale * 110,

@@ -33,6 +33,15 @@ def test_phase_two_blocks_the_converged_tables_for_its_body_and_the_rewrite_of_t
     assert without_keys.lock_seconds < two.lock_seconds
 
 
+def test_a_converted_table_costs_a_pass_over_its_rows_and_a_log_converts_in_its_carry_for_free():
+    plain = estimate.estimate_phases(sizes(1), set())[1].seconds
+    products = estimate.estimate_phases(sizes(1), set(), {"products": ["price numeric"]})[1].seconds
+    assert products - plain == pytest.approx(estimate.RATES["phase 001 conversion per GiB of a converted table"])
+    legacy_log = [{**r, "legacy_log": r["table_name"] == "audit_logs"} for r in sizes(1)]
+    carried = estimate.estimate_phases(legacy_log, set())[1].seconds
+    assert estimate.estimate_phases(legacy_log, set(), {"audit_logs": ["created_at timestamp"]})[1].seconds == carried
+
+
 def test_phases_applied_with_the_same_file_are_not_counted():
     rows = [p.row() for p in estimate.estimate_phases(sizes(1), {"000", "001"})]
     assert [r["will run"] for r in rows] == ["no (applied)", "no (applied)", "yes"]
@@ -45,11 +54,11 @@ def test_a_legacy_database_gets_an_estimate_per_phase(legacy_db):
     assert check.status == "info" and check.summary.startswith("about ")
     assert [r["phase"] for r in check.rows] == ["000", "001", "002"]
     assert "organizations" in check.rows[1]["app blocked (ACCESS EXCLUSIVE)"]
-    assert check.sql == estimate.SIZES_SQL
+    assert estimate.SIZES_SQL.strip() in check.sql and estimate.COLUMN_TYPES_SQL.strip() in check.sql
 
 
 def test_a_production_deployment_that_does_not_fit_the_rest_of_its_window_is_refused(legacy_db):
-    window = "2026-01-01T00:00Z/2026-01-01T00:00:02Z"   # two seconds left: phase 2's fixed cost alone is more
+    window = "2026-01-01T00:00Z/2026-01-01T00:00:02Z"   # two seconds left: phase 2's fixed cost with the margin is more
     with legacy_db.connect(readonly=True) as conn:
         refused = estimate.duration(conn, production=True, maintenance_window=window, now=WINDOW_START)
         warned = estimate.duration(conn, production=False, maintenance_window=window, now=WINDOW_START)
@@ -95,3 +104,12 @@ def test_a_legacy_log_is_told_from_a_migrated_one(legacy_db, migrated_db):
             return {r["table_name"] for r in fetch(conn, estimate.SIZES_SQL) if r["legacy_log"]}
     assert legacy_logs(legacy_db) == {"audit_logs"}
     assert legacy_logs(migrated_db) == set()
+
+
+def test_a_column_converted_by_reading_every_row_counts_and_a_widening_does_not():
+    columns = [{"table_name": "products", "column_name": "price", "type": "numeric"},
+               {"table_name": "products", "column_name": "sku", "type": "character varying(64)"},
+               {"table_name": "inventory", "column_name": "quantity", "type": "numeric(10,2)"},
+               {"table_name": "organizations", "column_name": "name", "type": "text"}]
+    assert estimate.converted_tables(columns) == {"products": ["price numeric"], "inventory": ["quantity numeric(10,2)"]}
+    assert estimate.converted_tables([{"table_name": "products", "column_name": "price", "type": "numeric(10,2)"}]) == {}
