@@ -216,6 +216,11 @@ def _fmt_s(seconds) -> str:
     return "-" if seconds is None else f"{seconds:.2f}"
 
 
+def _psql_seconds(result: dict) -> float | None:
+    steps = [p["step"] for p in result["psql"]["phases"]]
+    return None if any(s["status"] != "ok" for s in steps) else sum(s["seconds"] for s in steps)
+
+
 def deploy_rows(result: dict) -> list[list]:
     """runbook deploy as a process against its floor, then each notebook and the slowest steps."""
     d = result.get("deploy")
@@ -226,7 +231,7 @@ def deploy_rows(result: dict) -> list[list]:
     rows = [["runbook deploy (the process)", _fmt_s(took) if took is not None else step["detail"],
              f"floor {_fmt_s(floor)} s: {_x(took, floor)}"],
             ["  floor: raw pg_dump -Fc", _fmt_s(d["floor"]["pg_dump"]["seconds"]), ""],
-            ["  floor: raw psql -1 -f, phases 1-3", _fmt_s(sum(p["step"]["seconds"] or 0 for p in result["psql"]["phases"])), ""],
+            ["  floor: raw psql -1 -f, phases 1-3", _fmt_s(_psql_seconds(result)), ""],
             ["  floor: one sequential read of every table", _fmt_s(d["floor"]["seq_read"]["seconds"]), ""]]
     record = d.get("record") or {}
     for n in record.get("notebooks", []):

@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.scale [--sizes 100k,1M] [--shapes legacy,variant,unseen]
         [--pg-bin /usr/lib/postgresql/15/bin] [--data-dir /var/tmp/truthsource-bench] [--timeout 900]
         [--json out.json] [--markdown out.md] [--throwaway] [--max-replica-lag 10] [--no-deploy-process]
+        [--skip psql,alone]
 
 For each size and legacy shape (--shapes: benchmarks/scale_fixture.py's, one report section each, its
 ACCESS EXCLUSIVE windows among them), on fresh clones of the generated legacy database
@@ -27,6 +28,9 @@ ACCESS EXCLUSIVE windows among them), on fresh clones of the generated legacy da
   replica's largest lag, the archive's backlog and the server's extra disk; what the app felt as the
   record keeps it; the preflight's predictions of duration, WAL and disk against what the run measured;
   and `runbook deploy` timed as the process a DBA runs, beside its floor, with where the rest goes.
+
+`--skip psql,alone` leaves out psql's pass and the pass with no app traffic (their rows say "not run"), for a
+size where every pass does not fit the time at hand (10M on the durable server takes hours with all of them).
 
 The server is production-like by default (benchmarks/server.py): fsync, synchronous_commit and
 full_page_writes on, wal_level logical, WAL archived, a hot standby streaming from it; `--throwaway`
@@ -480,6 +484,18 @@ class Settings:
     sql_rev: str | None = None     # phase files as committed at this revision (None: as on disk)
     max_replica_lag: float = 10    # seconds: the batches pause while a replica is further behind
     deploy_process: bool = True    # also time `runbook deploy` as a process, beside its floor
+    skip: tuple[str, ...] = ()     # passes left out: psql, alone (SKIPPABLE)
+
+
+SKIPPABLE = ("psql", "alone")
+
+
+def not_run(files, how: str) -> dict:
+    """A pass left out (--skip): each phase's step says so, and the tables show it as not run."""
+    phases = [{"phase": n, "file": path.name, "step": asdict(Step(f"phase {n} ({path.name})", status="skipped",
+                                                                  detail=f"not run (--skip {how})"))}
+              for n, (_, path) in enumerate(files, start=1)]
+    return {"phases": phases, "rows_kept": {"tables": {}, "all_kept": None}, "converged": None}
 
 
 def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: str, work: Path) -> dict:
@@ -683,6 +699,16 @@ def measure_deploy(pg, template: str, tag: str, size: Size, settings: Settings, 
     return result
 
 
+def _on_clone(pg, template: str, name: str, what: str, progress, measure) -> dict:
+    """measure(name) on a fresh clone of the template, dropped after."""
+    clone(pg, template, name)
+    try:
+        progress(what)
+        return measure(name)
+    finally:
+        drop(pg, name)
+
+
 def measure_size(pg, size: Size, settings: Settings, files, progress=print, template: str | None = None,
                  shape: str = "legacy") -> dict:
     """Every figure for one size and legacy shape (see the module docstring)."""
@@ -714,18 +740,12 @@ def measure_size(pg, size: Size, settings: Settings, files, progress=print, temp
             result["rollback"] = measure_rollback(pg, eng, pre, legacy, settings)
         finally:
             drop(pg, eng)
-        raw = clone(pg, template, f"bench_p_{tag}")
-        try:
-            progress(f"[{size.label}] phases by psql -1, with app traffic")
-            result["psql"] = measure_phases(pg, raw, files, size, settings, "psql", work)
-        finally:
-            drop(pg, raw)
-        alone = clone(pg, template, f"bench_q_{tag}")
-        try:
-            progress(f"[{size.label}] phases 1-2 through the engine, no app traffic")
-            result["alone"] = measure_alone(pg, alone, files[:2], settings)
-        finally:
-            drop(pg, alone)
+        result["psql"] = not_run(files, "psql") if "psql" in settings.skip else \
+            _on_clone(pg, template, f"bench_p_{tag}", f"[{size.label}] phases by psql -1, with app traffic", progress,
+                      lambda name: measure_phases(pg, name, files, size, settings, "psql", work))
+        result["alone"] = not_run(files[:2], "alone") if "alone" in settings.skip else \
+            _on_clone(pg, template, f"bench_q_{tag}", f"[{size.label}] phases 1-2 through the engine, no app traffic",
+                      progress, lambda name: measure_alone(pg, name, files[:2], settings))
         if settings.deploy_process:
             progress(f"[{size.label}] runbook deploy as a process, with app traffic, and its floor")
             result["deploy"] = measure_deploy(pg, template, tag, size, settings, work)
@@ -868,6 +888,9 @@ def render(report: dict, markdown: bool = False) -> str:
         rows = []
         for how in ("engine", "psql"):
             k = r[how]["rows_kept"]["tables"]
+            if not k:
+                rows.append([how] + ["not run"] * len(LEGACY_TABLES) + ["-"])
+                continue
             rows.append([how] + [f"{v['before']} -> {v['after']}" + (f" (+{v['app_inserted']} app)" if v["app_inserted"] else "")
                                  for v in k.values()] + ["yes" if r[how]["rows_kept"]["all_kept"] else "NO"])
         out.append(_table(["by", *LEGACY_TABLES, "all kept"], rows, markdown))
@@ -973,7 +996,7 @@ def statement_growth_rows(report: dict, phase: int = 2) -> list[list]:
     for r in report["sizes"]:
         times: dict = {}
         runs = [p for p in r["alone"]["phases"] if p["phase"] == phase]
-        for t in (runs[0]["statements"] if runs else []):
+        for t in (runs[0].get("statements", []) if runs else []):
             key = ("body", "the locked transaction (all its statements)") if t["transactional"] else (t["line"], t["summary"])
             times[key] = times.get(key, 0.0) + t["seconds"]
         per_size.append(times)
@@ -1119,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a replica may fall behind before the batches pause (default 10; 0: never)")
     parser.add_argument("--no-deploy-process", action="store_true",
                         help="skip timing `runbook deploy` as a process beside its floor")
+    parser.add_argument("--skip", default="", help="comma-separated passes to leave out: psql, alone (see above)")
     parser.add_argument("--json", help="write the whole report as JSON here")
     parser.add_argument("--markdown", help="write the tables as markdown here")
     args = parser.parse_args(argv)
@@ -1130,6 +1154,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout <= 0 or args.clients < 1 or args.think_ms < 0 or args.sample_ms <= 0 or args.max_replica_lag < 0:
             raise ValueError("--timeout and --sample-ms must be positive, --clients at least 1, --think-ms and "
                              "--max-replica-lag >= 0")
+        skip = tuple(dict.fromkeys(x.strip() for x in args.skip.split(",") if x.strip()))
+        if set(skip) - set(SKIPPABLE):
+            raise ValueError(f"--skip {args.skip!r}: use {', '.join(SKIPPABLE)}")
         if args.sql_rev:
             subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.sql_rev}^{{commit}}"],
                            check=True, capture_output=True)
@@ -1141,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = Settings(clients=args.clients, think_ms=args.think_ms, sample_ms=args.sample_ms,
                         timeout=args.timeout, sql_rev=args.sql_rev, max_replica_lag=args.max_replica_lag,
-                        deploy_process=not args.no_deploy_process)
+                        deploy_process=not args.no_deploy_process, skip=skip)
     try:
         pg = start_server(args.pg_bin, args.data_dir, throwaway=args.throwaway)
     except EmbeddedPostgresError as exc:

@@ -138,6 +138,13 @@ def test_the_benchmark_reports_every_figure_and_the_phases_keep_every_legacy_row
     grown = scale.render({**report, "sizes": [result, bigger]}, markdown=True)
     assert "How each figure grows" in grown and "| products" in grown
     assert "How phase 2's slowest statements grow" in grown and "the locked transaction" in grown
+    # a size run with --skip psql,alone renders, its passes said not run
+    files = [(f"{i:03d}", Path(p["file"])) for i, p in enumerate(result["engine"]["phases"])]
+    skipped = {**result, "size": {**result["size"], "label": "tiny, passes skipped"},
+               "psql": scale.not_run(files, "psql"), "alone": scale.not_run(files[:2], "alone")}
+    skipped["figures"] = scale.figures(skipped)
+    shown = scale.render({**report, "sizes": [result, skipped]}, markdown=True)
+    assert "not run (--skip psql)" in shown and "not run (--skip alone)" in shown
     left = {name for (name,) in generated.query(
         "select datname from pg_database where datname like 'bench\\_%'")}
     assert not left, f"the benchmark left databases behind: {left}"
