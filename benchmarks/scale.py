@@ -72,7 +72,7 @@ from prettytable import PrettyTable, TableStyle  # noqa: E402
 
 from benchmarks import production, scale_fixture  # noqa: E402
 from benchmarks.scale_fixture import Size  # noqa: E402
-from runbooks import backup, connection, engine, paths, restore, runner, snapshot  # noqa: E402
+from runbooks import backup, connection, engine, estimate, paths, restore, runner, snapshot  # noqa: E402
 from runbooks import preflight as preflight_module  # noqa: E402
 from runbooks import impact, resources  # noqa: E402
 from runbooks.impact import ImpactSampler  # noqa: E402
@@ -511,8 +511,8 @@ def measure_phases(pg, dbname: str, files, size: Size, settings: Settings, how: 
             phases.append({"phase": number, "file": path.name,
                            "step": asdict(Step(name, status="skipped", detail=f"{failed} did not finish"))})
             continue
-        apply = engine.ApplyEngine(target, run_id=run_id, operator="benchmark",
-                                   max_replica_lag=settings.max_replica_lag)
+        apply = engine.ApplyEngine(target, run_id=run_id, operator="benchmark", max_replica_lag=settings.max_replica_lag,
+                                   statement_timeout=statement_timeout(target, version))
         if how == "engine":
             def work_fn(version=version, path=path):
                 return apply.apply(version, path)
@@ -542,12 +542,23 @@ def measure_alone(pg, dbname: str, files, settings: Settings) -> dict:
     phases = []
     for number, (version, path) in enumerate(files, start=1):
         def work_fn(version=version, path=path):
-            return engine.ApplyEngine(target, run_id=f"bench-alone-{number}", operator="benchmark").apply(version, path)
+            return engine.ApplyEngine(target, run_id=f"bench-alone-{number}", operator="benchmark",
+                                      statement_timeout=statement_timeout(target, version)).apply(version, path)
         step, applied = run_step(pg, f"phase {number} ({path.name}), no app traffic", work_fn, settings.timeout, dbname)
         phases.append({"phase": number, "file": path.name, "step": asdict(step), "statements": statement_times(applied)})
         if step.status != "ok":
             break
     return {"phases": phases}
+
+
+def statement_timeout(target, version: str) -> str:
+    """The phase's statement_timeout as `runbook deploy` sets it (estimate.statement_timeout, grown with the
+    data), not the engine's fixed default: at 10M a batch loop outlasts 15 minutes."""
+    conn = connection.connect(target, application_name="bench estimate", readonly=True, autocommit=True)
+    try:
+        return estimate.statement_timeout(conn, version)
+    finally:
+        conn.close()
 
 
 def statement_times(applied) -> list[dict]:
