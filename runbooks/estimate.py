@@ -87,6 +87,7 @@ select c.relname::text as table_name, a.attname::text as column_name, format_typ
  where c.relnamespace = 'public'::regnamespace and c.relname = any(%s) and a.attnum > 0 and not a.attisdropped
 """
 
+
 def _widens(have: str, accepted: tuple[str, ...]) -> bool:
     """A type change that reads no row: varchar/char to text, numeric(p,2) to numeric(12,2) with p <= 12."""
     if "text" in accepted and (have.startswith("character varying") or have.startswith("character(")):
