@@ -235,15 +235,16 @@ def phase_files(sql_rev: str | None, into: Path) -> list[tuple[str, Path]]:
 
 
 def split_for_psql(path: Path, into: Path) -> list[tuple[Path, bool]]:
-    """[(file, single_transaction)]: the body for psql -1, then the no-transaction tail (if any)."""
-    text = path.read_text()
-    marker = engine.NO_TRANSACTION_MARKER.search(text)
-    if marker is None:
-        return [(path, True)]
-    body, tail = into / f"{path.stem}.body.sql", into / f"{path.stem}.tail.sql"
-    body.write_text(text[:marker.start()])
-    tail.write_text(text[marker.start():])
-    return [(body, True), (tail, False)]
+    """[(file, single_transaction)]: the no-transaction statements before the body (if any), the body for
+    psql -1, then the no-transaction tail (if any): the engine's split."""
+    parts = []
+    for name, statements, single in zip(("head", "body", "tail"), engine.split_phase(engine.parse_file(path)),
+                                        (False, True, False)):
+        if statements:
+            part = into / f"{path.stem}.{name}.sql"
+            part.write_text("".join(f"{s.text};\n" for s in statements))
+            parts.append((part, single))
+    return parts
 
 
 def apply_psql(pg, dbname: str, parts: list[tuple[Path, bool]]) -> None:

@@ -107,8 +107,9 @@ def phase_needs(sizes: list[dict], legacy: list[dict], conversions: dict[str, li
 def _phase_two(need: PhaseNeed, public: dict, legacy: list[dict], conversions: dict[str, list[str]]) -> None:
     updated = RATIOS["WAL per byte of heap whose every row is updated"]
     grown = RATIOS["disk per byte of heap whose every row is updated"]
+    in_copy = estimate.carried_in_copy(legacy)   # carried as their rewrite copies them: that copy is counted below
     for row in legacy:
-        if row.get("legacy_log") and row["table_name"] in public:
+        if row.get("legacy_log") and row["table_name"] in public and row["table_name"] not in in_copy:
             heap = public[row["table_name"]]["heap_bytes"]
             need.add(heap * grown, heap * updated, f"{row['table_name']}'s legacy columns carried into every row",
                      [row["table_name"]])

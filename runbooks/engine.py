@@ -1,9 +1,11 @@
 """The apply engine: one phase file, applied safely and written down.
 
 - The file's statements run in ONE transaction, so a failure anywhere leaves no partial change.
-  Statements marked by a ``-- runbook: no-transaction`` line (``create index concurrently``)
-  must come last; they run after the commit, one by one. Plain ``psql -f`` ignores the marker
-  and still applies the file, statement by statement.
+  Statements marked by a ``-- runbook: no-transaction`` line (``create index concurrently``,
+  batches that commit as they go) come first or last: the first ones run before that
+  transaction (an expand step that prepares without changing what the app reads), the last ones
+  after its commit, one by one. Plain ``psql -f`` ignores the marker and still applies the file,
+  statement by statement.
 - An advisory lock keeps two runners apart: the second waits (bounded) and then fails naming
   the holder. Inside, ``lock_timeout`` is short, and a transaction that cannot get a lock is
   rolled back and retried with backoff, so the phase never queues behind a long transaction
@@ -117,6 +119,7 @@ class Statement:
     line: int           # line where it starts
     text: str
     transactional: bool = True
+    before_body: bool = False   # a no-transaction statement that runs before the body's transaction
 
     @property
     def summary(self) -> str:
@@ -156,8 +159,8 @@ def parse_file(path: Path) -> list[Statement]:
     """Split a phase file into statements with the real PostgreSQL parser.
 
     Refuses, before anything runs: a file that does not parse; transaction control inside the
-    file (the engine owns the transaction); a transactional statement after a no-transaction
-    one (the body must run first, in one transaction).
+    file (the engine owns the transaction); no-transaction statements between transactional ones
+    (the body runs in one transaction: only statements before it or after it run on their own).
     """
     path = Path(path)
     text = path.read_bytes().decode("utf-8")
@@ -172,20 +175,31 @@ def parse_file(path: Path) -> list[Statement]:
     for index, piece in enumerate(slices, start=1):
         gap = text[previous_end:piece.start]
         body = text[piece]
-        statement = Statement(index=index, line=_line_of(text, piece.start), text=body,
-                              transactional=not NO_TRANSACTION_MARKER.search(gap))
+        transactional = not NO_TRANSACTION_MARKER.search(gap)
+        statement = Statement(index=index, line=_line_of(text, piece.start), text=body, transactional=transactional,
+                              before_body=not transactional and all(not s.transactional for s in statements))
         node = pglast.parse_sql(body)[0].stmt
         if isinstance(node, ast.TransactionStmt):
             raise FileError(f"{path.name}:{statement.line}: transaction control ({statement.summary}) "
                             "does not belong in a phase file: the engine runs the file in one transaction")
-        if statement.transactional and statements and not statements[-1].transactional:
+        if statement.transactional and statements and not statements[-1].transactional \
+                and any(s.transactional for s in statements):
             raise FileError(f"{path.name}:{statement.line}: a transactional statement follows a "
-                            "'-- runbook: no-transaction' one; marked statements must come last")
+                            "'-- runbook: no-transaction' one after the body; marked statements come "
+                            "first or last")
         statements.append(statement)
         previous_end = piece.stop
     if not statements:
         raise FileError(f"{path.name}: no SQL statements")
     return statements
+
+
+def split_phase(statements: list[Statement]) -> tuple[list[Statement], list[Statement], list[Statement]]:
+    """The statements run before the body's transaction, in it, and after its commit."""
+    head = [s for s in statements if s.before_body]
+    body = [s for s in statements if s.transactional]
+    tail = [s for s in statements if not s.transactional and not s.before_body]
+    return head, body, tail
 
 
 def _line_of(text: str, offset: int) -> int:
@@ -413,9 +427,13 @@ class ApplyEngine:
                     return result
                 result.status = {"apply": "applied", "reapply": "reapplied", "forced": "forced"}[action]
                 started = time.perf_counter()
-                body = [s for s in statements if s.transactional]
-                tail = [s for s in statements if not s.transactional]
-                self._run_body(conn, body, result, finish=None if tail else (version, path.name, sha, action))
+                head, body, tail = split_phase(statements)
+                conn.autocommit = True
+                for statement in head:
+                    self._run_outside_transaction(conn, statement, result)
+                conn.autocommit = False
+                self._run_body(conn, body, result, finish=None if tail else (version, path.name, sha, action),
+                               after=len(head))
                 if tail:
                     conn.autocommit = True
                     for statement in tail:
@@ -448,11 +466,12 @@ class ApplyEngine:
             return "forced"
         return "reapply" if reapply else None
 
-    def _run_body(self, conn, body: list[Statement], result: ApplyResult, finish) -> None:
-        """All transactional statements in one transaction, retried whole on lock timeouts."""
+    def _run_body(self, conn, body: list[Statement], result: ApplyResult, finish, after: int = 0) -> None:
+        """All transactional statements in one transaction, retried whole on lock timeouts (`after`: the
+        timings of the statements run before it, kept)."""
         for attempt in range(1, self.lock_retries + 2):
             result.attempts = attempt
-            result.timings = []
+            result.timings = result.timings[:after]
             started = time.perf_counter()
             try:
                 for statement in body:
@@ -461,16 +480,18 @@ class ApplyEngine:
                     version, file_name, sha, action = finish
                     record_history(conn, version=version, file_name=file_name, sha256=sha, action=action,
                                    operator=self.operator, seconds=time.perf_counter() - started,
-                                   statements=len(body), run_id=self.run_id)
+                                   statements=len(result.timings), run_id=self.run_id)
                 conn.commit()
                 return
             except RETRYABLE as exc:
                 conn.rollback()
-                reason = _waiting_on(exc, body[len(result.timings)])
+                reason = _waiting_on(exc, body[len(result.timings) - after])
                 if attempt > self.lock_retries:
                     raise LockRetriesExhausted(
                         f"phase {result.version}: {reason} after {attempt} attempts with lock_timeout "
-                        f"{self.lock_timeout}; sessions holding locks: {lock_blockers(conn)}. Nothing was changed."
+                        f"{self.lock_timeout}; sessions holding locks: {lock_blockers(conn)}. "
+                        + ("The transaction was rolled back; the statements before it, which only prepare, "
+                           "were committed: re-run the phase to resume." if after else "Nothing was changed.")
                     ) from None
                 self._pause_before_retry(attempt, reason)
 
@@ -512,7 +533,7 @@ class ApplyEngine:
                 if attempt > self.lock_retries:
                     raise LockRetriesExhausted(
                         f"phase {result.version}: {reason} after {attempt} attempts; sessions holding locks: "
-                        f"{lock_blockers(conn)}. The transactional part is committed; re-run the phase to resume."
+                        f"{lock_blockers(conn)}. " + _left_by(statement)
                     ) from None
                 self._pause_before_retry(attempt, reason)
 
@@ -553,9 +574,17 @@ def _failure(result: ApplyResult, statement: Statement, exc: psycopg2.Error, los
             + ("The connection to the server was lost (the server ended the session). "
                if lost_from is not None else "")
             + ("The transaction was rolled back: nothing of this phase was changed."
-               if statement.transactional else
-               "The phase's transactional part was committed; re-run the phase to resume "
-               "(its statements are idempotent)."))
+               if statement.transactional and all(t.transactional for t in result.timings) else
+               "The transaction was rolled back; the statements before it, which only prepare, were "
+               "committed: re-run the phase to resume." if statement.transactional else _left_by(statement)))
+
+
+def _left_by(statement: Statement) -> str:
+    """What a failed statement outside the body's transaction leaves, and what to do."""
+    if statement.before_body:
+        return ("The phase's transaction has not begun; what ran before it only prepares and was committed: "
+                "re-run the phase to resume (its statements are idempotent).")
+    return "The phase's transactional part was committed; re-run the phase to resume (its statements are idempotent)."
 
 
 def _last_words(conn, exc: psycopg2.Error) -> str:

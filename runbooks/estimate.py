@@ -7,13 +7,14 @@ data shapes change it, so a production deployment must fit the rest of its maint
 a margin (``MARGIN``), or it is refused.
 
 What holds the app's tables: phase 2 takes ACCESS EXCLUSIVE locks on the tables it converges for
-its body, one transaction that changes the schema and checks keys and unique rules (no row is
-rewritten there). After its commit, without blocking the app: copies of plaintext keys are redacted
-and the logs' legacy columns carried in batches of pages (each its own short transaction), indexes
-are built concurrently and rules validated (SHARE UPDATE EXCLUSIVE). Two short windows follow the
-batches: the logs' legacy columns dropped, and the tables that held plaintext keys rewritten (ACCESS
-EXCLUSIVE on each for its rewrite). Phases 1 and 3 change functions, policies and small tables, and
-validate constraints (reads and writes go on).
+its body, one transaction that changes the catalog (the keys are hashed before it, the unique rules
+read before its locks; only api_keys' legacy flags are written there, a few rows per organization).
+After its commit, without blocking the app: copies of plaintext keys are redacted, legacy columns
+carried and converted in batches of pages (each its own short transaction), the tables that held keys
+copied online, indexes built concurrently and rules validated (SHARE UPDATE EXCLUSIVE). Each table
+whose columns or files are swapped then takes one short window (ACCESS EXCLUSIVE) whose work follows
+what the app wrote since the last batch, not the table's size. Phases 1 and 3 change functions,
+policies and small tables, and validate constraints (reads and writes go on).
 """
 
 from __future__ import annotations
@@ -46,11 +47,18 @@ RATES = {
     "phase 001 body per GiB of the converged tables": 10.0,
     "phase 001 key search per GiB of public tables": 20.0,
     "phase 001 log backfill per GiB of the logs in a legacy shape": 350.0,
+    "phase 001 log carried in its copy per GiB": 60.0,
     "phase 001 conversion per GiB of a converted table": 900.0,
     "phase 001 legacy columns dropped per GiB of those logs": 10.0,
     "phase 001 indexes per GiB of the converged tables": 20.0,
     "phase 001 validation per GiB of the converged tables": 13.0,
     "phase 001 rewrite per GiB of the tables that held keys": 120.0,
+    # the app's windows (ACCESS EXCLUSIVE), not part of the durations above: durable PostgreSQL 15 at 10M with a
+    # streaming replica, the body 1.31 s of which hashing 30,000 keys 1.0 s (now before the locks), the rest the
+    # catalog and the api keys' legacy flags; each swap at 1M and 10M 0.05-0.4 s
+    "phase 001 window: body": 0.2,
+    "phase 001 window: body per 1,000 api keys": 0.005,
+    "phase 001 window: each table swapped": 0.2,
     "phase 002 fixed": 0.1,
     "phase 002 validation per GiB of the converged tables": 0.05,
 }
@@ -115,7 +123,7 @@ def conversions(conn) -> dict[str, list[str]]:
 class PhaseEstimate:
     version: str
     seconds: float
-    lock_seconds: float           # ACCESS EXCLUSIVE: the app waits on these tables for this long
+    lock_seconds: float           # ACCESS EXCLUSIVE: the app waits on these tables this long, all windows together
     locked_tables: tuple[str, ...]
     applies: bool                 # False: already applied with the same file, skipped
 
@@ -133,26 +141,46 @@ def estimate_phases(sizes: list[dict], applied: set[str], conversions: dict | No
     converged = sum(gib.get(t, 0) for t in CONVERGED_TABLES)
     plaintext = any(r["holds_plaintext_keys"] for r in sizes)
     logs = {r["table_name"] for r in sizes if r.get("legacy_log")}
+    rewritten = [t for t in KEY_HOLDING_TABLES if t in gib] if plaintext else []
+    in_copy = carried_in_copy(sizes)
     legacy_logs = sum(gib[t] for t in logs)
-    # a legacy log's conversions ride on its carry: the same batches, priced once
+    # a legacy log's conversions ride on its carry: the same batches (or the same copy), priced once
     converted = sum(gib.get(t, 0) for t in (conversions or {}) if t not in logs)
     body = RATES["phase 001 fixed"] + converged * RATES["phase 001 body per GiB of the converged tables"]
     redaction = sum(gib.values()) * RATES["phase 001 key search per GiB of public tables"] if plaintext else 0
-    backfill = (legacy_logs * RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+    backfill = (sum(gib[t] for t in logs - in_copy) * RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
+                + sum(gib[t] for t in in_copy) * RATES["phase 001 log carried in its copy per GiB"]
                 + converted * RATES["phase 001 conversion per GiB of a converted table"])
     drop_legacy = legacy_logs * RATES["phase 001 legacy columns dropped per GiB of those logs"]
-    rewritten = [t for t in KEY_HOLDING_TABLES if t in gib] if plaintext else []
     rewrite = sum(gib[t] for t in rewritten) * RATES["phase 001 rewrite per GiB of the tables that held keys"]
     online = converged * (RATES["phase 001 indexes per GiB of the converged tables"]
                           + RATES["phase 001 validation per GiB of the converged tables"]) + redaction + backfill
     present = tuple(t for t in CONVERGED_TABLES if t in gib)
     return [
         PhaseEstimate("000", RATES["phase 000 fixed"], 0.0, (), "000" not in applied),
-        PhaseEstimate("001", body + drop_legacy + rewrite + online, body + drop_legacy + rewrite, present,
+        PhaseEstimate("001", body + drop_legacy + rewrite + online,
+                      _windows(sizes, swapped=set(logs) | set(rewritten) | set(conversions or {})), present,
                       "001" not in applied),
         PhaseEstimate("002", RATES["phase 002 fixed"] + converged * RATES["phase 002 validation per GiB of the converged tables"],
                       0.0, (), "002" not in applied),
     ]
+
+
+def carried_in_copy(sizes: list[dict]) -> set[str]:
+    """The legacy logs whose legacy columns ride on their online rewrite (the tables that held keys): their copy
+    carries them, no batches before it."""
+    if not any(r["holds_plaintext_keys"] for r in sizes):
+        return set()
+    return {r["table_name"] for r in sizes if r.get("legacy_log") and r["table_name"] in KEY_HOLDING_TABLES}
+
+
+def _windows(sizes: list[dict], swapped: set[str]) -> float:
+    """Phase 2's ACCESS EXCLUSIVE windows together: the body (the catalog and api_keys' legacy flags), then one
+    short swap per table whose columns or files change after the commit. Not the table sizes: no window reads
+    a table."""
+    keys = next((r["rows_estimated"] for r in sizes if r["table_name"] == "api_keys"), 0)
+    return (RATES["phase 001 window: body"] + keys / 1000 * RATES["phase 001 window: body per 1,000 api keys"]
+            + len(swapped) * RATES["phase 001 window: each table swapped"])
 
 
 @sql_check(SIZES_SQL.strip() + ";\n\n-- the converged tables' column types (a conversion that rewrites rows)\n"

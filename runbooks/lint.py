@@ -47,7 +47,7 @@ def lint_file(path: Path, pg_major: int | None = None) -> list[dict]:
 
 
 def _outside_transaction_lines(path: Path) -> set[int]:
-    """Lines of the statements the engine runs after the commit (`-- runbook: no-transaction`)."""
+    """Lines of the statements the engine runs outside the body's transaction (`-- runbook: no-transaction`)."""
     lines: set[int] = set()
     for statement in engine.parse_file(path):
         if not statement.transactional:

@@ -56,7 +56,7 @@ class Phase:
         return lint.lint_check(self.path, self.run.facts.get("server_version_num", 0) // 10000 or None)
 
     def show_statements(self) -> None:
-        rows = [{"#": s.index, "line": s.line, "in transaction": "yes" if s.transactional else "no (after commit)",
+        rows = [{"#": s.index, "line": s.line, "in transaction": "yes" if s.transactional else "no (before it)" if s.before_body else "no (after commit)",
                  "statement": s.summary} for s in self.statements]
         from IPython.display import display
 

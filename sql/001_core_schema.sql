@@ -14,7 +14,7 @@
 --
 -- Contents
 --   1. Prerequisites and migration helpers (pg_temp: this session only)
---   2. Unique rules and ids checked, work queues, and the tables' locks taken first
+--   2. Unique rules and ids checked, plaintext API keys hashed ahead, work queues, the tables' locks taken
 --   3. The core tables, as created on an empty database
 --   4. Legacy shapes converged: policies, columns, carried data, primary keys
 --   5. Plaintext API keys: hashed, prefixed, redacted wherever copied, dropped
@@ -27,16 +27,17 @@
 --      primary keys, rules validated, foreign keys replaced
 --
 -- Notes
--- * Idempotent; no transaction control in here. The runbook engine runs the body in one transaction,
---   then each statement marked as no-transaction (all at the end: batches, swaps, rewrites and concurrent
---   index builds on tables that may hold production data) on its own; psql -f runs it statement by
+-- * Idempotent; no transaction control in here. The runbook engine runs each statement marked as
+--   no-transaction on its own: first those before the body (the checks, this session's helpers and the
+--   keys hashed ahead), then the body in one transaction, then those at the end (batches, swaps, rewrites
+--   and concurrent index builds on tables that may hold production data); psql -f runs it statement by
 --   statement.
 -- * Under the body's lock (ACCESS EXCLUSIVE on the eight core tables) no row of them is read or written,
---   whatever the legacy shape (api_keys' plaintext keys and flags excepted: a few rows per organization,
---   whose plaintext must be gone at the commit): the body changes the catalog and plans the data work,
---   which runs after the commit in batches of pages, each its own short transaction, while the app reads
---   and writes. The reads that must come before anything changes (duplicates under a unique rule or in
---   the ids) come before the locks.
+--   whatever the legacy shape (api_keys' legacy flags excepted: a few rows per organization): the body
+--   changes the catalog and plans the data work, which runs after the commit in batches of pages, each its
+--   own short transaction, while the app reads and writes. What must come before anything changes (the
+--   duplicates under a unique rule or in the ids) is read before it, and the plaintext keys are hashed
+--   before it in batches (section 2), so that the body only drops their column.
 -- * Legacy shapes are read from the catalog, not assumed. For each table the contract names, a spec
 --   (pg_temp.p2_spec() below: column, type, default, NOT NULL, legacy synonyms) drives the convergence:
 --   - a missing column takes a legacy synonym of the same type by rename (no rewrite), else it is added;
@@ -72,7 +73,8 @@
 --   never) or WAL archiving behind, the phase says 'paused: <why>' and waits, holding nothing.
 -- * Plaintext API keys (api_keys.key, api_key, secret, token, ...): key_hash = sha256 hex of the key
 --   (kept when newer code already wrote one), key_prefix = its first characters (at most 12, at most a
---   third of the key); the column is dropped under the lock. Every copy of a plaintext key in any text
+--   third of the key), computed before the lock in batches while a trigger hashes what the app writes; the
+--   column is dropped under the lock. Every copy of a plaintext key in any text
 --   or json column of any public table is redacted after the commit, in batches, while a trigger redacts
 --   what the app writes meanwhile (the keys wait in private.redaction_keys, owner only, truncated when
 --   done). The tables that held a key or a copy are then rewritten (at the end of the file, once the
@@ -85,7 +87,10 @@
 --   the copy in the table's place with everything the table carries (indexes, constraints, the foreign
 --   keys that point at it, triggers, policies, RLS, replica identity, grants, owner, comments,
 --   publications, statistics, sequences, views): its work follows what the app wrote since the last
---   batch, not the table's size. Only live rows are copied, into new files. Where the online way cannot
+--   batch, not the table's size. Only live rows are copied, into new files. A table with legacy columns
+--   to carry (a log, typically) is carried by its copy instead of by batches before it: the rows go through
+--   its backfill trigger as they are copied, their legacy columns are copied empty, and the swap's
+--   transaction drops them (one pass over the table instead of two). Where the online way cannot
 --   carry a table over exactly (no key to identify rows by, an exclusion constraint, inheritance, an
 --   object of another kind that depends on the table) or where truthsource.rewrite_method is 'cluster',
 --   the table is rewritten by CLUSTER under its lock instead, as before: a transaction that was open before
@@ -129,7 +134,12 @@
 -- 1. Prerequisites and migration helpers (pg_temp: this session only)
 -- ====================================================================================================
 
+-- Sections 1 and 2 up to the work queues run before the phase's transaction, each statement on its own
+-- (marked no-transaction): they check, define this session's helpers and hash the keys ahead, and the
+-- runner does not repeat them when it retries its transaction for a lock.
+
 -- prerequisites: phase 1
+-- runbook: no-transaction
 do $$
 begin
   if to_regprocedure('public.update_updated_at_column()') is null
@@ -145,6 +155,7 @@ end
 $$;
 
 -- migration helpers for this file only (in pg_temp: they vanish with the session)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_spec()
 returns table (ord integer, tbl text, col text, typ text, dflt text, not_null boolean, is_key boolean, synonyms text[])
 language sql immutable
@@ -222,6 +233,7 @@ as $fn$
 $fn$;
 
 -- the type of a column, as format_type() spells it (NULL: no such column)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_column_type(p_rel regclass, p_col text) returns text
 language sql stable
 as $fn$
@@ -232,6 +244,7 @@ $fn$;
 
 -- the contract's foreign keys (the logs have none: they outlive what they name); on_delete as pg_constraint
 -- spells it: c cascade, n set null
+-- runbook: no-transaction
 create or replace function pg_temp.p2_foreign_keys()
 returns table (tbl text, name text, col text, ref regclass, refcol text, on_delete "char")
 language sql stable
@@ -251,6 +264,7 @@ as $fn$
 $fn$;
 
 -- the contract's check rules, named after what they enforce, with the columns each reads
+-- runbook: no-transaction
 create or replace function pg_temp.p2_contract_checks() returns table (tbl text, name text, expr text, cols text[])
 language sql immutable
 as $fn$
@@ -279,6 +293,7 @@ $fn$;
 -- What a column of the contract will hold once the legacy columns are carried, as an expression over the
 -- table as it is now (its legacy synonyms in order, text compared as text): what the unique rules are
 -- checked on before the locks. NULL where that cannot be told without converting every value.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_future_value(p_table text, p_col text) returns text
 language plpgsql stable
 as $fn$
@@ -311,6 +326,7 @@ end
 $fn$;
 
 -- true when the table has a valid unique index on exactly these columns (nothing there can be duplicated)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_has_unique_index(p_rel regclass, p_cols text[]) returns boolean
 language sql stable
 as $fn$
@@ -323,6 +339,7 @@ $fn$;
 
 -- the migration's own writes are not business writes: user triggers (updated_at, audit) stay quiet
 -- (not the migration's own p2_ triggers)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_triggers_off(p_rel regclass) returns text[]
 language plpgsql
 as $fn$
@@ -341,6 +358,7 @@ end
 $fn$;
 
 -- and back on, exactly those that were on
+-- runbook: no-transaction
 create or replace function pg_temp.p2_triggers_on(p_rel regclass, p_names text[]) returns void
 language plpgsql
 as $fn$
@@ -354,6 +372,7 @@ end
 $fn$;
 
 -- the SQL expression converting p_x (of type p_from) to p_to; NULL where it would lose information
+-- runbook: no-transaction
 create or replace function pg_temp.p2_conversion(p_from text, p_to text, p_x text) returns text
 language plpgsql immutable
 as $fn$
@@ -379,6 +398,7 @@ $fn$;
 
 -- keep the values of a legacy column that match p_where in legacy_data, under p_key (api_keys' flags: a
 -- table of a few rows per organization, converted under the lock with its plaintext keys)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_stash(p_rel regclass, p_key text, p_source text, p_where text) returns void
 language plpgsql
 as $fn$
@@ -417,6 +437,7 @@ $fn$;
 -- A row trigger (pg_temp.p2_backfill_trigger) does the work for the rows the app writes meanwhile, and
 -- the batches send the rows already there through it (one definition of each change). The table gets a
 -- p2_carried marker (and legacy_data where something may not convert) until the swap drops them.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_plan_backfill(p_rel regclass, p_kind text, p_target text, p_source text, p_stash_key text,
                                                      p_dflt text default null, p_fill text default null)
 returns void
@@ -451,6 +472,7 @@ $fn$;
 
 -- carry legacy column p_source into p_target (a column of the contract, or the hidden column a conversion
 -- of it fills): planned here, done after the commit
+-- runbook: no-transaction
 create or replace function pg_temp.p2_carry(p_rel regclass, p_target text, p_source text, p_stash_key text) returns void
 language plpgsql
 as $fn$
@@ -465,6 +487,7 @@ $fn$;
 -- what would be lost with a column whose type must change: a view or rule reading it, a generated column
 -- computed from it, or a foreign key of another table that references it stop the phase (named); the
 -- column's own default, constraints, indexes, statistics, policies and triggers follow it (section 11)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_column_dependents(p_rel regclass, p_col text) returns text
 language sql stable
 as $fn$
@@ -486,6 +509,7 @@ $fn$;
 
 -- true when every value of type p_from is a value of p_to as it stands (varchar to text, numeric(10,2)
 -- to numeric(12,2), integer to bigint): such a column converts without reading a row
+-- runbook: no-transaction
 create or replace function pg_temp.p2_widens(p_from text, p_to text) returns boolean
 language sql immutable
 as $fn$
@@ -504,6 +528,7 @@ $fn$;
 -- true when ALTER COLUMN TYPE changes only the catalog: a widening that keeps the stored bytes (varchar to
 -- text, a longer varchar, a wider numeric; not integer to bigint, which rewrites every row), or a
 -- timestamp read as UTC where no index must be rebuilt (the body runs with TimeZone UTC)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_alters_in_place(p_rel regclass, p_col text, p_from text, p_to text) returns boolean
 language sql stable
 as $fn$
@@ -517,6 +542,7 @@ $fn$;
 
 -- convert a column: in place where the catalog alone changes (a CHECK on it would be re-validated by a scan:
 -- it goes first, and section 6 adds the contract's again NOT VALID), else planned as an online conversion
+-- runbook: no-transaction
 create or replace function pg_temp.p2_convert(p_rel regclass, p_col text, p_from text, p_to text, p_dflt text) returns void
 language plpgsql
 as $fn$
@@ -530,7 +556,7 @@ begin
   if v_blockers is not null then
     raise exception '%.% is % but the contract needs %, and % depend(s) on it', p_rel, p_col, p_from, p_to, v_blockers
       using errcode = 'dependent_objects_still_exist',
-            hint = 'Drop those objects (re-create them after this phase), then re-run this file. Nothing was changed.';
+            hint = 'Drop those objects (re-create them after this phase), then re-run this file: its transaction changed nothing.';
   end if;
   if pg_temp.p2_alters_in_place(p_rel, p_col, p_from, p_to) then
     for r in
@@ -573,6 +599,7 @@ $fn$;
 -- do per table: a value that disagrees with one already in the target, or that does not convert, is kept in
 -- legacy_data (and the table named in private.backfill_stashes, so that the swap knows without a scan
 -- whether legacy_data holds anything). Security definer: the app's roles write neither private table.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_backfill_trigger(p_rel regclass) returns void
 language plpgsql
 as $fn$
@@ -687,6 +714,7 @@ end
 $fn$;
 
 -- converge one table to the spec; returns the columns it added
+-- runbook: no-transaction
 create or replace function pg_temp.p2_converge_table(p_table text) returns text[]
 language plpgsql
 as $fn$
@@ -801,6 +829,7 @@ end
 $fn$;
 
 -- column names of an attribute number vector
+-- runbook: no-transaction
 create or replace function pg_temp.p2_column_names(p_rel regclass, p_attnums smallint[]) returns text[]
 language sql stable
 as $fn$
@@ -811,6 +840,7 @@ as $fn$
 $fn$;
 
 -- the name a legacy primary key on other columns takes while the one on id is built (section 11 drops it)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_legacy_pkey(p_table text) returns text
 language sql immutable
 as $fn$
@@ -823,6 +853,7 @@ $fn$;
 -- columns stays meanwhile, renamed, and its columns keep their uniqueness as a constraint: where they are a
 -- unique rule of the contract, its index is built concurrently too; otherwise it is built here (a legacy
 -- shape this phase does not expect: the only index built under the lock).
+-- runbook: no-transaction
 create or replace function pg_temp.p2_ensure_pk(p_table text) returns void
 language plpgsql
 as $fn$
@@ -860,6 +891,7 @@ $fn$;
 
 -- a unique rule: adopt an equivalent constraint or index, else it is built concurrently at the end (its
 -- rows were checked before the locks, section 2: nothing is read here)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_ensure_unique(p_table text, p_name text, p_cols text[]) returns void
 language plpgsql
 as $fn$
@@ -915,6 +947,7 @@ end
 $fn$;
 
 -- the name the contract's foreign key takes while a legacy one of its name is still there
+-- runbook: no-transaction
 create or replace function pg_temp.p2_fk_pending_name(p_name text) returns text
 language sql immutable
 as $fn$
@@ -926,6 +959,7 @@ $fn$;
 -- the contract's is validated after the commit, then goes and the contract's takes its name (section 11):
 -- the rows are never without a validated key. A key to a table whose primary key is still to be built is
 -- added after it is (section 11).
+-- runbook: no-transaction
 create or replace function pg_temp.p2_ensure_fk(p_table text, p_name text, p_col text, p_ref regclass, p_refcol text, p_on_delete "char")
 returns void
 language plpgsql
@@ -982,6 +1016,7 @@ end
 $fn$;
 
 -- a check rule: replace a same-named one that says something else, else add it NOT VALID
+-- runbook: no-transaction
 create or replace function pg_temp.p2_ensure_check(p_table text, p_name text, p_expr text) returns void
 language plpgsql
 as $fn$
@@ -1014,6 +1049,7 @@ $fn$;
 -- NOT NULL, online: a NOT VALID check <table>_<column>_not_null_check now (no scan under the lock); after
 -- the commit (section 11) a check that holds is validated and the column becomes NOT NULL without a scan
 -- (the validated check proves it), then the check goes. Where a legacy row is null the check stays NOT VALID.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_ensure_not_null(p_table text, p_col text) returns text
 language plpgsql
 as $fn$
@@ -1041,6 +1077,7 @@ $fn$;
 -- expression pass), each run into its substrings of the keys' lengths, and those are looked up in the
 -- key set's index; values without the prefix all keys share (often a scheme like sk_live_) are skipped
 -- by strpos first. The functions made here are dropped with the triggers at the end.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_plan_redaction() returns void
 language plpgsql
 as $fn$
@@ -1151,6 +1188,7 @@ $fn$;
 -- dropped after the commit, so that it never names a column that is gone. Security definer: it reads the
 -- keys, which no API role may; it fires after the table's other BEFORE triggers (name order), so the
 -- migration's own writes (truthsource.migration_write on) can keep updated_at as it was.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_redaction_trigger(p_rel regclass) returns void
 language plpgsql
 as $fn$
@@ -1199,6 +1237,7 @@ end
 $fn$;
 
 -- a policy as the statements that make it again (on whatever table then bears its table's name)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_policy_sql(p_policy oid) returns text
 language sql stable
 as $fn$
@@ -1215,6 +1254,7 @@ as $fn$
 $fn$;
 
 -- a trigger as the statements that make it again, enabled as it was, with its comment
+-- runbook: no-transaction
 create or replace function pg_temp.p2_trigger_sql(p_trigger oid) returns text
 language sql stable
 as $fn$
@@ -1233,6 +1273,7 @@ $fn$;
 -- and triggers that read it (made again from their definitions); the contract's checks on it come back NOT
 -- VALID and are validated after the commit, NOT NULL through its check. The contract's indexes on it are
 -- built concurrently after the commit (section 11); a legacy index on it is named, with its definition.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_swap_column(p_rel regclass, p_col text, p_hidden text, p_dflt text) returns void
 language plpgsql
 as $fn$
@@ -1312,6 +1353,7 @@ $fn$;
 
 -- the columns the planned backfills of a table write (their rules wait for the swap: a batch writing a
 -- legacy row that breaks one would be refused)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_backfill_written(p_rel regclass) returns text[]
 language plpgsql stable
 as $fn$
@@ -1326,6 +1368,7 @@ $fn$;
 
 -- true when a row satisfies every rule of its table that is still NOT VALID (a legacy row that breaks one
 -- cannot be written by a batch: it waits as a leftover for the table's short locked transaction)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rules_hold(p_rel regclass) returns text
 language sql stable
 as $fn$
@@ -1338,6 +1381,7 @@ $fn$;
 -- kept as they are), written here in the table's short transaction under its lock (the caller holds it),
 -- with its NOT VALID checks set aside for that moment and put back as they were. p_set and p_where say
 -- what the batch would have done; the rows are found by the ctids the batches kept, so nothing is read.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_write_leftovers(p_rel regclass, p_kind text, p_set text, p_where text) returns bigint
 language plpgsql
 as $fn$
@@ -1377,6 +1421,7 @@ $fn$;
 
 -- the same for a step that does not hold the table's lock yet: NULL when it is not granted within
 -- lock_timeout (the caller asks again after a pause), else the rows written
+-- runbook: no-transaction
 create or replace function pg_temp.p2_locked_leftovers(p_rel regclass, p_kind text, p_set text, p_where text) returns bigint
 language plpgsql
 as $fn$
@@ -1394,6 +1439,7 @@ $fn$;
 -- ALWAYS, so a session in replica mode is no exception) and the batches covered every page there was; only
 -- a trigger someone disabled meanwhile leaves rows behind, and then they are carried here, with a warning.
 -- False when the lock is not granted within lock_timeout (the caller retries).
+-- runbook: no-transaction
 create or replace function pg_temp.p2_finish_backfills(p_rel regclass) returns boolean
 language plpgsql
 as $fn$
@@ -1421,8 +1467,9 @@ begin
     elsif j.kind = 'fill' then
       raise notice '%: column % filled for % row(s) in batches', p_rel, j.target, j.rows_done + v_late;
     else
-      raise notice '%: legacy column % (%) carried into % (%) for % row(s) in batches, then dropped', p_rel, j.source, j.from_type,
-        case j.kind when 'split' then 'old_data/new_data' else j.target end, j.to_type, j.rows_done + v_late;
+      raise notice '%: legacy column % (%) carried into % (%) for % row(s) %, then dropped', p_rel, j.source, j.from_type,
+        case j.kind when 'split' then 'old_data/new_data' else j.target end, j.to_type, j.rows_done + v_late,
+        case when pg_temp.p2_carried_in_rewrite(p_rel) then 'as the table was copied' else 'in batches' end;
       execute format('alter table %s drop column %I', p_rel, j.source);
       if j.dflt is not null then
         execute format('alter table %s alter column %I set default %s', p_rel, j.target, j.dflt);
@@ -1473,6 +1520,7 @@ $fn$;
 
 -- the key the copy and the log identify a row by: the primary key, else a unique index on NOT NULL
 -- columns (no predicate, no expression); NULL when there is none
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_key(p_rel regclass) returns text[]
 language sql stable
 as $fn$
@@ -1487,6 +1535,7 @@ $fn$;
 
 -- why a table cannot be rewritten online (it is then rewritten by CLUSTER, under its lock), or NULL: what
 -- the swap would not carry over exactly
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_blocker(p_rel regclass) returns text
 language plpgsql stable
 as $fn$
@@ -1532,6 +1581,7 @@ end
 $fn$;
 
 -- the columns a copy writes (generated columns are computed again)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_columns(p_rel regclass) returns text
 language sql stable
 as $fn$
@@ -1541,16 +1591,45 @@ as $fn$
 $fn$;
 
 -- the copy's name, and its log's
-create or replace function pg_temp.p2_rewrite_names(p_rel regclass, out shadow text, out log text, out log_function text)
+-- runbook: no-transaction
+create or replace function pg_temp.p2_rewrite_names(p_rel regclass, out shadow text, out log text, out log_function text,
+                                                     out copy_function text)
 language sql immutable
 as $fn$
   select format('private.%I', 'p2_rewrite_' || p_rel::oid), format('private.%I', 'p2_rewrite_log_' || p_rel::oid),
-         format('private.%I', 'p2_rewrite_log_' || p_rel::oid)
+         format('private.%I', 'p2_rewrite_log_' || p_rel::oid), format('private.%I', 'p2_rewrite_copy_' || p_rel::oid)
+$fn$;
+
+-- Whether a table's backfills ride on its online rewrite: the copy's batches send the rows not carried yet
+-- through the table's backfill function (as the app's writes go) and copy its legacy columns empty, and the
+-- swap's transaction finishes the backfills (pg_temp.p2_finish_backfills), so the table is read and written
+-- once instead of twice. Decided once, when the backfills start (private.pending_rewrites.carries), for a
+-- table whose rewrite is pending, not begun, and online.
+-- runbook: no-transaction
+create or replace function pg_temp.p2_carried_in_rewrite(p_rel regclass) returns boolean
+language plpgsql
+as $fn$
+declare
+  r record;
+begin
+  select p.* into r from private.pending_rewrites as p where to_regclass(p.table_name) = p_rel;
+  if not found then
+    return false;
+  end if;
+  if r.carries is null then
+    r.carries := r.step = 'planned'
+                 and lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online')) = 'online'
+                 and pg_temp.p2_rewrite_blocker(p_rel) is null;
+    update private.pending_rewrites as p set carries = r.carries where p.table_name = r.table_name;
+  end if;
+  return r.carries;
+end
 $fn$;
 
 -- Step 1: the copy (the table's columns, defaults, identity, storage; its unique indexes, for the copy's
 -- ON CONFLICT and the replay), the log of keys and the function that fills it. Nothing of the table is
 -- locked yet. Idempotent: a re-run finds them.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_prepare(p_rel regclass) returns void
 language plpgsql
 as $fn$
@@ -1559,6 +1638,8 @@ declare
   c record;
   v_key text[] := pg_temp.p2_rewrite_key(p_rel);
   v_keys text := (select string_agg(quote_ident(k), ', ') from unnest(v_key) as k);
+  v_sources text[];
+  v_source text;
   r record;
 begin
   select * into c from pg_catalog.pg_class where oid = p_rel;
@@ -1568,6 +1649,29 @@ begin
                    case when c.reloptions is not null then format(' with (%s)', array_to_string(c.reloptions, ', ')) else '' end,
                    case when c.reltablespace <> 0 then format(' tablespace %I', (select t.spcname from pg_catalog.pg_tablespace t where t.oid = c.reltablespace)) else '' end);
     execute format('revoke all on table %s from public, anon, authenticated, service_role', n.shadow);
+  end if;
+  -- a copy that carries the table's backfills (pg_temp.p2_carried_in_rewrite): a row not carried yet goes
+  -- through the table's backfill function as it is copied, and the legacy columns are copied empty (dropped
+  -- in the swap's transaction, they leave no value in the new files)
+  if (select p.carries from private.pending_rewrites as p where to_regclass(p.table_name) = p_rel) then
+    v_sources := array(select b.source from private.pending_backfills as b
+                        where to_regclass(b.table_name) = p_rel and b.kind <> 'fill' order by b.ord);
+    foreach v_source in array v_sources loop
+      execute format('alter table %s alter column %I drop not null', n.shadow, v_source);
+    end loop;
+    execute format($f$create or replace function %s() returns trigger
+language plpgsql
+set search_path = ''
+as $body$
+begin
+  %s
+  return new;
+end
+$body$$f$, n.copy_function, (select coalesce(string_agg(format('new.%I := null;', x), ' '), '') from unnest(v_sources) as x));
+    execute format('revoke all on function %s() from public, anon, authenticated, service_role', n.copy_function);
+    execute format('create or replace trigger zz_p2_copy_carry before insert on %s for each row when (new.p2_carried is not true) execute function private.%I()',
+                   n.shadow, 'p2_backfill_' || c.relname);
+    execute format('create or replace trigger zz_p2_copy_empty before insert on %s for each row execute function %s()', n.shadow, n.copy_function);
   end if;
   for r in
     select i.indexrelid, pg_catalog.pg_get_indexdef(i.indexrelid) as def
@@ -1612,6 +1716,7 @@ $fn$;
 -- Step 2: the trigger that logs the app's writes, created ENABLE ALWAYS. Creating it waits for the writes
 -- in flight on the table to end (its lock conflicts with theirs): every write after it is logged, and the
 -- copy's batches start after it. False when the lock is not granted within lock_timeout.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_trigger(p_rel regclass) returns boolean
 language plpgsql
 as $fn$
@@ -1637,6 +1742,7 @@ $fn$;
 -- for a later batch), and for each key the copy made equal to the table now (a later write is logged
 -- again). A row of the copy that holds a unique value a replayed row now holds is stale (its own write is
 -- in the log): it goes first. Returns the number of keys replayed.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_replay(p_rel regclass, p_limit integer) returns bigint
 language plpgsql
 as $fn$
@@ -1679,6 +1785,7 @@ end
 $fn$;
 
 -- the columns of a table as a comparable list (name, type, generated): the copy must still match the table
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_shape(p_rel regclass) returns text
 language sql stable
 as $fn$
@@ -1688,6 +1795,7 @@ as $fn$
 $fn$;
 
 -- the grants of an ACL as GRANT statements on p_object (a column list in p_columns: column grants)
+-- runbook: no-transaction
 create or replace function pg_temp.p2_grants_sql(p_acl aclitem[], p_kind text, p_object text, p_columns text default '') returns text
 language sql stable
 as $fn$
@@ -1707,6 +1815,7 @@ $fn$;
 -- that read it (made again from their definitions). The old table and its files go with the commit.
 -- Returns the constraints to validate ('table|constraint'), or NULL when the lock is not granted within
 -- lock_timeout.
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_swap(p_rel regclass) returns text[]
 language plpgsql
 as $fn$
@@ -1852,6 +1961,15 @@ begin
                                  case when r.reloptions is not null then format(' with (%s)', array_to_string(r.reloptions, ', ')) else '' end,
                                  rtrim(pg_catalog.pg_get_viewdef(r.view), ';')) || ';';
   end loop;
+  -- a carrying copy's own triggers go; what they kept in legacy_data is the table's (the swap's transaction
+  -- finishes the backfills, which keep legacy_data where something was stashed)
+  if to_regprocedure(n.copy_function || '()') is not null then
+    execute format('drop trigger if exists zz_p2_copy_carry on %s', n.shadow);
+    execute format('drop trigger if exists zz_p2_copy_empty on %s', n.shadow);
+    execute format('drop function %s()', n.copy_function);
+    with moved as (delete from private.backfill_stashes as s where s.table_name = n.shadow returning 1)
+    insert into private.backfill_stashes (table_name) select v_name from moved limit 1 on conflict do nothing;
+  end if;
   -- the swap itself: the copy takes the name, the views follow it, the old table and its files go
   execute format('alter table %s rename to %I', v_name, 'p2_old_' || p_rel::oid);
   execute format('alter table %s set schema %I', n.shadow, v_nsp);
@@ -1874,6 +1992,7 @@ $fn$;
 -- row version that some transaction may still see (a snapshot of this database older than the removal, or
 -- a transaction anywhere in the cluster that was already writing then): it waits (bounded) for those to
 -- end first. False when they did not end in time (the table is left for a re-run, with a warning).
+-- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_by_cluster(p_table text, p_reason text, p_removed_in xid) returns boolean
 language plpgsql
 as $fn$
@@ -1921,7 +2040,7 @@ end
 $fn$;
 
 -- ====================================================================================================
--- 2. Unique rules and ids checked, work queues, and the tables' locks taken first
+-- 2. Unique rules and ids checked, plaintext API keys hashed ahead, work queues, the tables' locks taken
 -- ====================================================================================================
 
 -- Unique rules and ids checked before the locks, by a read that lets the app go on: a duplicate stops the
@@ -1929,6 +2048,7 @@ $fn$;
 -- legacy columns are carried (pg_temp.p2_future_value); one that holds already (a valid unique index on
 -- its columns) is not read. Ids are checked where the primary key on id is still to be built (the logs
 -- excepted: their concurrent build checks them). Nothing is read under the locks below.
+-- runbook: no-transaction
 do $$
 declare
   r record;
@@ -1973,6 +2093,130 @@ begin
       raise exception '%: cannot make id the primary key: % id value(s) are NULL or duplicated', r.rel, v_bad
         using errcode = 'unique_violation', hint = 'Give those rows distinct ids, then re-run this file. Nothing was changed.';
     end if;
+  end loop;
+end
+$$;
+
+-- Plaintext API keys hashed ahead, the expand half of section 5 (pgroll's way), once the unique rules above
+-- hold: where public.api_keys still holds a plaintext column, key_hash and key_prefix are added if missing
+-- (nullable: catalog only), a trigger fills them in what the app writes from now on (private.p2_key_hash(),
+-- zz_p2_key_hash), the rows there are hashed in batches of pages, each its own short transaction, and the keys
+-- are listed for the redaction (private.redaction_keys). Section 5 then drops the column under the lock with
+-- nothing left to hash (at 10M, hashing 30,000 keys there held the tables a second). No value the app reads
+-- changes: a legacy app does not know the two columns. A re-run resumes; where this could not finish (its
+-- locks not granted in the runner's retries, or psql -f after an error), section 5 hashes the rest under the
+-- lock as before.
+-- runbook: no-transaction
+do $$
+declare
+  v_cols text[];
+  v_key text;
+  v_new_key text;
+  v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
+  v_pages bigint;
+  v_page bigint := 0;
+  v_quiet text[];
+  v_name text;
+  v_behind text;
+begin
+  if to_regclass('public.api_keys') is null then
+    return;
+  end if;
+  select array_agg(a.attname::text order by a.attnum) into v_cols from pg_catalog.pg_attribute a
+   where a.attrelid = 'public.api_keys'::regclass and a.attnum > 0 and not a.attisdropped
+     and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype)
+     and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key', 'raw_key', 'key_value');
+  if v_cols is null then
+    return;
+  end if;
+  -- the first plaintext column that holds a key, hashed and prefixed as section 5 does
+  v_key := format('coalesce(%s)', (select string_agg(format('%I', c), ', ') from unnest(v_cols) as c));
+  v_new_key := format('coalesce(%s)', (select string_agg(format('new.%I', c), ', ') from unnest(v_cols) as c));
+  -- added only where missing (ALTER TABLE takes its lock even when it adds nothing)
+  if not exists (select 1 from pg_catalog.pg_attribute a where a.attrelid = 'public.api_keys'::regclass
+                   and a.attname = 'key_hash' and not a.attisdropped) then
+    alter table public.api_keys add column key_hash text;
+  end if;
+  if not exists (select 1 from pg_catalog.pg_attribute a where a.attrelid = 'public.api_keys'::regclass
+                   and a.attname = 'key_prefix' and not a.attisdropped) then
+    alter table public.api_keys add column key_prefix text;
+  end if;
+  if to_regclass('private.redaction_keys') is null then   -- section 2's table, needed here first
+    create table private.redaction_keys (
+      plaintext text not null,
+      constraint redaction_keys_pkey primary key (plaintext)
+    );
+    revoke all on table private.redaction_keys from public, anon, authenticated, service_role;
+  end if;
+  -- what the app writes from now on: hashed where it wrote no hash; a new key written without a new hash
+  -- gets its own
+  execute format($f$
+    create or replace function private.p2_key_hash() returns trigger
+    language plpgsql
+    set search_path = ''
+    as $fn$
+    begin
+      if tg_op = 'UPDATE' and (%1$s) is distinct from (%2$s) and new.key_hash is not distinct from old.key_hash then
+        new.key_hash := null;
+        if new.key_prefix is not distinct from old.key_prefix then
+          new.key_prefix := null;
+        end if;
+      end if;
+      if %3$s is not null then
+        new.key_hash := coalesce(new.key_hash, encode(pg_catalog.sha256(pg_catalog.convert_to(%3$s, 'UTF8')), 'hex'));
+        new.key_prefix := coalesce(new.key_prefix, left(%3$s, least(12, length(%3$s) / 3)));
+      end if;
+      return new;
+    end
+    $fn$ $f$,
+    (select string_agg(format('new.%I', c), ', ') from unnest(v_cols) as c),
+    (select string_agg(format('old.%I', c), ', ') from unnest(v_cols) as c),
+    v_new_key);
+  revoke all on function private.p2_key_hash() from public, anon, authenticated, service_role;
+  create or replace trigger zz_p2_key_hash before insert or update on public.api_keys
+    for each row execute function private.p2_key_hash();
+  alter table public.api_keys enable always trigger zz_p2_key_hash;
+  commit;
+  -- the rows there, in batches of pages (a TID range scan each), the table's other triggers quiet
+  v_pages := pg_catalog.pg_relation_size('public.api_keys') / current_setting('block_size')::bigint;
+  while v_page < v_pages loop
+    loop
+      v_behind := private.replication_backlog();
+      exit when v_behind is null;
+      raise notice 'paused: %', v_behind;
+      commit;
+      perform pg_catalog.pg_sleep(1);
+    end loop;
+    -- a row an app transaction holds is waited for up to 5 s, as in section 11's batches
+    if current_setting('lock_timeout')::interval between interval '1 microsecond' and interval '5 seconds' then
+      perform set_config('lock_timeout', '5s', true);
+    end if;
+    -- (phase 1's updated_at function does not know the migration's flag yet: it is quiet too)
+    select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
+     where t.tgrelid = 'public.api_keys'::regclass and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%';
+    foreach v_name in array v_quiet loop
+      execute format('alter table public.api_keys disable trigger %I', v_name);
+    end loop;
+    begin
+      execute format('update public.api_keys
+                         set key_hash = coalesce(key_hash, encode(sha256(convert_to(%1$s, ''UTF8'')), ''hex'')),
+                             key_prefix = coalesce(key_prefix, left(%1$s, least(12, length(%1$s) / 3)))
+                       where ctid >= ''(%2$s,0)''::tid and ctid < ''(%3$s,0)''::tid
+                         and %1$s is not null and (key_hash is null or key_prefix is null)',
+                     v_key, v_page, v_page + v_step);
+    exception when unique_violation then
+      null;   -- a key the app wrote since the check, alike another: section 5 meets it under the unique rule
+    end;
+    execute format('insert into private.redaction_keys (plaintext) select distinct k from public.api_keys as t,
+                      unnest(array[%1$s]) as k
+                     where t.ctid >= ''(%2$s,0)''::tid and t.ctid < ''(%3$s,0)''::tid and k is not null and k <> ''''
+                    on conflict do nothing',
+                   (select string_agg(format('t.%I::text', c), ', ') from unnest(v_cols) as c), v_page, v_page + v_step);
+    foreach v_name in array v_quiet loop
+      execute format('alter table public.api_keys enable trigger %I', v_name);
+    end loop;
+    commit;
+    v_page := v_page + v_step;
   end loop;
 end
 $$;
@@ -2047,6 +2291,7 @@ create table if not exists private.pending_rewrites (
   pages_done bigint not null default 0,
   rows_replayed bigint not null default 0,
   validate text[] not null default '{}',
+  carries boolean,
   constraint pending_rewrites_pkey primary key (table_name)
 );
 -- (a database where an earlier release made it empty gets the progress columns)
@@ -2055,6 +2300,7 @@ alter table private.pending_rewrites add column if not exists pages_total bigint
 alter table private.pending_rewrites add column if not exists pages_done bigint not null default 0;
 alter table private.pending_rewrites add column if not exists rows_replayed bigint not null default 0;
 alter table private.pending_rewrites add column if not exists validate text[] not null default '{}';
+alter table private.pending_rewrites add column if not exists carries boolean;
 revoke all on table private.pending_rewrites from public, anon, authenticated, service_role;
 comment on table private.pending_rewrites is
   'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed; step and progress of each.';
@@ -2348,6 +2594,11 @@ declare
   v_mismatched bigint;
   v_quiet text[];
 begin
+  -- section 0's trigger has done its part (and reads the columns dropped below)
+  if to_regprocedure('private.p2_key_hash()') is not null then
+    drop trigger if exists zz_p2_key_hash on public.api_keys;
+    drop function private.p2_key_hash();
+  end if;
   for v_col in
     select a.attname from pg_catalog.pg_attribute a
      where a.attrelid = 'public.api_keys'::regclass and a.attnum > 0 and not a.attisdropped
@@ -2359,7 +2610,7 @@ begin
       into v_secrets;
     insert into private.redaction_keys (plaintext) select x from unnest(v_secrets) as x on conflict do nothing;
     v_quiet := pg_temp.p2_triggers_off('public.api_keys');
-    -- one pass sets both (each only where it is missing): every row updated is a new row version, under the lock
+    -- one pass sets both, where section 0 could not (rows ahead of it were hashed there) (each only where it is missing): every row updated is a new row version, under the lock
     execute format('update public.api_keys
                        set key_hash = coalesce(key_hash, encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')),
                            key_prefix = coalesce(key_prefix, left(%1$I, least(12, length(%1$I) / 3)))
@@ -3072,6 +3323,27 @@ begin
 end
 $$;
 
+-- the primary keys on id still to build (a legacy table without one, a log without one, a table whose key
+-- was on other columns): the unique index built without blocking writes, attached as the key at the end of
+-- this file once id is NOT NULL (duplicated ids were refused before the locks; a log's stop the build here).
+-- Built before the backfills: a log's online rewrite identifies rows by it, and carries the log as it copies
+-- runbook: no-transaction
+create unique index concurrently if not exists organizations_pkey on public.organizations (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists profiles_pkey on public.profiles (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists organization_members_pkey on public.organization_members (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists products_pkey on public.products (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists inventory_pkey on public.inventory (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists audit_logs_pkey on public.audit_logs (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists api_keys_pkey on public.api_keys (id);
+-- runbook: no-transaction
+create unique index concurrently if not exists security_events_pkey on public.security_events (id);
+
 -- the planned backfills (carried, converted and filled columns, section 4) in batches of pages (a TID range
 -- scan each, PostgreSQL 14+), each batch its own short transaction: the app goes on meanwhile (its writes
 -- wait at most one batch), and the rows it writes go through the trigger. rows_done of rows_total in
@@ -3093,6 +3365,11 @@ declare
   v_range text;
 begin
   for b in select distinct p.table_name::regclass as rel, p.table_name from private.pending_backfills as p order by 1 loop
+    if pg_temp.p2_carried_in_rewrite(b.rel) then
+      raise notice '%: carried as it is rewritten online below (one pass over the table instead of two)', b.rel;
+      commit;
+      continue;
+    end if;
     -- the planner's row count, or a count where the table was never analyzed
     select nullif(greatest(c.reltuples, 0), 0)::bigint into v_count from pg_catalog.pg_class c where c.oid = b.rel;
     if v_count is null then
@@ -3164,6 +3441,7 @@ declare
 begin
   for b in select p.table_name::regclass as rel, bool_or(p.kind = 'convert') as converts
              from private.pending_backfills as p group by p.table_name order by 1 loop
+    continue when pg_temp.p2_carried_in_rewrite(b.rel);   -- finished in its swap's transaction, below
     v_tries := 0;
     loop
       perform set_config('lock_timeout', v_timeout, true);
@@ -3185,26 +3463,6 @@ begin
   end loop;
 end
 $$;
-
--- the primary keys on id still to build (a legacy table without one, a log without one, a table whose key
--- was on other columns): the unique index built without blocking writes, attached as the key at the end of
--- this file once id is NOT NULL (duplicated ids were refused before the locks; a log's stop the build here)
--- runbook: no-transaction
-create unique index concurrently if not exists organizations_pkey on public.organizations (id);
--- runbook: no-transaction
-create unique index concurrently if not exists profiles_pkey on public.profiles (id);
--- runbook: no-transaction
-create unique index concurrently if not exists organization_members_pkey on public.organization_members (id);
--- runbook: no-transaction
-create unique index concurrently if not exists products_pkey on public.products (id);
--- runbook: no-transaction
-create unique index concurrently if not exists inventory_pkey on public.inventory (id);
--- runbook: no-transaction
-create unique index concurrently if not exists audit_logs_pkey on public.audit_logs (id);
--- runbook: no-transaction
-create unique index concurrently if not exists api_keys_pkey on public.api_keys (id);
--- runbook: no-transaction
-create unique index concurrently if not exists security_events_pkey on public.security_events (id);
 
 -- Tables that held plaintext keys rewritten now that their old row versions are dead, online by default
 -- (pg_temp.p2_rewrite_*, section 1: a copy, a log of the app's writes, batches of pages, the log replayed,
@@ -3247,6 +3505,13 @@ begin
     end if;
     n := pg_temp.p2_rewrite_names(v_rel);
     v_why := case when v_method = 'cluster' then 'truthsource.rewrite_method is cluster' else pg_temp.p2_rewrite_blocker(v_rel) end;
+    if v_stage = 'planned' and v_why is not null and r.carries then
+      -- (its table changed since its backfills were left to the copy: a re-run carries them in batches)
+      update private.pending_rewrites as p set carries = false where p.table_name = r.table_name;
+      commit;
+      raise exception '%: cannot be rewritten online any more (%), and its legacy columns were left for the copy to carry: re-run this file',
+        v_rel, v_why using errcode = 'object_not_in_prerequisite_state';
+    end if;
     if v_stage = 'planned' and v_why is not null then
       raise notice '%: rewritten by CLUSTER, under its lock: %', v_rel, v_why;
       if pg_temp.p2_rewrite_by_cluster(r.table_name, r.reason, r.removed_in) then
@@ -3287,6 +3552,8 @@ begin
       update private.pending_rewrites as p
          set step = v_stage, pages_done = 0, pages_total = pg_catalog.pg_relation_size(v_rel) / current_setting('block_size')::bigint
        where p.table_name = r.table_name;
+      update private.pending_backfills as b set rows_done = 0, rows_total = (select greatest(x.reltuples, 0)::bigint from pg_catalog.pg_class x where x.oid = v_rel)
+       where r.carries and to_regclass(b.table_name) = v_rel;
       commit;
     end if;
     -- 3. the rows copied in batches of pages, each its own transaction (a row the app changes meanwhile is
@@ -3304,7 +3571,11 @@ begin
         execute format('insert into %s (%s) overriding system value select %s from %s where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid
                         on conflict do nothing', n.shadow, pg_temp.p2_rewrite_columns(v_rel), pg_temp.p2_rewrite_columns(v_rel), v_rel,
                        v_page, v_page + v_step);
+        get diagnostics v_count = row_count;
         update private.pending_rewrites as p set pages_done = v_page + v_step where p.table_name = r.table_name;
+        if r.carries then
+          update private.pending_backfills as b set rows_done = b.rows_done + v_count where to_regclass(b.table_name) = v_rel;
+        end if;
         commit;
         v_page := v_page + v_step;
       end loop;
@@ -3344,6 +3615,10 @@ begin
       loop
         perform set_config('lock_timeout', v_timeout, true);
         v_validate := pg_temp.p2_rewrite_swap(v_rel);
+        if v_validate is not null and r.carries then
+          -- a carrying copy's backfills finished in the same transaction: its legacy columns dropped (nothing read)
+          perform pg_temp.p2_finish_backfills(to_regclass(r.table_name));
+        end if;
         exit when v_validate is not null;
         v_tries := v_tries + 1;
         if v_tries >= 120 then

@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 from psycopg2.sql import SQL, Identifier
 
-from runbooks import verification
+from runbooks import engine, verification
 from runbooks.contract import CORE_TABLES, PHASE3_TABLES
 from runbooks.paths import PHASES
 from runbooks.verification import savepoint
@@ -47,19 +47,30 @@ PLAINTEXT_KEYS = {"legacy": LEGACY_PLAINTEXT_KEYS, "variant": VARIANT_PLAINTEXT_
 
 # -- applying files ---------------------------------------------------------------------------
 
-def split_file(path: Path) -> tuple[str, list[str]]:
-    """(body, tail): the transactional body, and the statements marked `-- runbook: no-transaction`.
+def split_file(path: Path) -> tuple[list[str], str, list[str]]:
+    """(head, body, tail): the statements marked `-- runbook: no-transaction` before the body, the
+    transactional body as one text, and the marked statements after it: the split the apply engine makes
+    (tests/test_sql_phases.py checks the files follow that convention)."""
+    head, body, tail = engine.split_phase(engine.parse_file(path))
+    return [s.text for s in head], ";\n".join(s.text for s in body) + ";\n", [s.text for s in tail]
 
-    Every marked statement comes after the body (tests/test_sql_phases.py checks the files
-    follow that convention); this is the split the apply engine makes.
-    """
-    import pglast
 
-    text = Path(path).read_text()
-    marker = re.search(rf"(?m)^{re.escape(NO_TRANSACTION)}$", text)
-    if marker is None:
-        return text, []
-    return text[:marker.start()], list(pglast.split(text[marker.start():], with_parser=True))
+def start_phase(conn, path: Path, settings: str = "") -> list[str]:
+    """A phase the engine's way up to its commit, on `conn`: `settings` (SET statements), the statements
+    before the body each on its own, the body in one transaction; then `conn` in autocommit. The tail."""
+    head, body, tail = split_file(path)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        if settings:
+            cur.execute(settings)
+        for statement in head:
+            cur.execute(statement)
+    conn.autocommit = False
+    with conn.cursor() as cur:
+        cur.execute(body)
+    conn.commit()
+    conn.autocommit = True
+    return tail
 
 
 def apply_psql(db, path: Path) -> subprocess.CompletedProcess:
@@ -78,18 +89,12 @@ def psql_error(db, path: Path) -> str:
 
 
 def apply_psycopg2(db, path: Path, settings: str = "") -> list[str]:
-    """Plain psycopg2: the body in ONE transaction (cursor.execute of the text), then each marked
-    statement in autocommit, in a session with `settings` (SET statements) run first. Returns the
+    """Plain psycopg2: the marked statements before the body each in autocommit, the body in ONE
+    transaction (cursor.execute of the text), then each marked statement after it in autocommit, in a session with `settings` (SET statements) run first. Returns the
     server's notices."""
-    body, tail = split_file(path)
     conn = db.connect()
     try:
-        with conn.cursor() as cur:
-            if settings:
-                cur.execute(settings)
-            cur.execute(body)
-        conn.commit()
-        conn.autocommit = True
+        tail = start_phase(conn, path, settings)
         with conn.cursor() as cur:
             for statement in tail:
                 cur.execute(statement)

@@ -204,6 +204,25 @@ def test_a_concurrently_statement_runs_after_the_transaction_and_the_file_still_
     empty_db.psql_file(path)  # plain psql ignores the marker and autocommits each statement
 
 
+def test_a_statement_marked_before_the_body_runs_on_its_own_first_and_a_failed_body_says_it_stayed(empty_db, tmp_path):
+    path = write(tmp_path, "105_expand.sql", """
+        -- runbook: no-transaction
+        do $$ begin create table if not exists prepared (id int); commit; insert into prepared values (1); end $$;
+        create table body_made (id int);
+        select 1 / (select count(*) - 1 from prepared);
+    """)
+    statements = engine.parse_file(path)
+    assert [(s.before_body, s.transactional) for s in statements] == [(True, False), (False, True), (False, True)]
+    with pytest.raises(engine.StatementFailed, match="statements before it, which only prepare, were committed"):
+        make_engine(empty_db).apply("105", path)
+    assert empty_db.query("select count(*) from prepared") == [(1,)]
+    assert empty_db.query("select to_regclass('body_made')") == [(None,)] and history(empty_db) == []
+    empty_db.execute("insert into prepared values (2)")
+    result = make_engine(empty_db).apply("105", path)
+    assert [t.transactional for t in result.timings] == [False, True, True]
+    assert [r["statements"] for r in history(empty_db)] == [3]
+
+
 def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(empty_db, tmp_path):
     empty_db.execute("create table dup (id int, v int); insert into dup values (1, 1), (2, 1)")
     with pytest.raises(psycopg2.errors.UniqueViolation):
@@ -221,8 +240,8 @@ def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(empty_db,
 
 @pytest.mark.parametrize("sql, message", [
     ("begin;\ncreate table t (id int);\ncommit;\n", r"1: transaction control \(begin\) does not belong"),
-    ("-- runbook: no-transaction\ncreate index concurrently i on t (x);\ncreate table u (id int);\n",
-     r"3: a transactional statement follows"),
+    ("create table t (x int);\n-- runbook: no-transaction\ncreate index concurrently i on t (x);\ncreate table u (id int);\n",
+     r"4: a transactional statement follows .* after the body"),
     ("create table t (id int);\ncreate tabel u (id int);\n", r"does not parse near line 2"),
     ("-- nothing here\n", r"no SQL statements"),
 ])

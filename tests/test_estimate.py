@@ -24,7 +24,7 @@ def test_the_estimate_grows_in_proportion_to_the_data():
     assert large - fixed == pytest.approx(10 * (small - fixed))
 
 
-def test_phase_two_blocks_the_converged_tables_for_its_body_and_the_rewrite_of_the_tables_that_held_keys():
+def test_phase_two_blocks_the_converged_tables_for_its_body_and_the_swaps_of_the_tables_that_held_keys():
     one, two, three = estimate.estimate_phases(sizes(1), set())
     assert one.lock_seconds == three.lock_seconds == 0
     assert two.locked_tables == estimate.CONVERGED_TABLES
@@ -85,17 +85,28 @@ def test_the_statement_timeout_grows_with_the_data_and_never_falls_below_the_flo
     assert round(estimate.TIMEOUT_FACTOR * huge.seconds) > estimate.TIMEOUT_FLOOR
 
 
-def test_only_the_body_the_logs_legacy_columns_dropped_and_the_rewrite_block_the_app_not_the_batches():
-    plain = estimate.estimate_phases(sizes(1), set())[1]
-    rows = sizes(1)
-    for row in rows:
-        row["legacy_log"] = row["table_name"] == "audit_logs"
-    legacy = estimate.estimate_phases(rows, set())[1]
-    carried = legacy.seconds - plain.seconds
-    assert carried == pytest.approx(estimate.RATES["phase 001 log backfill per GiB of the logs in a legacy shape"]
-                                    + estimate.RATES["phase 001 legacy columns dropped per GiB of those logs"])
-    assert legacy.lock_seconds - plain.lock_seconds == pytest.approx(
-        estimate.RATES["phase 001 legacy columns dropped per GiB of those logs"])
+def test_the_app_waits_for_the_body_and_one_short_swap_per_table_whatever_the_tables_sizes():
+    def two(gib, plaintext=True, legacy_log=False, conversions=None):
+        rows = [{**r, "legacy_log": legacy_log and r["table_name"] == "audit_logs",
+                 "rows_estimated": 30_000 if r["table_name"] == "api_keys" else 0} for r in sizes(gib, plaintext)]
+        return estimate.estimate_phases(rows, set(), conversions)[1]
+    swap = estimate.RATES["phase 001 window: each table swapped"]
+    assert two(1).lock_seconds == two(100).lock_seconds   # the batches and the online copies block nobody
+    assert two(1).lock_seconds == pytest.approx(estimate.RATES["phase 001 window: body"] + 2 * swap
+                                                + 30 * estimate.RATES["phase 001 window: body per 1,000 api keys"])
+    assert two(1, plaintext=False, legacy_log=True).lock_seconds == pytest.approx(two(1, plaintext=False).lock_seconds + swap)
+    assert two(1, conversions={"products": ["price numeric"]}).lock_seconds == pytest.approx(two(1).lock_seconds + swap)
+
+
+def test_a_legacy_log_is_carried_in_batches_or_where_it_held_keys_by_its_online_copy_for_less():
+    def two(plaintext, legacy_log):
+        rows = [{**r, "legacy_log": legacy_log and r["table_name"] == "audit_logs"} for r in sizes(1, plaintext)]
+        return estimate.estimate_phases(rows, set())[1].seconds
+    dropped = estimate.RATES["phase 001 legacy columns dropped per GiB of those logs"]
+    assert two(False, True) - two(False, False) == pytest.approx(
+        estimate.RATES["phase 001 log backfill per GiB of the logs in a legacy shape"] + dropped)
+    assert two(True, True) - two(True, False) == pytest.approx(estimate.RATES["phase 001 log carried in its copy per GiB"] + dropped)
+    assert estimate.carried_in_copy([{**r, "legacy_log": r["table_name"] == "audit_logs"} for r in sizes(1)]) == {"audit_logs"}
 
 
 def test_a_legacy_log_is_told_from_a_migrated_one(legacy_db, migrated_db):

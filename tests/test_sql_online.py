@@ -15,8 +15,8 @@ import pytest
 
 from runbooks.verification import act_as
 from runbooks.watch import Heartbeat
-from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, find_text, split_file,
-                        waiting_backend)
+from sqlhelpers import (LEGACY_PLAINTEXT_KEYS, PHASE_FILES, PLAINTEXT_KEYS, apply_psql, data_fingerprint, find_text,
+                        split_file, start_phase, waiting_backend)
 
 pytestmark = pytest.mark.both_versions   # the locks phase 2's statements take, and how long they wait, are the server's
 
@@ -64,19 +64,15 @@ def locks_held_by(db, pid: int) -> set[tuple[str, str]]:
                            where l.pid = %s and l.granted and l.locktype = 'relation' and c.relnamespace = 'public'::regnamespace""", (pid,)))
 
 
-def stop_in_a_batch(db, step: str, locked_row: str) -> tuple[int, int]:
+def stop_in_a_batch(db, step: str, locked_row: str, settings: str = "") -> tuple[int, int]:
     """Phase 2 the engine's way (its body in one transaction, then its tail), stopped in the tail
     statement that contains `step`: a row lock on `locked_row` (a query of one audit row) makes the batch
     that reaches it wait, and the session is then terminated. (rows or pages done, total) at that moment."""
-    body, tail = split_file(PHASE_TWO)
-    index = next(i for i, statement in enumerate(tail) if step in statement)
     phase, holder = db.connect(), db.connect()
     try:
-        with phase.cursor() as cur:
-            cur.execute(f"set application_name = '{APP_NAME}'; set truthsource.backfill_batch_pages = 1")
-            cur.execute(body)
-        phase.commit()
-        phase.autocommit = True
+        tail = start_phase(phase, PHASE_TWO, f"set application_name = '{APP_NAME}'; set truthsource.backfill_batch_pages = 1;"
+                                             + settings)
+        index = next(i for i, statement in enumerate(tail) if step in statement)
         with phase.cursor() as cur:
             for statement in tail[:index]:
                 cur.execute(statement)
@@ -109,8 +105,9 @@ def test_phase_two_stopped_in_its_log_backfill_resumes_on_a_rerun_to_the_end_sta
     reference = unstopped_reference(make_db)
     db = make_db("legacy@1")
     db.execute(MORE_AUDIT_ROWS)
+    # (rewritten by CLUSTER, the log is carried by the batches: online, its copy carries it)
     progress = stop_in_a_batch(db, "set p2_carried = true where %s and %s", "select id from public.audit_logs "
-                               "where ctid >= '(20,0)'::tid order by ctid limit 1")
+                               "where ctid >= '(20,0)'::tid order by ctid limit 1", "set truthsource.rewrite_method = 'cluster'")
     [(done, total)] = db.query("select rows_done, rows_total from private.pending_backfills "
                                "where table_name = 'public.audit_logs' limit 1")
     assert 0 < done < total, "batches before the locked row committed, the rest did not"
@@ -224,15 +221,12 @@ def test_the_swap_that_drops_the_logs_legacy_columns_reads_no_row_of_the_log(mak
     without a pass over the log (the trigger saw every write since the commit, the batches every page)."""
     db = make_db("legacy@1")
     db.execute(MORE_AUDIT_ROWS)
-    body, tail = split_file(PHASE_TWO)
-    swap = next(i for i, statement in enumerate(tail) if "pg_temp.p2_finish_backfills(b.rel)" in statement)
     reads = "select seq_tup_read + coalesce(idx_tup_fetch, 0) from pg_stat_user_tables where relid = 'public.audit_logs'::regclass"
     conn = db.connect()
     try:
-        with conn.cursor() as cur:
-            cur.execute(body)
-        conn.commit()
-        conn.autocommit = True
+        # (rewritten by CLUSTER, the log is carried by the batches and finished here: online, in its swap)
+        tail = start_phase(conn, PHASE_TWO, "set truthsource.rewrite_method = 'cluster'")
+        swap = next(i for i, statement in enumerate(tail) if "pg_temp.p2_finish_backfills(b.rel)" in statement)
         with conn.cursor() as cur:
             for statement in tail[:swap]:
                 cur.execute(statement)
@@ -247,3 +241,42 @@ def test_the_swap_that_drops_the_logs_legacy_columns_reads_no_row_of_the_log(mak
     assert db.query(reads) == [(before,)]
     assert db.query("select count(*) from pg_attribute where attrelid = 'public.audit_logs'::regclass "
                     "and attname in ('entity_type', 'changes', 'p2_carried') and not attisdropped") == [(0,)]
+
+
+def test_the_keys_are_hashed_before_the_locks_with_the_apps_new_and_rotated_keys_and_the_body_writes_no_key_row(make_db):
+    db = make_db("legacy@1")
+    head, body, _ = split_file(PHASE_TWO)
+    sha = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"
+    stamps = "select id, updated_at from public.api_keys order by id"
+    before = db.query(stamps)
+    conn = db.connect()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for statement in head:
+                cur.execute(statement)
+        assert db.query(f"select count(*) from public.api_keys where key is not null and (key_hash is distinct from {sha.format('key')}"
+                        " or key_prefix is null)") == [(0,)]
+        assert db.query(stamps) == before, "hashing ahead leaves updated_at as it was"
+        assert sorted(k for (k,) in db.query("select plaintext from private.redaction_keys")) == sorted(LEGACY_PLAINTEXT_KEYS)
+        # the app meanwhile: a new key, and a key rotated without a hash (its stale hash would lock its owner out)
+        db.execute("insert into public.api_keys (organization_id, name, key) values "
+                   "('0a000000-0000-4000-8000-000000000001', 'new', 'ts_live_written_while_hashing_ahead_0001')")
+        db.execute("update public.api_keys set key = 'ts_live_rotated_while_hashing_ahead_0002' where key = %s",
+                   (LEGACY_PLAINTEXT_KEYS[0],))
+        # (a key the legacy flag revokes gets its revoked_at under the lock: a few rows per organization)
+        active = [i for (i,) in db.query("select id from public.api_keys where is_active is not false")]
+        rows = "select id, xmin::text from public.api_keys where id = any(%s::uuid[]) order by id"
+        written = db.query(rows, (active,))
+        with conn.cursor() as cur:
+            cur.execute("begin")
+            cur.execute(body)
+            cur.execute("commit")
+        assert db.query(rows, (active,)) == written, "the body hashes no key under its locks"
+    finally:
+        conn.close()
+    for plaintext in ("ts_live_written_while_hashing_ahead_0001", "ts_live_rotated_while_hashing_ahead_0002"):
+        assert db.query(f"select count(*) from public.api_keys where key_hash = {sha.format('%s')} and key_prefix = left(%s, 12)",
+                        (plaintext, plaintext)) == [(1,)]
+    assert db.query("select to_regprocedure('private.p2_key_hash()'), count(*) from pg_trigger where tgname = 'zz_p2_key_hash'") \
+        == [(None, 0)]
