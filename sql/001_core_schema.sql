@@ -1590,6 +1590,26 @@ as $fn$
    where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
 $fn$;
 
+-- Between two batches: while private.replication_backlog() (phase 1) names a streaming replica further
+-- behind than truthsource.max_replica_lag seconds or WAL archiving behind, 'paused: <why>' and a wait of a
+-- second at a time, each in a transaction of its own that holds no lock and no row
+-- runbook: no-transaction
+create or replace procedure pg_temp.p2_yield_to_replicas()
+language plpgsql
+as $fn$
+declare
+  v_behind text;
+begin
+  loop
+    v_behind := private.replication_backlog();
+    exit when v_behind is null;
+    raise notice 'paused: %', v_behind;
+    commit;
+    perform pg_catalog.pg_sleep(1);
+  end loop;
+end
+$fn$;
+
 -- the copy's name, and its log's
 -- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_names(p_rel regclass, out shadow text, out log text, out log_function text,
@@ -2117,7 +2137,6 @@ declare
   v_page bigint := 0;
   v_quiet text[];
   v_name text;
-  v_behind text;
 begin
   if to_regclass('public.api_keys') is null then
     return;
@@ -2180,13 +2199,7 @@ begin
   -- the rows there, in batches of pages (a TID range scan each), the table's other triggers quiet
   v_pages := pg_catalog.pg_relation_size('public.api_keys') / current_setting('block_size')::bigint;
   while v_page < v_pages loop
-    loop
-      v_behind := private.replication_backlog();
-      exit when v_behind is null;
-      raise notice 'paused: %', v_behind;
-      commit;
-      perform pg_catalog.pg_sleep(1);
-    end loop;
+    call pg_temp.p2_yield_to_replicas();
     -- a row an app transaction holds is waited for up to 5 s, as in section 11's batches
     if current_setting('lock_timeout')::interval between interval '1 microsecond' and interval '5 seconds' then
       perform set_config('lock_timeout', '5s', true);
@@ -3231,7 +3244,6 @@ declare
   v_count bigint;
   v_quiet text[];
   v_name text;
-  v_behind text;
   v_range text;
   v_table text;
   v_tries integer;
@@ -3246,13 +3258,7 @@ begin
     commit;
     v_page := r.pages_done;
     while v_page < v_pages loop
-      loop
-        v_behind := private.replication_backlog();
-        exit when v_behind is null;
-        raise notice 'paused: %', v_behind;
-        commit;
-        perform pg_catalog.pg_sleep(1);
-      end loop;
+      call pg_temp.p2_yield_to_replicas();
       -- the migration's own writes: updated_at kept (the trigger above sees the flag), the log's
       -- append-only rule lets the owner through; any other trigger of the table is quiet for this batch
       perform set_config('truthsource.migration_write', 'on', true);
@@ -3360,7 +3366,6 @@ declare
   v_count bigint;
   v_quiet text[];
   v_name text;
-  v_behind text;
   v_rules text;
   v_range text;
 begin
@@ -3380,13 +3385,7 @@ begin
     v_pages := pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint;
     v_page := 0;
     while v_page < v_pages loop
-      loop
-        v_behind := private.replication_backlog();
-        exit when v_behind is null;
-        raise notice 'paused: %', v_behind;
-        commit;
-        perform pg_catalog.pg_sleep(1);
-      end loop;
+      call pg_temp.p2_yield_to_replicas();
       -- the migration's own writes (updated_at kept by the trigger); the log's append-only rule lets the
       -- owner through; any other trigger of the table is quiet for this batch; a row an app transaction
       -- holds is waited for up to 5 s, as in the redaction's batches
@@ -3483,7 +3482,6 @@ declare
                                   then current_setting('lock_timeout') else '500ms' end;
   v_stage text;
   v_why text;
-  v_behind text;
   v_tries integer;
   v_page bigint;
   v_pages bigint;
@@ -3561,13 +3559,7 @@ begin
     if v_stage = 'copy' then
       select p.pages_done, p.pages_total into v_page, v_pages from private.pending_rewrites as p where p.table_name = r.table_name;
       while v_page < v_pages loop
-        loop
-          v_behind := private.replication_backlog();
-          exit when v_behind is null;
-          raise notice 'paused: %', v_behind;
-          commit;
-          perform pg_catalog.pg_sleep(1);
-        end loop;
+        call pg_temp.p2_yield_to_replicas();
         execute format('insert into %s (%s) overriding system value select %s from %s where ctid >= ''(%s,0)''::tid and ctid < ''(%s,0)''::tid
                         on conflict do nothing', n.shadow, pg_temp.p2_rewrite_columns(v_rel), pg_temp.p2_rewrite_columns(v_rel), v_rel,
                        v_page, v_page + v_step);
@@ -3600,13 +3592,7 @@ begin
     -- 5. the log replayed in batches until what is left fits one batch, then the swap in one short transaction
     if v_stage = 'replay' then
       loop
-        loop
-          v_behind := private.replication_backlog();
-          exit when v_behind is null;
-          raise notice 'paused: %', v_behind;
-          commit;
-          perform pg_catalog.pg_sleep(1);
-        end loop;
+        call pg_temp.p2_yield_to_replicas();
         v_count := pg_temp.p2_rewrite_replay(v_rel, 10000);
         commit;
         exit when v_count < 10000;
