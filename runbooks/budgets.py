@@ -124,7 +124,8 @@ def _phase_two(need: PhaseNeed, public: dict, legacy: list[dict], conversions: d
         largest = max((r["total_bytes"] for r in rewritten), default=0)   # one at a time: old and new side by side
         wal = sum(r["total_bytes"] for r in rewritten) * RATIOS["WAL per byte of a table rewritten (heap and indexes)"]
         names = [r["table_name"] for r in rewritten]
-        need.add(largest, wal, f"tables that held plaintext keys rewritten ({', '.join(names)})", names)
+        carried = "".join(f"; {t}'s legacy columns carried as it is copied" for t in sorted(in_copy))
+        need.add(largest, wal, f"tables that held plaintext keys rewritten ({', '.join(names)}{carried})", names)
 
 
 def runner_need(sizes: list[dict]) -> tuple[int, str]:

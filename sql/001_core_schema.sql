@@ -1590,6 +1590,18 @@ as $fn$
    where a.attrelid = p_rel and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
 $fn$;
 
+-- api_keys' plaintext key columns still there (the names the contract lists, of a text type), in column order
+-- runbook: no-transaction
+create or replace function pg_temp.p2_plaintext_key_columns() returns text[]
+language sql stable
+as $fn$
+  select coalesce(array_agg(a.attname::text order by a.attnum), '{}')
+    from pg_catalog.pg_attribute a
+   where a.attrelid = to_regclass('public.api_keys') and a.attnum > 0 and not a.attisdropped
+     and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype)
+     and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key', 'raw_key', 'key_value')
+$fn$;
+
 -- Between two batches: while private.replication_backlog() (phase 1) names a streaming replica further
 -- behind than truthsource.max_replica_lag seconds or WAL archiving behind, 'paused: <why>' and a wait of a
 -- second at a time, each in a transaction of its own that holds no lock and no row
@@ -2141,11 +2153,8 @@ begin
   if to_regclass('public.api_keys') is null then
     return;
   end if;
-  select array_agg(a.attname::text order by a.attnum) into v_cols from pg_catalog.pg_attribute a
-   where a.attrelid = 'public.api_keys'::regclass and a.attnum > 0 and not a.attisdropped
-     and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype)
-     and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key', 'raw_key', 'key_value');
-  if v_cols is null then
+  v_cols := pg_temp.p2_plaintext_key_columns();
+  if v_cols = '{}' then
     return;
   end if;
   -- the first plaintext column that holds a key, hashed and prefixed as section 5 does
@@ -2612,13 +2621,7 @@ begin
     drop trigger if exists zz_p2_key_hash on public.api_keys;
     drop function private.p2_key_hash();
   end if;
-  for v_col in
-    select a.attname from pg_catalog.pg_attribute a
-     where a.attrelid = 'public.api_keys'::regclass and a.attnum > 0 and not a.attisdropped
-       and a.atttypid in ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype)
-       and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key', 'raw_key', 'key_value')
-     order by a.attnum
-  loop
+  foreach v_col in array pg_temp.p2_plaintext_key_columns() loop
     execute format('select coalesce(array_agg(distinct %1$I), ''{}'') from public.api_keys where %1$I is not null and %1$I <> ''''', v_col)
       into v_secrets;
     insert into private.redaction_keys (plaintext) select x from unnest(v_secrets) as x on conflict do nothing;
