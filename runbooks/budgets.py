@@ -188,12 +188,19 @@ def _df(conn_factory, data_directory: str) -> Free | None:
         return None
     finally:
         conn.close()
+    return free_from_df(lines)
+
+
+def free_from_df(lines: list[str]) -> Free | None:
+    """The disk with the least space available among `df -Pk` lines (header left out)."""
     disks = [line.split() for line in lines if len(line.split()) >= 6]
     if not disks:
         return None
     smallest = min(disks, key=lambda d: int(d[3]))
-    return Free(int(smallest[3]) * 1024, int(smallest[1]) * 1024,
-                f"df on the server ({smallest[5]}, {int(smallest[4].rstrip('%'))} % used)")
+    # the size the server may fill is used + available, as df's own "use %" counts it: blocks reserved for
+    # root (5 % on ext4 by default) or held back by the host are never the server's to write
+    used, free = int(smallest[2]) * 1024, int(smallest[3]) * 1024
+    return Free(free, used + free, f"df on the server ({smallest[5]}, {int(smallest[4].rstrip('%'))} % used)")
 
 
 # -- the assessment ----------------------------------------------------------------------------------

@@ -519,14 +519,17 @@ class ApplyEngine:
             self.progress(timing)
 
     def _run_outside_transaction(self, conn, statement: Statement, result: ApplyResult) -> None:
-        """A concurrent index build: first drop an INVALID leftover of an earlier failed build."""
+        """A statement on its own. A concurrent index build: first drop an INVALID leftover of an earlier failed
+        build, and wait for its lock past deadlock_timeout (outwait_autovacuum)."""
         node = pglast.parse_sql(statement.text)[0].stmt
+        concurrent_build = isinstance(node, ast.IndexStmt) and node.concurrent
         for attempt in range(1, self.lock_retries + 2):
             try:
-                if isinstance(node, ast.IndexStmt) and node.concurrent and node.idxname:
+                if concurrent_build and node.idxname:
                     # `if not exists` would keep an invalid index that a failed build left behind
                     _drop_invalid_index(conn, node.relation.schemaname or "public", node.idxname)
-                self._execute(conn, statement, result)
+                with outwait_autovacuum(conn, concurrent_build):
+                    self._execute(conn, statement, result)
                 return
             except RETRYABLE as exc:
                 reason = _waiting_on(exc, statement)
@@ -542,6 +545,30 @@ class ApplyEngine:
         if self.on_retry:
             self.on_retry(attempt, delay, reason)
         time.sleep(delay)
+
+
+@contextmanager
+def outwait_autovacuum(conn, applies: bool = True):
+    """lock_timeout of at least three times deadlock_timeout for a statement whose lock the app never queues behind
+    (SHARE UPDATE EXCLUSIVE: a concurrent build): past deadlock_timeout PostgreSQL cancels an autovacuum that
+    holds the table (one on a freshly rewritten table runs for minutes), which a shorter lock_timeout never
+    reaches. The session's lock_timeout is put back after (0, no limit, stays)."""
+    if not applies:
+        yield
+        return
+    with conn.cursor() as cur:
+        cur.execute("""select current_setting('lock_timeout'),
+                              set_config('lock_timeout', case when current_setting('lock_timeout')::interval = interval '0' then '0'
+                                                              else round(extract(epoch from greatest(current_setting('lock_timeout')::interval,
+                                                                   3 * current_setting('deadlock_timeout')::interval)) * 1000) || 'ms' end,
+                                         false)""")
+        before = cur.fetchone()[0]
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            with conn.cursor() as cur:
+                cur.execute("select set_config('lock_timeout', %s, false)", (before,))
 
 
 def replica_lag_setting(seconds: float) -> str:

@@ -1602,6 +1602,21 @@ as $fn$
      and a.attname in ('key', 'api_key', 'secret', 'secret_key', 'token', 'plaintext_key', 'plain_key', 'raw_key', 'key_value')
 $fn$;
 
+-- For a statement whose lock the app never queues behind (VALIDATE CONSTRAINT: SHARE UPDATE EXCLUSIVE), this
+-- transaction's lock_timeout at least three times deadlock_timeout: past deadlock_timeout PostgreSQL cancels an
+-- autovacuum that holds the table (one on a freshly rewritten table runs for minutes), which a shorter
+-- lock_timeout never reaches (0, no limit, stays)
+-- runbook: no-transaction
+create or replace function pg_temp.p2_outwait_autovacuum() returns void
+language sql
+as $fn$
+  select set_config('lock_timeout',
+                    case when current_setting('lock_timeout')::interval = interval '0' then '0'
+                         else round(extract(epoch from greatest(current_setting('lock_timeout')::interval,
+                                                                3 * current_setting('deadlock_timeout')::interval)) * 1000) || 'ms' end,
+                    true)
+$fn$;
+
 -- Between two batches: while private.replication_backlog() (phase 1) names a streaming replica further
 -- behind than truthsource.max_replica_lag seconds or WAL archiving behind, 'paused: <why>' and a wait of a
 -- second at a time, each in a transaction of its own that holds no lock and no row
@@ -2616,7 +2631,7 @@ declare
   v_mismatched bigint;
   v_quiet text[];
 begin
-  -- section 0's trigger has done its part (and reads the columns dropped below)
+  -- the trigger of the keys hashed ahead (section 2) has done its part, and reads the columns dropped below
   if to_regprocedure('private.p2_key_hash()') is not null then
     drop trigger if exists zz_p2_key_hash on public.api_keys;
     drop function private.p2_key_hash();
@@ -2626,7 +2641,8 @@ begin
       into v_secrets;
     insert into private.redaction_keys (plaintext) select x from unnest(v_secrets) as x on conflict do nothing;
     v_quiet := pg_temp.p2_triggers_off('public.api_keys');
-    -- one pass sets both, where section 0 could not (rows ahead of it were hashed there) (each only where it is missing): every row updated is a new row version, under the lock
+    -- what section 2 could not hash ahead: one pass sets both (each only where it is missing); every row updated
+    -- is a new row version, under the lock
     execute format('update public.api_keys
                        set key_hash = coalesce(key_hash, encode(sha256(convert_to(%1$I, ''UTF8'')), ''hex'')),
                            key_prefix = coalesce(key_prefix, left(%1$I, least(12, length(%1$I) / 3)))
@@ -3644,6 +3660,7 @@ begin
   for r in select p.table_name, p.validate from private.pending_rewrites as p where p.step = 'validate' order by 1 loop
     foreach v_item in array r.validate loop
       begin
+        perform pg_temp.p2_outwait_autovacuum();
         execute format('alter table %s validate constraint %I', split_part(v_item, '|', 1), split_part(v_item, '|', 2));
       exception when check_violation or foreign_key_violation then
         raise warning '%: % no longer holds for every row: it stays NOT VALID', split_part(v_item, '|', 1), split_part(v_item, '|', 2);
@@ -3769,6 +3786,7 @@ begin
      order by c.conrelid::regclass::text, c.conname
   loop
     begin
+      perform pg_temp.p2_outwait_autovacuum();
       execute format('alter table %s validate constraint %I', r.tbl, r.conname);
     exception when check_violation or foreign_key_violation or not_null_violation then
       execute r.breaking_sql into v_breaking;
@@ -3852,6 +3870,7 @@ begin
     end if;
     if not v_had and exists (select 1 from pg_catalog.pg_constraint c where c.conrelid = v_rel and c.conname = f.name and not c.convalidated) then
       begin
+        perform pg_temp.p2_outwait_autovacuum();
         execute format('alter table %s validate constraint %I', v_rel, f.name);
       exception when foreign_key_violation then
         raise notice '%: legacy row(s) break %: kept, reported by verify_data_integrity(); every new write is checked', v_rel, f.name;

@@ -128,3 +128,15 @@ def test_what_a_phase_needs_grows_with_the_tables_it_rewrites():
     fixed = budgets.FIXED_WAL["001"]
     assert large.disk_bytes == 10 * small.disk_bytes and large.wal_bytes - fixed == 10 * (small.wal_bytes - fixed)
     assert parse_bytes("1MB") == 1024 ** 2
+
+
+def test_a_disk_is_as_full_as_df_says_not_as_its_size_with_reserved_blocks_would_make_it():
+    # this machine's root: 252 GB in size, of which 44 GB used and 57 GB available (the rest never the server's)
+    free = budgets.free_from_df(["/dev/vda 263174212 46137344 59768832 44% /"])
+    assert (free.bytes, free.total) == (59768832 * 1024, (46137344 + 59768832) * 1024)
+    assert "44 % used" in free.source
+    need = budgets.PhaseNeed("001", 10 * 1024 ** 3, 0, [])
+    assessment = budgets.Assessment([need], 0, "", budgets.Free(None), free, "", 0, False)
+    assert assessment.problems() == []   # 54 GB of 101 GB once deployed: 53 %
+    tight = budgets.free_from_df(["/dev/vda 263174212 83886080 16777216 84% /"])   # 80 GB used, 16 GB free
+    assert "past 90%" in budgets.Assessment([need], 0, "", budgets.Free(None), tight, "", 0, False).problems()[0]

@@ -223,6 +223,37 @@ def test_a_statement_marked_before_the_body_runs_on_its_own_first_and_a_failed_b
     assert [r["statements"] for r in history(empty_db)] == [3]
 
 
+def test_a_concurrent_build_waits_for_its_lock_past_deadlock_timeout_where_an_autovacuum_in_its_way_is_cancelled(
+        empty_db, tmp_path):
+    """Its lock (SHARE UPDATE EXCLUSIVE) keeps no app query waiting, so it may wait past deadlock_timeout: there
+    PostgreSQL cancels an autovacuum holding the table. A holder that is no autovacuum stands for one here."""
+    empty_db.execute("create table slow (id int primary key, v int)")
+    path = write(tmp_path, "106_build.sql", """
+        select 1;
+        -- runbook: no-transaction
+        create index concurrently if not exists slow_v_idx on public.slow (v);
+    """)
+    holder = empty_db.connect()
+    retries: list = []
+    try:
+        with holder.cursor() as cur:
+            cur.execute("lock table slow in share update exclusive mode")
+        engine = make_engine(empty_db, on_retry=lambda *args: retries.append(args))
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=engine.apply("106", path)))
+        thread.start()
+        # the server's own record of the wait: past deadlock_timeout (1 s) without giving up at lock_timeout
+        wait_until(lambda: empty_db.query("""select 1 from pg_locks where relation = 'slow'::regclass and not granted
+                                              and now() - waitstart > current_setting('deadlock_timeout')::interval"""),
+                   "the build waiting past deadlock_timeout",
+                   stopped=lambda: None if thread.is_alive() else f"the engine stopped waiting: {outcome}, retries {retries}")
+        holder.rollback()
+        thread.join()
+    finally:
+        holder.close()
+    assert retries == [] and outcome["result"].status == "applied"
+
+
 def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(empty_db, tmp_path):
     empty_db.execute("create table dup (id int, v int); insert into dup values (1, 1), (2, 1)")
     with pytest.raises(psycopg2.errors.UniqueViolation):
