@@ -2163,7 +2163,6 @@ declare
   v_pages bigint;
   v_page bigint := 0;
   v_quiet text[];
-  v_name text;
 begin
   if to_regclass('public.api_keys') is null then
     return;
@@ -2229,11 +2228,7 @@ begin
       perform set_config('lock_timeout', '5s', true);
     end if;
     -- (phase 1's updated_at function does not know the migration's flag yet: it is quiet too)
-    select coalesce(array_agg(t.tgname::text), '{}') into v_quiet from pg_catalog.pg_trigger t
-     where t.tgrelid = 'public.api_keys'::regclass and not t.tgisinternal and t.tgenabled = 'O' and t.tgname not like 'zz\_p2\_%';
-    foreach v_name in array v_quiet loop
-      execute format('alter table public.api_keys disable trigger %I', v_name);
-    end loop;
+    v_quiet := pg_temp.p2_triggers_off('public.api_keys');
     begin
       execute format('update public.api_keys
                          set key_hash = coalesce(key_hash, encode(sha256(convert_to(%1$s, ''UTF8'')), ''hex'')),
@@ -2249,9 +2244,7 @@ begin
                      where t.ctid >= ''(%2$s,0)''::tid and t.ctid < ''(%3$s,0)''::tid and k is not null and k <> ''''
                     on conflict do nothing',
                    (select string_agg(format('t.%I::text', c), ', ') from unnest(v_cols) as c), v_page, v_page + v_step);
-    foreach v_name in array v_quiet loop
-      execute format('alter table public.api_keys enable trigger %I', v_name);
-    end loop;
+    perform pg_temp.p2_triggers_on('public.api_keys', v_quiet);
     commit;
     v_page := v_page + v_step;
   end loop;
