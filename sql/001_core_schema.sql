@@ -8,7 +8,8 @@
 --          work queues, empty at the end: private.pending_backfills (columns to carry, convert or fill after
 --          the commit), private.backfill_stashes and private.backfill_leftovers (what the swaps need to know
 --          without reading a table), private.pending_rewrites (tables to rewrite once plaintext secrets are
---          gone, with each rewrite's step); while a rewrite runs, its copy and log in private
+--          gone, or to copy with their conversions, with each rewrite's step); while a rewrite runs, its copy
+--          and log in private
 --          (p2_rewrite_<oid>, p2_rewrite_log_<oid>).
 -- Requires: 000_core_functions.sql (checked below: the file stops at once without it).
 --
@@ -90,14 +91,19 @@
 --   batch, not the table's size. Only live rows are copied, into new files. A table with legacy columns
 --   to carry (a log, typically) is carried by its copy instead of by batches before it: the rows go through
 --   its backfill trigger as they are copied, their legacy columns are copied empty, and the swap's
---   transaction drops them (one pass over the table instead of two). Where the online way cannot
+--   transaction drops them (one pass over the table instead of two). A table with a backfill and no key
+--   to remove is copied the same way when it has at least truthsource.copy_backfills_min_pages pages
+--   (1024, 8 MB, by default; smaller tables are updated in batches): updating every row writes it again
+--   beside its old version, with an entry in every index, where the copy writes each row once, builds
+--   the indexes by sorting, and leaves no dead row behind. Where the online way cannot
 --   carry a table over exactly (no key to identify rows by, an exclusion constraint, inheritance, an
 --   object of another kind that depends on the table) or where truthsource.rewrite_method is 'cluster',
 --   the table is rewritten by CLUSTER under its lock instead, as before: a transaction that was open before
 --   the rewrite keeps old row versions alive (CLUSTER must copy what it may still see), so it waits up to
 --   a minute for older transactions to end, then warns and leaves the job for a re-run
---   (verify_data_integrity() reports it as an error meanwhile). WAL, replicas and earlier backups still
---   hold the plaintext: rotate those keys.
+--   (verify_data_integrity() reports it as an error meanwhile); a table copied for its conversions alone
+--   is never rewritten by CLUSTER: its backfills go by batches of updates instead. WAL, replicas and
+--   earlier backups still hold the plaintext: rotate those keys.
 -- * Rules: constraints are named after the rule they enforce. On rows already there they are added
 --   NOT VALID inside the locked transaction (no scan there) and validated after its commit, one rule per
 --   short transaction under SHARE UPDATE EXCLUSIVE, so the app keeps reading and writing while the rows
@@ -1347,7 +1353,8 @@ begin
   if (select sp.not_null from pg_temp.p2_spec() as sp where sp.tbl = v_table and sp.col = p_col) then
     perform pg_temp.p2_ensure_not_null(v_table, p_col);
   end if;
-  raise notice '%: column % converted from % to % in batches, then swapped in', p_rel, p_col, v_from, pg_temp.p2_column_type(p_rel, p_col);
+  raise notice '%: column % converted from % to % %, then swapped in', p_rel, p_col, v_from, pg_temp.p2_column_type(p_rel, p_col),
+    case when pg_temp.p2_carried_in_rewrite(p_rel) then 'as the table was copied' else 'in batches' end;
 end
 $fn$;
 
@@ -1647,20 +1654,42 @@ as $fn$
          format('private.%I', 'p2_rewrite_log_' || p_rel::oid), format('private.%I', 'p2_rewrite_copy_' || p_rel::oid)
 $fn$;
 
+-- why a table is rewritten online for its backfills alone (private.pending_rewrites.reason): it is copied,
+-- never rewritten by CLUSTER (a copy that cannot go ahead leaves its backfills to the batches of updates)
+-- runbook: no-transaction
+create or replace function pg_temp.p2_copy_for_backfills() returns text
+language sql immutable
+as $fn$
+  select 'its rows converted as they are copied: one write of each row instead of an update that every index follows'
+$fn$;
+
 -- Whether a table's backfills ride on its online rewrite: the copy's batches send the rows not carried yet
 -- through the table's backfill function (as the app's writes go) and copy its legacy columns empty, and the
 -- swap's transaction finishes the backfills (pg_temp.p2_finish_backfills), so the table is read and written
 -- once instead of twice. Decided once, when the backfills start (private.pending_rewrites.carries), for a
--- table whose rewrite is pending, not begun, and online.
+-- table whose rewrite is pending, not begun, and online. A table with no rewrite pending gets one when none
+-- of its rows is carried yet and it has at least truthsource.copy_backfills_min_pages pages (1024 by
+-- default: 8 MB): updating every row writes it again beside its old version, with an entry in every index,
+-- where a copy writes each row once and builds its indexes by sorting.
 -- runbook: no-transaction
 create or replace function pg_temp.p2_carried_in_rewrite(p_rel regclass) returns boolean
 language plpgsql
 as $fn$
 declare
   r record;
+  v_min_pages constant bigint := coalesce(nullif(current_setting('truthsource.copy_backfills_min_pages', true), '')::bigint, 1024);
 begin
   select p.* into r from private.pending_rewrites as p where to_regclass(p.table_name) = p_rel;
-  if not found then
+  if not found
+     and pg_catalog.pg_relation_size(p_rel) / current_setting('block_size')::bigint >= v_min_pages
+     and lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online')) = 'online'
+     and pg_temp.p2_rewrite_blocker(p_rel) is null
+     and not exists (select 1 from private.pending_backfills as b where to_regclass(b.table_name) = p_rel and b.rows_done > 0) then
+    insert into private.pending_rewrites (table_name, reason, carries)
+    values (p_rel::text, pg_temp.p2_copy_for_backfills(), true)
+    returning * into r;
+  end if;
+  if r.table_name is null then
     return false;
   end if;
   if r.carries is null then
@@ -2333,7 +2362,7 @@ alter table private.pending_rewrites add column if not exists validate text[] no
 alter table private.pending_rewrites add column if not exists carries boolean;
 revoke all on table private.pending_rewrites from public, anon, authenticated, service_role;
 comment on table private.pending_rewrites is
-  'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed; step and progress of each.';
+  'Tables that 001_core_schema.sql rewrites at its end (online, or by CLUSTER), after the transaction that removed plaintext secrets from them has committed, or copies with their conversions; step and progress of each.';
 
 -- the plaintext keys whose copies are redacted after the commit (owner only; truncated when done)
 create table if not exists private.redaction_keys (
@@ -2651,7 +2680,7 @@ begin
     -- the rewrite happens at the end of this file, after this transaction has committed
     insert into private.pending_rewrites (table_name, reason)
     values ('public.api_keys'::regclass::text, 'old row versions hold plaintext api keys')
-    on conflict (table_name) do nothing;
+    on conflict (table_name) do update set reason = excluded.reason;
     raise warning 'public.api_keys: % plaintext key(s) in column % replaced by key_prefix and a sha256 key_hash; the column is dropped. Treat those keys as exposed and rotate them: WAL, replicas and earlier backups still hold them.',
       cardinality(v_secrets), v_col;
   end loop;
@@ -3303,7 +3332,8 @@ begin
        where p.table_name = r.table_name;
       if v_count > 0 then
         insert into private.pending_rewrites (table_name, reason) values (r.table_name, 'old row versions hold plaintext api keys')
-        on conflict (table_name) do update set removed_in = excluded.removed_in, requested_at = excluded.requested_at;
+        on conflict (table_name) do update set reason = excluded.reason, removed_in = excluded.removed_in,
+                                                            requested_at = excluded.requested_at;
       end if;
       commit;
       v_page := v_page + v_step;
@@ -3319,7 +3349,8 @@ begin
       if v_count is not null then
         update private.pending_redactions as p set rows_redacted = p.rows_redacted + v_count where p.table_name = r.table_name;
         insert into private.pending_rewrites (table_name, reason) values (r.table_name, 'old row versions hold plaintext api keys')
-        on conflict (table_name) do update set removed_in = excluded.removed_in, requested_at = excluded.requested_at;
+        on conflict (table_name) do update set reason = excluded.reason, removed_in = excluded.removed_in,
+                                                            requested_at = excluded.requested_at;
       else
         v_tries := v_tries + 1;
         if v_tries >= 120 then
@@ -3475,7 +3506,8 @@ begin
 end
 $$;
 
--- Tables that held plaintext keys rewritten now that their old row versions are dead, online by default
+-- Tables that held plaintext keys rewritten now that their old row versions are dead (and the tables copied
+-- with their conversions, pg_temp.p2_carried_in_rewrite), online by default
 -- (pg_temp.p2_rewrite_*, section 1: a copy, a log of the app's writes, batches of pages, the log replayed,
 -- then one short transaction under the table's lock whose work follows what the app wrote since the last
 -- batch, not the table's size), or by CLUSTER under the table's lock where the online way cannot carry the
@@ -3521,6 +3553,12 @@ begin
       commit;
       raise exception '%: cannot be rewritten online any more (%), and its legacy columns were left for the copy to carry: re-run this file',
         v_rel, v_why using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    if v_stage = 'planned' and r.reason = pg_temp.p2_copy_for_backfills() and (v_why is not null or r.carries is not true) then
+      -- (to be copied for its backfills alone, which the batches of updates above have done instead)
+      delete from private.pending_rewrites as p where p.table_name = r.table_name;
+      commit;
+      continue;
     end if;
     if v_stage = 'planned' and v_why is not null then
       raise notice '%: rewritten by CLUSTER, under its lock: %', v_rel, v_why;

@@ -23,6 +23,7 @@ Template recipes:
     'empty'      the Supabase shim: a Supabase-like database with nothing of the product in it
     'legacy'     the shim + the audited legacy fixture, with data
     'variant'    the shim + tests/fixtures/legacy_variant.sql: another legacy shape
+    'unseen'     the shim + tests/fixtures/legacy_unseen.sql: a shape written after the phases
     '<base>@<n>' that base with phases 1..n applied through runbooks.engine.ApplyEngine, as a
                  deployment applies them: the deployment history matches the files on disk, which
                  verification, maintenance and `runbook status` check. (Tests of applying the files
@@ -54,10 +55,12 @@ from sqlhelpers import query_once
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
 FLAVOURS_ENV = "RUNBOOKS_TEST_FLAVOURS"
 VARIANT_FIXTURE = Path(__file__).parent / "fixtures" / "legacy_variant.sql"
+UNSEEN_FIXTURE = Path(__file__).parent / "fixtures" / "legacy_unseen.sql"
 BASE_FILES = {  # what each base recipe runs on a new database
     "empty": (paths.SHIM_FILE,),
     "legacy": (paths.SHIM_FILE, paths.LEGACY_FIXTURE_FILE),
     "variant": (paths.SHIM_FILE, VARIANT_FIXTURE),
+    "unseen": (paths.SHIM_FILE, UNSEEN_FIXTURE),
 }
 # the run that applied the phases to the templates, as their deployment history says
 TEMPLATE_RUN_ID = "20000101T000000Z-7e57ab"

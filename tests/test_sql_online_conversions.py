@@ -12,16 +12,19 @@ the one an empty database reaches, and no row is lost.
 
 from __future__ import annotations
 
-from pathlib import Path
+import collections
+import itertools
+import threading
+import uuid
 
 import psycopg2
 import pytest
 
 from runbooks.contract import CORE_TABLES
 from runbooks.engine import parse_file, split_phase
-from sqlhelpers import PHASE_FILES, apply_psql, apply_psycopg2, catalog_summary, contract_columns, row_counts
+from sqlhelpers import (PHASE_FILES, apply_psycopg2, catalog_summary, contract_columns, row_counts, start_phase,
+                        wait_until)
 
-UNSEEN = Path(__file__).parent / "fixtures" / "legacy_unseen.sql"
 PHASE_TWO = PHASE_FILES[1]
 LOCKS_TAKEN = "lock table public.%I in access exclusive mode"
 ROW_WORK_SQL = """
@@ -34,19 +37,16 @@ select c.relname, c.relfilenode from pg_class c join pg_index i on i.indexrelid 
 LEGACY_APP_WRITES = """
 update public.products set price = 7.125 where sku = 'UNSEEN-00010';
 update public.products set price = 19.5 where sku = 'UNSEEN-00011';
-insert into public.products (organization_id, sku, name, price, currency)
-values (md5('unseen-org-1')::uuid, 'APP-00001', 'Written meanwhile', 3.14159, 'GBP');
-insert into public.organization_members (organization_id, user_id, role)
-values (md5('unseen-org-2')::uuid, md5('unseen-user-1')::uuid, 'viewer');
+insert into public.products (id, organization_id, sku, name, price, currency, created_at)
+values (md5('app-product-1')::uuid, md5('unseen-org-1')::uuid, 'APP-00001', 'Written meanwhile', 3.14159, 'GBP', '2024-01-01 12:00');
+insert into public.organization_members (id, organization_id, user_id, role, created_at)
+values (md5('app-member-1')::uuid, md5('unseen-org-2')::uuid, md5('unseen-user-1')::uuid, 'viewer', '2024-01-01 12:00');
 insert into public.audit_logs (organization_id, action, ip_address, created_at)
 values ('0b5ec23a-7b4e-4e1b-9a3e-2a5ad3bd6c0a', 'app', '192.0.2.1', '2024-01-01 12:00')"""
 
 
 def unseen_db(make_db):
-    db = make_db("empty")
-    db.execute(UNSEEN.read_text())
-    apply_psql(db, PHASE_FILES[0])
-    return db
+    return make_db("unseen@1")
 
 
 def rows_worked(cur) -> dict[str, int]:
@@ -57,16 +57,21 @@ def rows_worked(cur) -> dict[str, int]:
     return dict(cur.fetchall())
 
 
-def run_phase_two_measured(db, between: str = "") -> list[tuple[str, dict[str, int]]]:
+def run_phase_two_measured(db, between: str = "", settings: str = "",
+                           notices: list | None = None) -> list[tuple[str, dict[str, int]]]:
     """Phase 2 as the engine runs it; (statement, rows read or written per core table): first the statements
     before the body together ("before the body"), then each body statement; `between` runs after the body's
-    commit, before the tail (the app meanwhile)."""
+    commit, before the tail (the app meanwhile); `settings` (SET statements) first; the server's notices are
+    added to `notices`."""
     head, body, tail = split_phase(parse_file(PHASE_TWO))
     conn = db.connect()
+    conn.notices = collections.deque()   # (a list keeps the last 50 only)
     measured = []
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
+            if settings:
+                cur.execute(settings)
             start = rows_worked(cur)
             for statement in head:
                 cur.execute(statement.text)
@@ -88,6 +93,8 @@ def run_phase_two_measured(db, between: str = "") -> list[tuple[str, dict[str, i
         with conn.cursor() as cur:
             for statement in tail:
                 cur.execute(statement.text)
+        if notices is not None:
+            notices.extend(conn.notices)
     finally:
         conn.close()
     return measured
@@ -151,6 +158,103 @@ def test_values_that_convert_are_converted_and_the_others_kept_in_legacy_data_th
                         where conname in ('products_organization_id_fkey', 'inventory_product_id_fkey') order by 1""") == [
         ("inventory_product_id_fkey", "c", True), ("products_organization_id_fkey", "c", True)]
     assert db.query("select count(*) from private.pending_backfills") == [(0,)]
+
+
+def rows_as_written(db) -> dict[str, str]:
+    """A digest of each core table's rows, updated_at aside (the app's updates set it to their time)."""
+    return dict(db.query(" union all ".join(
+        f"select '{t}', md5(string_agg((to_jsonb(x) - 'updated_at')::text, '|' order by (to_jsonb(x) - 'updated_at')::text))"
+        f" from public.{t} as x" for t in CORE_TABLES)))
+
+
+def test_tables_converted_by_a_copy_end_as_the_batches_of_updates_leave_them_the_apps_writes_meanwhile_included(
+        make_db):
+    by_updates = unseen_db(make_db)
+    run_phase_two_measured(by_updates, between=LEGACY_APP_WRITES)
+    by_copies = unseen_db(make_db)
+    notices: list[str] = []
+    run_phase_two_measured(by_copies, between=LEGACY_APP_WRITES, notices=notices,
+                           settings="set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1")
+    said = "".join(notices)
+    for table in ("products", "inventory", "organization_members", "organizations"):
+        assert f"{table}: carried as it is rewritten online below" in said, table
+        assert f"{table}: rewritten online:" in said, table
+    assert "its rows converted as they are copied" in said
+    assert "products: column price converted from numeric to numeric(12,2) as the table was copied" in said
+    assert by_copies.schema_dump() == by_updates.schema_dump()
+    assert rows_as_written(by_copies) == rows_as_written(by_updates)
+    assert by_copies.query("select count(*) from private.pending_rewrites") == [(0,)]
+    assert by_copies.query("""select count(*) from pg_class where relnamespace = 'private'::regnamespace
+                               and relname like 'p2\\_%'""") == [(0,)]
+
+
+def test_a_legacy_app_writing_products_while_they_are_copied_converted_loses_no_write(make_db):
+    db = unseen_db(make_db)
+    prices: dict[str, float] = {}   # product id -> the price the app wrote last
+    failures: list[str] = []
+    done = threading.Event()
+
+    def legacy_app():
+        conn = db.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                for n in itertools.count():
+                    if done.is_set():
+                        break
+                    product = str(uuid.uuid4())
+                    try:
+                        cur.execute("insert into public.products (id, organization_id, sku, name, price, currency) values "
+                                    "(%s, md5('unseen-org-1')::uuid, %s, 'Written meanwhile', %s, 'GBP')",
+                                    (product, f"APP-{n:05}", n + 0.25))
+                        prices[product] = n + 0.25
+                        cur.execute("update public.products set price = price + 1 where id = %s", (product,))
+                        prices[product] = n + 1.25
+                    except psycopg2.Error as exc:
+                        failures.append(str(exc))
+        finally:
+            conn.close()
+
+    app = threading.Thread(target=legacy_app)
+    app.start()
+    notices: list[str] = []
+    try:
+        wait_until(lambda: len(prices) > 20, "the legacy app writing")
+        run_phase_two_measured(db, notices=notices,
+                               settings="set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1")
+    finally:
+        done.set()
+        app.join()
+    assert failures == []
+    said = "".join(notices)
+    replayed = int(said.split("products: rewritten online: ")[1].split(" pages copied, ")[1].split(" ")[0])
+    assert replayed > 0, "the app wrote while the products were copied"
+    stored = dict(db.query("select id::text, price::float from public.products where sku like 'APP-%%'"))
+    assert stored == prices
+    assert db.query("select pg_catalog.format_type(atttypid, atttypmod) from pg_attribute "
+                    "where attrelid = 'public.products'::regclass and attname = 'price'") == [("numeric(12,2)",)]
+
+
+def test_a_table_to_copy_that_can_no_longer_be_copied_is_converted_by_batches_of_updates_never_by_cluster(make_db):
+    db = unseen_db(make_db)
+    copy_all = "set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1"
+    conn = db.connect()
+    tail = start_phase(conn, PHASE_TWO, copy_all)
+    rewrites = next(i for i, statement in enumerate(tail) if "pg_temp.p2_rewrite_swap(v_rel)" in statement)
+    with conn.cursor() as cur:
+        for statement in tail[:rewrites]:   # the products left for their copy
+            cur.execute(statement)
+    conn.close()
+    assert db.query("select carries from private.pending_rewrites where table_name = 'products'") == [(True,)]
+    db.execute("create table public.products_archive () inherits (public.products)")   # no copy can carry that
+
+    with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState, match="products: cannot be rewritten online any more"):
+        apply_psycopg2(db, PHASE_TWO, copy_all)
+    notices = "\n".join(apply_psycopg2(db, PHASE_TWO, copy_all))
+    assert "products: rewritten by CLUSTER" not in notices
+    assert "products: column price converted from numeric to numeric(12,2) in batches" in notices
+    assert db.query("select count(*) from private.pending_rewrites") == [(0,)]
+    assert db.query("select price::text, legacy_data from public.products where sku in ('UNSEEN-00007', 'UNSEEN-00079') "
+                    "order by sku") == [("1.75", None), (None, {"price": 12.345})]
 
 
 def test_a_view_reading_a_column_whose_type_must_change_stops_the_phase_before_anything_changes_naming_it(make_db):
