@@ -3393,6 +3393,23 @@ create unique index concurrently if not exists api_keys_pkey on public.api_keys 
 -- runbook: no-transaction
 create unique index concurrently if not exists security_events_pkey on public.security_events (id);
 
+-- the unique rules missing on tables that hold rows, built (without blocking writes) before the data work:
+-- the app's lookups by them (an organization's products by sku, a member by organization and user) stop
+-- reading whole tables while the backfills and rewrites below share the server with it (duplicates were
+-- refused before the locks); attached as constraints further down, where they are built again if a swap
+-- replaced one of their columns (a conversion by a hidden column)
+-- runbook: no-transaction
+create unique index concurrently if not exists organizations_slug_key on public.organizations (slug);
+-- runbook: no-transaction
+create unique index concurrently if not exists organization_members_organization_id_user_id_key
+  on public.organization_members (organization_id, user_id);
+-- runbook: no-transaction
+create unique index concurrently if not exists products_organization_id_sku_key on public.products (organization_id, sku);
+-- runbook: no-transaction
+create unique index concurrently if not exists inventory_product_id_location_key on public.inventory (product_id, location);
+-- runbook: no-transaction
+create unique index concurrently if not exists api_keys_key_hash_key on public.api_keys (key_hash);
+
 -- the planned backfills (carried, converted and filled columns, section 4) in batches of pages (a TID range
 -- scan each, PostgreSQL 14+), each batch its own short transaction: the app goes on meanwhile (its writes
 -- wait at most one batch), and the rows it writes go through the trigger. rows_done of rows_total in
@@ -3704,7 +3721,8 @@ begin
 end
 $$;
 
--- unique rules missing on tables that hold rows: built without blocking writes, then attached
+-- unique rules missing on tables that hold rows: built before the backfills (above), or again here where a
+-- swap replaced one of their columns; then attached
 -- runbook: no-transaction
 create unique index concurrently if not exists organizations_slug_key on public.organizations (slug);
 -- runbook: no-transaction
