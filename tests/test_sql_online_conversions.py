@@ -257,6 +257,20 @@ def test_a_table_to_copy_that_can_no_longer_be_copied_is_converted_by_batches_of
                     "order by sku") == [("1.75", None), (None, {"price": 12.345})]
 
 
+def test_a_unique_rule_built_early_on_a_column_converted_later_is_built_again_on_the_converted_column(make_db):
+    db = unseen_db(make_db)
+    db.execute("alter table public.inventory alter column location type character(40)")   # converted by a hidden column
+    notices: list[str] = []
+    run_phase_two_measured(db, notices=notices)
+    assert "inventory: column location converted from character(40) to text" in "".join(notices)
+    assert db.query("""select pg_get_indexdef(i.indexrelid), i.indisvalid, c.contype
+                         from pg_index i join pg_constraint c on c.conindid = i.indexrelid
+                        where c.conname = 'inventory_product_id_location_key'""") == [
+        ("CREATE UNIQUE INDEX inventory_product_id_location_key ON public.inventory USING btree (product_id, location)", True, "u")]
+    assert db.query("select pg_catalog.format_type(atttypid, atttypmod) from pg_attribute "
+                    "where attrelid = 'public.inventory'::regclass and attname = 'location'") == [("text",)]
+
+
 def test_a_view_reading_a_column_whose_type_must_change_stops_the_phase_before_anything_changes_naming_it(make_db):
     db = unseen_db(make_db)
     db.execute("create view public.price_list as select sku, price from public.products")
