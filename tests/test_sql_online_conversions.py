@@ -27,6 +27,8 @@ from sqlhelpers import (PHASE_FILES, apply_psycopg2, catalog_summary, contract_c
 
 PHASE_TWO = PHASE_FILES[1]
 LOCKS_TAKEN = "lock table public.%I in access exclusive mode"
+# every table with a backfill copied by the online rewrite, whatever its size, one page per batch
+COPY_EVERY_TABLE = "set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1"
 ROW_WORK_SQL = """
 select relname, seq_tup_read + coalesce(idx_tup_fetch, 0) + n_tup_ins + n_tup_upd + n_tup_del
   from pg_stat_xact_user_tables where schemaname = 'public' and relname = any(%s)"""
@@ -173,8 +175,7 @@ def test_tables_converted_by_a_copy_end_as_the_batches_of_updates_leave_them_the
     run_phase_two_measured(by_updates, between=LEGACY_APP_WRITES)
     by_copies = unseen_db(make_db)
     notices: list[str] = []
-    run_phase_two_measured(by_copies, between=LEGACY_APP_WRITES, notices=notices,
-                           settings="set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1")
+    run_phase_two_measured(by_copies, between=LEGACY_APP_WRITES, notices=notices, settings=COPY_EVERY_TABLE)
     said = "".join(notices)
     for table in ("products", "inventory", "organization_members", "organizations"):
         assert f"{table}: carried as it is rewritten online below" in said, table
@@ -219,8 +220,7 @@ def test_a_legacy_app_writing_products_while_they_are_copied_converted_loses_no_
     notices: list[str] = []
     try:
         wait_until(lambda: len(prices) > 20, "the legacy app writing")
-        run_phase_two_measured(db, notices=notices,
-                               settings="set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1")
+        run_phase_two_measured(db, notices=notices, settings=COPY_EVERY_TABLE)
     finally:
         done.set()
         app.join()
@@ -236,9 +236,8 @@ def test_a_legacy_app_writing_products_while_they_are_copied_converted_loses_no_
 
 def test_a_table_to_copy_that_can_no_longer_be_copied_is_converted_by_batches_of_updates_never_by_cluster(make_db):
     db = unseen_db(make_db)
-    copy_all = "set truthsource.copy_backfills_min_pages = 0; set truthsource.backfill_batch_pages = 1"
     conn = db.connect()
-    tail = start_phase(conn, PHASE_TWO, copy_all)
+    tail = start_phase(conn, PHASE_TWO, COPY_EVERY_TABLE)
     rewrites = next(i for i, statement in enumerate(tail) if "pg_temp.p2_rewrite_swap(v_rel)" in statement)
     with conn.cursor() as cur:
         for statement in tail[:rewrites]:   # the products left for their copy
@@ -248,8 +247,8 @@ def test_a_table_to_copy_that_can_no_longer_be_copied_is_converted_by_batches_of
     db.execute("create table public.products_archive () inherits (public.products)")   # no copy can carry that
 
     with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState, match="products: cannot be rewritten online any more"):
-        apply_psycopg2(db, PHASE_TWO, copy_all)
-    notices = "\n".join(apply_psycopg2(db, PHASE_TWO, copy_all))
+        apply_psycopg2(db, PHASE_TWO, COPY_EVERY_TABLE)
+    notices = "\n".join(apply_psycopg2(db, PHASE_TWO, COPY_EVERY_TABLE))
     assert "products: rewritten by CLUSTER" not in notices
     assert "products: column price converted from numeric to numeric(12,2) in batches" in notices
     assert db.query("select count(*) from private.pending_rewrites") == [(0,)]
