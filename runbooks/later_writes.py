@@ -2,8 +2,8 @@
 
 The verification records the post-deployment state (`record_row_state`, into the run's record as
 ``ROW_STATE_FILE``): per table of the app schemas, its primary key columns and, per row, the key
-and a row hash (the first 64 bits of the md5 of the row's text form, output settings fixed as the
-snapshot fixes them). Before a rollback restores, `compare` reads the same now and tells, per
+and a row hash (``snapshot.row_hash``: PostgreSQL's 64-bit hash of the row's values, the hash the
+snapshot's checksums sum). Before a rollback restores, `compare` reads the same now and tells, per
 table, which keys were inserted, updated (same key, other hash) or deleted since. A table without
 a primary key is compared as a multiset of row hashes (an update is a delete and an insert).
 
@@ -15,16 +15,19 @@ write (``updated_at`` moves, audit rows are written).
 
 **Cost.** One sequential read of each app table at verification and again at the rollback (the
 command line checks before it runs the notebook, so twice there), plus one more of each table
-that changed, to fetch its changed rows. The file is written as lines at gzip's fastest level:
-row hashes do not compress, and at 1M products sorted JSON at level 9 took 30 s of the
-verification's 43 s (lines at level 1: 4 s). About 25 bytes a row on disk (77 MB for the 3.2M
+that changed, to fetch its changed rows. Hashing the values, not the rows' text, took the read of
+the 1M benchmark's 3.2M rows from 19 s to about 5 s. The file is written as lines at gzip's
+fastest level: row hashes do not compress, and at 1M products sorted JSON at level 9 took 30 s of
+the verification's 43 s (lines at level 1: 4 s). About 25 bytes a row on disk (77 MB for the 3.2M
 rows of the 1M benchmark); comparing holds one table's keys in memory at a time (~150 MB of
 Python for 1M rows).
 
-**File format** (``FORMAT`` 2): gzipped lines; the first a JSON object (format, taken_at, and per
+**File format** (``FORMAT`` 3): gzipped lines; the first a JSON object (format, taken_at, and per
 table its schema, name, key and how many lines follow), then each table's lines in that order:
-``key<TAB>hash`` (the key a JSON text, which never holds a raw tab or newline), or for a table
-without a key ``hash<TAB>count``. A file of format 1 (one JSON object) still loads.
+``key<TAB>hash`` (the key a JSON text, which never holds a raw tab or newline; as ``COPY`` writes it,
+each backslash doubled), or for a table without a key ``hash<TAB>count``. The verification streams
+each table's ``COPY`` into the file (``write_row_state``): no row passes through Python. Files of formats 1 (one JSON object) and 2 (hashes of the rows'
+text, ``MD5_ROW_HASH``) still load, and are compared by the hash they were written with.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +47,8 @@ from . import records, snapshot
 ROW_STATE_FILE = "post-deployment-rows.json.gz"   # in the deployment's record, written by the verification
 SQL_FILE = "later_writes.sql"                      # in the rollback's record
 SUMMARY_FILE = "later_writes.json"
-FORMAT = 2
+FORMAT = 3
+MD5_FORMATS = (1, 2)   # their hashes: MD5_ROW_HASH
 
 # -- the tables of the app schemas, with their primary key columns and the columns a write sets
 TABLES_SQL = """
@@ -58,13 +64,15 @@ from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where n.nspname = any (%s::text[]) and c.relkind in ('r', 'p') and not c.relispartition
 order by 1, 2"""
 
-# -- per row: its key (a json object of the key columns) and a 64-bit hash of its text form
-ROWS_SQL = "select {key}, left(md5(r::text), 16) from {table} as r"
+# -- per row: its key (a json object of the key columns) and its 64-bit hash
+ROWS_SQL = "select {key}, ({row_hash})::text from {table} as r"
+MD5_ROW_HASH = "left(md5(r::text), 16)"
 
 
 SHOW_SQL = ("-- in one repeatable-read, read-only transaction, for each table of the app schemas:\n"
             + TABLES_SQL.strip() + ";\n-- each row's primary key and a hash of it, compared with the post-deployment "
             "state the verification recorded\n" + ROWS_SQL.format(key="json_build_object(<key columns>)::text",
+                                                                  row_hash=snapshot.ROW_HASH_OUTLINE,
                                                                   table="<table>") + ";\n"
             "-- then, for the tables that changed, the rows inserted or updated, for later_writes.sql\n"
             "select json_build_object(<key columns>)::text, row_to_json(r)::text from <table> as r;")
@@ -86,9 +94,16 @@ def _tables(cur) -> list[tuple[str, str, list[str], list[str], list[str]]]:
     return cur.fetchall()
 
 
-def _table_rows(cur, schema, name, key) -> dict[str, str] | dict[str, int]:
+def _row_hash(cur, table: sql.Composable, state_format: int = FORMAT) -> sql.Composable:
+    """The row hash a state of `state_format` holds, of a row of `table` read as r."""
+    return sql.SQL(MD5_ROW_HASH) if state_format in MD5_FORMATS else snapshot.row_hash(cur, table)
+
+
+def _table_rows(cur, schema, name, key, state_format: int = FORMAT) -> dict[str, str] | dict[str, int]:
     """{key: hash}, or for a table without a primary key {hash: how many rows}."""
-    cur.execute(sql.SQL(ROWS_SQL).format(key=_key_expression(key), table=_ident(schema, name)))
+    table = _ident(schema, name)
+    cur.execute(sql.SQL(ROWS_SQL).format(key=_key_expression(key), row_hash=_row_hash(cur, table, state_format),
+                                         table=table))
     if key:
         return dict(cur.fetchall())
     counts: dict[str, int] = {}
@@ -109,22 +124,46 @@ def take_row_state(conn, lock_timeout: str = "30s") -> dict:
     return {"format": FORMAT, "taken_at": taken_at, "tables": tables}
 
 
-def save_row_state(state: dict, path) -> Path:
-    """The state in FORMAT 2 (the module's docstring)."""
+# -- the same state streamed into the file, per table: what COPY writes, keys as JSON texts (never a raw tab
+# or newline: COPY escapes nothing in them but a backslash, as \\), and a keyless table's rows already counted
+COPY_ROWS_SQL = "copy (select {key}, ({row_hash})::text from {table} as r) to stdout"
+COPY_COUNTED_SQL = "copy (select ({row_hash})::text, count(*) from {table} as r group by 1) to stdout"
+
+
+def write_row_state(conn, path, lock_timeout: str = "30s") -> tuple[Path, int, int]:
+    """Every app table's keys and row hashes, read in one consistent read straight into `path` (FORMAT 3,
+    the module's docstring): the path, and how many rows and tables it holds."""
     path = Path(path)
     records.make_folder(path.parent)
-    tables = state.get("tables", {})
-    header = {"format": FORMAT, "taken_at": state.get("taken_at"),
-              "tables": {name: {"schema": t["schema"], "table": t["table"], "key": t["key"], "lines": len(t["rows"])}
-                         for name, t in tables.items()}}
-    # keys and row hashes tell which rows exist: a data file (records.DATA_FILES), the owner's alone
-    with records.open_for_writing(path, "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as zipped, \
-            io.TextIOWrapper(zipped, encoding="utf-8", newline="\n") as f:
-        f.write(json.dumps(header) + "\n")
-        for t in tables.values():
-            f.writelines(f"{k}\t{v}\n" for k, v in t["rows"].items())
-    return path
+    tables: dict[str, dict] = {}
+    rows = 0
+    # keys and row hashes tell which rows exist: a data file (records.DATA_FILES), the owner's alone. The
+    # rows go first into a gzip member of their own: the header, which counts them, is written before them.
+    with records.open_for_writing(path, "wb") as raw, tempfile.TemporaryFile(dir=path.parent) as bodies:
+        # COPY hands over one row per write: buffered, gzip sees few and large ones
+        with snapshot._consistent_read(conn, lock_timeout) as cur, \
+                gzip.GzipFile(fileobj=bodies, mode="wb", compresslevel=1) as zipped, \
+                io.BufferedWriter(zipped, buffer_size=1 << 20) as buffered:
+            cur.execute("""select to_char(clock_timestamp(), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+                                  set_config('client_encoding', 'UTF8', true)""")
+            taken_at = cur.fetchone()[0]
+            for schema, name, key, _, _ in _tables(cur):
+                table = _ident(schema, name)
+                copy = sql.SQL(COPY_ROWS_SQL if key else COPY_COUNTED_SQL).format(
+                    key=_key_expression(key), row_hash=_row_hash(cur, table), table=table)
+                cur.copy_expert(copy.as_string(cur), buffered)
+                tables[f"{schema}.{name}"] = {"schema": schema, "table": name, "key": key, "lines": cur.rowcount}
+                rows += cur.rowcount if key else _count(cur, table)
+        header = {"format": FORMAT, "taken_at": taken_at, "tables": tables}
+        raw.write(gzip.compress((json.dumps(header) + "\n").encode(), compresslevel=1))
+        bodies.seek(0)
+        shutil.copyfileobj(bodies, raw)
+    return path, rows, len(tables)
+
+
+def _count(cur, table: sql.Composable) -> int:
+    cur.execute(sql.SQL("select count(*) from {}").format(table))
+    return cur.fetchone()[0]
 
 
 def load_row_state(path) -> dict:
@@ -132,21 +171,21 @@ def load_row_state(path) -> dict:
         header = json.loads(f.readline())
         if header.get("format", 1) == 1:   # the whole file one JSON object, as written before
             return header
+        unescape = header["format"] >= 3      # COPY's doubled backslashes (COPY_ROWS_SQL)
         tables = {}
         for name, t in header["tables"].items():
             pairs = (f.readline().rstrip("\n").split("\t") for _ in range(t["lines"]))
-            rows = {k: v for k, v in pairs} if t["key"] else {k: int(v) for k, v in pairs}
+            rows = ({k.replace("\\\\", "\\") if unescape else k: v for k, v in pairs} if t["key"]
+                    else {k: int(v) for k, v in pairs})
             tables[name] = {"schema": t["schema"], "table": t["table"], "key": t["key"], "rows": rows}
     return {"format": header["format"], "taken_at": header["taken_at"], "tables": tables}
 
 
 def record_row_state(conn, record_dir) -> str:
     """Take and save the post-deployment state into the record; a sentence saying what was kept."""
-    state = take_row_state(conn)
-    path = save_row_state(state, Path(record_dir) / ROW_STATE_FILE)
-    rows = sum(sum(t["rows"].values()) if not t["key"] else len(t["rows"]) for t in state["tables"].values())
+    path, rows, tables = write_row_state(conn, Path(record_dir) / ROW_STATE_FILE)
     return f"post-deployment state kept for a rollback ({path.name}: keys and row hashes of {rows} rows in " \
-           f"{len(state['tables'])} tables)"
+           f"{tables} tables)"
 
 
 @dataclass
@@ -173,6 +212,7 @@ class TableWrites:
 class LaterWrites:
     since: str
     tables: list[TableWrites]
+    state_format: int = FORMAT   # of the state compared with: its row hashes are the ones kept here
 
     @property
     def total(self) -> int:
@@ -210,7 +250,7 @@ def compare(conn, state: dict, lock_timeout: str = "30s") -> LaterWrites:
                                          note=f"table dropped since, it had {len(then['rows'])} rows"))
                 continue
             schema, name, key = now_tables[table]
-            rows = _table_rows(cur, schema, name, key)
+            rows = _table_rows(cur, schema, name, key, state.get("format", 1))
             writes = TableWrites(table, schema, name, key)
             if then is None:
                 writes.note = "table created since"
@@ -228,7 +268,7 @@ def compare(conn, state: dict, lock_timeout: str = "30s") -> LaterWrites:
             else:
                 writes.inserted, writes.deleted = _multiset_diff(then["rows"], rows)
             found.append(writes)
-    return LaterWrites(state.get("taken_at", "?"), found)
+    return LaterWrites(state.get("taken_at", "?"), found, state.get("format", 1))
 
 
 def _as_multiset(table_state: dict) -> dict[str, int]:
@@ -271,9 +311,9 @@ def _delete(qualified: str, key: list[str], key_json: str) -> str:
             f"pg_catalog.json_populate_record(NULL::{qualified}, {_literal(key_json)}));")
 
 
-def _delete_by_hash(qualified: str, row_hash: str) -> str:
+def _delete_by_hash(qualified: str, hash_expression: str, row_hash: str) -> str:
     return (f"DELETE FROM {qualified} WHERE ctid = (SELECT ctid FROM {qualified} AS r "
-            f"WHERE left(md5(r::text), 16) = {_literal(row_hash)} LIMIT 1);")
+            f"WHERE ({hash_expression})::text = {_literal(row_hash)} LIMIT 1);")
 
 
 # -- which table references which (foreign keys between app tables): parents are written first
@@ -327,19 +367,23 @@ def later_writes_sql(conn, writes: LaterWrites, rollback_of: str) -> str:
         for t in changed:
             qualified = f"{_quote(t.schema)}.{_quote(t.name)}"
             columns, always = meta.get((t.schema, t.name), ([], []))
-            upserts = _upserts(cur, t, qualified, columns, always)
+            upserts = _upserts(cur, t, qualified, columns, always, writes.state_format)
             lines += [f"\n-- {t.describe()}: rows inserted or updated", *upserts] if upserts else []
         for t in reversed(changed):
             if t.deleted:
                 lines.append(f"\n-- {t.table}: rows deleted")
                 qualified = f"{_quote(t.schema)}.{_quote(t.name)}"
-                lines += ([_delete(qualified, t.key, k) for k in t.deleted] if t.key
-                          else [_delete_by_hash(qualified, h) for h in t.deleted])
+                if t.key:
+                    lines += [_delete(qualified, t.key, k) for k in t.deleted]
+                else:
+                    hashed = _row_hash(cur, _ident(t.schema, t.name), writes.state_format).as_string(cur)
+                    lines += [_delete_by_hash(qualified, hashed, h) for h in t.deleted]
     lines.append("\nCOMMIT;")
     return "\n".join(lines) + "\n"
 
 
-def _upserts(cur, t: TableWrites, qualified: str, columns: list[str], always: list[str]) -> list[str]:
+def _upserts(cur, t: TableWrites, qualified: str, columns: list[str], always: list[str],
+             state_format: int) -> list[str]:
     """INSERT ... ON CONFLICT of the table's inserted and updated rows, as they are now."""
     lines: list[str] = []
     if t.key:
@@ -350,8 +394,9 @@ def _upserts(cur, t: TableWrites, qualified: str, columns: list[str], always: li
             lines += [_upsert(qualified, t.key, columns, always, row) for k, row in sorted(cur.fetchall())
                       if k in wanted]
     elif t.inserted:
-        cur.execute(sql.SQL("select left(md5(r::text), 16), row_to_json(r)::text from {} as r").format(
-            _ident(t.schema, t.name)))
+        table = _ident(t.schema, t.name)
+        cur.execute(sql.SQL("select ({})::text, row_to_json(r)::text from {} as r").format(
+            _row_hash(cur, table, state_format), table))
         pending: dict[str, int] = {}
         for h in t.inserted:
             pending[h] = pending.get(h, 0) + 1

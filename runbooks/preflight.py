@@ -446,7 +446,8 @@ def _signoff_check(*, production: bool, approver, change_ticket, maintenance_win
 
 # -- legacy rows that break the new rules -----------------------------------------------------------
 
-SKU_RULE = "^[A-Z0-9][A-Z0-9_-]{2,63}$"
+# validate_sku's rule, spelled as it does: a bounded repetition ({2,63}) made the regex 12x slower
+SKU_RULE = "length(sku::text) between 3 and 64 and sku::text ~ '^[A-Z0-9][A-Z0-9_-]*$'"
 SLUG_RULE = "^[a-z0-9]+(-[a-z0-9]+)*$"
 CONTRACT_ROLES = ("owner", "admin", "member", "viewer")
 
@@ -456,7 +457,7 @@ CONTRACT_ROLES = ("owner", "admin", "member", "viewer")
 LEGACY_RULES = (
     ("SKU not valid per validate_sku (lowercase, too short, bad characters)", "products", ("sku",),
      f"select count(*), string_agg(sku::text, ', ' order by sku::text) from public.products "
-     f"where not coalesce(sku::text ~ '{SKU_RULE}', false)"),
+     f"where not coalesce({SKU_RULE}, false)"),
     ("SKU repeated within an organization, ignoring case", "products", ("organization_id", "sku"),
      "select coalesce(sum(n), 0)::bigint, string_agg(k, ', ' order by k) from (select upper(sku::text) as k, count(*) as n "
      "from public.products group by organization_id, upper(sku::text) having count(*) > 1) d"),
@@ -722,8 +723,8 @@ def witness_backup(conn, target, record_dir, run_id: str, operator: str, step: s
 SNAPSHOT_SQL = """-- one repeatable-read, read-only transaction (snapshot.take_snapshot), row_security off:
 begin isolation level repeatable read, read only;
 -- for every table of the app schemas, whatever its size: one read, in parallel where the server allows,
--- for its row count and a checksum of its rows as a multiset (no sort: a sum of 64-bit md5 slices):
-""" + snapshot_module.CHECKSUM_SQL.replace("{}", "<schema>.<table>") + """;
+-- for its row count and a checksum of its rows as a multiset (no sort: a sum of 64-bit row hashes):
+""" + snapshot_module.CHECKSUM_SQL.format(row_hash=snapshot_module.ROW_HASH_OUTLINE, table="<schema>.<table>") + """;
 -- for every other table outside PostgreSQL's own schemas and truthsource:
 select count(*) from <schema>.<table>;
 -- and the catalog of the app schemas, normalised and hashed per kind into the fingerprint:

@@ -1420,7 +1420,7 @@ ROW_COUNTS_OUTLINE = ("-- an outline: every table's count(*) (snapshot.take_snap
                       "(later_writes.take_row_state), per app table,\n-- its name in place of <table> and its "
                       "primary key columns in place of <primary key columns>:\n"
                       + later_writes.ROWS_SQL.format(key="json_build_object(<primary key columns>)::text",
-                                                     table="<table>"))
+                                                     row_hash=snapshot.ROW_HASH_OUTLINE, table="<table>"))
 
 
 @verification_check(ROW_COUNTS_OUTLINE, "row counts against the snapshot", "row_counts")

@@ -260,7 +260,7 @@ def step_writers(folder: Path) -> dict:
         "by_hand.finish (its verdict into the journal)": lambda: by_hand.finish(run, "passed"),
         "backup.take_backup (into backup/)": lambda: backup.take_backup(target, folder / "backup", folder.name),
         "snapshot.save_snapshot": lambda: snapshot.save_snapshot({}, folder / "snapshot-after-rollback.json"),
-        "later_writes.save_row_state": lambda: later_writes.save_row_state({}, folder / later_writes.ROW_STATE_FILE),
+        "later_writes.write_row_state": lambda: later_writes.write_row_state(None, folder / later_writes.ROW_STATE_FILE),
         "promotion.write": lambda: promotion.write(folder, promotion.Decision(production=False, allowed=True, phase_files={}, max_age_days=14)),
         "pages.write_index": lambda: pages.write_index(folder, {"run_id": folder.name, "notebooks": []}),
         "pages.export_notebook": lambda: pages.export_notebook(folder / "notebooks" / "01-preflight.ipynb", ""),
