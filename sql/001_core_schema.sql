@@ -1663,7 +1663,23 @@ as $fn$
   select 'its rows converted as they are copied: one write of each row instead of an update that every index follows'
 $fn$;
 
--- Whether a table's backfills ride on its online rewrite: the copy's batches send the rows not carried yet
+-- How a table is rewritten: truthsource.rewrite_method, 'online' (the default) or 'cluster'; anything else stops.
+-- runbook: no-transaction
+create or replace function pg_temp.p2_rewrite_method() returns text
+language plpgsql stable
+as $fn$
+declare
+  v_method constant text := lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online'));
+begin
+  if v_method not in ('online', 'cluster') then
+    raise exception 'truthsource.rewrite_method is %: online (the default) or cluster', quote_literal(v_method)
+      using errcode = 'invalid_parameter_value';
+  end if;
+  return v_method;
+end
+$fn$;
+
+-- Which tables' backfills ride on their online rewrite: the copy's batches send the rows not carried yet
 -- through the table's backfill function (as the app's writes go) and copy its legacy columns empty, and the
 -- swap's transaction finishes the backfills (pg_temp.p2_finish_backfills), so the table is read and written
 -- once instead of twice. Decided once, when the backfills start (private.pending_rewrites.carries), for a
@@ -1672,33 +1688,37 @@ $fn$;
 -- default: 8 MB): updating every row writes it again beside its old version, with an entry in every index,
 -- where a copy writes each row once and builds its indexes by sorting.
 -- runbook: no-transaction
-create or replace function pg_temp.p2_carried_in_rewrite(p_rel regclass) returns boolean
+create or replace function pg_temp.p2_plan_copies() returns void
 language plpgsql
 as $fn$
 declare
-  r record;
+  b record;
   v_min_pages constant bigint := coalesce(nullif(current_setting('truthsource.copy_backfills_min_pages', true), '')::bigint, 1024);
+  v_online constant boolean := pg_temp.p2_rewrite_method() = 'online';
 begin
-  select p.* into r from private.pending_rewrites as p where to_regclass(p.table_name) = p_rel;
-  if not found
-     and pg_catalog.pg_relation_size(p_rel) / current_setting('block_size')::bigint >= v_min_pages
-     and lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online')) = 'online'
-     and pg_temp.p2_rewrite_blocker(p_rel) is null
-     and not exists (select 1 from private.pending_backfills as b where to_regclass(b.table_name) = p_rel and b.rows_done > 0) then
-    insert into private.pending_rewrites (table_name, reason, carries)
-    values (p_rel::text, pg_temp.p2_copy_for_backfills(), true)
-    returning * into r;
-  end if;
-  if r.table_name is null then
-    return false;
-  end if;
-  if r.carries is null then
-    r.carries := r.step = 'planned'
-                 and lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online')) = 'online'
-                 and pg_temp.p2_rewrite_blocker(p_rel) is null;
-    update private.pending_rewrites as p set carries = r.carries where p.table_name = r.table_name;
-  end if;
-  return r.carries;
+  for b in select distinct p.table_name::regclass as rel from private.pending_backfills as p order by 1 loop
+    if not exists (select 1 from private.pending_rewrites as r where to_regclass(r.table_name) = b.rel)
+       and pg_catalog.pg_relation_size(b.rel) / current_setting('block_size')::bigint >= v_min_pages
+       and v_online
+       and pg_temp.p2_rewrite_blocker(b.rel) is null
+       and not exists (select 1 from private.pending_backfills as d where to_regclass(d.table_name) = b.rel and d.rows_done > 0) then
+      insert into private.pending_rewrites (table_name, reason, carries)
+      values (b.rel::text, pg_temp.p2_copy_for_backfills(), true);
+    end if;
+    update private.pending_rewrites as r
+       set carries = r.step = 'planned' and v_online and pg_temp.p2_rewrite_blocker(b.rel) is null
+     where to_regclass(r.table_name) = b.rel and r.carries is null;
+  end loop;
+end
+$fn$;
+
+-- Whether a table's backfills ride on its online rewrite, as pg_temp.p2_plan_copies decided.
+-- runbook: no-transaction
+create or replace function pg_temp.p2_carried_in_rewrite(p_rel regclass) returns boolean
+language plpgsql stable
+as $fn$
+begin
+  return coalesce((select r.carries from private.pending_rewrites as r where to_regclass(r.table_name) = p_rel), false);
 end
 $fn$;
 
@@ -1906,6 +1926,17 @@ declare
   v_validate text[] := '{}';
   r record;
 begin
+  -- every other table the swap alters is locked first, the table itself last: holding the table's lock while
+  -- waiting for another's, an app's transaction that waits on the table while it holds the other would make
+  -- a deadlock, and PostgreSQL would cancel the app's transaction (it waits longer than lock_timeout)
+  for r in select k.conrelid::regclass as tbl, 'access exclusive' as mode from pg_catalog.pg_constraint k
+            where k.confrelid = p_rel and k.conrelid <> p_rel and k.contype = 'f'
+           union
+           select k.confrelid::regclass, 'share row exclusive' from pg_catalog.pg_constraint k
+            where k.conrelid = p_rel and k.confrelid <> p_rel and k.contype = 'f'
+           order by 1, 2 loop
+    execute format('lock table %s in %s mode', r.tbl, r.mode);
+  end loop;
   execute format('lock table %s in access exclusive mode', p_rel);
   while pg_temp.p2_rewrite_replay(p_rel, 100000) > 0 loop
   end loop;
@@ -3429,6 +3460,8 @@ declare
   v_rules text;
   v_range text;
 begin
+  perform pg_temp.p2_plan_copies();
+  commit;
   for b in select distinct p.table_name::regclass as rel, p.table_name from private.pending_backfills as p order by 1 loop
     if pg_temp.p2_carried_in_rewrite(b.rel) then
       raise notice '%: carried as it is rewritten online below (one pass over the table instead of two)', b.rel;
@@ -3537,7 +3570,7 @@ declare
   r record;
   n record;
   v_rel regclass;
-  v_method constant text := lower(coalesce(nullif(current_setting('truthsource.rewrite_method', true), ''), 'online'));
+  v_method constant text := pg_temp.p2_rewrite_method();
   v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
   v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
                                   then current_setting('lock_timeout') else '500ms' end;
@@ -3550,10 +3583,6 @@ declare
   v_validate text[];
   i record;
 begin
-  if v_method not in ('online', 'cluster') then
-    raise exception 'truthsource.rewrite_method is %: online (the default) or cluster', quote_literal(v_method)
-      using errcode = 'invalid_parameter_value';
-  end if;
   for r in select p.* from private.pending_rewrites as p order by p.table_name loop
     v_rel := to_regclass(r.table_name);
     v_stage := r.step;
@@ -3722,7 +3751,9 @@ end
 $$;
 
 -- unique rules missing on tables that hold rows: built before the backfills (above), or again here where a
--- swap replaced one of their columns; then attached
+-- swap replaced one of their columns; then attached, one table per transaction, each lock waited for at most
+-- lock_timeout (500 ms) and asked again: five tables locked in one transaction deadlocked with an app's
+-- writes (psql, 1M variant shape)
 -- runbook: no-transaction
 create unique index concurrently if not exists organizations_slug_key on public.organizations (slug);
 -- runbook: no-transaction
@@ -3738,6 +3769,9 @@ create unique index concurrently if not exists api_keys_key_hash_key on public.a
 do $$
 declare
   r record;
+  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
+                                  then current_setting('lock_timeout') else '500ms' end;
+  v_tries integer;
 begin
   for r in
     select x.tbl::regclass as tbl, x.name
@@ -3748,7 +3782,23 @@ begin
                    ('public.api_keys', 'api_keys_key_hash_key')) as x (tbl, name)
      where not exists (select 1 from pg_catalog.pg_constraint c where c.conrelid = x.tbl::regclass and c.conname = x.name)
   loop
-    execute format('alter table %s add constraint %I unique using index %I', r.tbl, r.name, r.name);
+    v_tries := 0;
+    loop
+      begin
+        perform set_config('lock_timeout', v_timeout, true);
+        execute format('alter table %s add constraint %I unique using index %I', r.tbl, r.name, r.name);
+        exit;
+      exception when lock_not_available then
+        v_tries := v_tries + 1;
+        if v_tries >= 120 then
+          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', r.tbl, v_timeout, v_tries
+            using errcode = 'lock_not_available';
+        end if;
+      end;
+      commit;
+      perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
+    end loop;
+    commit;
   end loop;
 end
 $$;
