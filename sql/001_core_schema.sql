@@ -1663,6 +1663,31 @@ as $fn$
   select 'its rows converted as they are copied: one write of each row instead of an update that every index follows'
 $fn$;
 
+-- How long the steps after the commit wait for a lock at a time: the session's lock_timeout where it is
+-- between 1 ms and 500 ms, else 500 ms (under deadlock_timeout, 1 s: the step gives up before an app that
+-- waits behind it would be cancelled for a deadlock); then they commit, pause and ask again.
+-- runbook: no-transaction
+create or replace function pg_temp.p2_lock_wait() returns text
+language sql stable
+as $fn$
+  select case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
+              then current_setting('lock_timeout') else '500ms' end
+$fn$;
+
+-- The end of asking again: after 120 tries (about two minutes) the step stops, naming the table.
+-- runbook: no-transaction
+create or replace function pg_temp.p2_lock_not_granted(p_rel regclass, p_tries integer) returns void
+language plpgsql
+as $fn$
+begin
+  if p_tries >= 120 then
+    raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file',
+      p_rel, pg_temp.p2_lock_wait(), p_tries
+      using errcode = 'lock_not_available';
+  end if;
+end
+$fn$;
+
 -- How a table is rewritten: truthsource.rewrite_method, 'online' (the default) or 'cluster'; anything else stops.
 -- runbook: no-transaction
 create or replace function pg_temp.p2_rewrite_method() returns text
@@ -2430,18 +2455,26 @@ $$;
 
 -- the locks of the tables this phase converges, taken first and in one fixed order (parents before
 -- children): the phase then never waits for a lock halfway through its work, so it cannot deadlock with
--- the app's transactions there; the wait here is bounded by the runner's lock_timeout (retried whole).
--- Under psql -f each statement commits on its own, and this one changes nothing.
+-- the app's transactions there. The wait is bounded by the runner's lock_timeout for all the locks
+-- together, not for each (then retried whole): a table locked first is held while the others are waited
+-- for (at 10M, 0.41 s of waiting for products behind the app's reads kept organizations locked 1.04 s).
+-- Under psql -f (no lock_timeout) each statement commits on its own, and this one changes nothing.
 do $$
 declare
   v_table text;
+  v_timeout constant text := current_setting('lock_timeout');
+  v_until constant timestamptz := pg_catalog.clock_timestamp() + v_timeout::interval;
 begin
   foreach v_table in array array['organizations', 'profiles', 'organization_members', 'products', 'inventory',
                                  'audit_logs', 'api_keys', 'security_events'] loop
     if to_regclass(format('public.%I', v_table)) is not null then
+      if v_timeout::interval > interval '0' then   -- what is left of it; at least 1 ms (0 would wait for ever)
+        perform set_config('lock_timeout', greatest(1, ceil(extract(epoch from v_until - pg_catalog.clock_timestamp()) * 1000))::bigint || 'ms', true);
+      end if;
       execute format('lock table public.%I in access exclusive mode', v_table);
     end if;
   end loop;
+  perform set_config('lock_timeout', v_timeout, true);
 end
 $$;
 
@@ -3319,8 +3352,7 @@ declare
   v_range text;
   v_table text;
   v_tries integer;
-  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
-                                  then current_setting('lock_timeout') else '500ms' end;
+  v_timeout constant text := pg_temp.p2_lock_wait();
 begin
   for r in select p.table_name::regclass as rel, p.* from private.pending_redactions as p where p.done_at is null order by 1 loop
     v_table := (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
@@ -3384,10 +3416,7 @@ begin
                                                             requested_at = excluded.requested_at;
       else
         v_tries := v_tries + 1;
-        if v_tries >= 120 then
-          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', r.rel, v_timeout, v_tries
-            using errcode = 'lock_not_available';
-        end if;
+        perform pg_temp.p2_lock_not_granted(r.rel, v_tries);
       end if;
       commit;
       if v_count is null then
@@ -3526,8 +3555,7 @@ $$;
 do $$
 declare
   b record;
-  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
-                                  then current_setting('lock_timeout') else '500ms' end;
+  v_timeout constant text := pg_temp.p2_lock_wait();
   v_tries integer;
   v_converted boolean;
 begin
@@ -3539,10 +3567,7 @@ begin
       perform set_config('lock_timeout', v_timeout, true);
       exit when pg_temp.p2_finish_backfills(b.rel);
       v_tries := v_tries + 1;
-      if v_tries >= 120 then
-        raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', b.rel, v_timeout, v_tries
-          using errcode = 'lock_not_available';
-      end if;
+      perform pg_temp.p2_lock_not_granted(b.rel, v_tries);
       commit;
       perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
     end loop;
@@ -3572,8 +3597,7 @@ declare
   v_rel regclass;
   v_method constant text := pg_temp.p2_rewrite_method();
   v_step constant bigint := greatest(coalesce(nullif(current_setting('truthsource.backfill_batch_pages', true), '')::bigint, 64), 1);
-  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
-                                  then current_setting('lock_timeout') else '500ms' end;
+  v_timeout constant text := pg_temp.p2_lock_wait();
   v_stage text;
   v_why text;
   v_tries integer;
@@ -3635,10 +3659,7 @@ begin
         perform set_config('lock_timeout', v_timeout, true);
         exit when pg_temp.p2_rewrite_trigger(v_rel);
         v_tries := v_tries + 1;
-        if v_tries >= 120 then
-          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', v_rel, v_timeout, v_tries
-            using errcode = 'lock_not_available';
-        end if;
+        perform pg_temp.p2_lock_not_granted(v_rel, v_tries);
         commit;
         perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
       end loop;
@@ -3703,10 +3724,7 @@ begin
         end if;
         exit when v_validate is not null;
         v_tries := v_tries + 1;
-        if v_tries >= 120 then
-          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', v_rel, v_timeout, v_tries
-            using errcode = 'lock_not_available';
-        end if;
+        perform pg_temp.p2_lock_not_granted(v_rel, v_tries);
         commit;
         perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);
         perform pg_temp.p2_rewrite_replay(v_rel, 10000);
@@ -3769,8 +3787,7 @@ create unique index concurrently if not exists api_keys_key_hash_key on public.a
 do $$
 declare
   r record;
-  v_timeout constant text := case when current_setting('lock_timeout')::interval between interval '1 millisecond' and interval '500 milliseconds'
-                                  then current_setting('lock_timeout') else '500ms' end;
+  v_timeout constant text := pg_temp.p2_lock_wait();
   v_tries integer;
 begin
   for r in
@@ -3790,10 +3807,7 @@ begin
         exit;
       exception when lock_not_available then
         v_tries := v_tries + 1;
-        if v_tries >= 120 then
-          raise exception '%: its lock was not granted within % in % tries (the app holds it): re-run this file', r.tbl, v_timeout, v_tries
-            using errcode = 'lock_not_available';
-        end if;
+        perform pg_temp.p2_lock_not_granted(r.tbl, v_tries);
       end;
       commit;
       perform pg_catalog.pg_sleep(least(v_tries, 10) * 0.1);

@@ -8,9 +8,12 @@ itself, on a clone.
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -265,10 +268,12 @@ delete from public.data_retention_policies where table_name = 'backup_verificati
 """
 
 
-def data_fingerprint(db, schemas=("public", "auth")) -> dict[str, str]:
-    """md5 of every table's rows (sorted), to tell whether a run changed any data."""
-    tables = tables_in(db, schemas)
-    union = " union all ".join(f"select '{t}', md5(coalesce(string_agg(x::text, '|' order by x::text), '')) from {t} as x"
+def data_fingerprint(db, schemas=("public", "auth"), tables=None, leaving_out=()) -> dict[str, str]:
+    """md5 of every table's rows (sorted), to tell whether a run changed any data; `leaving_out`: columns not
+    compared (updated_at, which an app's updates set to their own time)."""
+    tables = tables or tables_in(db, schemas)
+    row = f"(to_jsonb(x) - array{list(leaving_out)}::text[])::text" if leaving_out else "x::text"
+    union = " union all ".join(f"select '{t}', md5(coalesce(string_agg({row}, '|' order by {row}), '')) from {t} as x"
                                for t in tables)
     return dict(db.query(union)) if tables else {}
 
@@ -385,6 +390,40 @@ def wait_until(observe, what: str, limit: float = 600, stopped=None):
         assert time.monotonic() < give_up, f"never saw {what}"
         time.sleep(0.05)
     return seen
+
+
+@contextmanager
+def app_writing(db, write, before: int = 20):
+    """A legacy app on a connection and a thread of its own, calling `write(cursor, n)` for n = 0, 1, ...
+    until the block ends; the block begins once `before` writes went through. Yields the errors its
+    writes met (each a failed app statement)."""
+    failures: list[str] = []
+    written = [0]
+    done = threading.Event()
+
+    def loop():
+        conn = db.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                for n in itertools.count():
+                    if done.is_set():
+                        break
+                    try:
+                        write(cur, n)
+                        written[0] += 1
+                    except psycopg2.Error as exc:
+                        failures.append(str(exc))
+        finally:
+            conn.close()
+
+    app = threading.Thread(target=loop)
+    app.start()
+    try:
+        wait_until(lambda: written[0] > before, "the legacy app writing")
+        yield failures
+    finally:
+        done.set()
+        app.join()
 
 
 def waiting_backend(db, application_name: str) -> int:

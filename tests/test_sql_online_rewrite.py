@@ -15,7 +15,7 @@ import threading
 
 import psycopg2
 
-from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, apply_psql, apply_psycopg2, data_fingerprint, physical_hits,
+from sqlhelpers import (PHASE_FILES, PLAINTEXT_KEYS, app_writing, apply_psql, apply_psycopg2, data_fingerprint, physical_hits,
                         start_phase, wait_until)
 
 PHASE_TWO = PHASE_FILES[1]
@@ -220,40 +220,25 @@ def test_a_legacy_app_writing_audit_rows_throughout_phase_two_loses_none(make_db
     db = decorated(make_db)
     written: list[int] = []
     in_legacy_shape: list[int] = []
-    failures: list[str] = []
-    done, legacy_gone = threading.Event(), threading.Event()
+    legacy_gone = threading.Event()
 
-    def legacy_app():
-        conn = db.connect(autocommit=True)
+    def write_an_audit_row(cur, n):
         try:
-            with conn.cursor() as cur:
-                while not done.is_set():
-                    try:
-                        if not legacy_gone.is_set():   # in the legacy shape, while it lasts
-                            cur.execute("insert into public.audit_logs (action, user_agent, entity_type, changes) values "
-                                        "('app-write', 'legacy-app/1', 'product', '{\"old\": {\"n\": 1}, \"new\": {\"n\": 2}}') "
-                                        "returning id")
-                            in_legacy_shape.append(cur.fetchone()[0])
-                            written.append(in_legacy_shape[-1])
-                        else:
-                            cur.execute("insert into public.audit_logs (action, user_agent) values ('app-write', 'legacy-app/1') "
-                                        "returning id")
-                            written.append(cur.fetchone()[0])
-                    except psycopg2.errors.UndefinedColumn:
-                        legacy_gone.set()   # phase 2 dropped the legacy columns
-                    except psycopg2.Error as exc:
-                        failures.append(str(exc))
-        finally:
-            conn.close()
+            if not legacy_gone.is_set():   # in the legacy shape, while it lasts
+                cur.execute("insert into public.audit_logs (action, user_agent, entity_type, changes) values "
+                            "('app-write', 'legacy-app/1', 'product', '{\"old\": {\"n\": 1}, \"new\": {\"n\": 2}}') "
+                            "returning id")
+                in_legacy_shape.append(cur.fetchone()[0])
+                written.append(in_legacy_shape[-1])
+            else:
+                cur.execute("insert into public.audit_logs (action, user_agent) values ('app-write', 'legacy-app/1') "
+                            "returning id")
+                written.append(cur.fetchone()[0])
+        except psycopg2.errors.UndefinedColumn:
+            legacy_gone.set()   # phase 2 dropped the legacy columns
 
-    app = threading.Thread(target=legacy_app)
-    app.start()
-    try:
-        wait_until(lambda: len(written) > 20, "the legacy app writing")
+    with app_writing(db, write_an_audit_row) as failures:
         notices = run_phase_two(db)
-    finally:
-        done.set()
-        app.join()
     assert failures == []
     replayed = int(notices.split("audit_logs: rewritten online: ")[1].split(" pages copied, ")[1].split(" ")[0])
     assert replayed > 0, "the app wrote while the log was copied"
