@@ -15,10 +15,11 @@ write (``updated_at`` moves, audit rows are written).
 
 **Cost.** One sequential read of each app table at verification and again at the rollback (the
 command line checks before it runs the notebook, so twice there), plus one more of each table
-that changed, to fetch its changed rows. Hashing the values, not the rows' text, took the read of
-the 1M benchmark's 3.2M rows from 19 s to about 5 s. The file is written as lines at gzip's
-fastest level: row hashes do not compress, and at 1M products sorted JSON at level 9 took 30 s of
-the verification's 43 s (lines at level 1: 4 s). About 25 bytes a row on disk (77 MB for the 3.2M
+that changed, to fetch its changed rows. Hashing the values instead of the rows' text, and each
+table's ``COPY`` streamed into the file, took the 1M benchmark's 3.2M rows from 22.6 s (19.3 s to
+read, 3.3 s to write) to 7.9 s. The file is written as lines at gzip's fastest level: row hashes
+do not compress, and at 1M products sorted JSON at level 9 took 30 s of the verification's 43 s
+(lines at level 1: 4 s). About 25 bytes a row on disk (77 MB for the 3.2M
 rows of the 1M benchmark); comparing holds one table's keys in memory at a time (~150 MB of
 Python for 1M rows).
 
@@ -26,8 +27,9 @@ Python for 1M rows).
 table its schema, name, key and how many lines follow), then each table's lines in that order:
 ``key<TAB>hash`` (the key a JSON text, which never holds a raw tab or newline; as ``COPY`` writes it,
 each backslash doubled), or for a table without a key ``hash<TAB>count``. The verification streams
-each table's ``COPY`` into the file (``write_row_state``): no row passes through Python. Files of formats 1 (one JSON object) and 2 (hashes of the rows'
-text, ``MD5_ROW_HASH``) still load, and are compared by the hash they were written with.
+each table's ``COPY`` into the file (``write_row_state``): no row passes through Python. Files of
+formats 1 (one JSON object) and 2 (hashes of the rows' text, ``MD5_ROW_HASH``) still load, and are
+compared by the hash they were written with.
 """
 
 from __future__ import annotations

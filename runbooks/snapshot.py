@@ -29,8 +29,8 @@ A snapshot holds, read in one repeatable-read, read-only transaction:
 **What it costs.** One read of each table, nothing sorted, nothing skipped by size: for an app
 table one sequential scan yields both its ``count(*)`` and its checksum, in parallel where the
 server allows (the sum is a parallel aggregate); a platform table costs one ``count(*)``. Hashing
-values skips writing each row's text form, which cost 4x more (the md5 of the text that format 2
-snapshots of ``rowsum-md5`` took: 2.7 s against 0.6 s for a million audit rows); the benchmark
+values skips writing each row's text form, which cost 4x more (the md5 of the text that snapshots
+of ``rowsum-md5`` took: 2.7 s against 0.6 s for a million audit rows); the benchmark
 measures both the checksum and a bare ``count(*)``. ``checksum_row_limit`` (default: none) is for
 callers that want counts alone (the phases' and verification's change checks pass 0); what it
 leaves out says ``skipped: N rows``.
