@@ -36,10 +36,10 @@ MARGIN = 1.5   # the estimate times this must fit the rest of a production maint
 # legacy queries share the two cores), the online rewrite 30 s, the key search 10 s, the concurrent index builds
 # 13 s and the rules validated 6 s for 0.44 GiB of converged tables. A converted table (a column whose type
 # changes by reading every row) was then updated in every row by the same batches; it is now copied with its
-# conversions (the rates below say by how much that changed). Phases 1 and 3 take 0.05-0.16 s whatever the size or shape. The
-# rates sit between the quiet and the busy figures, so every shape lands within 2x at both sizes; the
-# benchmark prints each phase's prediction beside what the run measured: re-derive them when the phase files
-# change.
+# conversions (the rates below say by how much that changed). Phases 1 and 3 take 0.05-0.16 s whatever the
+# size or shape. The rates sit between the quiet and the busy figures, so every shape lands within 2x at both
+# sizes; the benchmark prints each phase's prediction beside what the run measured: re-derive them when the
+# phase files change.
 RATES = {
     "phase 000 fixed": 0.1,
     "phase 001 fixed": 2.0,

@@ -114,19 +114,7 @@ def _table_rows(cur, schema, name, key, state_format: int = FORMAT) -> dict[str,
     return counts
 
 
-def take_row_state(conn, lock_timeout: str = "30s") -> dict:
-    """Every app table's keys and row hashes, in one consistent read."""
-    with snapshot._consistent_read(conn, lock_timeout) as cur:
-        cur.execute("select to_char(clock_timestamp(), 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')")
-        taken_at = cur.fetchone()[0]
-        tables = {}
-        for schema, name, key, columns, _ in _tables(cur):
-            tables[f"{schema}.{name}"] = {"schema": schema, "table": name, "key": key,
-                                          "rows": _table_rows(cur, schema, name, key)}
-    return {"format": FORMAT, "taken_at": taken_at, "tables": tables}
-
-
-# -- the same state streamed into the file, per table: what COPY writes, keys as JSON texts (never a raw tab
+# -- the state streamed into the file, per table: what COPY writes, keys as JSON texts (never a raw tab
 # or newline: COPY escapes nothing in them but a backslash, as \\), and a keyless table's rows already counted
 COPY_ROWS_SQL = "copy (select {key}, ({row_hash})::text from {table} as r) to stdout"
 COPY_COUNTED_SQL = "copy (select ({row_hash})::text, count(*) from {table} as r group by 1) to stdout"
@@ -155,17 +143,12 @@ def write_row_state(conn, path, lock_timeout: str = "30s") -> tuple[Path, int, i
                     key=_key_expression(key), row_hash=_row_hash(cur, table), table=table)
                 cur.copy_expert(copy.as_string(cur), buffered)
                 tables[f"{schema}.{name}"] = {"schema": schema, "table": name, "key": key, "lines": cur.rowcount}
-                rows += cur.rowcount if key else _count(cur, table)
+                rows += cur.rowcount if key else snapshot.count_rows(cur, table)
         header = {"format": FORMAT, "taken_at": taken_at, "tables": tables}
         raw.write(gzip.compress((json.dumps(header) + "\n").encode(), compresslevel=1))
         bodies.seek(0)
         shutil.copyfileobj(bodies, raw)
     return path, rows, len(tables)
-
-
-def _count(cur, table: sql.Composable) -> int:
-    cur.execute(sql.SQL("select count(*) from {}").format(table))
-    return cur.fetchone()[0]
 
 
 def load_row_state(path) -> dict:

@@ -358,7 +358,8 @@ CHECKSUM_SQL = """select count(*), md5(format('%s:%s', count(*), coalesce(sum({r
 from {table} as r"""
 
 
-def _count(cur, ident) -> int:
+def count_rows(cur, ident) -> int:
+    """count(*) of one table."""
     cur.execute(sql.SQL("select count(*) from {}").format(ident))
     return cur.fetchone()[0]
 
@@ -391,11 +392,11 @@ def take_snapshot(conn, *, checksum_row_limit: int | None = None, lock_timeout: 
         for schema, name, key in tables:
             ident = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
             if schema not in apps:
-                row_counts[key] = _count(cur, ident)
+                row_counts[key] = count_rows(cur, ident)
             elif checksum_row_limit is None:
                 row_counts[key], content[key] = _count_and_checksum(cur, ident)
             else:
-                row_counts[key] = count = _count(cur, ident)
+                row_counts[key] = count = count_rows(cur, ident)
                 content[key] = (f"skipped: {count} rows" if count > checksum_row_limit
                                 else _count_and_checksum(cur, ident)[1])
         for key, last_value, is_called in _all(cur, """

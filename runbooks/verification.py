@@ -1417,7 +1417,7 @@ NO_SNAPSHOT = "no preflight snapshot"   # row_counts without one: "no data loss"
 # An outline, not the SQL itself: which tables, and their keys, are this database's.
 ROW_COUNTS_OUTLINE = ("-- an outline: every table's count(*) (snapshot.take_snapshot), compared with the preflight's "
                       "snapshot.json;\n-- then, kept for a rollback to tell writes made since "
-                      "(later_writes.take_row_state), per app table,\n-- its name in place of <table> and its "
+                      "(later_writes.write_row_state), per app table,\n-- its name in place of <table> and its "
                       "primary key columns in place of <primary key columns>:\n"
                       + later_writes.ROWS_SQL.format(key="json_build_object(<primary key columns>)::text",
                                                      row_hash=snapshot.ROW_HASH_OUTLINE, table="<table>"))
